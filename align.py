@@ -1,0 +1,705 @@
+"""Deep linear networks and alignment (Radhakrishnan, Nichani, Bernstein, Uhler).
+
+Notation (the paper's): ``X`` is k0 x n with one example per column, ``Y`` is
+kd x n, ``weights`` is the list [W_1, ..., W_d] with W_i of shape
+(k_i, k_{i-1}) and f(X) = W_d ... W_1 X (Eq. (1)).  ``lr`` is gamma.
+
+Every function takes NumPy or CuPy arrays and computes with the array module
+of its inputs; the weights may carry a leading batch axis (B, k_i, k_{i-1})
+for independent networks trained together.
+"""
+import dataclasses
+import json
+import math
+import sys
+import time
+
+import numpy as np
+
+LOSSES = ("mse", "mse_mean", "ce", "logistic", "exp")
+DEVICES = ("cpu", "gpu", "auto")
+
+
+class DeviceError(RuntimeError):
+    """The requested device (GPU through CuPy) cannot be used."""
+
+
+class DivergenceError(FloatingPointError):
+    """Gradient descent produced a non-finite loss; ``history`` holds the run so far."""
+
+    def __init__(self, message, history):
+        super().__init__(message)
+        self.history = history
+
+
+# ----------------------------------------------------------------- backends --
+
+def array_module(*arrays):
+    """NumPy or CuPy, whichever the arrays live in (CuPy is never imported otherwise)."""
+    for a in arrays:
+        if type(a).__module__.split(".")[0] == "cupy":
+            import cupy
+            return cupy
+    return np
+
+
+def select_device(device="auto", quiet=False):
+    """Array module for ``device`` in {"cpu", "gpu", "auto"}.
+
+    "gpu" raises DeviceError naming what is missing; "auto" falls back to NumPy
+    with a one-line notice on stderr (unless ``quiet``).
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu":
+        return np
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise DeviceError("CuPy is installed but sees no CUDA GPU")
+        cupy.zeros(1).sum()  # a kernel really runs
+        return cupy
+    except Exception as exc:  # ImportError, CUDA driver errors, DeviceError
+        reason = ("CuPy is not installed: pip install '.[gpu]' (or cupy-cuda12x / "
+                  "cupy-cuda13x matching your CUDA)") if isinstance(exc, ImportError) \
+            else f"no usable GPU ({exc})"
+        if device == "gpu":
+            raise DeviceError(f"--device gpu needs CuPy and a CUDA GPU: {reason}") from exc
+        if not quiet:
+            print(f"note: running on the CPU with NumPy ({reason.split(':')[0]})",
+                  file=sys.stderr)
+        return np
+
+
+def to_numpy(a):
+    """A host NumPy copy of a NumPy or CuPy array."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def _T(A):
+    return A.swapaxes(-1, -2)
+
+
+# --------------------------------------------------------------- validation --
+
+def _shape(a):
+    return "x".join(str(s) for s in a.shape)
+
+
+def _check_finite(name, a):
+    xp = array_module(a)
+    if not bool(xp.isfinite(a).all()):
+        raise ValueError(f"{name} contains NaN or inf; clean the data or lower the learning rate")
+
+
+def check_network(weights, X=None):
+    """Validate widths and finiteness of ``weights`` (and ``X``); return the widths [k0..kd]."""
+    if len(weights) == 0:
+        raise ValueError("weights must be a non-empty list [W_1, ..., W_d]")
+    for i, W in enumerate(weights, 1):
+        if W.ndim not in (2, 3):
+            raise ValueError(f"weights[{i - 1}] (W_{i}) must be k_{i} x k_{i - 1} "
+                             f"(or batched), got shape {_shape(W)}")
+        _check_finite(f"W_{i}", W)
+    for i in range(1, len(weights)):
+        if weights[i].shape[-1] != weights[i - 1].shape[-2]:
+            raise ValueError(f"W_{i + 1} has shape {_shape(weights[i])} but W_{i} has "
+                             f"{_shape(weights[i - 1])}: W_{i + 1} needs "
+                             f"{weights[i - 1].shape[-2]} columns")
+    if X is not None:
+        if X.ndim != 2 or X.shape[0] != weights[0].shape[-1]:
+            raise ValueError(f"X must be k0 x n = {weights[0].shape[-1]} x n (one example "
+                             f"per column), got shape {_shape(X)}")
+        _check_finite("X", X)
+    return [weights[0].shape[-1]] + [W.shape[-2] for W in weights]
+
+
+def prepare_targets(Y, kind, kd, n):
+    """Targets as a kd x n float array for loss ``kind``, validated (labels, shapes)."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss kind {kind!r}; choose one of {LOSSES}")
+    xp = array_module(Y)
+    if kind == "ce" and Y.ndim == 1:
+        if Y.shape[0] != n:
+            raise ValueError(f"Y has {Y.shape[0]} labels but X has n = {n} columns")
+        if Y.dtype.kind not in "iu" or int(Y.min()) < 0 or int(Y.max()) >= kd:
+            raise ValueError(f"integer class labels must lie in 0..{kd - 1} (kd = {kd}), "
+                             f"got range {Y.min()}..{Y.max()} of dtype {Y.dtype}")
+        return (xp.arange(kd)[:, None] == Y[None, :]).astype(xp.float64)
+    if Y.ndim != 2 or Y.shape != (kd, n):
+        raise ValueError(f"Y must be kd x n = {kd} x {n}, got shape {_shape(Y)}")
+    _check_finite("Y", Y)
+    if kind == "ce" and (bool((Y < 0).any()) or
+                         not bool(xp.allclose(Y.sum(0), 1.0))):
+        raise ValueError("cross-entropy targets must be one-hot (or probability) columns "
+                         "summing to 1, or integer labels of shape (n,)")
+    if kind in ("logistic", "exp"):
+        if kd != 1:
+            raise ValueError(f"the {kind} loss needs kd = 1 output, got kd = {kd}")
+        if not bool((xp.abs(Y) == 1).all()):
+            raise ValueError(f"{kind} loss labels must be -1 or +1")
+    return Y
+
+
+# ------------------------------------------------------ network and losses --
+
+def forward(weights, X):
+    """f(X) = W_d ... W_1 X, Eq. (1).  X: k0 x n; returns kd x n."""
+    check_network(weights, X)
+    return _activations(weights, X)[-1]
+
+
+def _activations(weights, X):
+    acts = [X]
+    for W in weights:
+        acts.append(W @ acts[-1])
+    return acts
+
+
+def _loss_and_output_grad(F, Y, kind):
+    """Loss (one value per batch entry) and dL/dF for outputs F (kd x n)."""
+    xp = array_module(F)
+    kd, n = F.shape[-2], F.shape[-1]
+    if kind == "mse":                       # Eq. (2): 1/(2n) sum_i ||y_i - f(x_i)||^2
+        R = F - Y
+        return (R * R).sum((-2, -1)) / (2 * n), R / n
+    if kind == "mse_mean":                  # mean over all kd*n entries (PyTorch MSELoss)
+        R = F - Y
+        return (R * R).sum((-2, -1)) / (kd * n), R * (2.0 / (kd * n))
+    if kind == "ce":                        # softmax over the kd rows, mean over n
+        Z = F - F.max(axis=-2, keepdims=True)
+        logp = Z - xp.log(xp.exp(Z).sum(axis=-2, keepdims=True))
+        return -(Y * logp).sum((-2, -1)) / n, (xp.exp(logp) - Y) / n
+    margin = Y * F
+    if kind == "logistic":                  # mean log(1 + exp(-y f))
+        return (xp.logaddexp(0, -margin).sum((-2, -1)) / n,
+                -Y * xp.exp(-xp.logaddexp(0, margin)) / n)
+    if kind == "exp":                       # mean exp(-y f)
+        e = xp.exp(-margin)
+        return e.sum((-2, -1)) / n, -Y * e / n
+    raise ValueError(f"unknown loss kind {kind!r}; choose one of {LOSSES}")
+
+
+def _loss_and_gradients(weights, X, Y, kind):
+    """Backward pass of Eq. (8): dL/dW_i = (W_d..W_{i+1})^T dL/dF (W_{i-1}..W_1 X)^T."""
+    acts = _activations(weights, X)
+    L, delta = _loss_and_output_grad(acts[-1], Y, kind)
+    grads = [None] * len(weights)
+    for i in range(len(weights) - 1, -1, -1):
+        grads[i] = delta @ _T(acts[i])
+        if i:
+            delta = _T(weights[i]) @ delta
+    return L, grads
+
+
+def loss(weights, X, Y, kind="mse"):
+    """Training loss of kind in {"mse" (Eq. (2)), "mse_mean", "ce", "logistic", "exp"}."""
+    check_network(weights, X)
+    Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[1])
+    return _loss_and_output_grad(_activations(weights, X)[-1], Y, kind)[0]
+
+
+def gradients(weights, X, Y, kind="mse"):
+    """[dL/dW_1, ..., dL/dW_d], written by hand (Eq. (8) for the squared loss)."""
+    check_network(weights, X)
+    Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[1])
+    return _loss_and_gradients(weights, X, Y, kind)[1]
+
+
+# --------------------------------------------------------- gradient descent --
+
+@dataclasses.dataclass
+class History:
+    """What a run of :func:`train` recorded; ``to_dict`` gives plain JSON types."""
+    steps: list = dataclasses.field(default_factory=list)
+    losses: list = dataclasses.field(default_factory=list)
+    measure_steps: list = dataclasses.field(default_factory=list)
+    measurements: dict = dataclasses.field(default_factory=dict)
+    stop_reason: str = ""
+    final_step: int = 0
+    wall_time: float = 0.0
+
+    def to_dict(self):
+        return json.loads(json.dumps(dataclasses.asdict(self), default=_plain))
+
+
+def _plain(x):
+    x = to_numpy(x)
+    return x.tolist() if x.ndim else x.item()
+
+
+def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
+          record_every=1, measure_every=100, measures=None, callback=None):
+    """Full-batch gradient descent W_i <- W_i - lr dL/dW_i (Eq. (8) for the squared loss).
+
+    Stops when the loss (the largest over a batch of networks) is below ``tol``
+    (checked at recorded steps) or after ``max_steps`` steps; Ctrl-C stops it with
+    ``stop_reason = "interrupted"``.  ``measures`` maps names to functions
+    ``m(weights, weights_0)`` called at step 0, every ``measure_every`` steps and at
+    the end.  ``callback(step, loss, history)`` runs at every recorded step.
+    Returns (weights, History).  A non-finite loss raises DivergenceError.
+    """
+    check_network(weights, X)
+    Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[1])
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite number, got {lr}")
+    if record_every < 1 or measure_every < 1 or max_steps < 0:
+        raise ValueError("record_every and measure_every must be >= 1, max_steps >= 0")
+    measures = measures or {}
+    weights0 = [W.copy() for W in weights]
+    ws = [W.copy() for W in weights]
+    hist = History(measurements={name: [] for name in measures})
+    start = time.perf_counter()
+
+    def measure(step):
+        hist.measure_steps.append(step)
+        for name, fn in measures.items():
+            hist.measurements[name].append(_plain(fn(ws, weights0)))
+
+    step = 0
+    with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
+        try:
+            while True:
+                L, grads = _loss_and_gradients(ws, X, Y, kind)
+                if step % measure_every == 0:
+                    measure(step)
+                if step % record_every == 0 or step == max_steps:
+                    value = _plain(L)
+                    worst = max(value) if isinstance(value, list) else value
+                    if not math.isfinite(worst):
+                        hist.stop_reason, hist.final_step = "diverged", step
+                        hist.wall_time = time.perf_counter() - start
+                        raise DivergenceError(
+                            f"loss became {worst} at step {step} with lr = {lr}; "
+                            f"try a smaller learning rate (e.g. lr = {lr / 10:g})", hist)
+                    hist.steps.append(step)
+                    hist.losses.append(value)
+                    if callback:
+                        callback(step, worst, hist)
+                    if worst < tol:
+                        hist.stop_reason = "tol"
+                        break
+                if step >= max_steps:
+                    hist.stop_reason = "max_steps"
+                    break
+                for W, G in zip(ws, grads):
+                    W -= lr * G
+                step += 1
+        except KeyboardInterrupt:
+            hist.stop_reason = "interrupted"
+    hist.final_step = step
+    if not hist.measure_steps or hist.measure_steps[-1] != step:
+        measure(step)
+    hist.wall_time = time.perf_counter() - start
+    return ws, hist
+
+
+# ------------------------------------------------------------------- usSVD --
+
+def ussvd(A):
+    """A usSVD (Definition 1): U (m x m), s (min(m, n)), V (n x n) with A = U Sigma V^T."""
+    xp = array_module(A)
+    U, s, Vt = xp.linalg.svd(A, full_matrices=True)
+    return U, s, _T(Vt)
+
+
+def ussvd_matrix(U, s, V):
+    """U Sigma V^T for a usSVD, Sigma rectangular diagonal with entries s."""
+    r = s.shape[-1]
+    return (U[..., :, :r] * s[..., None, :]) @ _T(V[..., :, :r])
+
+
+def ussvd_permute(U, s, V, perm):
+    """The usSVD with singular triples reordered by ``perm`` (a permutation of range(r))."""
+    r = s.shape[-1]
+    U, V = U.copy(), V.copy()
+    U[..., :, :r] = U[..., :, perm]
+    V[..., :, :r] = V[..., :, perm]
+    return U, s[..., perm], V
+
+
+def ussvd_flip(U, s, V, signs):
+    """The usSVD with u_j and sigma_j multiplied by signs[j] in {-1, +1}."""
+    r = s.shape[-1]
+    U = U.copy()
+    U[..., :, :r] = U[..., :, :r] * signs
+    return U, s * signs, V
+
+
+# ---------------------------------------------------------------- measures --
+
+def _reduced_svd(W):
+    xp = array_module(W)
+    U, s, Vt = xp.linalg.svd(W, full_matrices=False)
+    return to_numpy(U).astype(np.float64), to_numpy(s).astype(np.float64), \
+        to_numpy(_T(Vt)).astype(np.float64)
+
+
+def _used(vectors, s, rtol):
+    """Directions with sigma > rtol * sigma_max (the ones the layer uses)."""
+    keep = s > rtol * (s[0] if s.size else 0.0)
+    return vectors[:, keep], s[keep]
+
+
+def _clusters(s, rtol, scale=None):
+    """Index groups of descending values equal up to rtol * scale (default: the largest)."""
+    if s.size == 0:
+        return []
+    cuts = np.flatnonzero(np.abs(np.diff(s)) > rtol * (s[0] if scale is None else scale)) + 1
+    return np.split(np.arange(s.size), cuts)
+
+
+def _cluster_cosines(M, rows, cols):
+    """Principal cosines between row cluster and column cluster subspaces of M = A^T B."""
+    block = M[np.ix_(rows, cols)]
+    if len(rows) == 1 or len(cols) == 1:
+        return [float(np.linalg.norm(block))]
+    return np.linalg.svd(block, compute_uv=False).tolist()
+
+
+def _paired_match(A, sa, B, sb, rtol, positions=None):
+    """Sum of matched cosines for A's used directions, and their count.
+
+    A (k x p) and B (k x q) hold orthonormal used directions, sa and sb their
+    singular values.  Each cluster of A (equal singular values) is matched one to
+    one, greedily by decreasing principal cosine, to the clusters of B and to the
+    complement of span(B), each taking at most its dimension of directions.  With
+    ``positions`` (max(k_{i-1}, k_{i+1}) for adjacent layers) the complement takes
+    at most positions - q: directions used by either layer need a position below
+    that in a shared usSVD (Definition 2's rectangular Sigma_i).
+    """
+    k = A.shape[0]
+    p = A.shape[1]
+    if p == 0:
+        return 0.0, 0
+    M = A.T @ B
+    ca, cb = _clusters(sa, rtol), _clusters(sb, rtol)
+    entries = []
+    if all(len(c) == 1 for c in ca) and all(len(c) == 1 for c in cb):
+        absM = np.abs(M)
+        a_idx, b_idx = np.indices(absM.shape)
+        entries_cos = [absM.ravel()]
+        entries_a, entries_b = [a_idx.ravel()], [b_idx.ravel()]
+    else:
+        entries_cos, entries_a, entries_b = [], [], []
+        for a, rows in enumerate(ca):
+            for b, cols in enumerate(cb):
+                cos = _cluster_cosines(M, rows, cols)
+                entries_cos.append(np.asarray(cos))
+                entries_a.append(np.full(len(cos), a))
+                entries_b.append(np.full(len(cos), b))
+    # cosines with the complement of span(B): sqrt(1 - s^2) of each A-cluster's block
+    comp = len(cb)
+    for a, rows in enumerate(ca):
+        s = np.linalg.svd(M[rows], compute_uv=False) if M.shape[1] else np.zeros(0)
+        s = np.concatenate([s, np.zeros(len(rows) - s.size)])
+        cos = np.sqrt(np.clip(1.0 - s * s, 0.0, 1.0))
+        entries_cos.append(cos)
+        entries_a.append(np.full(cos.size, a))
+        entries_b.append(np.full(cos.size, comp))
+    cos = np.concatenate(entries_cos)
+    a_of = np.concatenate(entries_a)
+    b_of = np.concatenate(entries_b)
+    cap_a = [len(c) for c in ca]
+    cap_b = [len(c) for c in cb] + [max(0, min(k, positions or k) - B.shape[1])]
+    left, total = p, 0.0
+    for e in np.argsort(-cos, kind="stable").tolist():
+        a, b = a_of[e], b_of[e]
+        if cap_a[a] and cap_b[b]:
+            cap_a[a] -= 1
+            cap_b[b] -= 1
+            total += cos[e]
+            left -= 1
+            if not left:
+                break
+    return total, p
+
+
+def _paired_score(pairs, rtol, positions=None):
+    """Mean matched cosine over the smaller side of each pair of direction sets."""
+    total, count = 0.0, 0
+    for j, ((A, sa), (B, sb)) in enumerate(pairs):
+        if A.shape[1] > B.shape[1]:
+            (A, sa), (B, sb) = (B, sb), (A, sa)
+        t, c = _paired_match(A, sa, B, sb, rtol, positions and positions[j])
+        total, count = total + t, count + c
+    return total / count if count else 1.0
+
+
+def _matched_score(pairs):
+    """The authors' rule: for each row of M = B^T A the largest |entry|, summed / rows."""
+    total, count = 0.0, 0
+    for A, B in pairs:
+        M = np.abs(B.T @ A)
+        if M.size:
+            total += float(M.max(axis=1).sum())
+            count += M.shape[0]
+    return total / count if count else 1.0
+
+
+HOW = ("paired", "matched")
+
+
+def _check_how(how):
+    if how not in HOW:
+        raise ValueError(f"how must be one of {HOW}, got {how!r}")
+
+
+def alignment(weights, how="paired", rtol=1e-6):
+    """Alignment of adjacent layers (Section 6), in [0, 1]; 1 for aligned networks.
+
+    how="paired" (the paper's "average |dot| between corresponding columns of
+    U_i and V_{i+1}", made exact): for each adjacent pair take the directions the
+    layers use (left singular vectors of W_i, right singular vectors of W_{i+1},
+    sigma > rtol * sigma_max).  Singular values equal up to rtol form one subspace.
+    The layer with fewer used directions is scored: its directions are matched one
+    to one, greedily by decreasing principal cosine, to the subspaces of the other
+    layer and to the complement of what that layer uses (each subspace takes at
+    most its dimension); the score is the mean matched cosine over all pairs.  It is
+    1 exactly when W_i W_i^T and W_{i+1}^T W_{i+1} commute, i.e. when the pair
+    is aligned for every order, sign and multiplicity of the singular values
+    (for rectangular layers the complement also has only max(k_{i-1}, k_{i+1})
+    minus the other layer's rank positions to offer, see :func:`is_aligned`).
+
+    how="matched" (the authors' code): reduced SVDs, M = V_{i+1}^T U_i, for each
+    row of M the largest |entry|, summed over all pairs and divided by the rows.
+    """
+    _check_how(how)
+    check_network(weights)
+    svds = [_reduced_svd(W) for W in weights]
+    if how == "matched":
+        return _matched_score([(svds[i][0], svds[i + 1][2]) for i in range(len(svds) - 1)])
+    pairs = [(_used(svds[i][0], svds[i][1], rtol), _used(svds[i + 1][2], svds[i + 1][1], rtol))
+             for i in range(len(svds) - 1)]
+    widths = [weights[0].shape[-1]] + [W.shape[-2] for W in weights]
+    return _paired_score(pairs, rtol, [max(widths[i], widths[i + 2]) for i in range(len(pairs))])
+
+
+def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
+    """Invariance of the singular vectors (Section 6), in [0, 1].
+
+    Compares U_i(t) with U_i(0) for i < d and V_i(t) with V_i(0) for i > 1 by the
+    rule of :func:`alignment` (``how`` = "paired" or "matched").
+    """
+    _check_how(how)
+    check_network(weights_t)
+    check_network(weights_0)
+    d = len(weights_t)
+    now = [_reduced_svd(W) for W in weights_t]
+    then = [_reduced_svd(W) for W in weights_0]
+    sides = [(i, 0) for i in range(d - 1)] + [(i, 2) for i in range(1, d)]
+    if how == "matched":
+        return _matched_score([(then[i][side], now[i][side]) for i, side in sides])
+    pairs = [(_used(now[i][side], now[i][1], rtol), _used(then[i][side], then[i][1], rtol))
+             for i, side in sides]
+    return _paired_score(pairs, rtol)
+
+
+# -------------------------------------------------- exact test of Def. 2 --
+
+@dataclasses.dataclass
+class AlignmentTest:
+    """Result of :func:`is_aligned`: truthy when aligned.
+
+    ``ussvds`` is [(U_1, s_1, V_1), ..., (U_d, s_d, V_d)], usSVDs of the layers with
+    U_i = V_{i+1} (Definition 2), whenever a witness could be built; ``residual``
+    is max_i |off-diagonal of U_i^T W_i V_i| / ||W_i||_2 for that witness.
+    """
+    aligned: bool
+    residual: float
+    reason: str
+    ussvds: list = None
+
+    def __bool__(self):
+        return self.aligned
+
+
+def _orth_complement(Q, k):
+    """Orthonormal basis of span(Q)^perp in R^k."""
+    if Q.shape[1] == 0:
+        return np.eye(k)
+    U = np.linalg.svd(Q, full_matrices=True)[0]
+    return U[:, Q.shape[1]:]
+
+
+def _nearest_orthonormal(Z):
+    """Polar factor of Z: the orthonormal matrix nearest to Z (columns kept in order)."""
+    if Z.shape[1] == 0:
+        return Z
+    U, _, Vt = np.linalg.svd(Z, full_matrices=False)
+    return U @ Vt
+
+
+def _joint_eigenbasis(C, operators, tol):
+    """Split span(C) into joint eigenvectors of symmetric ``operators`` (||op|| = 1)."""
+    groups = [C]
+    for F in operators:
+        refined = []
+        for G in groups:
+            if G.shape[1] < 2:
+                refined.append(G)
+                continue
+            w, E = np.linalg.eigh(G.T @ F @ G)
+            for idx in _clusters(w[::-1], tol, scale=1.0):
+                refined.append(G @ E[:, ::-1][:, idx])
+        groups = refined
+    return [g[:, j] for g in groups for j in range(g.shape[1])]
+
+
+def _forward_grams(Ws, i):
+    """(W_l ... W_{i+1})^T (W_l ... W_{i+1}) / its norm, for l = i+1..d (space i)."""
+    grams, P = [], None
+    for W in Ws[i:]:
+        P = W if P is None else W @ P
+        G = P.T @ P
+        scale = np.linalg.norm(G, 2)
+        if scale > 0:
+            grams.append(G / scale)
+    return grams
+
+
+def _strings(Ws, tol):
+    """Decompose the chain of layers into 1-D strings: [(start, end, [vector per space])].
+
+    A string is a unit vector q_a in space a with W_{a+1} q_a = s q_{a+1}, ... up to
+    space ``end``; in an aligned network the spaces split orthogonally into strings
+    (Krull-Schmidt for a chain of maps), which are joint eigenvectors of the
+    forward Gram operators at their start.
+    """
+    widths = [Ws[0].shape[1]] + [W.shape[0] for W in Ws]
+    strings, alive = [], []
+    for i, k in enumerate(widths):
+        continuing = []
+        if i:
+            W = Ws[i - 1]
+            Q = np.stack([strings[s][2][-1] for s in alive], axis=1) if alive \
+                else np.zeros((W.shape[1], 0))
+            Z = W @ Q
+            norms = np.linalg.norm(Z, axis=0)
+            keep = norms > tol * max(np.linalg.norm(W, 2), np.finfo(float).tiny)
+            for s, kept in zip(alive, keep):
+                if not kept:
+                    strings[s][1] = i - 1
+            continuing = [s for s, kept in zip(alive, keep) if kept]
+            Qn = _nearest_orthonormal(Z[:, keep] / norms[keep])
+            for j, s in enumerate(continuing):
+                strings[s][2].append(Qn[:, j])
+            C = _orth_complement(Qn, k)
+        else:
+            C = np.eye(k)
+        fresh = []
+        for q in _joint_eigenbasis(C, _forward_grams(Ws, i), tol):
+            strings.append([i, None, [q]])
+            fresh.append(len(strings) - 1)
+        alive = continuing + fresh
+    for s in alive:
+        strings[s][1] = len(widths) - 1
+    return strings, widths
+
+
+def _assign_indices(intervals, widths, max_nodes=200_000):
+    """Positions 0..k_i-1 for strings so that each space's positions are distinct.
+
+    A string spanning spaces a..b needs one position below min(k_a..k_b) in every
+    space it crosses (Sigma_i is rectangular diagonal).  Greedy by capacity, then
+    exhaustive search; None when impossible.
+    """
+    caps = [min(widths[a:b + 1]) for a, b in intervals]
+    order = sorted(range(len(intervals)),
+                   key=lambda s: (caps[s], intervals[s][0] - intervals[s][1], intervals[s][0]))
+    taken = [set() for _ in widths]
+    index = [None] * len(intervals)
+    nodes = [0]
+
+    def place(pos):
+        if pos == len(order):
+            return True
+        nodes[0] += 1
+        if nodes[0] > max_nodes:
+            raise RuntimeError("is_aligned: position assignment search too large to decide")
+        s = order[pos]
+        a, b = intervals[s]
+        for j in range(caps[s]):
+            if all(j not in taken[i] for i in range(a, b + 1)):
+                for i in range(a, b + 1):
+                    taken[i].add(j)
+                index[s] = j
+                if place(pos + 1):
+                    return True
+                for i in range(a, b + 1):
+                    taken[i].discard(j)
+        return False
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), len(order) + 100))
+    return index if place(0) else None
+
+
+def is_aligned(weights, tol=1e-8):
+    """Exact test of Definition 2: do usSVDs W_i = U_i Sigma_i V_i^T with U_i = V_{i+1} exist?
+
+    Decides up to the relative tolerance ``tol`` (use about 1e-4 for float32
+    weights), for any order, sign and multiplicity of singular values, zero
+    singular values and rectangular widths.  The chain is split into strings of
+    singular vectors (see ``_strings``); the strings must then be given positions
+    so that every Sigma_i is rectangular diagonal: for rectangular layers this is
+    a real constraint (e.g. W_1 = e_1 (3x1), W_2 = e_2^T (1x3): W_1 W_1^T and
+    W_2^T W_2 commute, yet no usSVDs share their first column), so commuting
+    Gram matrices are necessary but not sufficient.  Returns an AlignmentTest
+    (truthy when aligned) holding the witnessing usSVDs.
+    """
+    check_network(weights)
+    if any(W.ndim != 2 for W in weights):
+        raise ValueError("is_aligned takes one network (2-D weights); loop over a batch")
+    Ws = [to_numpy(W).astype(np.float64) for W in weights]
+    strings, widths = _strings(Ws, tol)
+    index = _assign_indices([(a, b) for a, b, _ in strings], widths)
+    if index is None:
+        return AlignmentTest(False, math.inf, "no positions make every Sigma_i "
+                             "rectangular diagonal (rectangular widths)")
+    Q = [np.zeros((k, k)) for k in widths]
+    for (a, _, vectors), j in zip(strings, index):
+        for i, q in enumerate(vectors, start=a):
+            Q[i][:, j] = q
+    ussvds, residual, worst = [], 0.0, 0
+    for i, W in enumerate(Ws, start=1):
+        S = Q[i].T @ W @ Q[i - 1]
+        r = min(S.shape)
+        s = np.diagonal(S)[:r].copy()
+        S[np.arange(r), np.arange(r)] = 0.0
+        scale = np.linalg.norm(W, 2)
+        res = float(np.abs(S).max() / scale) if scale > 0 and S.size else 0.0
+        if res > residual:
+            residual, worst = res, i
+        ussvds.append((Q[i], s, Q[i - 1]))
+    ok = residual <= tol
+    reason = "" if ok else (f"W_{worst} is off-diagonal by {residual:.3g} (relative) in "
+                            f"the best shared singular vectors")
+    return AlignmentTest(ok, residual, reason, ussvds)
+
+
+def rect_diag(s, m, n):
+    """The m x n rectangular diagonal matrix with diagonal s (len(s) <= min(m, n))."""
+    xp = array_module(s)
+    S = xp.zeros((m, n), dtype=s.dtype)
+    r = s.shape[-1]
+    S[xp.arange(r), xp.arange(r)] = s
+    return S
+
+
+def aligned_network(bases, sigmas):
+    """W_i = Q_i Sigma_i Q_{i-1}^T: an aligned network (Definition 2) by construction.
+
+    bases: orthonormal [Q_0 (k0 x k0), ..., Q_d (kd x kd)]; sigmas[i-1]: the
+    min(k_i, k_{i-1}) signed singular values of W_i, in any order.
+    """
+    if len(sigmas) != len(bases) - 1:
+        raise ValueError(f"need one singular-value vector per layer: {len(bases) - 1}, "
+                         f"got {len(sigmas)}")
+    weights = []
+    for i, s in enumerate(sigmas, start=1):
+        m, n = bases[i].shape[0], bases[i - 1].shape[0]
+        if s.shape[-1] > min(m, n):
+            raise ValueError(f"sigmas[{i - 1}] has {s.shape[-1]} values but W_{i} is "
+                             f"{m} x {n}: at most {min(m, n)}")
+        weights.append(bases[i] @ rect_diag(s, m, n) @ _T(bases[i - 1]))
+    return weights

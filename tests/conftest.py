@@ -1,0 +1,33 @@
+"""Shared fixtures: the array backends (NumPy always, CuPy where a GPU is usable)."""
+import numpy as np
+import pytest
+
+
+def _cupy_or_none():
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+        cupy.zeros(1).sum()
+        return cupy
+    except Exception:
+        return None
+
+
+CUPY = _cupy_or_none()
+
+
+@pytest.fixture(params=["numpy", "cupy"])
+def xp(request):
+    """The array module under test; CuPy cases skip cleanly without a GPU."""
+    if request.param == "cupy":
+        if CUPY is None:
+            pytest.skip("CuPy with a CUDA GPU is not available")
+        return CUPY
+    return np
+
+
+def random_orthogonal(rng, k):
+    """A Haar-random k x k orthogonal matrix."""
+    Q, R = np.linalg.qr(rng.standard_normal((k, k)))
+    return Q * np.sign(np.diag(R))

@@ -1,0 +1,328 @@
+"""Core of align.py: gradients (Eq. (8)), GD, usSVD (Definition 1), measures, Definition 2."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import align
+from conftest import CUPY, random_orthogonal
+
+KINDS = ["mse", "mse_mean", "ce", "logistic", "exp"]
+
+
+def random_problem(rng, kind, widths, n):
+    weights = [rng.standard_normal((widths[i + 1], widths[i])) / math.sqrt(widths[i])
+               for i in range(len(widths) - 1)]
+    X = rng.standard_normal((widths[0], n))
+    if kind == "ce":
+        Y = rng.integers(0, widths[-1], n)
+    elif kind in ("logistic", "exp"):
+        Y = rng.choice([-1.0, 1.0], (1, n))
+    else:
+        Y = rng.standard_normal((widths[-1], n))
+    return weights, X, Y
+
+
+def finite_difference(weights, X, Y, kind, i, h=1e-6):
+    W = weights[i]
+    G = np.zeros_like(W)
+    for idx in np.ndindex(W.shape):
+        old = W[idx]
+        W[idx] = old + h
+        up = align.loss(weights, X, Y, kind)
+        W[idx] = old - h
+        down = align.loss(weights, X, Y, kind)
+        W[idx] = old
+        G[idx] = (up - down) / (2 * h)
+    return G
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
+def test_eq8_gradients_match_finite_differences(kind, depth):
+    rng = np.random.default_rng(depth * 10 + KINDS.index(kind))
+    widths = list(rng.integers(2, 6, depth + 1))
+    if kind in ("logistic", "exp"):
+        widths[-1] = 1
+    weights, X, Y = random_problem(rng, kind, widths, n=int(rng.integers(3, 8)))
+    grads = align.gradients(weights, X, Y, kind)
+    for i in range(depth):
+        G = finite_difference(weights, X, Y, kind, i)
+        assert np.linalg.norm(grads[i] - G) <= 1e-6 * np.linalg.norm(G)
+
+
+def test_gradients_on_backend_match_numpy(xp):
+    rng = np.random.default_rng(1)
+    weights, X, Y = random_problem(rng, "mse", [4, 6, 5, 3], 7)
+    want = align.gradients(weights, X, Y)
+    got = align.gradients([xp.asarray(W) for W in weights], xp.asarray(X), xp.asarray(Y))
+    assert all(type(g).__module__.split(".")[0] == xp.__name__ for g in got)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(align.to_numpy(g), w, rtol=1e-12, atol=1e-14)
+
+
+def test_batched_networks_match_one_at_a_time():
+    rng = np.random.default_rng(2)
+    widths, B = [4, 5, 3], 3
+    batch = [rng.standard_normal((B, widths[i + 1], widths[i])) for i in range(2)]
+    X, Y = rng.standard_normal((4, 6)), rng.standard_normal((3, 6))
+    L = align.loss(batch, X, Y)
+    grads = align.gradients(batch, X, Y)
+    for b in range(B):
+        single = [W[b] for W in batch]
+        assert L[b] == pytest.approx(align.loss(single, X, Y), rel=1e-13)
+        for g, s in zip(grads, align.gradients(single, X, Y)):
+            np.testing.assert_allclose(g[b], s, rtol=1e-12)
+
+
+def test_mse_conventions_differ_by_kd_over_2():
+    rng = np.random.default_rng(3)
+    weights, X, Y = random_problem(rng, "mse", [5, 4, 6], 8)
+    ratio = align.loss(weights, X, Y, "mse") / align.loss(weights, X, Y, "mse_mean")
+    assert ratio == pytest.approx(6 / 2)
+
+
+def test_cross_entropy_labels_and_one_hot_agree_and_are_stable():
+    rng = np.random.default_rng(4)
+    weights, X, labels = random_problem(rng, "ce", [5, 4, 3], 9)
+    onehot = np.eye(3)[:, labels]
+    assert align.loss(weights, X, labels, "ce") == pytest.approx(
+        align.loss(weights, X, onehot, "ce"), rel=1e-14)
+    big = [W * 1e3 for W in weights]
+    value = align.loss(big, X, labels, "ce")
+    grads = align.gradients(big, X, labels, "ce")
+    assert math.isfinite(value) and value > 0
+    assert all(np.isfinite(g).all() for g in grads)
+    # the loss of a confidently right network is near zero, not nan
+    F = align.forward(big, X)
+    assert align.loss(big, X, F.argmax(0), "ce") < 1e-3
+
+
+def test_logistic_loss_is_stable_for_large_margins():
+    X = np.array([[1.0, -1.0]])
+    Y = np.array([[1.0, 1.0]])
+    for scale in (1e3, 1e6):
+        L = align.loss([np.array([[scale]])], X, Y, "logistic")
+        assert L == pytest.approx(scale / 2, rel=1e-9)   # log(1+e^{-s}) + log(1+e^{s}) over 2
+
+
+def test_gradient_descent_reaches_threshold_and_records():
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((3, 10))
+    target = rng.standard_normal((3, 3))
+    Y = target @ X
+    weights = [np.eye(3) + 0.1 * rng.standard_normal((3, 3)) for _ in range(2)]
+    before = [W.copy() for W in weights]
+    calls = []
+    out, hist = align.train(weights, X, Y, lr=0.05, max_steps=20_000, tol=1e-8,
+                            measure_every=50, measures={"align": lambda w, w0: align.alignment(w)},
+                            callback=lambda step, L, h: calls.append(step))
+    assert hist.stop_reason == "tol"
+    assert hist.losses[-1] < 1e-8 <= hist.losses[-2]
+    assert hist.steps == list(range(hist.final_step + 1)) == calls
+    assert hist.measure_steps[0] == 0 and hist.measure_steps[-1] == hist.final_step
+    assert all(s % 50 == 0 for s in hist.measure_steps[:-1])
+    assert len(hist.measurements["align"]) == len(hist.measure_steps)
+    np.testing.assert_allclose(out[1] @ out[0], target, atol=1e-3)
+    assert all((a == b).all() for a, b in zip(weights, before))   # inputs untouched
+    json.dumps(hist.to_dict())
+
+
+def test_gradient_descent_stops_at_step_budget():
+    rng = np.random.default_rng(6)
+    weights, X, Y = random_problem(rng, "mse", [3, 3, 3], 4)
+    _, hist = align.train(weights, X, Y, lr=1e-3, max_steps=7, tol=0.0, record_every=3)
+    assert hist.stop_reason == "max_steps" and hist.final_step == 7
+    assert hist.steps == [0, 3, 6, 7]
+
+
+def test_gradient_descent_divergence_names_step_and_lr():
+    rng = np.random.default_rng(7)
+    weights, X, Y = random_problem(rng, "mse", [4, 4, 4], 4)
+    with pytest.raises(align.DivergenceError, match=r"at step \d+ with lr = 100.*smaller") as e:
+        align.train([W * 10 for W in weights], X, Y * 100, lr=100.0, max_steps=1000)
+    assert e.value.history.stop_reason == "diverged"
+    assert all(math.isfinite(L) for L in e.value.history.losses)
+
+
+def test_ussvd_definition1_and_its_permutations_and_flips():
+    rng = np.random.default_rng(8)
+    for m, n in [(4, 6), (6, 4), (5, 5)]:
+        A = rng.standard_normal((m, n))
+        U, s, V = align.ussvd(A)
+        assert U.shape == (m, m) and V.shape == (n, n) and s.shape == (min(m, n),)
+        np.testing.assert_allclose(U.T @ U, np.eye(m), atol=1e-13)
+        np.testing.assert_allclose(V.T @ V, np.eye(n), atol=1e-13)
+        np.testing.assert_allclose(align.ussvd_matrix(U, s, V), A, atol=1e-13)
+        perm = rng.permutation(min(m, n))
+        signs = rng.choice([-1.0, 1.0], min(m, n))
+        U2, s2, V2 = align.ussvd_flip(*align.ussvd_permute(U, s, V, perm), signs)
+        assert (s2 < 0).any() or (signs > 0).all()
+        np.testing.assert_allclose(align.ussvd_matrix(U2, s2, V2), A, atol=1e-13)
+        np.testing.assert_allclose(U2.T @ U2, np.eye(m), atol=1e-13)
+
+
+# ------------------------------------------------------------- measures ----
+
+def aligned_case(rng, widths, values=(-2.0, 1.0, 1.0, 0.0, 3.0)):
+    """An aligned network with shuffled, signed, repeated and zero singular values."""
+    bases = [random_orthogonal(rng, k) for k in widths]
+    sigmas = [rng.choice(values, min(widths[i], widths[i + 1])) for i in range(len(widths) - 1)]
+    return align.aligned_network(bases, sigmas), bases
+
+
+ALIGNED_WIDTHS = [[4, 4, 4, 4], [5, 7, 3, 6, 4], [2, 6, 6, 1], [6, 3, 8], [3, 3]]
+
+
+@pytest.mark.parametrize("widths", ALIGNED_WIDTHS)
+def test_definition2_networks_score_exactly_one_on_paired_rule(widths):
+    for seed in range(6):
+        weights, _ = aligned_case(np.random.default_rng(seed), widths)
+        assert align.alignment(weights, "paired") == pytest.approx(1.0, abs=1e-12)
+        assert align.is_aligned(weights)
+
+
+def test_repeated_singular_values_in_any_basis_still_score_one():
+    rng = np.random.default_rng(9)
+    Q = [random_orthogonal(rng, 4) for _ in range(3)]
+    weights = align.aligned_network(Q, [np.ones(4), np.array([3.0, 3.0, -1.0, 0.0])])
+    # the library SVD of W_1 = Q_1 Q_0^T returns an arbitrary basis of R^4
+    assert align.alignment(weights, "paired") == pytest.approx(1.0, abs=1e-12)
+    assert align.alignment(weights, "matched") < 0.999
+
+
+def rotate(W, angle, rng):
+    """W rotated on the left by a small random rotation of the given angle."""
+    k = W.shape[0]
+    A = rng.standard_normal((k, k))
+    A = (A - A.T) / np.linalg.norm(A - A.T, 2) * angle
+    w, E = np.linalg.eig(A)
+    return (E @ np.diag(np.exp(w)) @ np.linalg.inv(E)).real @ W
+
+
+def test_unaligned_pair_scores_below_one_and_is_rejected():
+    rng = np.random.default_rng(10)
+    for widths in ([4, 4, 4, 4], [5, 7, 3, 6]):
+        bases = [random_orthogonal(rng, k) for k in widths]
+        sigmas = [rng.uniform(1, 2, min(widths[i], widths[i + 1])) for i in range(len(widths) - 1)]
+        weights = align.aligned_network(bases, sigmas)
+        weights[1] = rotate(weights[1], 1e-3, rng)
+        assert align.alignment(weights, "paired") < 1 - 1e-8
+        test = align.is_aligned(weights)
+        assert not test and test.residual > 1e-5
+
+
+def test_generic_random_network_is_far_from_aligned():
+    rng = np.random.default_rng(11)
+    weights = [rng.standard_normal((6, 6)) for _ in range(3)]
+    assert align.alignment(weights, "paired") < 0.9
+    assert align.alignment(weights, "matched") < 0.9
+    assert not align.is_aligned(weights)
+
+
+def test_matched_rule_is_the_authors_row_maximum():
+    rng = np.random.default_rng(12)
+    weights = [rng.standard_normal((5, 4)), rng.standard_normal((3, 5)), rng.standard_normal((2, 3))]
+    total, rows = 0.0, 0
+    for A, B in zip(weights, weights[1:]):
+        U = np.linalg.svd(A, full_matrices=False)[0]
+        V = np.linalg.svd(B, full_matrices=False)[2].T
+        M = np.abs(V.T @ U)
+        total, rows = total + M.max(1).sum(), rows + M.shape[0]
+    assert align.alignment(weights, "matched") == pytest.approx(total / rows, rel=1e-12)
+
+
+def test_measures_lie_in_unit_interval_and_invariance_of_self_is_one():
+    rng = np.random.default_rng(13)
+    for _ in range(5):
+        weights = [rng.standard_normal((5, 5)) for _ in range(3)]
+        other = [rng.standard_normal((5, 5)) for _ in range(3)]
+        for how in ("paired", "matched"):
+            assert 0 <= align.alignment(weights, how) <= 1 + 1e-12
+            assert 0 <= align.invariance(weights, other, how) <= 1 + 1e-12
+            assert align.invariance(weights, weights, how) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_invariance_ignores_changes_of_singular_values_only():
+    rng = np.random.default_rng(14)
+    weights, bases = aligned_case(rng, [5, 5, 5, 5], values=(1.0, 2.0, 3.0, 4.0, 5.0))
+    later = align.aligned_network(bases, [rng.uniform(1, 9, 5) for _ in range(3)])
+    assert align.invariance(later, weights, "paired") == pytest.approx(1.0, abs=1e-12)
+    moved = [rotate(W, 0.3, rng) for W in later]
+    assert align.invariance(moved, weights, "paired") < 0.995
+
+
+def test_measures_on_backend(xp):
+    rng = np.random.default_rng(15)
+    weights, _ = aligned_case(rng, [4, 5, 4])
+    dev = [xp.asarray(W) for W in weights]
+    assert align.alignment(dev) == pytest.approx(1.0, abs=1e-12)
+    assert align.is_aligned(dev)
+
+
+# -------------------------------------------------------- Definition 2 ----
+
+def test_is_aligned_returns_witnessing_ussvds():
+    rng = np.random.default_rng(16)
+    for widths in ALIGNED_WIDTHS:
+        weights, _ = aligned_case(rng, widths)
+        test = align.is_aligned(weights)
+        assert test and test.residual < 1e-12
+        for i, (W, (U, s, V)) in enumerate(zip(weights, test.ussvds)):
+            np.testing.assert_allclose(U.T @ U, np.eye(U.shape[0]), atol=1e-12)
+            np.testing.assert_allclose(align.ussvd_matrix(U, s, V), W, atol=1e-12)
+            if i + 1 < len(weights):
+                np.testing.assert_array_equal(U, test.ussvds[i + 1][2])
+
+
+def test_is_aligned_rank_one_layers_agree_with_dot_product():
+    rng = np.random.default_rng(17)
+    for trial in range(8):
+        u = rng.standard_normal(5)
+        u /= np.linalg.norm(u)
+        v = u if trial % 2 == 0 else rng.standard_normal(5)
+        v /= np.linalg.norm(v)
+        W1 = np.outer(u, rng.standard_normal(4))
+        W2 = np.outer(rng.standard_normal(3), v)
+        expected = abs(v @ u) > 1 - 1e-12
+        assert bool(align.is_aligned([W1, W2])) == expected
+
+
+def test_commuting_grams_are_not_enough_for_rectangular_layers():
+    W1 = np.array([[1.0], [0.0], [0.0]])            # uses e_1 of the 3-dim middle space
+    W2 = np.array([[0.0, 1.0, 0.0]])                # uses e_2
+    assert np.allclose((W1 @ W1.T) @ (W2.T @ W2), (W2.T @ W2) @ (W1 @ W1.T))
+    assert not align.is_aligned([W1, W2])
+    assert align.alignment([W1, W2], "paired") == 0.0
+    assert align.is_aligned([W1, np.array([[2.0, 0.0, 0.0]])])
+
+
+# ------------------------------------------------------------ bad input ----
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: align.loss([np.ones((3, 4)), np.ones((2, 5))], np.ones((4, 2)), np.ones((2, 2))),
+     "W_2 .* needs 3 columns"),
+    (lambda: align.loss([np.ones((3, 4))], np.ones((5, 2)), np.ones((3, 2))), "X must be k0 x n = 4"),
+    (lambda: align.loss([np.ones((3, 4))], np.ones((4, 2)), np.ones((3, 3))), "Y must be kd x n = 3 x 2"),
+    (lambda: align.loss([np.full((3, 4), np.nan)], np.ones((4, 2)), np.ones((3, 2))), "W_1 contains NaN"),
+    (lambda: align.loss([np.ones((3, 4))], np.full((4, 2), np.inf), np.ones((3, 2))), "X contains NaN or inf"),
+    (lambda: align.loss([np.ones((3, 4))], np.ones((4, 2)), np.ones((3, 2)), "hinge"), "unknown loss kind 'hinge'"),
+    (lambda: align.loss([np.ones((3, 4))], np.ones((4, 2)), np.array([0, 3]), "ce"), r"labels must lie in 0..2"),
+    (lambda: align.loss([np.ones((1, 4))], np.ones((4, 2)), np.array([[1.0, 0.5]]), "logistic"), "-1 or \\+1"),
+    (lambda: align.loss([np.ones((2, 4))], np.ones((4, 2)), np.ones((2, 2)), "logistic"), "kd = 1"),
+    (lambda: align.alignment([np.ones((3, 3))], how="sorted"), "how must be one of"),
+    (lambda: align.train([np.ones((3, 4))], np.ones((4, 2)), np.ones((3, 2)), lr=-1), "lr must be"),
+    (lambda: align.select_device("tpu"), "device must be one of"),
+])
+def test_bad_input_raises_value_error_naming_the_problem(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.skipif(CUPY is not None, reason="a GPU is available here")
+def test_gpu_without_cupy_names_what_is_missing(capsys):
+    with pytest.raises(align.DeviceError, match="CuPy"):
+        align.select_device("gpu")
+    assert align.select_device("auto") is np
+    assert "CPU" in capsys.readouterr().err
