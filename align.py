@@ -511,7 +511,7 @@ class AlignmentTest:
     ussvds: list = None
 
     def __bool__(self):
-        return self.aligned
+        return bool(self.aligned)
 
 
 def _orth_complement(Q, k):
@@ -703,3 +703,276 @@ def aligned_network(bases, sigmas):
                              f"{m} x {n}: at most {min(m, n)}")
         weights.append(bases[i] @ rect_diag(s, m, n) @ _T(bases[i - 1]))
     return weights
+
+
+# ====================================================== theory, Sections 4 ==
+
+@dataclasses.dataclass
+class Certificate:
+    """Result of :func:`invariance_certificate` (Theorem 1 / Theorem 4, Lemma 2).
+
+    When ``ok``: U (kd x kd), V (k0 x k0) orthonormal with U^T Y X^T V and
+    V^T X X^T V block diagonal, their top-left r x r blocks diag(lam_prime) and
+    diag(lam); ``residual`` is the largest off-block entry relative to the norms.
+    ``violation`` measures how far the data are from the condition (0 when ok).
+    """
+    ok: bool
+    r: int
+    U: np.ndarray = None
+    V: np.ndarray = None
+    lam: np.ndarray = None
+    lam_prime: np.ndarray = None
+    residual: float = math.inf
+    violation: float = 0.0
+
+    def __bool__(self):
+        return bool(self.ok)
+
+
+def _null_basis(A, tol, scale):
+    """Orthonormal basis of the null space of A (singular values <= tol * scale)."""
+    _, s, Vt = np.linalg.svd(A, full_matrices=True)
+    rank = int((s > tol * scale).sum())
+    return Vt[rank:].T
+
+
+def _joint_eigenvectors(S, G, tol):
+    """Unit vectors v with S v = lambda v and G v = mu v (S, G symmetric).
+
+    In each eigenspace E of S, the largest G-invariant subspace is found by
+    repeatedly keeping {v in K : G v in K}; G is diagonal on what remains.
+    """
+    w, E = np.linalg.eigh(S)
+    scale_g = max(np.linalg.norm(G, 2), np.finfo(float).tiny)
+    found = []
+    for idx in _clusters(w[::-1], tol, scale=max(abs(w).max(), np.finfo(float).tiny)):
+        K = E[:, ::-1][:, idx]
+        while K.shape[1]:
+            GK = G @ K
+            outside = GK - K @ (K.T @ GK)
+            if np.linalg.norm(outside, 2) <= tol * scale_g:
+                break
+            N = _null_basis(outside, tol, scale_g)
+            if N.shape[1] == K.shape[1]:
+                break
+            K = K @ N
+        if K.shape[1]:
+            mu, R = np.linalg.eigh(K.T @ G @ K)
+            found.extend((K @ R).T)
+    return np.array(found).reshape(-1, S.shape[0]).T
+
+
+def invariance_certificate(X, Y, widths, tol=1e-9):
+    """Decide Theorem 4's data condition (Theorem 1 when all widths are equal).
+
+    Looks for orthonormal U (kd x kd), V (k0 x k0) with
+    U^T Y X^T V = [[Lambda', 0], [0, A_1]] and V^T X X^T V = [[Lambda, 0], [0, A_2]],
+    Lambda, Lambda' diagonal r x r, r = min(widths).  (The paper writes A_1 as
+    (k0 - r) x (kd - r); it is (kd - r) x (k0 - r).)  Equivalently r orthonormal
+    v_j that are eigenvectors of both X X^T and (Y X^T)^T (Y X^T), with
+    u_j = Y X^T v_j / lambda'_j and at most kd - rank(Y X^T) of the lambda'_j zero.
+    Works with repeated eigenvalues of X X^T (the basis inside an eigenspace is
+    chosen to diagonalise the other matrix), rank-deficient X and n < k0.
+    Directions are ordered by decreasing lambda'^2 / lambda, zeros last; lambda'
+    is made non-negative.  Returns a Certificate (truthy when the condition holds).
+    """
+    X, Y = to_numpy(X).astype(np.float64), to_numpy(Y).astype(np.float64)
+    if X.ndim != 2 or Y.ndim != 2 or X.shape[1] != Y.shape[1]:
+        raise ValueError(f"X (k0 x n) and Y (kd x n) need the same n; got {_shape(X)} and {_shape(Y)}")
+    if widths[0] != X.shape[0] or widths[-1] != Y.shape[0]:
+        raise ValueError(f"widths {list(widths)} must start with k0 = {X.shape[0]} and end "
+                         f"with kd = {Y.shape[0]}")
+    k0, kd, r = X.shape[0], Y.shape[0], int(min(widths))
+    S, C = X @ X.T, Y @ X.T
+    G = C.T @ C
+    J = _joint_eigenvectors(S, G, tol)
+    Cn = max(np.linalg.norm(C, 2), np.finfo(float).tiny)
+    images = C @ J
+    lam_p = np.linalg.norm(images, axis=0)
+    lam = np.einsum("ij,ij->j", J, S @ J)
+    zero = lam_p <= tol * Cn
+    gain = np.where(zero, -1.0, lam_p ** 2 / np.maximum(lam, np.finfo(float).tiny))
+    order = np.argsort(-gain, kind="stable")
+    room = kd - int((np.linalg.svd(C, compute_uv=False) > tol * Cn).sum())
+    chosen = [j for j in order if not zero[j]]
+    chosen += [j for j in order if zero[j]][:room]
+    if len(chosen) < r:
+        return Certificate(False, r, violation=_condition_violation(S, G, r))
+    chosen = chosen[:r]
+    Vr = J[:, chosen]
+    Ur = np.where(zero[chosen], 0.0, images[:, chosen] / np.where(zero[chosen], 1.0, lam_p[chosen]))
+    free = _orth_complement(Ur[:, ~zero[chosen]], kd)
+    Ur[:, zero[chosen]] = free[:, :int(zero[chosen].sum())]
+    U = np.concatenate([Ur, _orth_complement(Ur, kd)], axis=1)
+    V = np.concatenate([Vr, _orth_complement(Vr, k0)], axis=1)
+    A, B = U.T @ C @ V, V.T @ S @ V
+    residual = max(_off_block(A, r) / Cn, _off_block(B, r) / max(np.linalg.norm(S, 2), 1e-300))
+    return Certificate(residual <= 1e3 * tol, r, U, V, np.diagonal(B)[:r].copy(),
+                       np.diagonal(A)[:r].copy(), residual, 0.0)
+
+
+def _off_block(M, r):
+    """Largest |entry| of M outside diag(top-left r x r) and the bottom-right block."""
+    M = np.abs(M.copy())
+    M[r:, r:] = 0.0
+    idx = np.arange(min(r, *M.shape))
+    M[idx, idx] = 0.0
+    return float(M.max()) if M.size else 0.0
+
+
+def _condition_violation(S, G, r):
+    """How far X X^T and (YX^T)^T YX^T are from sharing r eigenvectors (relative).
+
+    For each eigenvector of X X^T (inside repeated eigenspaces, the basis that
+    diagonalises the compressed G) the residual ||G v - (v^T G v) v|| / ||G||;
+    the r-th smallest of these.
+    """
+    w, E = np.linalg.eigh(S)
+    vecs = []
+    for idx in _clusters(w[::-1], 1e-9, scale=max(abs(w).max(), 1e-300)):
+        K = E[:, ::-1][:, idx]
+        vecs.append(K @ np.linalg.eigh(K.T @ G @ K)[1])
+    V = np.concatenate(vecs, axis=1)
+    GV = G @ V
+    res = np.linalg.norm(GV - V * np.einsum("ij,ij->j", V, GV), axis=0)
+    return float(np.sort(res)[r - 1] / max(np.linalg.norm(G, 2), 1e-300))
+
+
+def sensing_certificate(Ms, tol=1e-9):
+    """Matrix sensing (Section 4.2): orthonormal U, V with every U^T M_i V diagonal.
+
+    Ms: n x k x k.  Sensing data y_i = Tr(M_i^T X*) are not of the form (X, Y) of
+    Theorem 1, so the condition M_i = U Lambda_i V^T is checked directly: a
+    generic combination sum_i c_i M_i gives U, V by its SVD, then each M_i is
+    tested.  Returns (ok, U, V, residual).
+    """
+    Ms = to_numpy(Ms).astype(np.float64)
+    c = np.random.default_rng(12345).standard_normal(Ms.shape[0])
+    U, _, Vt = np.linalg.svd(np.tensordot(c, Ms, axes=1))
+    D = U.T @ Ms @ Vt.T
+    off = D.copy()
+    idx = np.arange(min(D.shape[1:]))
+    off[:, idx, idx] = 0.0
+    residual = float(np.abs(off).max() / max(np.abs(Ms).max(), 1e-300))
+    return residual <= 1e3 * tol, U, Vt.T, residual
+
+
+def aligned_init(U, V, widths, sigmas=None, scale=1.0, seed=0, balanced=False,
+                 chain=None, dtype=np.float64):
+    """Aligned initialisation of Lemma 2 / Theorem 1: W_1 = Q_1 D_1 V^T, W_i = Q_i D_i Q_{i-1}^T,
+    W_d = U D_d Q_{d-1}^T, with Q_i = I unless ``chain`` gives [Q_1, ..., Q_{d-1}].
+
+    D_i is rectangular diagonal: ``sigmas`` (a list of d vectors, min(k_i, k_{i-1})
+    each) or draws from U(0, scale) with ``seed`` (the authors' choice, scale 1).
+    ``balanced`` makes the first r = min(widths) values equal in every layer (the
+    d-th root of the drawn product) and zeroes the rest, so that
+    W_{i+1}^T W_{i+1} = W_i W_i^T.  U, V: NumPy or CuPy; the result follows them.
+    """
+    xp = array_module(U, V)
+    widths = [int(k) for k in widths]
+    d = len(widths) - 1
+    if U.shape != (widths[-1],) * 2 or V.shape != (widths[0],) * 2:
+        raise ValueError(f"U must be kd x kd = {widths[-1]} x {widths[-1]} and V k0 x k0 = "
+                         f"{widths[0]} x {widths[0]}; got {_shape(U)} and {_shape(V)}")
+    if sigmas is None:
+        rng = np.random.default_rng(seed)
+        sigmas = [rng.uniform(0, scale, min(widths[i], widths[i + 1])) for i in range(d)]
+    sigmas = [np.asarray(to_numpy(s), dtype=np.float64) for s in sigmas]
+    if balanced:
+        r = min(widths)
+        common = np.abs(np.prod([s[:r] for s in sigmas], axis=0)) ** (1.0 / d)
+        sigmas = [np.concatenate([common, np.zeros(s.size - r)]) for s in sigmas]
+    inner = chain if chain is not None else [xp.eye(k, dtype=dtype) for k in widths[1:-1]]
+    bases = [xp.asarray(V, dtype=dtype)] + [xp.asarray(Q, dtype=dtype) for Q in inner] + \
+        [xp.asarray(U, dtype=dtype)]
+    return aligned_network(bases, [xp.asarray(s, dtype=dtype) for s in sigmas])
+
+
+def _others_product(sig):
+    """prod_{j != i} sig[..., j, :] for each i, by prefix and suffix products (no division)."""
+    xp = array_module(sig)
+    ones = xp.ones_like(sig[..., :1, :])
+    prefix = xp.cumprod(xp.concatenate([ones, sig[..., :-1, :]], axis=-2), axis=-2)
+    suffix = xp.flip(xp.cumprod(xp.flip(xp.concatenate([sig[..., 1:, :], ones], axis=-2),
+                                        axis=-2), axis=-2), axis=-2)
+    return prefix * suffix
+
+
+def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", kd=None,
+                            record_every=1):
+    """Corollary 1: GD on the top-r singular values of a strongly aligned network.
+
+    sigma_i(t+1) = sigma_i(t) + (lr/n) prod_{j != i} sigma_j(t) (lam' - lam prod_j sigma_j(t)).
+    The product over j != i is Appendix B's; Eq. (6) as printed in Section 4.3
+    multiplies over all j, which is wrong: differentiating the loss
+    (1/2n) sum_k (lam'_k - ...)  with respect to sigma_i removes sigma_i itself.
+    sigmas0: (..., d, r) (leading axes: independent runs); lam, lam_prime: (r,) or
+    broadcastable.  kind="mse_mean" uses that loss's scale 2/(kd n) for 1/n.
+    Returns the trajectory, shape (steps // record_every + 1, ..., d, r).  O(d r) a step.
+    """
+    xp = array_module(sigmas0)
+    coef = lr / n if kind == "mse" else 2.0 * lr / (kd * n)
+    sig = xp.array(sigmas0, dtype=xp.float64)
+    lam, lam_prime = xp.asarray(lam, dtype=sig.dtype), xp.asarray(lam_prime, dtype=sig.dtype)
+    out = [sig.copy()]
+    for t in range(1, steps + 1):
+        others = _others_product(sig)
+        total = others[..., :1, :] * sig[..., :1, :]
+        sig = sig + coef * others * (lam_prime - lam * total)
+        if t % record_every == 0:
+            out.append(sig.copy())
+    return xp.stack(out)
+
+
+def prop2_learning_rate(sigmas0, lam, lam_prime, n):
+    """Largest learning rate of Proposition 2 (as its proof, Appendix C, needs it).
+
+    gamma <= (n ln 2 / d) min_k [min_i sigma_k(W_i(0))^2 lam_k / lam'_k^2]: the proof
+    bounds prod_{i in T} sigma_i^{-2} by (min_i sigma_i(0))^{-2|T|}, so the minimum
+    runs over layers i as well as over k (the statement leaves i free).
+    Directions with lam_k = lam'_k = 0 are never updated and do not count.
+    sigmas0: (d, r) positive; lam, lam_prime: (r,).
+    """
+    sig = np.asarray(to_numpy(sigmas0), dtype=np.float64)
+    lam, lam_prime = np.asarray(lam, dtype=np.float64), np.asarray(lam_prime, dtype=np.float64)
+    d = sig.shape[0]
+    live = lam_prime != 0
+    return float(n * math.log(2) / d *
+                 np.min(sig.min(axis=0)[live] ** 2 * lam[live] / lam_prime[live] ** 2))
+
+
+def balanced_factorization(P, hidden=None, W=None):
+    """Proposition 3: aligned, balanced W_1, W_2 with W_2 W_1 = P and
+    ||W_1||_F^2 + ||W_2||_F^2 = 2 ||P||_* (the minimum over all factorisations).
+
+    With P = U Sigma V^T: W_1 = W Sigma^{1/2} V^T, W_2 = U Sigma^{1/2} W^T for any
+    orthonormal W (hidden x hidden, default I).  Appendix G prints
+    W_1 = W Sigma^{1/2} U^T and W_2 = U Sigma^{1/2} V^T, whose product is not P.
+    """
+    xp = array_module(P)
+    m, n = P.shape
+    hidden = min(m, n) if hidden is None else hidden
+    if hidden < int(np.linalg.matrix_rank(to_numpy(P))):
+        raise ValueError(f"hidden width {hidden} is below rank(P)")
+    U, s, Vt = xp.linalg.svd(P, full_matrices=True)
+    root = xp.sqrt(s[:min(hidden, s.size)])
+    W = xp.eye(hidden, dtype=P.dtype) if W is None else W
+    W1 = W @ rect_diag(root, hidden, n) @ Vt
+    W2 = U @ rect_diag(root, m, hidden) @ _T(W)
+    return W1, W2
+
+
+def proposition4(weights, X, Y, tol=1e-8):
+    """Proposition 4: for an aligned network with Y = f(X) (n >= k0, X full rank),
+    W_d^T aligns with M = Y X^T (X X^T)^{-1}, which aligns with W_1^T.
+
+    "A aligns with B" (Definition 2's parenthetical) is the two-layer network
+    [B, A] being aligned.  Returns (test of [M, W_d^T], test of [W_1^T, M]).
+    """
+    X, Y = to_numpy(X).astype(np.float64), to_numpy(Y).astype(np.float64)
+    if X.shape[1] < X.shape[0] or np.linalg.matrix_rank(X) < X.shape[0]:
+        raise ValueError(f"Proposition 4 needs n >= k0 and X of full rank; X is {_shape(X)} "
+                         f"of rank {np.linalg.matrix_rank(X)}")
+    M = Y @ X.T @ np.linalg.inv(X @ X.T)
+    first, last = to_numpy(weights[0]), to_numpy(weights[-1])
+    return is_aligned([M, last.T], tol), is_aligned([first.T, M], tol)

@@ -1,0 +1,241 @@
+"""Section 4 of the paper, each statement checked on numbers (float64)."""
+import math
+
+import numpy as np
+import pytest
+
+import align
+from conftest import random_orthogonal
+
+
+def certified_data(rng, task, k, n=None):
+    """(X, Y) for autoencoding, matrix factorisation and matrix inversion (Section 4.2)."""
+    n = n or k + 3
+    if task == "autoencoding":
+        X = rng.standard_normal((k, n))
+        return X, X.copy()
+    if task == "factorisation":
+        return np.eye(k), rng.standard_normal((k, k))
+    if task == "inversion":
+        return random_orthogonal(rng, k) @ np.diag(rng.uniform(1, 2, k)) @ random_orthogonal(rng, k), np.eye(k)
+    raise ValueError(task)
+
+
+def normalise(X, Y):
+    """Scale the data so that lr = 0.05 is a stable step for the squared loss."""
+    s = np.linalg.norm(X, 2) / math.sqrt(X.shape[1])
+    return X / s, Y / s
+
+
+def off_diagonal(U, W, V):
+    """Largest |off-diagonal| of U^T W V relative to ||W||: 0 when U, V stay singular vectors."""
+    S = U.T @ W @ V
+    r = min(S.shape)
+    S[np.arange(r), np.arange(r)] = 0
+    return np.abs(S).max() / np.linalg.norm(W, 2)
+
+
+def run_aligned(X, Y, widths, steps, seed, lr=0.05, tol=0.0):
+    cert = align.invariance_certificate(X, Y, widths)
+    assert cert, f"certificate expected, violation {cert.violation}"
+    rng = np.random.default_rng(seed)
+    sigmas = [rng.uniform(0.5, 1.0, min(a, b)) for a, b in zip(widths, widths[1:])]
+    weights = align.aligned_init(cert.U, cert.V, widths, sigmas=sigmas)
+    bases = [cert.V] + [np.eye(k) for k in widths[1:-1]] + [cert.U]
+    worst = [0.0]
+
+    def drift(ws, _):
+        worst[0] = max(worst[0], max(off_diagonal(bases[i + 1], W, bases[i]) for i, W in enumerate(ws)))
+        return worst[0]
+    out, hist = align.train(weights, X, Y, lr=lr, max_steps=steps, tol=tol, measure_every=500,
+                            measures={"drift": drift}, record_every=100)
+    return out, hist, cert, bases, worst[0]
+
+
+@pytest.mark.parametrize("task", ["autoencoding", "factorisation", "inversion"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_theorem1_alignment_is_invariant_on_certified_data(task, seed):
+    rng = np.random.default_rng(seed)
+    k = 4 + seed
+    X, Y = normalise(*certified_data(rng, task, k))
+    out, hist, cert, bases, drift = run_aligned(X, Y, [k] * 4, steps=10_000, seed=seed)
+    assert drift < 1e-10                       # U_i, V_i (and V_1, U_d: strong) never move
+    assert align.is_aligned(out)
+    assert align.alignment(out) == pytest.approx(1.0, abs=1e-10)
+    assert hist.losses[-1] < 1e-8              # zero training loss in the limit
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_theorem4_rectangular_network_stays_aligned(seed):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((6, 20))
+    X /= np.linalg.norm(X, 2) / math.sqrt(20)
+    E = np.linalg.eigh(X @ X.T)[1]
+    A = random_orthogonal(rng, 3) @ align.rect_diag(rng.uniform(0.5, 1.5, 3), 3, 6) @ E.T
+    Y = A @ X                                   # U^T Y X^T V diagonal for V = E, U = Q
+    widths = [6, 8, 4, 3]
+    out, hist, cert, _, drift = run_aligned(X, Y, widths, steps=10_000, seed=seed)
+    assert cert.r == 3 and drift < 1e-10
+    assert align.is_aligned(out)
+    assert hist.losses[-1] < 1e-8
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_theorem1_alignment_is_lost_on_uncertified_data(seed):
+    rng = np.random.default_rng(seed)
+    X, Y = normalise(rng.standard_normal((5, 5)), rng.standard_normal((5, 5)))
+    cert = align.invariance_certificate(X, Y, [5] * 4)
+    assert not cert and cert.violation > 1e-3
+    U, V = random_orthogonal(rng, 5), random_orthogonal(rng, 5)
+    weights = align.aligned_init(U, V, [5] * 4, seed=seed)
+    assert align.is_aligned(weights)
+    out, _ = align.train(weights, X, Y, lr=0.05, max_steps=2000, tol=0.0)
+    assert not align.is_aligned(out, tol=1e-6)
+    assert align.alignment(out) < 1 - 1e-4
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_certificate_handles_repeated_eigenvalues_rank_deficiency_and_few_samples(seed):
+    rng = np.random.default_rng(seed)
+    k = 5
+    # X X^T = I (all eigenvalues repeated): the basis must diagonalise Y X^T too
+    Q = random_orthogonal(rng, k)
+    cert = align.invariance_certificate(Q, rng.standard_normal((k, k)), [k] * 3)
+    assert cert and cert.residual < 1e-10
+    # n < k0, X rank deficient: autoencoding is still certified
+    X = rng.standard_normal((k, 3))
+    cert = align.invariance_certificate(X, X, [k] * 3)
+    assert cert and cert.residual < 1e-10
+    assert np.allclose(cert.U.T @ X @ X.T @ cert.V, np.diag(cert.lam), atol=1e-10)
+    # matrix sensing with M_i = U Lambda_i V^T
+    U, V = random_orthogonal(rng, k), random_orthogonal(rng, k)
+    Ms = np.stack([U @ np.diag(rng.standard_normal(k)) @ V.T for _ in range(7)])
+    ok, Uc, Vc, res = align.sensing_certificate(Ms)
+    assert ok and res < 1e-10
+    assert not align.sensing_certificate(rng.standard_normal((7, k, k)))[0]
+
+
+def test_certificate_rejects_generic_gaussian_data_far_from_rounding():
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        cert = align.invariance_certificate(rng.standard_normal((4, 6)), rng.standard_normal((4, 6)), [4] * 3)
+        assert not cert and cert.violation > 1e-3
+
+
+def test_aligned_init_is_aligned_balanced_and_rectangular():
+    rng = np.random.default_rng(3)
+    widths = [6, 8, 4, 3]
+    U, V = random_orthogonal(rng, 3), random_orthogonal(rng, 6)
+    weights = align.aligned_init(U, V, widths, seed=1)
+    assert [W.shape for W in weights] == [(8, 6), (4, 8), (3, 4)]
+    assert align.is_aligned(weights)
+    balanced = align.aligned_init(U, V, widths, seed=1, balanced=True)
+    for A, B in zip(balanced, balanced[1:]):
+        np.testing.assert_allclose(B.T @ B, A @ A.T, atol=1e-12)
+    with pytest.raises(ValueError, match="U must be kd x kd"):
+        align.aligned_init(V, U, widths)
+
+
+@pytest.mark.parametrize("kind", ["mse", "mse_mean"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_corollary1_reduced_dynamics_equal_full_gd(kind, seed):
+    rng = np.random.default_rng(seed)
+    k, d = 5, 3 + seed
+    X, Y = normalise(*certified_data(rng, "autoencoding", k, n=9))
+    cert = align.invariance_certificate(X, Y, [k] * (d + 1))
+    sig0 = [rng.uniform(0.3, 1.0, k) for _ in range(d)]
+    weights = align.aligned_init(cert.U, cert.V, [k] * (d + 1), sigmas=sig0)
+    bases = [cert.V] + [np.eye(k)] * (d - 1) + [cert.U]
+    steps, lr = 300, 0.05
+    traj = align.singular_value_dynamics(np.array(sig0), cert.lam, cert.lam_prime, lr, 9, steps,
+                                         kind=kind, kd=k)
+    ws = [W.copy() for W in weights]
+    for t in range(steps + 1):
+        if t % 50 == 0:
+            full = np.array([np.diagonal(bases[i + 1].T @ W @ bases[i]) for i, W in enumerate(ws)])
+            np.testing.assert_allclose(traj[t], full, rtol=1e-10, atol=1e-13)
+        grads = align.gradients(ws, X, Y, kind)
+        ws = [W - lr * G for W, G in zip(ws, grads)]
+
+
+def test_corollary1_printed_eq6_product_over_all_j_is_wrong():
+    sig = np.array([[0.5], [0.4], [0.3]])
+    lam, lamp = np.array([1.0]), np.array([2.0])
+    step = align.singular_value_dynamics(sig, lam, lamp, lr=0.1, n=1, steps=1)[1]
+    S = sig.prod()
+    others = np.array([[0.4 * 0.3], [0.5 * 0.3], [0.5 * 0.4]])
+    np.testing.assert_allclose(step, sig + 0.1 * others * (lamp - lam * S))
+    assert not np.allclose(step, sig + 0.1 * S * (lamp - lam * S))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_proposition2_linear_convergence_under_its_learning_rate(seed):
+    rng = np.random.default_rng(seed)
+    d, r, n = 3 + seed % 2, 4, 10
+    lam, lamp = rng.uniform(0.5, 2, r), rng.uniform(0.5, 2, r)
+    sig0 = rng.uniform(0.2, 0.6, (d, r))
+    assert (sig0.prod(0) < lamp / lam).all()
+    lr = align.prop2_learning_rate(sig0, lam, lamp, n)
+    steps = 3000
+    traj = align.singular_value_dynamics(sig0, lam, lamp, lr, n, steps)
+    S = traj.prod(axis=1)                         # (steps + 1, r)
+    target = lamp / lam
+    assert (np.diff(S, axis=0) >= -1e-15).all()   # monotone increase
+    assert (S <= target + 1e-12).all()
+    eta = lr * lam / n
+    rate = 1 - d * eta * S[0] ** (2 - 2 / d)
+    t = np.arange(steps + 1)[:, None]
+    assert ((target - S) <= (target - S[0]) * rate ** t + 1e-12).all()
+    assert np.abs(S[-1] - target).max() < 1e-3 * target.max() or (rate ** steps > 1e-3).any()
+
+
+@pytest.mark.parametrize("kind", ["mse", "logistic", "exp"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_proposition1_rank_one_output_network_stays_aligned(kind, seed):
+    rng = np.random.default_rng(seed)
+    k0, n, widths = 8, 6, [8, 5, 4, 1]
+    X = rng.standard_normal((k0, n)) / math.sqrt(k0)
+    Y = rng.choice([-1.0, 1.0], (1, n)) if kind != "mse" else rng.standard_normal((1, n))
+    bases = [random_orthogonal(rng, k) for k in widths]
+    sigmas = [np.array([0.8] + [0.0] * (min(a, b) - 1)) for a, b in zip(widths, widths[1:])]
+    weights = align.aligned_network(bases, sigmas)
+    checks = []
+    out, hist = align.train(weights, X, Y, kind=kind, lr=0.2, max_steps=4000, tol=1e-3,
+                            measure_every=400,
+                            measures={"aligned": lambda w, _: bool(align.is_aligned(w, tol=1e-9))})
+    assert all(hist.measurements["aligned"])
+    assert all(np.linalg.matrix_rank(W, tol=1e-9) == 1 for W in out)
+    assert hist.losses[-1] < 0.05
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_proposition3_balanced_factorisation_attains_twice_nuclear_norm(seed):
+    rng = np.random.default_rng(seed)
+    m, n = 4 + seed % 2, 5
+    P = rng.standard_normal((m, n))
+    W1, W2 = align.balanced_factorization(P)
+    nuclear = np.linalg.svd(P, compute_uv=False).sum()
+    np.testing.assert_allclose(W2 @ W1, P, atol=1e-12)
+    assert (W1 ** 2).sum() + (W2 ** 2).sum() == pytest.approx(2 * nuclear, rel=1e-12)
+    np.testing.assert_allclose(W1 @ W1.T, W2.T @ W2, atol=1e-12)          # balanced
+    assert align.is_aligned([W1, W2])
+    h = min(m, n)
+    for _ in range(200):
+        G = rng.standard_normal((h, h))
+        A, B = G @ W1, W2 @ np.linalg.inv(G)                              # any factorisation
+        assert (A ** 2).sum() + (B ** 2).sum() >= 2 * nuclear * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_proposition4_interpolating_aligned_network_aligns_with_pseudoinverse(seed):
+    rng = np.random.default_rng(seed)
+    widths = [4, 6, 5, 3]
+    bases = [random_orthogonal(rng, k) for k in widths]
+    weights = align.aligned_network(bases, [rng.uniform(0.5, 2, min(a, b)) for a, b in zip(widths, widths[1:])])
+    X = rng.standard_normal((4, 9))
+    Y = align.forward(weights, X)
+    last, first = align.proposition4(weights, X, Y)
+    assert last and first
+    unaligned = [rng.standard_normal(W.shape) for W in weights]
+    last, first = align.proposition4(unaligned, X, align.forward(unaligned, X))
+    assert not (last and first)
