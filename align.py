@@ -232,35 +232,46 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
           record_every=1, measure_every=100, measures=None, callback=None):
     """Full-batch gradient descent W_i <- W_i - lr dL/dW_i (Eq. (8) for the squared loss).
 
-    Stops when the loss (the largest over a batch of networks) is below ``tol``
-    (checked at recorded steps) or after ``max_steps`` steps; Ctrl-C stops it with
-    ``stop_reason = "interrupted"``.  ``measures`` maps names to functions
-    ``m(weights, weights_0)`` called at step 0, every ``measure_every`` steps and at
-    the end.  ``callback(step, loss, history)`` runs at every recorded step.
-    Returns (weights, History).  A non-finite loss raises DivergenceError.
+    Validates the inputs once, then runs :func:`gradient_descent` on the weights.
+    Returns (weights, History); the inputs are not modified.
     """
     check_network(weights, X)
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[1])
+    return gradient_descent(weights, lambda ws: _loss_and_gradients(ws, X, Y, kind), lr,
+                            max_steps, tol, record_every, measure_every, measures, callback)
+
+
+def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4,
+                     record_every=1, measure_every=100, measures=None, callback=None):
+    """Plain GD p <- p - lr g on a list of arrays, with ``loss_and_grads(params) -> (L, grads)``.
+
+    Stops when the loss (the largest over a batch of networks) is below ``tol``
+    (checked at recorded steps) or after ``max_steps`` steps; Ctrl-C stops it with
+    ``stop_reason = "interrupted"``.  ``measures`` maps names to functions
+    ``m(params, params_0)`` called at step 0, every ``measure_every`` steps and at
+    the end.  ``callback(step, loss, history)`` runs at every recorded step.
+    Returns (params, History).  A non-finite loss raises DivergenceError.
+    """
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive finite number, got {lr}")
     if record_every < 1 or measure_every < 1 or max_steps < 0:
         raise ValueError("record_every and measure_every must be >= 1, max_steps >= 0")
     measures = measures or {}
-    weights0 = [W.copy() for W in weights]
-    ws = [W.copy() for W in weights]
+    params0 = [p.copy() for p in params]
+    ps = [p.copy() for p in params]
     hist = History(measurements={name: [] for name in measures})
     start = time.perf_counter()
 
     def measure(step):
         hist.measure_steps.append(step)
         for name, fn in measures.items():
-            hist.measurements[name].append(_plain(fn(ws, weights0)))
+            hist.measurements[name].append(_plain(fn(ps, params0)))
 
     step = 0
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
         try:
             while True:
-                L, grads = _loss_and_gradients(ws, X, Y, kind)
+                L, grads = loss_and_grads(ps)
                 if step % measure_every == 0:
                     measure(step)
                 if step % record_every == 0 or step == max_steps:
@@ -282,8 +293,8 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
                 if step >= max_steps:
                     hist.stop_reason = "max_steps"
                     break
-                for W, G in zip(ws, grads):
-                    W -= lr * G
+                for p, g in zip(ps, grads):
+                    p -= lr * g
                 step += 1
         except KeyboardInterrupt:
             hist.stop_reason = "interrupted"
@@ -291,7 +302,7 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
     if not hist.measure_steps or hist.measure_steps[-1] != step:
         measure(step)
     hist.wall_time = time.perf_counter() - start
-    return ws, hist
+    return ps, hist
 
 
 # ------------------------------------------------------------------- usSVD --

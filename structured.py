@@ -1,0 +1,338 @@
+"""Layers constrained to a subspace of matrices (Section 5, Appendices H-K).
+
+A layer structure S (Definition 4) is a subspace of R^{m x n} with a basis
+{A_1, ..., A_r}; a structured layer is W = sum_j c_j A_j and gradient descent
+runs on the coefficients c.  Bases are stored as index patterns (the nonzero
+entries of every A_j), never as r dense matrices, so a 28 x 28 convolution's
+784 x 784 matrix exists only when asked for.
+
+A structured network is a list ``structures`` (a Structure, or None for a dense
+layer) with a list ``params`` (coefficient vectors, or dense matrices), in the
+notation of align.py: X is k0 x n, Y is kd x n.
+"""
+import math
+
+import numpy as np
+
+import align
+
+
+class Structure:
+    """A layer structure S subset R^{m x n} with basis A_j given by index patterns.
+
+    Entry e of the pattern says A_{which[e]}[rows[e], cols[e]] = vals[e].
+    """
+
+    def __init__(self, shape, rows, cols, vals, which, r, name):
+        self.shape, self.r, self.name = tuple(shape), int(r), name
+        self.rows, self.cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+        self.vals, self.which = np.asarray(vals, np.float64), np.asarray(which, np.int64)
+        self._gram = None
+        self._on = {}
+
+    def __repr__(self):
+        return f"{self.name}: {self.shape[0]}x{self.shape[1]} matrices, r = {self.r}"
+
+    def _pattern(self, xp):
+        """The index pattern as arrays of module xp (cached)."""
+        if xp.__name__ not in self._on:
+            flat = self.rows * self.shape[1] + self.cols
+            self._on[xp.__name__] = tuple(xp.asarray(a) for a in (flat, self.vals, self.which))
+        return self._on[xp.__name__]
+
+    def _check_coefficients(self, c):
+        if c.ndim != 1 or c.shape[0] != self.r:
+            raise ValueError(f"{self.name} needs {self.r} coefficients, got shape "
+                             f"{'x'.join(map(str, c.shape))}")
+
+    def _check_matrix(self, G, what="G"):
+        if G.shape != self.shape:
+            raise ValueError(f"{what} must be {self.shape[0]} x {self.shape[1]} for {self.name}, "
+                             f"got {'x'.join(map(str, G.shape))}")
+
+    def to_matrix(self, c):
+        """W = sum_j c_j A_j (m x n)."""
+        self._check_coefficients(c)
+        return self._to_matrix(c)
+
+    def _to_matrix(self, c):
+        xp = align.array_module(c)
+        flat, vals, which = self._pattern(xp)
+        m, n = self.shape
+        return xp.bincount(flat, weights=vals * c[which], minlength=m * n).reshape(m, n).astype(c.dtype)
+
+    def coefficient_gradient(self, G):
+        """(<G, A_j>)_j: dL/dc from dL/dW (the chain rule of Appendix H)."""
+        self._check_matrix(G)
+        return self._coefficient_gradient(G)
+
+    def _coefficient_gradient(self, G):
+        xp = align.array_module(G)
+        flat, vals, which = self._pattern(xp)
+        return xp.bincount(which, weights=vals * G.reshape(-1)[flat], minlength=self.r).astype(G.dtype)
+
+    def gram(self):
+        """<A_j, A_k> (r x r, NumPy)."""
+        if self._gram is None:
+            flat = self.rows * self.shape[1] + self.cols
+            if np.unique(flat).size == flat.size:      # disjoint supports: orthogonal basis
+                self._gram = np.diag(np.bincount(self.which, self.vals ** 2, self.r))
+            else:
+                B = np.zeros((self.r, self.shape[0] * self.shape[1]))
+                np.add.at(B, (self.which, flat), self.vals)
+                self._gram = B @ B.T
+        return self._gram
+
+    def pi(self, G):
+        """pi_S(G) = sum_j <G, A_j> A_j (Theorem 2): the projection onto S followed by
+        a scaling of each basis direction when the A_j are not orthonormal (footnote 3)."""
+        return self._to_matrix(self.coefficient_gradient(G))
+
+    def coefficients(self, W, tol=1e-8):
+        """c with W = sum_j c_j A_j; ValueError if W is not in S (relative tolerance)."""
+        self._check_matrix(W, "W")
+        xp = align.array_module(W)
+        c = xp.asarray(np.linalg.solve(self.gram(), align.to_numpy(self._coefficient_gradient(W))))
+        c = c.astype(W.dtype)
+        gap = float(xp.linalg.norm(W - self._to_matrix(c)))
+        if gap > tol * max(float(xp.linalg.norm(W)), 1e-300):
+            raise ValueError(f"W is not in {self.name}: its distance to S is {gap:.3g}")
+        return c
+
+    def project(self, G):
+        """The orthogonal projection of G onto S."""
+        self._check_matrix(G)
+        xp = align.array_module(G)
+        a = np.linalg.solve(self.gram(), align.to_numpy(self._coefficient_gradient(G)))
+        return self._to_matrix(xp.asarray(a, dtype=G.dtype))
+
+    # products used by a network; subclasses may avoid forming the matrix
+    def matmul(self, c, A):
+        """W A for W = sum_j c_j A_j."""
+        return self._to_matrix(c) @ A
+
+    def rmatmul(self, c, D):
+        """W^T D."""
+        return self._to_matrix(c).T @ D
+
+    def outer_gradient(self, delta, act):
+        """(<delta act^T, A_j>)_j: the coefficient gradient of a layer with input act."""
+        return self._coefficient_gradient(delta @ act.T)
+
+
+class Conv2d(Structure):
+    """One s x s filter on p x p images (row-major), stride 1, zero padding (s-1)/2.
+
+    Coefficient c[a*s + b] multiplies input pixel (y + a - h, x + b - h) for output
+    pixel (y, x), h = (s-1)/2: cross-correlation, as deep-learning frameworks compute.
+    Appendix I writes the true convolution (flipped filter); both span the same
+    s^2-dimensional subspace, with coefficients reversed.  Products with images
+    use shifted slices and never form the p^2 x p^2 matrix.
+    """
+
+    def __init__(self, p, s):
+        if s < 1 or s % 2 == 0:
+            raise ValueError(f"conv2d needs an odd filter size s (padding (s-1)/2), got s = {s}")
+        if p < 1:
+            raise ValueError(f"conv2d needs an image size p >= 1, got p = {p}")
+        self.p, self.s, self.h = p, s, (s - 1) // 2
+        rows, cols, which = [], [], []
+        y, x = np.divmod(np.arange(p * p), p)
+        for a in range(s):
+            for b in range(s):
+                yy, xx = y + a - self.h, x + b - self.h
+                ok = (yy >= 0) & (yy < p) & (xx >= 0) & (xx < p)
+                rows.append(np.flatnonzero(ok))
+                cols.append(yy[ok] * p + xx[ok])
+                which.append(np.full(ok.sum(), a * s + b))
+        rows, cols, which = map(np.concatenate, (rows, cols, which))
+        super().__init__((p * p, p * p), rows, cols, np.ones(rows.size), which, s * s,
+                         f"conv2d(p={p}, s={s})")
+
+    def _images(self, A):
+        xp = align.array_module(A)
+        if A.ndim != 2 or A.shape[0] != self.p * self.p:
+            raise ValueError(f"{self.name} acts on {self.p * self.p} x n arrays of images, got "
+                             f"{'x'.join(map(str, A.shape))}")
+        h = self.h
+        return xp.pad(A.reshape(self.p, self.p, -1), ((h, h), (h, h), (0, 0))), xp
+
+    def matmul(self, c, A):
+        padded, xp = self._images(A)
+        p, s = self.p, self.s
+        out = xp.zeros((p, p, A.shape[1]), dtype=A.dtype)
+        for a in range(s):
+            for b in range(s):
+                out += c[a * s + b] * padded[a:a + p, b:b + p]
+        return out.reshape(p * p, -1)
+
+    def rmatmul(self, c, D):
+        padded, xp = self._images(D)
+        p, s, h = self.p, self.s, self.h
+        out = xp.zeros((p, p, D.shape[1]), dtype=D.dtype)
+        for a in range(s):
+            for b in range(s):
+                out += c[a * s + b] * padded[2 * h - a:2 * h - a + p, 2 * h - b:2 * h - b + p]
+        return out.reshape(p * p, -1)
+
+    def outer_gradient(self, delta, act):
+        padded, xp = self._images(act)
+        p, s = self.p, self.s
+        D = delta.reshape(p, p, -1)
+        return xp.stack([(D * padded[a:a + p, b:b + p]).sum()
+                         for a in range(s) for b in range(s)]).astype(delta.dtype)
+
+
+def conv2d(p, s):
+    """The s^2-dimensional subspace of p^2 x p^2 matrices of one s x s filter (Appendix I)."""
+    return Conv2d(p, s)
+
+
+def _diagonals(k, offsets, name):
+    """Structure whose j-th basis matrix is the all-ones diagonal at offsets[j] (col - row)."""
+    rows, cols, which = [], [], []
+    for j, off in enumerate(offsets):
+        i = np.arange(max(0, -off), min(k, k - off))
+        rows.append(i)
+        cols.append(i + off)
+        which.append(np.full(i.size, j))
+    rows, cols, which = map(np.concatenate, (rows, cols, which))
+    return Structure((k, k), rows, cols, np.ones(rows.size), which, len(offsets), name)
+
+
+def toeplitz(k):
+    """k x k Toeplitz matrices (constant along diagonals), r = 2k - 1."""
+    return _diagonals(k, list(range(-(k - 1), k)), f"toeplitz({k})")
+
+
+def diagonal(k):
+    """k x k diagonal matrices, r = k."""
+    return mask(np.eye(k, dtype=bool), f"diagonal({k})")
+
+
+def circulant(k):
+    """k x k circulant matrices, r = k: A_j[i, (i + j) mod k] = 1."""
+    i = np.arange(k)
+    rows = np.tile(i, k)
+    which = np.repeat(i, k)
+    return Structure((k, k), rows, (rows + which) % k, np.ones(k * k), which, k, f"circulant({k})")
+
+
+def banded(k, width):
+    """k x k matrices with free entries where |i - j| <= width (a sparse connection pattern)."""
+    if width < 0:
+        raise ValueError(f"banded needs width >= 0, got {width}")
+    i, j = np.indices((k, k))
+    return mask(np.abs(i - j) <= width, f"banded({k}, width={width})")
+
+
+def mask(pattern, name=None):
+    """Matrices with free entries where ``pattern`` is True, zero elsewhere (Section 5.1)."""
+    pattern = np.asarray(pattern)
+    if pattern.ndim != 2 or pattern.dtype != bool:
+        raise ValueError(f"mask needs a 2-D boolean pattern, got dtype {pattern.dtype}, "
+                         f"shape {pattern.shape}")
+    rows, cols = np.nonzero(pattern)
+    return Structure(pattern.shape, rows, cols, np.ones(rows.size), np.arange(rows.size),
+                     rows.size, name or f"mask({pattern.shape[0]}x{pattern.shape[1]}, r={rows.size})")
+
+
+def from_basis(matrices, tol=1e-10):
+    """Structure spanned by any list of m x n matrices (not necessarily orthonormal).
+
+    Linearly dependent matrices raise ValueError naming them (remove them and retry).
+    """
+    mats = [np.asarray(align.to_numpy(A), dtype=np.float64) for A in matrices]
+    if not mats or any(A.shape != mats[0].shape or A.ndim != 2 for A in mats):
+        raise ValueError("from_basis needs a non-empty list of matrices of one shape m x n")
+    B = np.stack([A.ravel() for A in mats])
+    dependent, kept = [], []
+    for j in range(len(mats)):
+        Q = np.linalg.qr(B[kept].T)[0] if kept else np.zeros((B.shape[1], 0))
+        rest = B[j] - Q @ (Q.T @ B[j])
+        if np.linalg.norm(rest) <= tol * max(np.linalg.norm(B[j]), 1e-300):
+            dependent.append(j)
+        else:
+            kept.append(j)
+    if dependent:
+        raise ValueError(f"basis matrices {dependent} are linear combinations of the others; "
+                         f"drop them (r would be {len(kept)})")
+    which, flat = np.nonzero(B)
+    m, n = mats[0].shape
+    return Structure((m, n), flat // n, flat % n, B[which, flat], which, len(mats),
+                     f"span of {len(mats)} matrices")
+
+
+# --------------------------------------------------------- structured nets --
+
+def layer_matrices(structures, params):
+    """The dense layer matrices [W_1, ..., W_d] (forms every structured matrix)."""
+    return [S.to_matrix(p) if S is not None else p for S, p in zip(structures, params)]
+
+
+def check_structured(structures, params, X):
+    """Validate a structured network: one parameter array per layer of the right size."""
+    if len(structures) != len(params) or not params:
+        raise ValueError(f"need one parameter array per layer: {len(structures)} structures, "
+                         f"{len(params)} params")
+    k = X.shape[0]
+    for i, (S, p) in enumerate(zip(structures, params), 1):
+        if S is None:
+            if p.ndim != 2 or p.shape[1] != k:
+                raise ValueError(f"dense layer W_{i} must have {k} columns, got shape "
+                                 f"{'x'.join(map(str, p.shape))}")
+            k = p.shape[0]
+        else:
+            S._check_coefficients(p)
+            if S.shape[1] != k:
+                raise ValueError(f"layer {i} ({S.name}) takes {S.shape[1]} inputs but gets {k}")
+            k = S.shape[0]
+        align._check_finite(f"params[{i - 1}]", p)
+    align._check_finite("X", X)
+    return k
+
+
+def loss_and_gradients(structures, params, X, Y, kind="mse"):
+    """Loss and [dL/dc_1, ..., dL/dc_d] (dense layers: dL/dW_i), written by hand.
+
+    The backward pass of Eq. (8), each structured layer contracting its dense
+    gradient delta_i a_{i-1}^T with its basis (Appendix H) without forming it.
+    """
+    acts = [X]
+    for S, p in zip(structures, params):
+        acts.append(p @ acts[-1] if S is None else S.matmul(p, acts[-1]))
+    L, delta = align._loss_and_output_grad(acts[-1], Y, kind)
+    grads = [None] * len(params)
+    for i in range(len(params) - 1, -1, -1):
+        S, p = structures[i], params[i]
+        grads[i] = delta @ acts[i].T if S is None else S.outer_gradient(delta, acts[i])
+        if i:
+            delta = p.T @ delta if S is None else S.rmatmul(p, delta)
+    return L, grads
+
+
+def train(structures, params, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
+          record_every=1, measure_every=100, measures=None, callback=None):
+    """Gradient descent on the coefficients (Definition 4); by Theorem 2 this is
+    W_i <- W_i - lr pi_S(dL/dW_i).  ``measures`` get the dense matrices
+    ``m(weights, weights_0)``.  Returns (params, History)."""
+    kd = check_structured(structures, params, X)
+    Y = align.prepare_targets(Y, kind, kd, X.shape[1])
+    wrapped = {name: (lambda ps, p0, fn=fn: fn(layer_matrices(structures, ps),
+                                               layer_matrices(structures, p0)))
+               for name, fn in (measures or {}).items()}
+    return align.gradient_descent(params, lambda ps: loss_and_gradients(structures, ps, X, Y, kind),
+                                  lr, max_steps, tol, record_every, measure_every, wrapped, callback)
+
+
+# ------------------------------------------------ Proposition 5, Theorem 3 --
+
+def alignment_impossible(r, k, n):
+    """Proposition 5's bound r < k - 1 - C(k - n, 2), with C(m, 2) = 0 for m < 2.
+
+    True when matrices (k x n) that align with an element of an r-dimensional
+    subspace of k x k matrices form a null set, so a structured network that
+    interpolates generic data with n >= k cannot be aligned (Theorem 3).
+    """
+    m = k - n
+    return r < k - 1 - (math.comb(m, 2) if m >= 2 else 0)
