@@ -184,12 +184,25 @@ def _loss_and_gradients(weights, X, Y, kind):
     """Backward pass of Eq. (8): dL/dW_i = (W_d..W_{i+1})^T dL/dF (W_{i-1}..W_1 X)^T."""
     acts = _activations(weights, X)
     L, delta = _loss_and_output_grad(acts[-1], Y, kind)
+    return L, _backward(weights, acts, delta)
+
+
+def _backward(weights, acts, delta):
     grads = [None] * len(weights)
     for i in range(len(weights) - 1, -1, -1):
         grads[i] = delta @ _T(acts[i])
         if i:
             delta = _T(weights[i]) @ delta
-    return L, grads
+    return grads
+
+
+def layer_gradients(weights, X, dF):
+    """[dL/dW_1, ..., dL/dW_d] for any loss, given dL/dF at the outputs F = f(X) (Eq. (8)).
+
+    With X = I this differentiates a loss of the end-to-end matrix W_d ... W_1
+    (matrix sensing, Section 4.2)."""
+    check_network(weights, X)
+    return _backward(weights, _activations(weights, X), dF)
 
 
 def loss(weights, X, Y, kind="mse"):
@@ -249,7 +262,7 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     (checked at recorded steps) or after ``max_steps`` steps; Ctrl-C stops it with
     ``stop_reason = "interrupted"``.  ``measures`` maps names to functions
     ``m(params, params_0)`` called at step 0, every ``measure_every`` steps and at
-    the end.  ``callback(step, loss, history)`` runs at every recorded step.
+    the end (one returning a dict records each of its keys).  ``callback(step, loss, history)`` runs at every recorded step.
     Returns (params, History).  A non-finite loss raises DivergenceError.
     """
     if not (lr > 0 and math.isfinite(lr)):
@@ -259,13 +272,15 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     measures = measures or {}
     params0 = [p.copy() for p in params]
     ps = [p.copy() for p in params]
-    hist = History(measurements={name: [] for name in measures})
+    hist = History()
     start = time.perf_counter()
 
     def measure(step):
         hist.measure_steps.append(step)
         for name, fn in measures.items():
-            hist.measurements[name].append(_plain(fn(ps, params0)))
+            value = fn(ps, params0)
+            for key, v in (value.items() if isinstance(value, dict) else [(name, value)]):
+                hist.measurements.setdefault(key, []).append(_plain(v))
 
     step = 0
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
@@ -477,12 +492,16 @@ def alignment(weights, how="paired", rtol=1e-6):
     """
     _check_how(how)
     check_network(weights)
-    svds = [_reduced_svd(W) for W in weights]
+    return _alignment_of([_reduced_svd(W) for W in weights], how, rtol)
+
+
+def _alignment_of(svds, how, rtol):
+    """alignment() from the layers' reduced SVDs [(U, s, V), ...]."""
     if how == "matched":
         return _matched_score([(svds[i][0], svds[i + 1][2]) for i in range(len(svds) - 1)])
     pairs = [(_used(svds[i][0], svds[i][1], rtol), _used(svds[i + 1][2], svds[i + 1][1], rtol))
              for i in range(len(svds) - 1)]
-    widths = [weights[0].shape[-1]] + [W.shape[-2] for W in weights]
+    widths = [svds[0][2].shape[0]] + [U.shape[0] for U, _, _ in svds]
     return _paired_score(pairs, rtol, [max(widths[i], widths[i + 2]) for i in range(len(pairs))])
 
 
@@ -495,15 +514,35 @@ def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
     _check_how(how)
     check_network(weights_t)
     check_network(weights_0)
-    d = len(weights_t)
-    now = [_reduced_svd(W) for W in weights_t]
-    then = [_reduced_svd(W) for W in weights_0]
+    return _invariance_of([_reduced_svd(W) for W in weights_t],
+                          [_reduced_svd(W) for W in weights_0], how, rtol)
+
+
+def _invariance_of(now, then, how, rtol):
+    """invariance() from reduced SVDs of the layers now and at the start."""
+    d = len(now)
     sides = [(i, 0) for i in range(d - 1)] + [(i, 2) for i in range(1, d)]
     if how == "matched":
         return _matched_score([(then[i][side], now[i][side]) for i, side in sides])
     pairs = [(_used(now[i][side], now[i][1], rtol), _used(then[i][side], then[i][1], rtol))
              for i, side in sides]
     return _paired_score(pairs, rtol)
+
+
+def tracker(weights_0, rtol=1e-6):
+    """A measure for :func:`train`: ``m(weights, _)`` returns alignment and invariance
+    by both rules, {"alignment_paired", "alignment_matched", "invariance_paired",
+    "invariance_matched"}, with one SVD per layer (those of weights_0 computed once)."""
+    check_network(weights_0)
+    then = [_reduced_svd(W) for W in weights_0]
+
+    def measure(weights, _=None):
+        now = [_reduced_svd(W) for W in weights]
+        return {f"{what}_{how}": fn(how)
+                for how in HOW
+                for what, fn in (("alignment", lambda h: _alignment_of(now, h, rtol)),
+                                 ("invariance", lambda h: _invariance_of(now, then, h, rtol)))}
+    return measure
 
 
 # -------------------------------------------------- exact test of Def. 2 --

@@ -326,3 +326,31 @@ def test_gpu_without_cupy_names_what_is_missing(capsys):
         align.select_device("gpu")
     assert align.select_device("auto") is np
     assert "CPU" in capsys.readouterr().err
+
+
+def test_tracker_equals_the_separate_measures():
+    rng = np.random.default_rng(18)
+    w0 = [rng.standard_normal((5, 4)), rng.standard_normal((3, 5))]
+    w1 = [W + 0.1 * rng.standard_normal(W.shape) for W in w0]
+    got = align.tracker(w0)(w1)
+    for how in ("paired", "matched"):
+        assert got[f"alignment_{how}"] == pytest.approx(align.alignment(w1, how), abs=1e-14)
+        assert got[f"invariance_{how}"] == pytest.approx(align.invariance(w1, w0, how), abs=1e-14)
+
+
+def test_layer_gradients_of_a_matrix_loss_match_finite_differences():
+    rng = np.random.default_rng(19)
+    weights = [rng.standard_normal((3, 3)) for _ in range(3)]
+    M = rng.standard_normal((3, 3))
+    value = lambda ws: 0.5 * (M * align.forward(ws, np.eye(3))).sum() ** 2
+    P = align.forward(weights, np.eye(3))
+    grads = align.layer_gradients(weights, np.eye(3), (M * P).sum() * M)
+    h = 1e-6
+    for i, W in enumerate(weights):
+        for idx in [(0, 0), (1, 2)]:
+            W[idx] += h
+            up = value(weights)
+            W[idx] -= 2 * h
+            down = value(weights)
+            W[idx] += h
+            assert grads[i][idx] == pytest.approx((up - down) / (2 * h), rel=1e-6)
