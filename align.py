@@ -187,13 +187,15 @@ def _loss_and_gradients(weights, X, Y, kind):
     return L, _backward(weights, acts, delta)
 
 
-def _backward(weights, acts, delta):
+def _backward(weights, acts, delta, input_grad=False):
+    """dL/dW_i = delta_i a_{i-1}^T with delta_{i-1} = W_i^T delta_i (Eq. (8)); optionally
+    also dL/d(input) = W_1^T delta_1."""
     grads = [None] * len(weights)
     for i in range(len(weights) - 1, -1, -1):
         grads[i] = delta @ _T(acts[i])
-        if i:
+        if i or input_grad:
             delta = _T(weights[i]) @ delta
-    return grads
+    return (grads, delta) if input_grad else grads
 
 
 def layer_gradients(weights, X, dF):
@@ -242,16 +244,49 @@ def _plain(x):
 
 
 def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
-          record_every=1, measure_every=100, measures=None, callback=None):
+          record_every=1, measure_every=100, measures=None, callback=None, fast=True):
     """Full-batch gradient descent W_i <- W_i - lr dL/dW_i (Eq. (8) for the squared loss).
 
-    Validates the inputs once, then runs :func:`gradient_descent` on the weights.
-    Returns (weights, History); the inputs are not modified.
+    Validates the inputs once, then runs :func:`gradient_descent` on the weights
+    (see it for stopping, measures and callback).  With ``fast`` and n < k0 the
+    first layer is kept in the row space of X^T (same iterates, fewer flops; see
+    ``_train_in_row_space``).  Returns (weights, History); inputs are not modified.
     """
     check_network(weights, X)
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[1])
+    if fast and X.shape[1] < X.shape[0]:
+        return _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every,
+                                   measure_every, measures, callback)
     return gradient_descent(weights, lambda ws: _loss_and_gradients(ws, X, Y, kind), lr,
                             max_steps, tol, record_every, measure_every, measures, callback)
+
+
+def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, measure_every,
+                        measures, callback):
+    """GD with W_1 kept as W_1(0) + C X^T (exact: every gradient of W_1 is D X^T, Eq. (8)).
+
+    The first layer's output is W_1(0) X + C (X^T X), so a step costs k_1 n^2 instead
+    of 2 k_1 k_0 n and never touches the k_1 x k_0 matrix; C <- C - lr D reproduces
+    W_1 <- W_1 - lr D X^T.  Worth it when n < k_0.
+    """
+    W10, Xt = weights[0], _T(X)
+    A0, K = W10 @ X, Xt @ X
+    xp = array_module(W10)
+    start = [xp.zeros(W10.shape[:-1] + (X.shape[1],), dtype=W10.dtype)] + [W.copy() for W in weights[1:]]
+
+    def loss_and_grads(ps):
+        acts = _activations(ps[1:], A0 + ps[0] @ K)
+        L, delta = _loss_and_output_grad(acts[-1], Y, kind)
+        grads, dH = _backward(ps[1:], acts, delta, input_grad=True)
+        return L, [dH] + grads
+
+    def weights_of(ps):
+        return [W10 + ps[0] @ Xt] + list(ps[1:])
+    wrapped = {name: (lambda ps, _, fn=fn: fn(weights_of(ps), weights))
+               for name, fn in (measures or {}).items()}
+    out, hist = gradient_descent(start, loss_and_grads, lr, max_steps, tol, record_every,
+                                 measure_every, wrapped, callback)
+    return weights_of(out), hist
 
 
 def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4,
@@ -375,70 +410,83 @@ def _clusters(s, rtol, scale=None):
     return np.split(np.arange(s.size), cuts)
 
 
-def _cluster_cosines(M, rows, cols):
-    """Principal cosines between row cluster and column cluster subspaces of M = A^T B."""
-    block = M[np.ix_(rows, cols)]
-    if len(rows) == 1 or len(cols) == 1:
-        return [float(np.linalg.norm(block))]
-    return np.linalg.svd(block, compute_uv=False).tolist()
+def _adapt_clusters(M, ca, cb):
+    """Rotate A's directions inside each A-cluster to the basis B's clusters split it into.
+
+    M = A^T B.  In a cluster of equal singular values any orthonormal basis is a
+    valid set of singular vectors; the eigenvectors of the compression of
+    sum_b w_b P_{F_b} (distinct weights w_b, F_b the B-clusters and the
+    complement of span(B)) lie each in one F_b whenever the cluster splits so.
+    """
+    M = M.copy()
+    weights = np.concatenate([np.full(len(c), 1.0 + np.sqrt(2.0) * (j + 1) % 1.0)
+                              for j, c in enumerate(cb)]) if cb else np.zeros(0)
+    for rows in ca:
+        if len(rows) < 2:
+            continue
+        block = M[rows]
+        compression = (block * weights) @ block.T + 0.5 * (np.eye(len(rows)) - block @ block.T)
+        M[rows] = np.linalg.eigh(compression)[1].T @ block
+    return M
+
+
+def _greedy_match(C, capacity):
+    """One-to-one (rows) matching to capacitated columns, greedy by decreasing C.
+
+    Equal to taking the entries of C in decreasing order whenever the row is free
+    and the column has room; done in vectorised rounds, each accepting every free
+    row whose best open entry is among the top ``room`` of its column.
+    Returns the matched value of each row (0 where no column had room).
+    """
+    p = C.shape[0]
+    room = np.asarray(capacity, dtype=np.int64).copy()
+    value = np.zeros(p)
+    free = np.ones(p, dtype=bool)
+    while free.any() and (room > 0).any():
+        open_cols = np.flatnonzero(room > 0)
+        sub = C[np.ix_(free, open_cols)]
+        rows = np.flatnonzero(free)
+        best = sub.argmax(axis=1)
+        best_val = sub[np.arange(rows.size), best]
+        ranked = -np.sort(-sub, axis=0)                     # each column, decreasing
+        cutoff = ranked[np.minimum(room[open_cols], rows.size) - 1, np.arange(open_cols.size)]
+        safe = best_val >= cutoff[best]
+        # within one column accept at most its room, best first
+        order = np.lexsort((-best_val[safe], best[safe]))
+        cols, vals, who = best[safe][order], best_val[safe][order], rows[safe][order]
+        first = np.searchsorted(cols, cols)                 # position of the column's first entry
+        keep = np.arange(cols.size) - first < room[open_cols][cols]
+        value[who[keep]] = vals[keep]
+        free[who[keep]] = False
+        np.subtract.at(room, open_cols[cols[keep]], 1)
+    return value
 
 
 def _paired_match(A, sa, B, sb, rtol, positions=None):
     """Sum of matched cosines for A's used directions, and their count.
 
     A (k x p) and B (k x q) hold orthonormal used directions, sa and sb their
-    singular values.  Each cluster of A (equal singular values) is matched one to
-    one, greedily by decreasing principal cosine, to the clusters of B and to the
-    complement of span(B), each taking at most its dimension of directions.  With
+    singular values.  Inside each cluster of equal singular values A's directions
+    are rotated to the basis B splits the cluster into; then each direction is
+    matched one to one (greedily by decreasing cosine) to a cluster of B or to the
+    complement of span(B), each taking at most its dimension of directions; the
+    cosine with a cluster is the norm of the projection onto it.  With
     ``positions`` (max(k_{i-1}, k_{i+1}) for adjacent layers) the complement takes
     at most positions - q: directions used by either layer need a position below
     that in a shared usSVD (Definition 2's rectangular Sigma_i).
     """
-    k = A.shape[0]
-    p = A.shape[1]
+    k, p, q = A.shape[0], A.shape[1], B.shape[1]
     if p == 0:
         return 0.0, 0
-    M = A.T @ B
     ca, cb = _clusters(sa, rtol), _clusters(sb, rtol)
-    entries = []
-    if all(len(c) == 1 for c in ca) and all(len(c) == 1 for c in cb):
-        absM = np.abs(M)
-        a_idx, b_idx = np.indices(absM.shape)
-        entries_cos = [absM.ravel()]
-        entries_a, entries_b = [a_idx.ravel()], [b_idx.ravel()]
-    else:
-        entries_cos, entries_a, entries_b = [], [], []
-        for a, rows in enumerate(ca):
-            for b, cols in enumerate(cb):
-                cos = _cluster_cosines(M, rows, cols)
-                entries_cos.append(np.asarray(cos))
-                entries_a.append(np.full(len(cos), a))
-                entries_b.append(np.full(len(cos), b))
-    # cosines with the complement of span(B): sqrt(1 - s^2) of each A-cluster's block
-    comp = len(cb)
-    for a, rows in enumerate(ca):
-        s = np.linalg.svd(M[rows], compute_uv=False) if M.shape[1] else np.zeros(0)
-        s = np.concatenate([s, np.zeros(len(rows) - s.size)])
-        cos = np.sqrt(np.clip(1.0 - s * s, 0.0, 1.0))
-        entries_cos.append(cos)
-        entries_a.append(np.full(cos.size, a))
-        entries_b.append(np.full(cos.size, comp))
-    cos = np.concatenate(entries_cos)
-    a_of = np.concatenate(entries_a)
-    b_of = np.concatenate(entries_b)
-    cap_a = [len(c) for c in ca]
-    cap_b = [len(c) for c in cb] + [max(0, min(k, positions or k) - B.shape[1])]
-    left, total = p, 0.0
-    for e in np.argsort(-cos, kind="stable").tolist():
-        a, b = a_of[e], b_of[e]
-        if cap_a[a] and cap_b[b]:
-            cap_a[a] -= 1
-            cap_b[b] -= 1
-            total += cos[e]
-            left -= 1
-            if not left:
-                break
-    return total, p
+    M = _adapt_clusters(A.T @ B, ca, cb)
+    sq = M * M
+    starts = np.array([c[0] for c in cb], dtype=np.int64)
+    in_b = np.add.reduceat(sq, starts, axis=1) if q else np.zeros((p, 0))
+    outside = np.clip(1.0 - sq.sum(axis=1, keepdims=True), 0.0, 1.0)
+    C = np.sqrt(np.clip(np.concatenate([in_b, outside], axis=1), 0.0, 1.0))
+    capacity = [len(c) for c in cb] + [max(0, min(k, positions or k) - q)]
+    return float(_greedy_match(C, capacity).sum()), p
 
 
 def _paired_score(pairs, rtol, positions=None):

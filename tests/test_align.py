@@ -354,3 +354,37 @@ def test_layer_gradients_of_a_matrix_loss_match_finite_differences():
             down = value(weights)
             W[idx] += h
             assert grads[i][idx] == pytest.approx((up - down) / (2 * h), rel=1e-6)
+
+
+def test_vectorised_greedy_matching_equals_the_sequential_greedy():
+    def sequential(C, capacity):
+        room, value, free = list(capacity), np.zeros(C.shape[0]), np.ones(C.shape[0], bool)
+        for e in np.argsort(-C, axis=None, kind="stable"):
+            r, c = divmod(int(e), C.shape[1])
+            if free[r] and room[c]:
+                free[r], value[r] = False, C[r, c]
+                room[c] -= 1
+        return value
+    rng = np.random.default_rng(20)
+    for _ in range(200):
+        p, m = rng.integers(1, 12, 2)
+        C = rng.random((p, m))
+        capacity = rng.integers(0, 4, m)
+        np.testing.assert_array_equal(np.sort(align._greedy_match(C, capacity)),
+                                      np.sort(sequential(C, capacity)))
+
+
+@pytest.mark.parametrize("kind", ["mse", "ce"])
+def test_row_space_fast_path_gives_the_same_iterates_and_measures(kind):
+    rng = np.random.default_rng(21)
+    weights, X, Y = random_problem(rng, kind, [12, 9, 5, 4], 6)        # n = 6 < k0 = 12
+    track = align.tracker(weights)
+    fast, hf = align.train(weights, X, Y, kind, lr=0.05, max_steps=200, tol=0.0,
+                           measure_every=50, measures={"m": track})
+    slow, hs = align.train(weights, X, Y, kind, lr=0.05, max_steps=200, tol=0.0,
+                           measure_every=50, measures={"m": track}, fast=False)
+    for a, b in zip(fast, slow):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(hf.losses, hs.losses, rtol=1e-11)
+    for key in hs.measurements:
+        np.testing.assert_allclose(hf.measurements[key], hs.measurements[key], atol=1e-10)

@@ -1,0 +1,146 @@
+"""experiments.py: every experiment's claim in --quick mode, outputs, MNIST and CLI errors."""
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+import experiments
+from conftest import CUPY
+
+QUICK_CLAIMS = ["fig1a", "fig1b", "fig1c", "fig2a", "fig2b", "thm1", "prop1", "cor1", "thm3"]
+
+
+def run(tmp_path, *args):
+    return experiments.main([*args, "--out", str(tmp_path), "-q"])
+
+
+@pytest.mark.parametrize("name", QUICK_CLAIMS)
+def test_experiment_quick_run_shows_its_claim(name, tmp_path, capsys):
+    assert run(tmp_path, name, "--quick") == 0
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    assert result["claim"]["holds"], result["claim"]
+    assert result["status"] == "done"
+    assert (tmp_path / f"{name}.csv").read_text().startswith("run,step,loss,alignment_paired")
+    assert result["environment"]["numpy"] == np.__version__
+    for record in result["runs"].values():
+        assert record["final_step"] <= experiments.QUICK_STEPS
+    assert name in capsys.readouterr().out
+
+
+def test_fig1a_loses_alignment_while_thm1_keeps_it_over_the_same_budget(tmp_path):
+    run(tmp_path, "fig1a", "--quick", "--seeds", "2")
+    run(tmp_path, "thm1", "--quick")
+    fig = json.loads((tmp_path / "fig1a.json").read_text())
+    thm = json.loads((tmp_path / "thm1.json").read_text())
+    assert len(fig["runs"]) == 2 and "alignment_paired" in fig["summary"]
+    assert all(min(r["measurements"]["alignment_paired"]) < 0.99 for r in fig["runs"].values())
+    for r in thm["runs"].values():
+        assert min(r["measurements"]["alignment_paired"]) > 1 - 1e-8
+        assert min(r["measurements"]["invariance_paired"]) > 1 - 1e-8
+
+
+def test_same_seed_gives_same_results(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(a, "fig1a", "--quick")
+    run(b, "fig1a", "--quick")
+    ra = json.loads((a / "fig1a.json").read_text())["runs"]
+    rb = json.loads((b / "fig1a.json").read_text())["runs"]
+    assert ra["seed=0"]["losses"] == rb["seed=0"]["losses"]
+    assert ra["seed=0"]["measurements"] == rb["seed=0"]["measurements"]
+
+
+def test_full_fig1a_reaches_its_threshold(tmp_path):
+    assert run(tmp_path, "fig1a") == 0
+    result = json.loads((tmp_path / "fig1a.json").read_text())["runs"]["seed=0"]
+    assert result["stop_reason"] == "tol" and result["losses"][-1] < 1e-4
+
+
+def test_mnist_subset_matches_the_published_facts():
+    images, labels = experiments.load_mnist()
+    assert images.shape == (1024, 28, 28)
+    assert labels[:20].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4, 3, 5, 3, 6, 1, 7, 2, 8, 6, 9]
+
+
+def test_idx_reader_accepts_raw_and_gzip_and_rejects_bad_files(tmp_path):
+    images = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    raw = experiments.idx_bytes(images)
+    (tmp_path / "a").write_bytes(raw)
+    (tmp_path / "a.gz").write_bytes(gzip.compress(raw))
+    assert (experiments.read_idx(str(tmp_path / "a")) == images).all()
+    assert (experiments.read_idx(str(tmp_path / "a.gz")) == images).all()
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x09\x99" + raw[4:])
+    with pytest.raises(experiments.ExperimentError, match="not an MNIST idx file"):
+        experiments.read_idx(str(tmp_path / "bad"))
+    (tmp_path / "short").write_bytes(raw[:-3])
+    with pytest.raises(experiments.ExperimentError, match="truncated"):
+        experiments.read_idx(str(tmp_path / "short"))
+    (tmp_path / "broken.gz").write_bytes(gzip.compress(raw)[:20])
+    with pytest.raises(experiments.ExperimentError, match="corrupt gzip"):
+        experiments.read_idx(str(tmp_path / "broken.gz"))
+
+
+def test_full_mnist_folder_is_read(tmp_path):
+    images, labels = experiments.load_mnist()
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(experiments.idx_bytes(images[:300])))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(experiments.idx_bytes(labels[:300]))
+    got, lab = experiments.load_mnist(str(tmp_path))
+    assert got.shape == (300, 28, 28) and (lab == labels[:300]).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fig9"], "invalid choice"),
+    (["fig1a", "--lr", "-1"], "positive number"),
+    (["fig1a", "--seeds", "0"], "positive integer"),
+    (["fig1a", "--dtype", "float16"], "invalid choice"),
+    (["fig1a", "--device", "tpu"], "invalid choice"),
+])
+def test_cli_rejects_bad_options(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        experiments.main(args)
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_mnist_folder_is_a_clear_error(tmp_path, capsys):
+    assert run(tmp_path, "fig1b", "--quick", "--mnist", str(tmp_path / "nowhere")) == 1
+    assert "no such directory" in capsys.readouterr().err
+    os.makedirs(tmp_path / "empty")
+    assert run(tmp_path, "fig1b", "--quick", "--mnist", str(tmp_path / "empty")) == 1
+    assert "no train-images-idx3-ubyte" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(CUPY is not None, reason="a GPU is available here")
+def test_cli_gpu_without_cupy_is_a_clear_error(tmp_path, capsys):
+    assert run(tmp_path, "fig1a", "--quick", "--device", "gpu") == 1
+    assert "CuPy" in capsys.readouterr().err
+
+
+def test_list_and_help_describe_every_experiment(capsys):
+    assert experiments.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in experiments.EXPERIMENTS)
+    with pytest.raises(SystemExit):
+        experiments.main(["--help"])
+    assert "Fig. 2b" in capsys.readouterr().out
+
+
+def test_divergence_is_reported_not_hidden(tmp_path, capsys):
+    assert run(tmp_path, "fig1a", "--quick", "--lr", "50") == 1
+    assert "smaller learning rate" in capsys.readouterr().err
+
+
+def test_interrupted_run_writes_partial_results(tmp_path, monkeypatch):
+    calls = []
+
+    def interrupt(self, step, loss, hist):
+        calls.append(step)
+        if step == 40:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(experiments.Progress, "__call__", interrupt)
+    assert run(tmp_path, "fig1a", "--quick") == 130
+    result = json.loads((tmp_path / "fig1a.json").read_text())
+    assert result["status"] == "interrupted"
+    assert result["runs"]["seed=0"]["stop_reason"] == "interrupted"
+    assert result["runs"]["seed=0"]["final_step"] == 40
