@@ -107,9 +107,12 @@ def check_network(weights, X=None):
                              f"{_shape(weights[i - 1])}: W_{i + 1} needs "
                              f"{weights[i - 1].shape[-2]} columns")
     if X is not None:
-        if X.ndim != 2 or X.shape[0] != weights[0].shape[-1]:
+        batch = weights[0].shape[:-2]
+        if X.ndim not in (2, 3) or X.shape[-2] != weights[0].shape[-1] or \
+                (X.ndim == 3 and X.shape[:1] != batch):
             raise ValueError(f"X must be k0 x n = {weights[0].shape[-1]} x n (one example "
-                             f"per column), got shape {_shape(X)}")
+                             f"per column; B x k0 x n for a batch of B networks), got shape "
+                             f"{_shape(X)}")
         _check_finite("X", X)
     return [weights[0].shape[-1]] + [W.shape[-2] for W in weights]
 
@@ -126,11 +129,11 @@ def prepare_targets(Y, kind, kd, n):
             raise ValueError(f"integer class labels must lie in 0..{kd - 1} (kd = {kd}), "
                              f"got range {Y.min()}..{Y.max()} of dtype {Y.dtype}")
         return (xp.arange(kd)[:, None] == Y[None, :]).astype(xp.float64)
-    if Y.ndim != 2 or Y.shape != (kd, n):
+    if Y.ndim not in (2, 3) or Y.shape[-2:] != (kd, n):
         raise ValueError(f"Y must be kd x n = {kd} x {n}, got shape {_shape(Y)}")
     _check_finite("Y", Y)
     if kind == "ce" and (bool((Y < 0).any()) or
-                         not bool(xp.allclose(Y.sum(0), 1.0))):
+                         not bool(xp.allclose(Y.sum(-2), 1.0))):
         raise ValueError("cross-entropy targets must be one-hot (or probability) columns "
                          "summing to 1, or integer labels of shape (n,)")
     if kind in ("logistic", "exp"):
@@ -210,14 +213,14 @@ def layer_gradients(weights, X, dF):
 def loss(weights, X, Y, kind="mse"):
     """Training loss of kind in {"mse" (Eq. (2)), "mse_mean", "ce", "logistic", "exp"}."""
     check_network(weights, X)
-    Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[1])
+    Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1])
     return _loss_and_output_grad(_activations(weights, X)[-1], Y, kind)[0]
 
 
 def gradients(weights, X, Y, kind="mse"):
     """[dL/dW_1, ..., dL/dW_d], written by hand (Eq. (8) for the squared loss)."""
     check_network(weights, X)
-    Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[1])
+    Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1])
     return _loss_and_gradients(weights, X, Y, kind)[1]
 
 
@@ -253,39 +256,76 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
     ``_train_in_row_space``).  Returns (weights, History); inputs are not modified.
     """
     check_network(weights, X)
-    Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[1])
-    if fast and X.shape[1] < X.shape[0]:
+    Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1])
+    if fast and X.shape[-1] < X.shape[-2]:
         return _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every,
                                    measure_every, measures, callback)
-    return gradient_descent(weights, lambda ws: _loss_and_gradients(ws, X, Y, kind), lr,
-                            max_steps, tol, record_every, measure_every, measures, callback)
+    return gradient_descent(weights, _frozen_below(lambda ws: _loss_and_gradients(ws, X, Y, kind), tol),
+                            lr, max_steps, tol, record_every, measure_every, measures, callback)
+
+
+def _frozen_below(loss_and_grads, tol):
+    """For a batch of networks: zero the gradients of those whose loss is below tol, so
+    each stops where its own run would (the batch stops when all are below)."""
+    def wrapped(ps):
+        L, grads = loss_and_grads(ps)
+        if getattr(L, "ndim", 0) == 0:
+            return L, grads
+        active = (L >= tol).astype(grads[0].dtype)[:, None, None]
+        return L, [g * active for g in grads]
+    return wrapped
 
 
 def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, measure_every,
                         measures, callback):
-    """GD with W_1 kept as W_1(0) + C X^T (exact: every gradient of W_1 is D X^T, Eq. (8)).
+    """GD with the same iterates as plain GD, in fewer flops when n < k0.  Three exact steps:
 
-    The first layer's output is W_1(0) X + C (X^T X), so a step costs k_1 n^2 instead
-    of 2 k_1 k_0 n and never touches the k_1 x k_0 matrix; C <- C - lr D reproduces
-    W_1 <- W_1 - lr D X^T.  Worth it when n < k_0.
+    1. Row space: every gradient of W_1 is D X^T (Eq. (8)), so W_1 = W_1(0) + C X^T and
+       the first layer's output is W_1(0) X + C (X^T X); C <- C - lr D reproduces
+       W_1 <- W_1 - lr D X^T, and the k_1 x k_0 matrix is never touched.
+    2. Squared losses only see ||Y - f(X)||_F, so the samples may be rotated: with
+       X = P S R^T (SVD), the data (X R, Y R) give the same iterates and X^T X becomes
+       the diagonal S^2: step 1 then costs k_1 n instead of k_1 n^2.
+    3. The first hidden space: the columns of W_1 X and the rows of W_2 stay in
+       span(W_1(0) X) + span(W_2(0)^T) (each update of one lies in the span of the
+       other), of dimension m <= n + k_2; GD runs on its coordinates Q^T (W_1 X) and
+       W_2 Q, so k_1 becomes m.  (Unbatched networks of depth >= 2.)
     """
+    xp = array_module(weights[0])
+    squared = kind in ("mse", "mse_mean")
+    if squared:
+        R = _T(xp.linalg.svd(X, full_matrices=False)[2])         # n x n orthogonal
+        X, Y = X @ R, Y @ R
+        K = (X * X).sum(axis=-2, keepdims=True)                  # X^T X = diag(s^2)
+    else:
+        K = _T(X) @ X
     W10, Xt = weights[0], _T(X)
-    A0, K = W10 @ X, Xt @ X
-    xp = array_module(W10)
-    start = [xp.zeros(W10.shape[:-1] + (X.shape[1],), dtype=W10.dtype)] + [W.copy() for W in weights[1:]]
+    A0 = W10 @ X
+    Q = None
+    if len(weights) >= 2 and W10.ndim == X.ndim == 2 and \
+            X.shape[1] + weights[1].shape[0] < W10.shape[0]:
+        Q = xp.linalg.qr(xp.concatenate([A0, _T(weights[1])], axis=1))[0]
+        A0 = _T(Q) @ A0
+    rest = [W.copy() for W in weights[1:]]
+    if Q is not None:
+        rest[0] = rest[0] @ Q
+    start = [xp.zeros(A0.shape[:-1] + (X.shape[-1],), dtype=W10.dtype)] + rest
+    first_layer = (lambda C: A0 + C * K) if squared else (lambda C: A0 + C @ K)
 
     def loss_and_grads(ps):
-        acts = _activations(ps[1:], A0 + ps[0] @ K)
+        acts = _activations(ps[1:], first_layer(ps[0]))
         L, delta = _loss_and_output_grad(acts[-1], Y, kind)
         grads, dH = _backward(ps[1:], acts, delta, input_grad=True)
         return L, [dH] + grads
 
     def weights_of(ps):
-        return [W10 + ps[0] @ Xt] + list(ps[1:])
+        if Q is None:
+            return [W10 + ps[0] @ Xt] + list(ps[1:])
+        return [W10 + Q @ (ps[0] @ Xt), ps[1] @ _T(Q)] + list(ps[2:])
     wrapped = {name: (lambda ps, _, fn=fn: fn(weights_of(ps), weights))
                for name, fn in (measures or {}).items()}
-    out, hist = gradient_descent(start, loss_and_grads, lr, max_steps, tol, record_every,
-                                 measure_every, wrapped, callback)
+    out, hist = gradient_descent(start, _frozen_below(loss_and_grads, tol), lr, max_steps, tol,
+                                 record_every, measure_every, wrapped, callback)
     return weights_of(out), hist
 
 
@@ -431,35 +471,40 @@ def _adapt_clusters(M, ca, cb):
 
 
 def _greedy_match(C, capacity):
-    """One-to-one (rows) matching to capacitated columns, greedy by decreasing C.
+    """One-to-one (rows) matching to capacitated columns, greedy by decreasing C >= 0.
 
     Equal to taking the entries of C in decreasing order whenever the row is free
     and the column has room; done in vectorised rounds, each accepting every free
-    row whose best open entry is among the top ``room`` of its column.
-    Returns the matched value of each row (0 where no column had room).
+    row whose best open entry is among the top ``room`` of its column.  C may hold a
+    batch (B x p x m).  Returns the matched value of each row (0 where no column
+    had room).
     """
-    p = C.shape[0]
-    room = np.asarray(capacity, dtype=np.int64).copy()
-    value = np.zeros(p)
-    free = np.ones(p, dtype=bool)
-    while free.any() and (room > 0).any():
-        open_cols = np.flatnonzero(room > 0)
-        sub = C[np.ix_(free, open_cols)]
-        rows = np.flatnonzero(free)
-        best = sub.argmax(axis=1)
-        best_val = sub[np.arange(rows.size), best]
-        ranked = -np.sort(-sub, axis=0)                     # each column, decreasing
-        cutoff = ranked[np.minimum(room[open_cols], rows.size) - 1, np.arange(open_cols.size)]
-        safe = best_val >= cutoff[best]
-        # within one column accept at most its room, best first
-        order = np.lexsort((-best_val[safe], best[safe]))
-        cols, vals, who = best[safe][order], best_val[safe][order], rows[safe][order]
-        first = np.searchsorted(cols, cols)                 # position of the column's first entry
-        keep = np.arange(cols.size) - first < room[open_cols][cols]
-        value[who[keep]] = vals[keep]
-        free[who[keep]] = False
-        np.subtract.at(room, open_cols[cols[keep]], 1)
-    return value
+    single = C.ndim == 2
+    C = C[None] if single else C
+    nb, p, m = C.shape
+    room = np.broadcast_to(np.asarray(capacity, dtype=np.int64), (nb, m)).copy()
+    value = np.zeros((nb, p))
+    free = np.ones((nb, p), dtype=bool)
+    while True:
+        open_ = free[:, :, None] & (room[:, None, :] > 0)
+        if not open_.any():
+            break
+        sub = np.where(open_, C, -1.0)
+        best = sub.argmax(axis=2)
+        best_val = np.take_along_axis(sub, best[..., None], axis=2)[..., 0]
+        ranked = -np.sort(-np.where(free[:, :, None], C, -1.0), axis=1)
+        cutoff = np.take_along_axis(ranked, np.clip(room - 1, 0, p - 1)[:, None, :], axis=1)[:, 0]
+        safe = open_.any(axis=2) & (best_val >= np.take_along_axis(cutoff, best, axis=1))
+        b, r = np.nonzero(safe)
+        cols, vals = best[b, r], best_val[b, r]
+        order = np.lexsort((-vals, cols, b))              # by network, column, value down
+        key = (b * m + cols)[order]
+        keep = np.arange(key.size) - np.searchsorted(key, key) < room[b, cols][order]
+        sel = order[keep]
+        value[b[sel], r[sel]] = vals[sel]
+        free[b[sel], r[sel]] = False
+        np.subtract.at(room, (b[sel], cols[sel]), 1)
+    return value[0] if single else value
 
 
 def _paired_match(A, sa, B, sb, rtol, positions=None):
@@ -501,13 +546,31 @@ def _paired_score(pairs, rtol, positions=None):
 
 
 def _matched_score(pairs):
-    """The authors' rule: for each row of M = B^T A the largest |entry|, summed / rows."""
+    """The authors' rule: for each row of M = B^T A the largest |entry|, summed / rows.
+    (A, B may carry a batch axis; the score then has one value per network.)"""
     total, count = 0.0, 0
     for A, B in pairs:
-        M = np.abs(B.T @ A)
+        M = np.abs(_T(B) @ A)
         if M.size:
-            total += float(M.max(axis=1).sum())
-            count += M.shape[0]
+            total = total + M.max(axis=-1).sum(axis=-1)
+            count += M.shape[-2]
+    return total / count if count else 1.0
+
+
+def _paired_generic(pairs):
+    """The paired score for a batch of networks whose singular values are all nonzero and
+    distinct (so every cluster is one direction): the vectorised form of _paired_score."""
+    total, count = 0.0, 0
+    for A, B, positions in pairs:
+        if A.shape[-1] > B.shape[-1]:
+            A, B = B, A
+        k, p, q = A.shape[-2], A.shape[-1], B.shape[-1]
+        sq = (_T(A) @ B) ** 2
+        outside = np.clip(1.0 - sq.sum(axis=-1, keepdims=True), 0.0, 1.0)
+        C = np.sqrt(np.clip(np.concatenate([sq, outside], axis=-1), 0.0, 1.0))
+        capacity = [1] * q + [max(0, min(k, positions or k) - q)]
+        total = total + _greedy_match(C, capacity).sum(axis=-1)
+        count += p
     return total / count if count else 1.0
 
 
@@ -584,13 +647,46 @@ def tracker(weights_0, rtol=1e-6):
     check_network(weights_0)
     then = [_reduced_svd(W) for W in weights_0]
 
-    def measure(weights, _=None):
-        now = [_reduced_svd(W) for W in weights]
+    def single(now, then):
         return {f"{what}_{how}": fn(how)
                 for how in HOW
                 for what, fn in (("alignment", lambda h: _alignment_of(now, h, rtol)),
                                  ("invariance", lambda h: _invariance_of(now, then, h, rtol)))}
+
+    def measure(weights, _=None):
+        now = [_reduced_svd(W) for W in weights]
+        if weights[0].ndim == 2:
+            return single(now, then)
+        if _generic(now, rtol) and _generic(then, rtol):
+            return _batched_measures(now, then)
+        pick = lambda svds, b: [tuple(a[b] for a in svd) for svd in svds]
+        values = [single(pick(now, b), pick(then, b)) for b in range(weights[0].shape[0])]
+        return {key: np.array([v[key] for v in values]) for key in values[0]}
     return measure
+
+
+def _generic(svds, rtol):
+    """Every singular value of every network nonzero and distinct (up to rtol)."""
+    for _, s, _ in svds:
+        top = s[..., :1]
+        if s.shape[-1] and not ((s[..., -1:] > rtol * top).all() and
+                                (np.abs(np.diff(s, axis=-1)) > rtol * top).all()):
+            return False
+    return True
+
+
+def _batched_measures(now, then):
+    """tracker() for a batch of generic networks, vectorised over the batch."""
+    widths = [now[0][2].shape[-2]] + [U.shape[-2] for U, _, _ in now]
+    d = len(now)
+    sides = [(i, 0) for i in range(d - 1)] + [(i, 2) for i in range(1, d)]
+    return {
+        "alignment_paired": _paired_generic([(now[i][0], now[i + 1][2], max(widths[i], widths[i + 2]))
+                                             for i in range(d - 1)]),
+        "alignment_matched": _matched_score([(now[i][0], now[i + 1][2]) for i in range(d - 1)]),
+        "invariance_paired": _paired_generic([(now[i][side], then[i][side], None) for i, side in sides]),
+        "invariance_matched": _matched_score([(then[i][side], now[i][side]) for i, side in sides]),
+    }
 
 
 # -------------------------------------------------- exact test of Def. 2 --

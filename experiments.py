@@ -20,6 +20,7 @@ import platform
 import struct
 import sys
 import tempfile
+import textwrap
 import time
 
 import numpy as np
@@ -192,8 +193,8 @@ def seeds(cfg):
 
 def fig1a(cfg):
     """Figure 1a: 3 layers 9x9, X, Y 9x9 standard normal, aligned start; Theorem 1's
-    condition fails, so alignment is not kept."""
-    runs = {}
+    condition fails, so alignment is not kept.  --seeds N trains the N networks as one batch."""
+    problems = []
     for seed in seeds(cfg):
         rng = np.random.default_rng(seed)
         X, Y = rng.standard_normal((9, 9)), rng.standard_normal((9, 9))
@@ -201,9 +202,37 @@ def fig1a(cfg):
             weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], [9] * 4, seed=seed)
         else:
             weights = torch_like_init(rng, [9] * 4, cfg.dtype)
-        _, hist = run_dense(f"fig1a seed={seed}", cfg, weights, X, Y, loss_kind(cfg))
-        runs[f"seed={seed}"] = record(hist)
+        problems.append((weights, X, Y))
+    weights = [np.stack([p[0][i] for p in problems]) for i in range(3)]
+    X, Y = np.stack([p[1] for p in problems]), np.stack([p[2] for p in problems])
+    label = f"fig1a seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}" if cfg.seeds > 1 else f"fig1a seed={cfg.seed}"
+    _, hist = run_dense(label, cfg, weights, X, Y, loss_kind(cfg))
+    runs = split_batch(hist.to_dict(), [f"seed={s}" for s in seeds(cfg)], cfg.tol)
     return runs, claim_leaves_one(runs)
+
+
+def split_batch(batch, names, tol):
+    """Per-network records from the history of a batch trained together.
+
+    Each network stopped updating at its first step below tol (align.train freezes it),
+    so its record ends there, exactly as its own run would; the measurement at that step
+    is the batch's next one (the network no longer moved).
+    """
+    runs = {}
+    for b, name in enumerate(names):
+        losses = [row[b] for row in batch["losses"]]
+        below = [t for t, L in zip(batch["steps"], losses) if L < tol]
+        stop = below[0] if below else batch["final_step"]
+        keep = [j for j, t in enumerate(batch["measure_steps"]) if t < stop]
+        after = next(j for j, t in enumerate(batch["measure_steps"]) if t >= stop)
+        runs[name] = {
+            "steps": [t for t in batch["steps"] if t <= stop],
+            "losses": [L for t, L in zip(batch["steps"], losses) if t <= stop],
+            "measure_steps": [batch["measure_steps"][j] for j in keep] + [stop],
+            "measurements": {k: [v[j][b] for j in keep + [after]] for k, v in batch["measurements"].items()},
+            "stop_reason": "tol" if below else batch["stop_reason"],
+            "final_step": stop, "wall_time": batch["wall_time"] / len(names), "batched": len(names)}
+    return runs
 
 
 def _fig1_mnist(cfg, name, squared):
@@ -497,7 +526,7 @@ def plot(name, title, runs, path):
     axes[2].set_ylim(-0.02, 1.02)
     if len(runs) <= 6:
         axes[0].legend(fontsize=7)
-    fig.suptitle(f"{name}: {title}")
+    fig.suptitle(textwrap.fill(f"{name}: {title}", 120), fontsize=10)
     fig.tight_layout()
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
@@ -554,7 +583,8 @@ def run_experiment(name, cfg):
                                  "holds": False}, "interrupted"
     if any(r.get("stop_reason") == "interrupted" for r in runs.values()):
         stop = "interrupted"
-    result = {"experiment": name, "paper": ref, "title": fn.__doc__.split("\n")[0].strip(),
+    doc = " ".join(fn.__doc__.split())
+    result = {"experiment": name, "paper": ref, "title": doc[:doc.index(".") + 1] if "." in doc else doc,
               "status": stop, "claim": claim,
               "config": {k: v for k, v in vars(cfg).items() if k not in ("xp", "dtype", "func")}
               | {"dtype": np.dtype(cfg.dtype).name, "lr": cfg.lr, "rtol": cfg.rtol},

@@ -374,10 +374,11 @@ def test_vectorised_greedy_matching_equals_the_sequential_greedy():
                                       np.sort(sequential(C, capacity)))
 
 
-@pytest.mark.parametrize("kind", ["mse", "ce"])
-def test_row_space_fast_path_gives_the_same_iterates_and_measures(kind):
+@pytest.mark.parametrize("kind", ["mse", "mse_mean", "ce"])
+@pytest.mark.parametrize("widths", [[12, 9, 5, 4], [20, 16, 3, 2], [12, 30, 4]])
+def test_row_space_fast_path_gives_the_same_iterates_and_measures(kind, widths):
     rng = np.random.default_rng(21)
-    weights, X, Y = random_problem(rng, kind, [12, 9, 5, 4], 6)        # n = 6 < k0 = 12
+    weights, X, Y = random_problem(rng, kind, widths, 6)               # n = 6 < k0
     track = align.tracker(weights)
     fast, hf = align.train(weights, X, Y, kind, lr=0.05, max_steps=200, tol=0.0,
                            measure_every=50, measures={"m": track})
@@ -388,3 +389,27 @@ def test_row_space_fast_path_gives_the_same_iterates_and_measures(kind):
     np.testing.assert_allclose(hf.losses, hs.losses, rtol=1e-11)
     for key in hs.measurements:
         np.testing.assert_allclose(hf.measurements[key], hs.measurements[key], atol=1e-10)
+
+
+def test_row_space_fast_path_on_a_batch_of_networks():
+    rng = np.random.default_rng(22)
+    batch = [rng.standard_normal((3, 9, 12)) / 4, rng.standard_normal((3, 4, 9)) / 3]
+    X, Y = rng.standard_normal((12, 5)), rng.standard_normal((4, 5))
+    fast, _ = align.train(batch, X, Y, lr=0.05, max_steps=100, tol=0.0)
+    slow, _ = align.train(batch, X, Y, lr=0.05, max_steps=100, tol=0.0, fast=False)
+    for a, b in zip(fast, slow):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_tracker_on_a_batch_equals_one_network_at_a_time():
+    rng = np.random.default_rng(23)
+    for widths in ([6, 6, 6, 6], [5, 7, 3]):
+        w0 = [rng.standard_normal((4, widths[i + 1], widths[i])) for i in range(len(widths) - 1)]
+        w1 = [W + 0.2 * rng.standard_normal(W.shape) for W in w0]
+        got = align.tracker(w0)(w1)
+        for b in range(4):
+            want = align.tracker([W[b] for W in w0])([W[b] for W in w1])
+            for key, value in want.items():
+                assert got[key][b] == pytest.approx(value, abs=1e-12)
+    aligned = [np.stack([W] * 2) for W in aligned_case(rng, [4, 4, 4])[0]]   # repeated values
+    assert align.tracker(aligned)(aligned)["alignment_paired"] == pytest.approx([1.0, 1.0], abs=1e-12)

@@ -144,3 +144,21 @@ def test_interrupted_run_writes_partial_results(tmp_path, monkeypatch):
     assert result["status"] == "interrupted"
     assert result["runs"]["seed=0"]["stop_reason"] == "interrupted"
     assert result["runs"]["seed=0"]["final_step"] == 40
+
+
+def test_batched_seeds_equal_separate_runs(tmp_path):
+    run(tmp_path / "batch", "fig1a", "--quick", "--seeds", "3", "--tol", "0.7")
+    batch = json.loads((tmp_path / "batch" / "fig1a.json").read_text())["runs"]
+    stops = set()
+    for seed in range(3):
+        run(tmp_path / str(seed), "fig1a", "--quick", "--seed", str(seed), "--tol", "0.7")
+        alone = json.loads((tmp_path / str(seed) / "fig1a.json").read_text())["runs"][f"seed={seed}"]
+        together = batch[f"seed={seed}"]
+        stops.add(alone["final_step"])
+        assert together["final_step"] == alone["final_step"]
+        assert together["stop_reason"] == alone["stop_reason"]
+        np.testing.assert_allclose(together["losses"], alone["losses"], rtol=1e-10)
+        assert together["measure_steps"] == alone["measure_steps"]
+        for key, values in alone["measurements"].items():
+            np.testing.assert_allclose(together["measurements"][key], values, atol=1e-10)
+    assert len(stops) > 1            # the networks stopped at different steps

@@ -1,0 +1,232 @@
+"""Benchmarks of the performance goals: each row times ours against a baseline in one run.
+
+    python benchmarks/bench.py                 # CPU, a few minutes
+    python benchmarks/bench.py --device gpu    # the same on a GPU (CuPy)
+    python benchmarks/bench.py --end-to-end    # also fig1b/fig1c/fig2b to their thresholds
+
+Rows: one GD step at fig1b size (ours vs the straightforward Eq. (8) formulation, and vs
+PyTorch autograd when torch is installed), measuring alignment and invariance (ours vs
+full SVDs), seeds in parallel, Corollary 1's reduced dynamics vs full GD.  "floor" is
+counted flops / the peak matmul rate measured in the same run.  Writes <out>/bench.json.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as np  # noqa: E402
+
+import align  # noqa: E402
+import experiments  # noqa: E402
+import structured as st  # noqa: E402
+
+WIDTHS = [784, 1024, 64, 10]
+N = 256
+
+
+def synchronize(xp):
+    if xp is not np:
+        xp.cuda.Device().synchronize()
+
+
+def seconds(fn, xp, repeat=3):
+    """Best wall time of ``repeat`` calls of fn (after one warm-up call)."""
+    fn()
+    best = math.inf
+    for _ in range(repeat):
+        synchronize(xp)
+        t = time.perf_counter()
+        fn()
+        synchronize(xp)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def peak_rate(xp, dtype, size=2048):
+    A = xp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype=dtype)
+    t = seconds(lambda: A @ A, xp, repeat=5)
+    return 2 * size ** 3 / t
+
+
+def fig1b_problem(xp, dtype):
+    images, labels = experiments.load_mnist()
+    X = (images[:N].reshape(N, -1).T / 255.0 - experiments.MNIST_MEAN) / experiments.MNIST_STD
+    Y = np.eye(10)[:, labels[:N]]
+    weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], WIDTHS, seed=0)
+    return [xp.asarray(a, dtype=dtype) for a in weights], xp.asarray(X, dtype=dtype), xp.asarray(Y, dtype=dtype)
+
+
+def plain_gd(weights, X, Y, lr, steps):
+    """The straightforward formulation of Eq. (8): forward, backward, update."""
+    ws = [W.copy() for W in weights]
+    scale = 2.0 / (Y.shape[0] * Y.shape[1])
+    for _ in range(steps):
+        acts = [X]
+        for W in ws:
+            acts.append(W @ acts[-1])
+        delta = (acts[-1] - Y) * scale
+        grads = []
+        for i in range(len(ws) - 1, -1, -1):
+            grads.append(delta @ acts[i].T)
+            delta = ws[i].T @ delta
+        for W, G in zip(ws, reversed(grads)):
+            W -= lr * G
+    return ws
+
+
+def ours_gd(weights, X, Y, lr, steps):
+    return align.train(weights, X, Y, "mse_mean", lr=lr, max_steps=steps, tol=0.0,
+                       measure_every=10 ** 9)[0]
+
+
+def torch_gd(weights, X, Y, lr, steps, device):
+    import torch
+    ws = [torch.tensor(align.to_numpy(W), device=device, requires_grad=True) for W in weights]
+    Xt, Yt = (torch.tensor(align.to_numpy(a), device=device) for a in (X, Y))
+    loss_fn = torch.nn.MSELoss()
+    for _ in range(steps):
+        out = Xt
+        for W in ws:
+            out = W @ out
+        loss = loss_fn(out, Yt)
+        for W in ws:
+            W.grad = None
+        loss.backward()
+        with torch.no_grad():
+            for W in ws:
+                W -= lr * W.grad
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return [W.detach().cpu().numpy() for W in ws]
+
+
+def step_flops(n=N, widths=WIDTHS):
+    """Counted flops of one step: the straightforward Eq. (8) and ours (see align.train)."""
+    k0, k1, k2, k3 = widths
+    plain = 2 * n * (k1 * k0 + k2 * k1 + k3 * k2) * 3 - 2 * n * k1 * k0   # no input gradient
+    m = min(k1, n + k2)
+    ours = 2 * n * (m * k2 + k3 * k2) * 3 + 2 * n * m                      # diagonal X^T X
+    return plain, ours
+
+
+def relative_difference(a, b):
+    return max(float(np.abs(align.to_numpy(x) - align.to_numpy(y)).max() /
+                     np.abs(align.to_numpy(y)).max()) for x, y in zip(a, b))
+
+
+def bench_step(xp, rows, steps):
+    dtype = np.float32
+    weights, X, Y = fig1b_problem(xp, dtype)
+    peak = peak_rate(xp, dtype)
+    plain_flops, our_flops = step_flops()
+    t_ours = seconds(lambda: ours_gd(weights, X, Y, 1e-2, steps), xp, 2) / steps
+    t_plain = seconds(lambda: plain_gd(weights, X, Y, 1e-2, steps), xp, 2) / steps
+    ref = plain_gd(weights, X, Y, 1e-2, 1000)
+    diff = relative_difference(ours_gd(weights, X, Y, 1e-2, 1000), ref)
+    rows.append(row("GD step, fig1b size (float32)", t_ours, "straightforward Eq. (8)", t_plain,
+                    our_flops / peak, f"max rel. diff of weights after 1000 steps: {diff:.1e}"))
+    try:
+        import torch
+        device = "cpu" if xp is np else "cuda"
+        torch.set_num_threads(os.cpu_count() or 1)
+        t_torch = seconds(lambda: torch_gd(weights, X, Y, 1e-2, steps, device), np, 2) / steps
+        tdiff = relative_difference(torch_gd(weights, X, Y, 1e-2, 1000, device), ref)
+        rows.append(row("GD step, fig1b size (float32)", t_ours, f"PyTorch {torch.__version__} "
+                        f"autograd ({device})", t_torch, our_flops / peak,
+                        f"torch vs straightforward after 1000 steps: {tdiff:.1e}"))
+    except ImportError:
+        rows.append({"name": "GD step vs PyTorch", "note": "torch is not installed: skipped"})
+    return peak
+
+
+def bench_measure(xp, rows):
+    weights, X, Y = fig1b_problem(xp, np.float32)
+    later = ours_gd(weights, X, Y, 1e-2, 200)
+    track = align.tracker(weights, rtol=1e-4)
+    t_ours = seconds(lambda: track(later), xp)
+    t_svd = seconds(lambda: [xp.linalg.svd(W, full_matrices=False) for W in later], xp)
+    rows.append(row("measure alignment + invariance, fig1b", t_ours, "full SVDs of the layers",
+                    t_svd, None, "both rules, both measures"))
+    rng = np.random.default_rng(0)
+    S = st.conv2d(28, 3)
+    mats = [S.to_matrix(xp.asarray(rng.uniform(-1, 1, 9) / 3, dtype=np.float32)) for _ in range(3)]
+    track = align.tracker(mats, rtol=1e-4)
+    moved = [W * 1.01 for W in mats]
+    t_ours = seconds(lambda: track(moved), xp, 2)
+    t_svd = seconds(lambda: [xp.linalg.svd(W, full_matrices=False) for W in moved], xp, 2)
+    rows.append(row("measure alignment + invariance, fig2b (3 x 784x784)", t_ours,
+                    "full SVDs of the layers", t_svd, None, "all 784 directions needed"))
+
+
+def bench_cor1(xp, rows, steps):
+    k, d = 784, 3
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((k, 1000)) / math.sqrt(1000)
+    cert = align.invariance_certificate(X, X, [k] * (d + 1))
+    sig0 = np.array([rng.uniform(0.5, 1.0, k) for _ in range(d)])
+    weights = [xp.asarray(W) for W in align.aligned_init(cert.U, cert.V, [k] * (d + 1), sigmas=sig0)]
+    Xd = xp.asarray(X)
+    lr = 0.05
+    t_full = seconds(lambda: align.train(weights, Xd, Xd, lr=lr, max_steps=steps, tol=0.0,
+                                         measure_every=10 ** 9), xp, 1) / steps
+    sig_d = xp.asarray(sig0)
+    t_red = seconds(lambda: align.singular_value_dynamics(sig_d, cert.lam, cert.lam_prime, lr, 1000,
+                                                          steps, record_every=steps), xp, 1) / steps
+    full, _ = align.train(weights, Xd, Xd, lr=lr, max_steps=steps, tol=0.0, measure_every=10 ** 9)
+    bases = [cert.V] + [np.eye(k)] * (d - 1) + [cert.U]
+    got = np.array([np.diagonal(bases[i + 1].T @ align.to_numpy(W) @ bases[i]) for i, W in enumerate(full)])
+    red = align.to_numpy(align.singular_value_dynamics(sig_d, cert.lam, cert.lam_prime, lr, 1000, steps)[-1])
+    diff = float(np.abs(got - red).max() / np.abs(got).max())
+    rows.append(row(f"Corollary 1 reduced dynamics, width {k} (float64)", t_red, "full GD", t_full,
+                    None, f"max rel. diff of singular values after {steps} steps: {diff:.1e}"))
+
+
+def row(name, ours, baseline_name, baseline, floor, note):
+    return {"name": name, "ours_s": ours, "baseline": baseline_name, "baseline_s": baseline,
+            "ratio": baseline / ours, "floor_s": floor,
+            "ours_vs_floor": ours / floor if floor else None, "note": note}
+
+
+def table(rows):
+    lines = [f"{'benchmark':<52}{'ours':>11}{'baseline':>11}{'ratio':>8}{'x floor':>9}  baseline / note"]
+    for r in rows:
+        if "ours_s" not in r:
+            lines.append(f"{r['name']:<52}{'':>39}  {r['note']}")
+            continue
+        floor = f"{r['ours_vs_floor']:.1f}" if r["ours_vs_floor"] else "-"
+        lines.append(f"{r['name']:<52}{_t(r['ours_s']):>11}{_t(r['baseline_s']):>11}"
+                     f"{r['ratio']:>7.1f}x{floor:>9}  {r['baseline']}; {r['note']}")
+    return "\n".join(lines)
+
+
+def _t(s):
+    return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=align.DEVICES, default="cpu")
+    p.add_argument("--steps", type=int, default=200, help="steps timed per GD benchmark (200)")
+    p.add_argument("--out", default="results")
+    args = p.parse_args(argv)
+    xp = align.select_device(args.device)
+    rows = []
+    peak = bench_step(xp, rows, args.steps)
+    bench_measure(xp, rows)
+    bench_cor1(xp, rows, args.steps)
+    info = experiments.environment(argparse.Namespace(xp=xp))
+    info.update(date=time.strftime("%Y-%m-%d"), peak_float32_flops=peak, cpus=os.cpu_count(),
+                platform=platform.platform())
+    print(table(rows))
+    print(f"peak float32 matmul: {peak / 1e9:.0f} GFLOP/s; {info}")
+    os.makedirs(args.out, exist_ok=True)
+    experiments.write_atomic(os.path.join(args.out, "bench.json"),
+                             json.dumps({"environment": info, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
