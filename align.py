@@ -256,7 +256,7 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
     ``_train_in_row_space``).  Returns (weights, History); inputs are not modified.
     """
     check_network(weights, X)
-    Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1])
+    Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1]).astype(weights[0].dtype)
     if fast and X.shape[-1] < X.shape[-2]:
         return _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every,
                                    measure_every, measures, callback)
@@ -430,10 +430,42 @@ def ussvd_flip(U, s, V, signs):
 # ---------------------------------------------------------------- measures --
 
 def _reduced_svd(W):
+    """Reduced SVD (U, s, V) as float64 host arrays, s descending.
+
+    float32 layers: from the eigenvectors of the float64 Gram matrix of the smaller
+    side, several times faster than an SVD and more accurate than a float32 SVD
+    (vector errors ~ 1e-16 ||W||^2 / (sigma gap) instead of ~ 6e-8 ||W|| / gap).
+    """
     xp = array_module(W)
+    if W.dtype == xp.float32 and min(W.shape[-2:]) > 1:
+        return _svd_by_gram(W.astype(xp.float64))
     U, s, Vt = xp.linalg.svd(W, full_matrices=False)
     return to_numpy(U).astype(np.float64), to_numpy(s).astype(np.float64), \
         to_numpy(_T(Vt)).astype(np.float64)
+
+
+def _svd_by_gram(A):
+    """Reduced SVD of A (float64) via eigh of the Gram matrix of its smaller side."""
+    xp = array_module(A)
+    wide = A.shape[-2] < A.shape[-1]
+    B = _T(A) if wide else A                     # m x n with n <= m
+    w, V = xp.linalg.eigh(_T(B) @ B)
+    w, V = xp.flip(w, axis=-1), xp.flip(V, axis=-1)
+    s = xp.sqrt(xp.clip(w, 0, None))
+    U, s, V = to_numpy(B @ V), to_numpy(s), to_numpy(V)
+    tiny = s <= 1e-7 * s[..., :1]                # below float32 resolution (and the Gram's)
+    U = U / np.where(tiny, 1.0, s)[..., None, :]
+    if tiny.any():                               # directions of zero singular values
+        U = np.stack([_complete(u, t) for u, t in zip(U.reshape((-1,) + U.shape[-2:]),
+                                                      tiny.reshape(-1, tiny.shape[-1]))]).reshape(U.shape)
+    return (V, s, U) if wide else (U, s, V)
+
+
+def _complete(U, missing):
+    """U with its ``missing`` columns replaced by an orthonormal completion."""
+    U = U.copy()
+    U[:, missing] = _orth_complement(U[:, ~missing], U.shape[0])[:, :int(missing.sum())]
+    return U
 
 
 def _used(vectors, s, rtol):

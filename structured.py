@@ -317,7 +317,7 @@ def train(structures, params, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1
     W_i <- W_i - lr pi_S(dL/dW_i).  ``measures`` get the dense matrices
     ``m(weights, weights_0)``.  Returns (params, History)."""
     kd = check_structured(structures, params, X)
-    Y = align.prepare_targets(Y, kind, kd, X.shape[1])
+    Y = align.prepare_targets(Y, kind, kd, X.shape[1]).astype(params[0].dtype)
     wrapped = {name: (lambda ps, p0, fn=fn: fn(layer_matrices(structures, ps),
                                                layer_matrices(structures, p0)))
                for name, fn in (measures or {}).items()}

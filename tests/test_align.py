@@ -413,3 +413,18 @@ def test_tracker_on_a_batch_equals_one_network_at_a_time():
                 assert got[key][b] == pytest.approx(value, abs=1e-12)
     aligned = [np.stack([W] * 2) for W in aligned_case(rng, [4, 4, 4])[0]]   # repeated values
     assert align.tracker(aligned)(aligned)["alignment_paired"] == pytest.approx([1.0, 1.0], abs=1e-12)
+
+
+def test_float32_measures_through_the_gram_matrix_match_float64_svd():
+    rng = np.random.default_rng(24)
+    for shape in [(40, 30), (30, 40), (3, 25, 20)]:
+        W = rng.standard_normal(shape).astype(np.float32)
+        U, s, V = align._reduced_svd(W)
+        Uw, sw, Vtw = np.linalg.svd(W.astype(np.float64), full_matrices=False)
+        np.testing.assert_allclose(s, sw, rtol=1e-12)
+        np.testing.assert_allclose(np.abs((U * Uw).sum(-2)), 1.0, atol=1e-9)   # same vectors up to sign
+        np.testing.assert_allclose(np.abs((V * np.swapaxes(Vtw, -1, -2)).sum(-2)), 1.0, atol=1e-9)
+    low = np.outer(rng.standard_normal(6), rng.standard_normal(4)).astype(np.float32)   # rank 1
+    U, s, V = align._reduced_svd(low)
+    np.testing.assert_allclose(U.T @ U, np.eye(4), atol=1e-12)
+    np.testing.assert_allclose(U @ np.diag(s) @ V.T, low, atol=1e-5)
