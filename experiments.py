@@ -36,6 +36,7 @@ MNIST_FILES = {"images": "train-images-idx3-ubyte", "labels": "train-labels-idx1
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081           # of the training pixels scaled to [0, 1]
 IDX_NDIM = {2049: 1, 2051: 3}                    # idx magic numbers: labels, images
 QUICK_STEPS, QUICK_MEASURE = 300, 50
+PROGRESS_EVERY = 2.0                             # seconds between progress lines
 MEASURES = ("alignment_paired", "alignment_matched", "invariance_paired", "invariance_matched")
 
 
@@ -113,8 +114,8 @@ def mnist_data(cfg, n):
 class Progress:
     """Progress on stderr every few seconds: step, loss, alignment, steps/s, ETA."""
 
-    def __init__(self, label, cfg, every=2.0):
-        self.label, self.cfg, self.every = label, cfg, every
+    def __init__(self, label, cfg):
+        self.label, self.cfg, self.every = label, cfg, PROGRESS_EVERY
         self.start = self.last = time.perf_counter()
         self.last_step, self.last_loss = 0, None
 
@@ -130,6 +131,7 @@ class Progress:
             per_step = (math.log(self.last_loss) - math.log(loss)) / (step - self.last_step)
             eta = min(eta, math.log(max(loss, self.cfg.tol) / self.cfg.tol) / per_step / max(rate, 1e-9))
         al = hist.measurements.get("alignment_paired", [float("nan")])[-1]
+        al = min(al) if isinstance(al, list) else al          # a batch: the least aligned
         print(f"  {self.label}: step {step:,}  loss {loss:.3e}  alignment {al:.4f}  "
               f"{rate:,.0f} steps/s  ETA {eta:,.0f} s", file=sys.stderr, flush=True)
         self.last, self.last_step, self.last_loss = now, step, loss

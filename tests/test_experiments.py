@@ -162,3 +162,11 @@ def test_batched_seeds_equal_separate_runs(tmp_path):
         for key, values in alone["measurements"].items():
             np.testing.assert_allclose(together["measurements"][key], values, atol=1e-10)
     assert len(stops) > 1            # the networks stopped at different steps
+
+
+@pytest.mark.parametrize("name, args", [("fig1a", ["--seeds", "2"]), ("fig2a", []), ("thm1", [])])
+def test_progress_lines_report_step_loss_alignment_rate_and_eta(name, args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "PROGRESS_EVERY", 0.0)
+    assert experiments.main([name, "--quick", "--out", str(tmp_path), *args]) == 0
+    err = capsys.readouterr().err
+    assert "step" in err and "loss" in err and "alignment" in err and "steps/s" in err and "ETA" in err
