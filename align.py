@@ -689,22 +689,29 @@ def tracker(weights_0, rtol=1e-6):
         now = [_reduced_svd(W) for W in weights]
         if weights[0].ndim == 2:
             return single(now, then)
-        if _generic(now, rtol) and _generic(then, rtol):
-            return _batched_measures(now, then)
         pick = lambda svds, b: [tuple(a[b] for a in svd) for svd in svds]
-        values = [single(pick(now, b), pick(then, b)) for b in range(weights[0].shape[0])]
-        return {key: np.array([v[key] for v in values]) for key in values[0]}
+        generic = _generic(now, rtol) & _generic(then, rtol)
+        out = {key: np.zeros(generic.size) for key in MEASURE_KEYS}
+        if generic.any():
+            for key, value in _batched_measures(pick(now, generic), pick(then, generic)).items():
+                out[key][generic] = value
+        for b in np.flatnonzero(~generic):      # repeated or zero singular values
+            for key, value in single(pick(now, b), pick(then, b)).items():
+                out[key][b] = value
+        return out
     return measure
 
 
+MEASURE_KEYS = ("alignment_paired", "alignment_matched", "invariance_paired", "invariance_matched")
+
+
 def _generic(svds, rtol):
-    """Every singular value of every network nonzero and distinct (up to rtol)."""
+    """For each network of a batch: all singular values nonzero and distinct (up to rtol)."""
+    ok = True
     for _, s, _ in svds:
         top = s[..., :1]
-        if s.shape[-1] and not ((s[..., -1:] > rtol * top).all() and
-                                (np.abs(np.diff(s, axis=-1)) > rtol * top).all()):
-            return False
-    return True
+        ok = ok & (s[..., -1] > rtol * top[..., 0]) & (np.abs(np.diff(s, axis=-1)) > rtol * top).all(axis=-1)
+    return ok
 
 
 def _batched_measures(now, then):

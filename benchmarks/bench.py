@@ -185,6 +185,25 @@ def bench_cor1(xp, rows, steps):
                     None, f"max rel. diff of singular values after {steps} steps: {diff:.1e}"))
 
 
+def bench_seeds(xp, rows, steps, counts=(10, 100, 1000)):
+    """fig1a: N networks as one batch (forward, gradients and measures) against one network."""
+    def batch(count):
+        rng = np.random.default_rng(0)
+        X, Y = rng.standard_normal((count, 9, 9)), rng.standard_normal((count, 9, 9))
+        ws = [np.stack([align.aligned_init(np.linalg.svd(Y[b])[0], np.linalg.svd(X[b])[0], [9] * 4,
+                                           seed=b)[i] for b in range(count)]) for i in range(3)]
+        ws, X, Y = [xp.asarray(W) for W in ws], xp.asarray(X), xp.asarray(Y)
+        track = align.tracker(ws)
+        return lambda: align.train(ws, X, Y, "mse_mean", lr=1e-2, max_steps=steps, tol=0.0,
+                                   measure_every=100, measures={"m": track})
+    one = seconds(batch(1), xp, 1)
+    for count in counts:
+        many = seconds(batch(count), xp, 1)
+        rows.append(row(f"fig1a, {count} seeds as one batch ({steps} steps)", many, "one seed", one,
+                        None, f"cost per seed {many / count / one:.3f} of one seed's; "
+                        f"wall {many / one:.1f}x one seed's"))
+
+
 def row(name, ours, baseline_name, baseline, floor, note):
     return {"name": name, "ours_s": ours, "baseline": baseline_name, "baseline_s": baseline,
             "ratio": baseline / ours, "floor_s": floor,
@@ -218,6 +237,7 @@ def main(argv=None):
     peak = bench_step(xp, rows, args.steps)
     bench_measure(xp, rows)
     bench_cor1(xp, rows, args.steps)
+    bench_seeds(xp, rows, 10 * args.steps)
     info = experiments.environment(argparse.Namespace(xp=xp))
     info.update(date=time.strftime("%Y-%m-%d"), peak_float32_flops=peak, cpus=os.cpu_count(),
                 platform=platform.platform())

@@ -411,8 +411,12 @@ def test_tracker_on_a_batch_equals_one_network_at_a_time():
             want = align.tracker([W[b] for W in w0])([W[b] for W in w1])
             for key, value in want.items():
                 assert got[key][b] == pytest.approx(value, abs=1e-12)
-    aligned = [np.stack([W] * 2) for W in aligned_case(rng, [4, 4, 4])[0]]   # repeated values
-    assert align.tracker(aligned)(aligned)["alignment_paired"] == pytest.approx([1.0, 1.0], abs=1e-12)
+    aligned = aligned_case(rng, [4, 4, 4])[0]                               # repeated values
+    generic = [rng.standard_normal((4, 4)) for _ in range(2)]
+    mixed = [np.stack([a, g]) for a, g in zip(aligned, generic)]
+    got = align.tracker(mixed)(mixed)
+    assert got["alignment_paired"][0] == pytest.approx(1.0, abs=1e-12)
+    assert got["alignment_paired"][1] == pytest.approx(align.alignment(generic), abs=1e-12)
 
 
 def test_float32_measures_through_the_gram_matrix_match_float64_svd():

@@ -239,3 +239,19 @@ def test_proposition4_interpolating_aligned_network_aligns_with_pseudoinverse(se
     unaligned = [rng.standard_normal(W.shape) for W in weights]
     last, first = align.proposition4(unaligned, X, align.forward(unaligned, X))
     assert not (last and first)
+
+
+def test_theorem1_and_corollary1_on_backend(xp):
+    rng = np.random.default_rng(7)
+    k = 5
+    X, Y = normalise(*certified_data(rng, "autoencoding", k))
+    cert = align.invariance_certificate(X, Y, [k] * 4)
+    sig0 = [rng.uniform(0.5, 1.0, k) for _ in range(3)]
+    weights = align.aligned_init(xp.asarray(cert.U), xp.asarray(cert.V), [k] * 4, sigmas=sig0)
+    out, hist = align.train(weights, xp.asarray(X), xp.asarray(Y), lr=0.05, max_steps=2000, tol=0.0)
+    assert align.is_aligned(out)
+    traj = align.singular_value_dynamics(xp.asarray(np.array(sig0)), cert.lam, cert.lam_prime, 0.05,
+                                         X.shape[1], 2000, record_every=2000)
+    bases = [cert.V] + [np.eye(k)] * 2 + [cert.U]
+    full = np.array([np.diagonal(bases[i + 1].T @ align.to_numpy(W) @ bases[i]) for i, W in enumerate(out)])
+    np.testing.assert_allclose(align.to_numpy(traj[-1]), full, rtol=1e-9)
