@@ -144,7 +144,7 @@ def loss_kind(cfg, squared=True):
     return "mse_mean" if cfg.loss_scale == "mean" else "mse"
 
 
-def torch_like_init(rng, widths, dtype):
+def torch_like_init(rng, widths):
     """PyTorch's default Linear initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     return [rng.uniform(-1, 1, (widths[i + 1], widths[i])) / math.sqrt(widths[i])
             for i in range(len(widths) - 1)]
@@ -154,14 +154,14 @@ def to_device(cfg, *arrays):
     return [cfg.xp.asarray(a, dtype=cfg.dtype) for a in arrays]
 
 
-def run_dense(label, cfg, weights, X, Y, kind, lr=None):
+def run_dense(label, cfg, weights, X, Y, kind):
     """Gradient descent on a dense network with both measures tracked; a run record."""
     weights = to_device(cfg, *weights)
     X = to_device(cfg, X)[0]
     Y = cfg.xp.asarray(Y) if kind == "ce" else to_device(cfg, Y)[0]
     measure = align.tracker(weights, rtol=cfg.rtol)
     try:
-        out, hist = align.train(weights, X, Y, kind=kind, lr=lr or cfg.lr, max_steps=cfg.max_steps,
+        out, hist = align.train(weights, X, Y, kind=kind, lr=cfg.lr, max_steps=cfg.max_steps,
                                 tol=cfg.tol, measure_every=cfg.measure_every,
                                 measures={"m": measure}, callback=Progress(label, cfg))
     except align.DivergenceError as exc:
@@ -170,6 +170,7 @@ def run_dense(label, cfg, weights, X, Y, kind, lr=None):
 
 
 def run_structured(label, cfg, structures, params, X, Y, kind):
+    """Gradient descent on the coefficients of a structured network, both measures tracked."""
     params = to_device(cfg, *params)
     X, Y = to_device(cfg, X, Y)
     measure = align.tracker(st.layer_matrices(structures, params), rtol=cfg.rtol)
@@ -203,7 +204,7 @@ def fig1a(cfg):
         if cfg.init == "aligned":
             weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], [9] * 4, seed=seed)
         else:
-            weights = torch_like_init(rng, [9] * 4, cfg.dtype)
+            weights = torch_like_init(rng, [9] * 4)
         problems.append((weights, X, Y))
     weights = [np.stack([p[0][i] for p in problems]) for i in range(3)]
     X, Y = np.stack([p[1] for p in problems]), np.stack([p[2] for p in problems])
@@ -246,7 +247,7 @@ def _fig1_mnist(cfg, name, squared):
         if cfg.init == "aligned":      # W1 = D1 U_X^T, W2 = D2, W3 = U_Y D3, D_i ~ U(0, 1)
             weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=seed)
         else:
-            weights = torch_like_init(np.random.default_rng(seed), widths, cfg.dtype)
+            weights = torch_like_init(np.random.default_rng(seed), widths)
         kind = loss_kind(cfg, squared)
         _, hist = run_dense(f"{name} seed={seed}", cfg, weights, X, Y if squared else labels, kind)
         runs[f"seed={seed}"] = record(hist)

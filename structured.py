@@ -127,7 +127,7 @@ class Conv2d(Structure):
     pixel (y, x), h = (s-1)/2: cross-correlation, as deep-learning frameworks compute.
     Appendix I writes the true convolution (flipped filter); both span the same
     s^2-dimensional subspace, with coefficients reversed.  Products with images
-    use shifted slices and never form the p^2 x p^2 matrix.
+    gather the s^2 shifted images (im2col) and never form the p^2 x p^2 matrix.
     """
 
     def __init__(self, p, s):
@@ -149,38 +149,31 @@ class Conv2d(Structure):
         super().__init__((p * p, p * p), rows, cols, np.ones(rows.size), which, s * s,
                          f"conv2d(p={p}, s={s})")
 
-    def _images(self, A):
+    def _patches(self, A):
+        """im2col: the s^2 shifted copies of the zero-padded images A (p^2 x n), s^2 x p^2 x n."""
         xp = align.array_module(A)
         if A.ndim != 2 or A.shape[0] != self.p * self.p:
             raise ValueError(f"{self.name} acts on {self.p * self.p} x n arrays of images, got "
                              f"{'x'.join(map(str, A.shape))}")
+        if xp.__name__ + "taps" not in self._on:
+            q = self.p + 2 * self.h
+            y, x = np.divmod(np.arange(self.p * self.p), self.p)
+            a, b = np.divmod(np.arange(self.s * self.s), self.s)
+            self._on[xp.__name__ + "taps"] = xp.asarray((y[None] + a[:, None]) * q + x[None] + b[:, None])
         h = self.h
-        return xp.pad(A.reshape(self.p, self.p, -1), ((h, h), (h, h), (0, 0))), xp
+        padded = xp.pad(A.reshape(self.p, self.p, -1), ((h, h), (h, h), (0, 0)))
+        return padded.reshape(-1, A.shape[1])[self._on[xp.__name__ + "taps"]]
 
     def matmul(self, c, A):
-        padded, xp = self._images(A)
-        p, s = self.p, self.s
-        out = xp.zeros((p, p, A.shape[1]), dtype=A.dtype)
-        for a in range(s):
-            for b in range(s):
-                out += c[a * s + b] * padded[a:a + p, b:b + p]
-        return out.reshape(p * p, -1)
+        return align.array_module(A).tensordot(c, self._patches(A), axes=1)
 
     def rmatmul(self, c, D):
-        padded, xp = self._images(D)
-        p, s, h = self.p, self.s, self.h
-        out = xp.zeros((p, p, D.shape[1]), dtype=D.dtype)
-        for a in range(s):
-            for b in range(s):
-                out += c[a * s + b] * padded[2 * h - a:2 * h - a + p, 2 * h - b:2 * h - b + p]
-        return out.reshape(p * p, -1)
+        """W^T D: the transpose of a correlation is the correlation with the filter rotated
+        by 180 degrees, i.e. the coefficients reversed."""
+        return self.matmul(c[::-1], D)
 
     def outer_gradient(self, delta, act):
-        padded, xp = self._images(act)
-        p, s = self.p, self.s
-        D = delta.reshape(p, p, -1)
-        return xp.stack([(D * padded[a:a + p, b:b + p]).sum()
-                         for a in range(s) for b in range(s)]).astype(delta.dtype)
+        return self._patches(act).reshape(self.r, -1) @ delta.reshape(-1)
 
 
 def conv2d(p, s):
