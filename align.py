@@ -288,8 +288,9 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
        the diagonal S^2: step 1 then costs k_1 n instead of k_1 n^2.
     3. The first hidden space: the columns of W_1 X and the rows of W_2 stay in
        span(W_1(0) X) + span(W_2(0)^T) (each update of one lies in the span of the
-       other), of dimension m <= n + k_2; GD runs on its coordinates Q^T (W_1 X) and
-       W_2 Q, so k_1 becomes m.  (Unbatched networks of depth >= 2.)
+       other), of dimension m <= n + k_2 (the rank of [W_1(0) X, W_2(0)^T]); GD runs
+       on its coordinates Q^T (W_1 X) and W_2 Q, so k_1 becomes m.  (Unbatched
+       networks of depth >= 2.)  Measurements then use ``_split_first_layers``.
     """
     xp = array_module(weights[0])
     squared = kind in ("mse", "mse_mean")
@@ -304,7 +305,10 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
     Q = None
     if len(weights) >= 2 and W10.ndim == X.ndim == 2 and \
             X.shape[1] + weights[1].shape[0] < W10.shape[0]:
-        Q = xp.linalg.qr(xp.concatenate([A0, _T(weights[1])], axis=1))[0]
+        wide = xp.float64                        # rank at the weights' precision
+        Q = _range_basis(xp.concatenate([W10.astype(wide) @ X.astype(wide),
+                                         _T(weights[1]).astype(wide)], axis=1),
+                         100 * np.finfo(W10.dtype).eps).astype(W10.dtype)
         A0 = _T(Q) @ A0
     rest = [W.copy() for W in weights[1:]]
     if Q is not None:
@@ -322,11 +326,59 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
         if Q is None:
             return [W10 + ps[0] @ Xt] + list(ps[1:])
         return [W10 + Q @ (ps[0] @ Xt), ps[1] @ _T(Q)] + list(ps[2:])
-    wrapped = {name: (lambda ps, _, fn=fn: fn(weights_of(ps), weights))
-               for name, fn in (measures or {}).items()}
+    split = _split_first_layers(W10, Q, Xt) if Q is not None else None
+
+    def measured(fn, ps):
+        if split is not None and hasattr(fn, "from_svds"):
+            return fn.from_svds(split(ps) + [_reduced_svd(W) for W in ps[2:]])
+        return fn(weights_of(ps), weights)
+    wrapped = {name: (lambda ps, _, fn=fn: measured(fn, ps)) for name, fn in (measures or {}).items()}
     out, hist = gradient_descent(start, _frozen_below(loss_and_grads, tol), lr, max_steps, tol,
                                  record_every, measure_every, wrapped, callback)
     return weights_of(out), hist
+
+
+def _range_basis(A, rtol):
+    """Orthonormal basis of the column space of A (rank: singular values above rtol * max)."""
+    xp = array_module(A)
+    U, s, _ = xp.linalg.svd(A, full_matrices=False)
+    rank = int((s > rtol * s[0]).sum()) if s.size else 0
+    return U[:, :max(rank, 1)]
+
+
+def _split_first_layers(W10, Q, Xt):
+    """Reduced SVDs of W_1 = W_1(0) + Q C X^T and W_2 = W~_2 Q^T without decomposing W_1.
+
+    Then W_1 W_1^T - W_1(0) W_1(0)^T has its range in span(Q).  If span(Q) is also an
+    invariant subspace of W_1(0) W_1(0)^T (as for the aligned starts of Figure 1b,
+    whose W_1(0) = D_1 U_X^T), the left singular vectors split: those in span(Q)^perp
+    never change and are found once, the others come from the m x k0 matrix Q^T W_1.
+    Returns ``split(params) -> [svd(W_1), svd(W_2)]``, or None when the condition fails
+    (relative tolerance 1000 eps of the dtype: a float32 start is invariant only to its
+    rounding; at fig1b size the measures then agree with direct SVDs to 5e-8).  A rank
+    deficient W_1 falls back to its direct SVD.
+    """
+    W0, Qh, Xh = (to_numpy(a).astype(np.float64) for a in (W10, Q, Xt))
+    G0Q = W0 @ (W0.T @ Qh)
+    tol = 1e3 * np.finfo(W10.dtype).eps * np.linalg.norm(W0, 2) ** 2
+    if np.linalg.norm(G0Q - Qh @ (Qh.T @ G0Q), 2) > tol:
+        return None
+    P = _orth_complement(Qh, W0.shape[0])
+    Us, ss, Vs = _svd_by_gram(P.T @ W0)
+    Us, QtW0, r = P @ Us, Qh.T @ W0, min(W0.shape)
+
+    def split(ps):
+        Ud, sd, Vd = _svd_by_gram(QtW0 + to_numpy(ps[0]).astype(np.float64) @ Xh)
+        s = np.concatenate([sd, ss])
+        order = np.argsort(-s, kind="stable")[:r]
+        if s[order[-1]] <= 1e-7 * s[order[0]]:
+            U1, s1, V1 = _reduced_svd(W10 + Q @ (ps[0] @ Xt))    # rank deficient: no shortcut
+        else:
+            U1 = np.concatenate([Qh @ Ud, Us], axis=1)[:, order]
+            s1, V1 = s[order], np.concatenate([Vd, Vs], axis=1)[:, order]
+        U2, s2, V2 = _reduced_svd(ps[1])
+        return [(U1, s1, V1), (U2, s2, Qh @ V2)]
+    return split
 
 
 def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4,
@@ -685,9 +737,9 @@ def tracker(weights_0, rtol=1e-6):
                 for what, fn in (("alignment", lambda h: _alignment_of(now, h, rtol)),
                                  ("invariance", lambda h: _invariance_of(now, then, h, rtol)))}
 
-    def measure(weights, _=None):
-        now = [_reduced_svd(W) for W in weights]
-        if weights[0].ndim == 2:
+    def from_svds(now):
+        """The measures from the layers' reduced SVDs [(U, s, V), ...] (float64, host)."""
+        if now[0][0].ndim == 2:
             return single(now, then)
         pick = lambda svds, b: [tuple(a[b] for a in svd) for svd in svds]
         generic = _generic(now, rtol) & _generic(then, rtol)
@@ -699,6 +751,10 @@ def tracker(weights_0, rtol=1e-6):
             for key, value in single(pick(now, b), pick(then, b)).items():
                 out[key][b] = value
         return out
+
+    def measure(weights, _=None):
+        return from_svds([_reduced_svd(W) for W in weights])
+    measure.from_svds = from_svds
     return measure
 
 

@@ -432,3 +432,40 @@ def test_float32_measures_through_the_gram_matrix_match_float64_svd():
     U, s, V = align._reduced_svd(low)
     np.testing.assert_allclose(U.T @ U, np.eye(4), atol=1e-12)
     np.testing.assert_allclose(U @ np.diag(s) @ V.T, low, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, atol", [(np.float64, 1e-10), (np.float32, 1e-5)])
+def test_measures_split_along_the_invariant_subspace_equal_the_direct_ones(dtype, atol):
+    rng = np.random.default_rng(25)
+    widths, n = [20, 24, 3, 2], 6
+    X, Y = rng.standard_normal((20, n)), rng.standard_normal((2, n))
+    weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1)
+    weights, X, Y = [W.astype(dtype) for W in weights], X.astype(dtype), Y.astype(dtype)
+    Q = align._range_basis(np.concatenate([weights[0] @ X, weights[1].T], axis=1).astype(np.float64),
+                           100 * np.finfo(dtype).eps).astype(dtype)
+    split = align._split_first_layers(weights[0], Q, X.T)
+    assert split is not None
+    C = rng.standard_normal((Q.shape[1], n)) * 0.1
+    W2 = rng.standard_normal((3, Q.shape[1]))
+    got = split([C, W2])
+    want = [align._reduced_svd(M) for M in (weights[0] + Q @ C @ X.T, W2 @ Q.T)]
+    for (U, s, V), (Uw, sw, Vw) in zip(got, want):
+        np.testing.assert_allclose(s, sw, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(np.abs((U * Uw).sum(0)), 1.0, atol=atol)
+        np.testing.assert_allclose(np.abs((V * Vw).sum(0)), 1.0, atol=atol)
+    random_start = [rng.standard_normal(W.shape).astype(dtype) for W in weights]
+    assert align._split_first_layers(random_start[0], Q, X.T) is None
+
+
+def test_training_with_split_measures_records_the_same_values():
+    rng = np.random.default_rng(26)
+    widths, n = [20, 24, 3, 2], 6
+    X, Y = rng.standard_normal((20, n)), rng.standard_normal((2, n))
+    weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1)
+    track = align.tracker(weights)
+    _, fast = align.train(weights, X, Y, "mse_mean", lr=0.05, max_steps=300, tol=0.0,
+                          measure_every=100, measures={"m": track})
+    _, slow = align.train(weights, X, Y, "mse_mean", lr=0.05, max_steps=300, tol=0.0,
+                          measure_every=100, measures={"m": track}, fast=False)
+    for key in slow.measurements:
+        np.testing.assert_allclose(fast.measurements[key], slow.measurements[key], atol=1e-9)
