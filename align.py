@@ -161,7 +161,6 @@ def _activations(weights, X):
 
 def _loss_and_output_grad(F, Y, kind):
     """Loss (one value per batch entry) and dL/dF for outputs F (kd x n)."""
-    xp = array_module(F)
     kd, n = F.shape[-2], F.shape[-1]
     if kind == "mse":                       # Eq. (2): 1/(2n) sum_i ||y_i - f(x_i)||^2
         R = F - Y
@@ -169,6 +168,7 @@ def _loss_and_output_grad(F, Y, kind):
     if kind == "mse_mean":                  # mean over all kd*n entries (PyTorch MSELoss)
         R = F - Y
         return (R * R).sum((-2, -1)) / (kd * n), R * (2.0 / (kd * n))
+    xp = array_module(F)
     if kind == "ce":                        # softmax over the kd rows, mean over n
         Z = F - F.max(axis=-2, keepdims=True)
         logp = Z - xp.log(xp.exp(Z).sum(axis=-2, keepdims=True))
@@ -242,6 +242,9 @@ class History:
 
 
 def _plain(x):
+    """A Python float (or nested list) from a scalar or an array of either module."""
+    if isinstance(x, (float, int, np.floating)):
+        return float(x)
     x = to_numpy(x)
     return x.tolist() if x.ndim else x.item()
 
@@ -269,8 +272,8 @@ def _frozen_below(loss_and_grads, tol):
     each stops where its own run would (the batch stops when all are below)."""
     def wrapped(ps):
         L, grads = loss_and_grads(ps)
-        if getattr(L, "ndim", 0) == 0:
-            return L, grads
+        if getattr(L, "ndim", 0) == 0 or L.shape[0] == 1:
+            return L, grads                  # one network stops with the run
         active = (L >= tol).astype(grads[0].dtype)[:, None, None]
         return L, [g * active for g in grads]
     return wrapped
@@ -576,8 +579,14 @@ def _greedy_match(C, capacity):
         sub = np.where(open_, C, -1.0)
         best = sub.argmax(axis=2)
         best_val = np.take_along_axis(sub, best[..., None], axis=2)[..., 0]
-        ranked = -np.sort(-np.where(free[:, :, None], C, -1.0), axis=1)
-        cutoff = np.take_along_axis(ranked, np.clip(room - 1, 0, p - 1)[:, None, :], axis=1)[:, 0]
+        candidates = np.where(free[:, :, None], C, -1.0)
+        cutoff = candidates.max(axis=1)                       # columns with room 1
+        wide = np.flatnonzero((room > 1).any(axis=0))
+        if wide.size:                                         # the room-th largest
+            ranked = -np.sort(-candidates[:, :, wide], axis=1)
+            deep = np.clip(room[:, wide] - 1, 0, p - 1)[:, None, :]
+            cutoff[:, wide] = np.where(room[:, wide] > 1,
+                                       np.take_along_axis(ranked, deep, axis=1)[:, 0], cutoff[:, wide])
         safe = open_.any(axis=2) & (best_val >= np.take_along_axis(cutoff, best, axis=1))
         b, r = np.nonzero(safe)
         cols, vals = best[b, r], best_val[b, r]
