@@ -329,11 +329,14 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
         if Q is None:
             return [W10 + ps[0] @ Xt] + list(ps[1:])
         return [W10 + Q @ (ps[0] @ Xt), ps[1] @ _T(Q)] + list(ps[2:])
-    split = _split_first_layers(W10, Q, Xt) if Q is not None else None
+    split = []                                   # built at the first measurement
 
     def measured(fn, ps):
-        if split is not None and hasattr(fn, "from_svds"):
-            return fn.from_svds(split(ps) + [_reduced_svd(W) for W in ps[2:]])
+        if Q is not None and hasattr(fn, "from_svds"):
+            if not split:
+                split.append(_split_first_layers(W10, Q, Xt))
+            if split[0] is not None:
+                return fn.from_svds(split[0](ps) + [_reduced_svd(W) for W in ps[2:]])
         return fn(weights_of(ps), weights)
     wrapped = {name: (lambda ps, _, fn=fn: measured(fn, ps)) for name, fn in (measures or {}).items()}
     out, hist = gradient_descent(start, _frozen_below(loss_and_grads, tol), lr, max_steps, tol,
@@ -813,11 +816,10 @@ class AlignmentTest:
 
 
 def _orth_complement(Q, k):
-    """Orthonormal basis of span(Q)^perp in R^k."""
+    """Orthonormal basis of span(Q)^perp in R^k (Q with orthonormal columns)."""
     if Q.shape[1] == 0:
         return np.eye(k)
-    U = np.linalg.svd(Q, full_matrices=True)[0]
-    return U[:, Q.shape[1]:]
+    return np.linalg.qr(Q, mode="complete")[0][:, Q.shape[1]:]
 
 
 def _nearest_orthonormal(Z):
