@@ -206,11 +206,15 @@ def fig1a(cfg):
         else:
             weights = torch_like_init(rng, [9] * 4)
         problems.append((weights, X, Y))
-    weights = [np.stack([p[0][i] for p in problems]) for i in range(3)]
-    X, Y = np.stack([p[1] for p in problems]), np.stack([p[2] for p in problems])
-    label = f"fig1a seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}" if cfg.seeds > 1 else f"fig1a seed={cfg.seed}"
-    _, hist = run_dense(label, cfg, weights, X, Y, loss_kind(cfg))
-    runs = split_batch(hist.to_dict(), [f"seed={s}" for s in seeds(cfg)], cfg.tol)
+    if cfg.seeds == 1:
+        _, hist = run_dense(f"fig1a seed={cfg.seed}", cfg, *problems[0], loss_kind(cfg))
+        runs = {f"seed={cfg.seed}": record(hist)}
+    else:
+        weights = [np.stack([p[0][i] for p in problems]) for i in range(3)]
+        X, Y = np.stack([p[1] for p in problems]), np.stack([p[2] for p in problems])
+        _, hist = run_dense(f"fig1a seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}", cfg, weights, X, Y,
+                            loss_kind(cfg))
+        runs = split_batch(hist.to_dict(), [f"seed={s}" for s in seeds(cfg)], cfg.tol)
     return runs, claim_leaves_one(runs)
 
 
