@@ -509,7 +509,7 @@ def _svd_by_gram(A):
     B = _T(A) if wide else A                     # m x n with n <= m
     w, V = xp.linalg.eigh(_T(B) @ B)
     w, V = xp.flip(w, axis=-1), xp.flip(V, axis=-1)
-    s = xp.sqrt(xp.clip(w, 0, None))
+    s = xp.sqrt(xp.maximum(w, 0))
     U, s, V = to_numpy(B @ V), to_numpy(s), to_numpy(V)
     tiny = s <= 1e-7 * s[..., :1]                # below float32 resolution (and the Gram's)
     U = U / np.where(tiny, 1.0, s)[..., None, :]
@@ -549,14 +549,17 @@ def _adapt_clusters(M, ca, cb):
     complement of span(B)) lie each in one F_b whenever the cluster splits so.
     """
     M = M.copy()
-    weights = np.concatenate([np.full(len(c), 1.0 + np.sqrt(2.0) * (j + 1) % 1.0)
-                              for j, c in enumerate(cb)]) if cb else np.zeros(0)
+    sizes = np.array([len(c) for c in cb], dtype=np.int64)
+    weights = np.repeat(1.0 + np.sqrt(2.0) * np.arange(1, sizes.size + 1) % 1.0, sizes)
+    by_size = {}
     for rows in ca:
-        if len(rows) < 2:
-            continue
-        block = M[rows]
-        compression = (block * weights) @ block.T + 0.5 * (np.eye(len(rows)) - block @ block.T)
-        M[rows] = np.linalg.eigh(compression)[1].T @ block
+        if len(rows) > 1:
+            by_size.setdefault(len(rows), []).append(rows)
+    for size, groups in by_size.items():          # clusters of one size in one batched eigh
+        rows = np.stack(groups)
+        block = M[rows]                                             # (clusters, size, q)
+        compression = (block * weights) @ _T(block) + 0.5 * (np.eye(size) - block @ _T(block))
+        M[rows] = _T(np.linalg.eigh(compression)[1]) @ block
     return M
 
 

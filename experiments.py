@@ -398,7 +398,7 @@ def cor1(cfg):
         kind = loss_kind(cfg)
 
         def sigmas(ws, _):
-            return {"sigma": [align.to_numpy(bases[i + 1].T @ W @ bases[i]).diagonal().tolist()
+            return {"sigma": [(bases[i + 1].T @ align.to_numpy(W) @ bases[i]).diagonal().tolist()
                               for i, W in enumerate(ws)]}
         cfg64 = argparse.Namespace(**{**vars(cfg), "dtype": np.float64})
         out, hist = align.train(to_device(cfg64, *weights), *to_device(cfg64, X, X), kind=kind,
