@@ -151,6 +151,7 @@ def torch_like_init(rng, widths):
 
 
 def to_device(cfg, *arrays):
+    """The arrays on the chosen device (NumPy or CuPy) in the chosen dtype."""
     return [cfg.xp.asarray(a, dtype=cfg.dtype) for a in arrays]
 
 
@@ -183,12 +184,14 @@ def run_structured(label, cfg, structures, params, X, Y, kind):
 
 
 def record(hist, **extra):
+    """A run's JSON record: its history plus experiment-specific fields."""
     out = hist.to_dict()
     out.update(extra)
     return out
 
 
 def seeds(cfg):
+    """The seeds of the runs: --seed, --seed + 1, ..., --seed + --seeds - 1."""
     return range(cfg.seed, cfg.seed + cfg.seeds)
 
 
@@ -449,6 +452,7 @@ def claim_leaves_one(runs):
 
 
 def claim_stays_one(runs, cfg, what=("alignment_paired", "invariance_paired")):
+    """Theorem 1 / Proposition 1: the measures stay at 1 to rounding (1e-8 in float64)."""
     eps = 1e-8 if cfg.dtype == np.float64 else 1e-4
     lowest = min(min(r["measurements"][m]) for r in runs.values() for m in what)
     return {"claim": f"{' and '.join(what)} stay above 1 - {eps:g}", "value": lowest,
@@ -493,6 +497,7 @@ def _publish(tmp, path):
 
 
 def environment(cfg):
+    """Library versions, machine and device (with the GPU's name) for the JSON record."""
     info = {"python": platform.python_version(), "numpy": np.__version__,
             "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
             "device": "gpu" if cfg.xp is not np else "cpu"}
@@ -504,6 +509,7 @@ def environment(cfg):
 
 
 def csv_text(runs):
+    """One CSV row per measurement: run, step, loss and the four measures."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["run", "step", "loss", *MEASURES])
@@ -572,6 +578,7 @@ def _plot_sigma(axes, run):
 
 
 def summary(name, runs, claim, stop):
+    """The terminal table: the claim, then per run the first and last loss, measures, steps, time."""
     rows = [f"{name}: {claim['claim']}: {'holds' if claim['holds'] else 'DOES NOT HOLD'} "
             f"(value {claim['value']:.6g}){'  [interrupted]' if stop == 'interrupted' else ''}",
             f"  {'run':<24}{'loss 0':>11}{'loss end':>11}{'align p/m':>16}{'invar p/m':>16}"
@@ -642,6 +649,7 @@ def run_experiment(name, cfg):
 # ------------------------------------------------------------------- CLI --
 
 def parser():
+    """The command line (argparse); --help lists every experiment with its paper reference."""
     listing = "\n".join(f"  {n:<6} {EXPERIMENTS[n][1]:<26} {EXPERIMENTS[n][0].__doc__.split(chr(10))[0]}"
                         for n in EXPERIMENTS)
     p = argparse.ArgumentParser(
@@ -696,6 +704,7 @@ def _positive_float(text):
 
 
 def main(argv=None):
+    """Run the command line; returns the exit status (0, 1 error, 2 usage, 3 claim, 130 Ctrl-C)."""
     args = parser().parse_args(argv)
     if args.experiment == "list":
         print(parser().epilog)
