@@ -695,7 +695,9 @@ def alignment(weights, how="paired", rtol=1e-6):
     1 exactly when W_i W_i^T and W_{i+1}^T W_{i+1} commute, i.e. when the pair
     is aligned for every order, sign and multiplicity of the singular values
     (for rectangular layers the complement also has only max(k_{i-1}, k_{i+1})
-    minus the other layer's rank positions to offer, see :func:`is_aligned`).
+    minus the other layer's rank positions to offer, see :func:`is_aligned`).  The
+    score is about adjacent pairs: with repeated singular values in a middle layer
+    every pair can be aligned while the chain is not; :func:`is_aligned` decides that.
 
     how="matched" (the authors' code): reduced SVDs, M = V_{i+1}^T U_i, for each
     row of M the largest |entry|, summed over all pairs and divided by the rows.

@@ -469,3 +469,13 @@ def test_training_with_split_measures_records_the_same_values():
                           measure_every=100, measures={"m": track}, fast=False)
     for key in slow.measurements:
         np.testing.assert_allclose(fast.measurements[key], slow.measurements[key], atol=1e-9)
+
+
+def test_every_pair_aligned_is_weaker_than_definition2_for_the_chain():
+    rng = np.random.default_rng(27)
+    Q = [random_orthogonal(rng, 3) for _ in range(4)]
+    weights = align.aligned_network(Q, [np.array([3.0, 2.0, 1.0]), np.ones(3), np.array([3.0, 2.0, 1.0])])
+    weights[1] = random_orthogonal(rng, 3) @ weights[1]       # W_2 W_2^T = I still commutes
+    assert align.alignment(weights, "paired") == pytest.approx(1.0, abs=1e-12)
+    assert align.is_aligned(weights[:2]) and align.is_aligned(weights[1:])
+    assert not align.is_aligned(weights)
