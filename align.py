@@ -379,9 +379,13 @@ def _split_first_layers(W10, Q, Xt):
         order = np.argsort(-s, kind="stable")[:r]
         if s[order[-1]] <= 1e-7 * s[order[0]]:
             U1, s1, V1 = _reduced_svd(W10 + Q @ (ps[0] @ Xt))    # rank deficient: no shortcut
-        else:
-            U1 = np.concatenate([Qh @ Ud, Us], axis=1)[:, order]
-            s1, V1 = s[order], np.concatenate([Vd, Vs], axis=1)[:, order]
+        else:                                                    # interleave the two blocks
+            dyn = order < sd.size
+            U1 = np.empty((W0.shape[0], r))
+            V1 = np.empty((W0.shape[1], r))
+            U1[:, dyn], V1[:, dyn] = Qh @ Ud[:, order[dyn]], Vd[:, order[dyn]]
+            U1[:, ~dyn], V1[:, ~dyn] = Us[:, order[~dyn] - sd.size], Vs[:, order[~dyn] - sd.size]
+            s1 = s[order]
         U2, s2, V2 = _reduced_svd(ps[1])
         return [(U1, s1, V1), (U2, s2, Qh @ V2)]
     return split
@@ -529,7 +533,7 @@ def _complete(U, missing):
 def _used(vectors, s, rtol):
     """Directions with sigma > rtol * sigma_max (the ones the layer uses)."""
     keep = s > rtol * (s[0] if s.size else 0.0)
-    return vectors[:, keep], s[keep]
+    return (vectors, s) if keep.all() else (vectors[:, keep], s[keep])
 
 
 def _clusters(s, rtol, scale=None):
