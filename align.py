@@ -1119,8 +1119,9 @@ def invariance_certificate(X, Y, widths, tol=1e-9):
     V = np.concatenate([Vr, _orth_complement(Vr, k0)], axis=1)
     A, B = U.T @ C @ V, V.T @ S @ V
     residual = max(_off_block(A, r) / Cn, _off_block(B, r) / max(np.linalg.norm(S, 2), 1e-300))
-    return Certificate(residual <= 1e3 * tol, r, U, V, np.diagonal(B)[:r].copy(),
-                       np.diagonal(A)[:r].copy(), residual, 0.0)
+    ok = residual <= 1e3 * tol
+    return Certificate(ok, r, U, V, np.diagonal(B)[:r].copy(), np.diagonal(A)[:r].copy(),
+                       residual, 0.0 if ok else residual)
 
 
 def _off_block(M, r):
