@@ -625,8 +625,7 @@ def run_experiment(name, cfg):
                                  "holds": False}, "interrupted"
     if any(r.get("stop_reason") == "interrupted" for r in runs.values()):
         stop = "interrupted"
-    doc = " ".join(fn.__doc__.split())
-    result = {"experiment": name, "paper": ref, "title": doc[:doc.index(".") + 1] if "." in doc else doc,
+    result = {"experiment": name, "paper": ref, "title": title(fn),
               "status": stop, "claim": claim,
               "config": {k: v for k, v in vars(cfg).items() if k not in ("xp", "dtype", "func")}
               | {"dtype": np.dtype(cfg.dtype).name, "lr": cfg.lr, "rtol": cfg.rtol},
@@ -648,10 +647,17 @@ def run_experiment(name, cfg):
 
 # ------------------------------------------------------------------- CLI --
 
+def title(fn):
+    """The first sentence of an experiment's docstring."""
+    doc = " ".join(fn.__doc__.split())
+    return doc[:doc.index(". ") + 1] if ". " in doc else doc
+
+
 def parser():
     """The command line (argparse); --help lists every experiment with its paper reference."""
-    listing = "\n".join(f"  {n:<6} {EXPERIMENTS[n][1]:<26} {EXPERIMENTS[n][0].__doc__.split(chr(10))[0]}"
-                        for n in EXPERIMENTS)
+    listing = "\n".join(textwrap.fill(f"{n:<6} {EXPERIMENTS[n][1]:<25} {title(EXPERIMENTS[n][0])}", 100,
+                                       initial_indent="  ", subsequent_indent=" " * 35)
+                         for n in EXPERIMENTS)
     p = argparse.ArgumentParser(
         prog="experiments.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__, epilog="experiments:\n" + listing + "\n  list   print this table"
@@ -661,13 +667,14 @@ def parser():
                    help="one of: list, " + ", ".join(EXPERIMENTS) + ", all")
     p.add_argument("--device", choices=align.DEVICES, default="auto",
                    help="cpu (NumPy), gpu (CuPy; error if unusable) or auto (GPU if usable; default)")
-    p.add_argument("--dtype", dest="dtype_name", choices=["float32", "float64"], default=None,
+    p.add_argument("--dtype", dest="dtype_name", metavar="{float32,float64}", choices=["float32", "float64"],
+                   default=None,
                    help="default per experiment: float32 for the MNIST figures, float64 otherwise")
     p.add_argument("--seed", type=int, default=0, help="first random seed (default 0)")
     p.add_argument("--seeds", type=_positive_int, default=1, help="number of independent runs (default 1)")
-    p.add_argument("--lr", dest="lr_given", type=_positive_float, default=None,
+    p.add_argument("--lr", dest="lr_given", metavar="LR", type=_positive_float, default=None,
                    help="learning rate (default 1e-2 as in Appendix L; 1e-3 for prop1, 1e-1 for thm3)")
-    p.add_argument("--tol", dest="tol_given", type=_positive_float, default=None,
+    p.add_argument("--tol", dest="tol_given", metavar="TOL", type=_positive_float, default=None,
                    help="stop when the loss is below this (default 1e-4 as in Appendix L; 1e-10 for "
                         "thm3, whose claim is about interpolation)")
     p.add_argument("--max-steps", type=_positive_int, default=100_000,
