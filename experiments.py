@@ -592,6 +592,12 @@ def summary(name, runs, claim, stop):
         rows.append(f"  {label:<24}{first:>11.3e}{last:>11.3e}{pair('alignment'):>16}"
                     f"{pair('invariance'):>16}{run['final_step']:>9,}{run['wall_time']:>9.2f}  "
                     f"{run['stop_reason']}")
+    if len(runs) > 1:
+        stats = spread(runs)
+        rows.append(f"  mean +- std over {len(runs)} runs: steps {stats['final_step']['mean']:,.0f} +- "
+                    f"{stats['final_step']['std']:,.0f}" + "".join(
+                        f", {key.replace('_', ' ')} {stats[key]['mean']:.4f} +- {stats[key]['std']:.4f}"
+                        for key in ("alignment_paired", "invariance_paired") if key in stats))
     return "\n".join(rows)
 
 
