@@ -371,7 +371,8 @@ def _split_first_layers(W10, Q, Xt):
         return None
     P = _orth_complement(Qh, W0.shape[0])
     Us, ss, Vs = _svd_by_gram(P.T @ W0)
-    Us, QtW0, r = P @ Us, Qh.T @ W0, min(W0.shape)
+    Us, Vs = np.asfortranarray(P @ Us), np.asfortranarray(Vs)       # column gathers below
+    QtW0, r = Qh.T @ W0, min(W0.shape)
 
     def split(ps):
         Ud, sd, Vd = _svd_by_gram(QtW0 + to_numpy(ps[0]).astype(np.float64) @ Xh)
@@ -381,8 +382,8 @@ def _split_first_layers(W10, Q, Xt):
             U1, s1, V1 = _reduced_svd(W10 + Q @ (ps[0] @ Xt))    # rank deficient: no shortcut
         else:                                                    # interleave the two blocks
             dyn = order < sd.size
-            U1 = np.empty((W0.shape[0], r))
-            V1 = np.empty((W0.shape[1], r))
+            U1 = np.empty((W0.shape[0], r), order="F")    # columns contiguous
+            V1 = np.empty((W0.shape[1], r), order="F")
             U1[:, dyn], V1[:, dyn] = Qh @ Ud[:, order[dyn]], Vd[:, order[dyn]]
             U1[:, ~dyn], V1[:, ~dyn] = Us[:, order[~dyn] - sd.size], Vs[:, order[~dyn] - sd.size]
             s1 = s[order]
