@@ -308,9 +308,9 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
     Q = None
     if len(weights) >= 2 and W10.ndim == X.ndim == 2 and \
             X.shape[1] + weights[1].shape[0] < W10.shape[0]:
-        wide = xp.float64                        # rank at the weights' precision
-        Q = _range_basis(xp.concatenate([W10.astype(wide) @ X.astype(wide),
-                                         _T(weights[1]).astype(wide)], axis=1),
+        f64 = xp.float64                         # rank at the weights' precision
+        Q = _range_basis(xp.concatenate([W10.astype(f64) @ X.astype(f64),
+                                         _T(weights[1]).astype(f64)], axis=1),
                          100 * np.finfo(W10.dtype).eps).astype(W10.dtype)
         A0 = _T(Q) @ A0
     rest = [W.copy() for W in weights[1:]]

@@ -155,16 +155,22 @@ class Conv2d(Structure):
         if A.ndim != 2 or A.shape[0] != self.p * self.p:
             raise ValueError(f"{self.name} acts on {self.p * self.p} x n arrays of images, got "
                              f"{'x'.join(map(str, A.shape))}")
-        if xp.__name__ + "taps" not in self._on:
+        h = self.h
+        padded = xp.pad(A.reshape(self.p, self.p, -1), ((h, h), (h, h), (0, 0)))
+        return padded.reshape(-1, A.shape[1])[self._taps(xp)]
+
+    def _taps(self, xp):
+        """Flat indices into the padded image of tap (a, b) for each output pixel (cached)."""
+        key = xp.__name__ + " taps"
+        if key not in self._on:
             q = self.p + 2 * self.h
             y, x = np.divmod(np.arange(self.p * self.p), self.p)
             a, b = np.divmod(np.arange(self.s * self.s), self.s)
-            self._on[xp.__name__ + "taps"] = xp.asarray((y[None] + a[:, None]) * q + x[None] + b[:, None])
-        h = self.h
-        padded = xp.pad(A.reshape(self.p, self.p, -1), ((h, h), (h, h), (0, 0)))
-        return padded.reshape(-1, A.shape[1])[self._on[xp.__name__ + "taps"]]
+            self._on[key] = xp.asarray((y[None] + a[:, None]) * q + x[None] + b[:, None])
+        return self._on[key]
 
     def matmul(self, c, A):
+        """W A = sum over taps of c_tap times the shifted images (never forms W)."""
         return align.array_module(A).tensordot(c, self._patches(A), axes=1)
 
     def rmatmul(self, c, D):
@@ -173,6 +179,7 @@ class Conv2d(Structure):
         return self.matmul(c[::-1], D)
 
     def outer_gradient(self, delta, act):
+        """(<delta act^T, A_j>)_j: each tap's shifted images against delta (Appendix H)."""
         return self._patches(act).reshape(self.r, -1) @ delta.reshape(-1)
 
 

@@ -199,7 +199,6 @@ def test_proposition1_rank_one_output_network_stays_aligned(kind, seed):
     bases = [random_orthogonal(rng, k) for k in widths]
     sigmas = [np.array([0.8] + [0.0] * (min(a, b) - 1)) for a, b in zip(widths, widths[1:])]
     weights = align.aligned_network(bases, sigmas)
-    checks = []
     out, hist = align.train(weights, X, Y, kind=kind, lr=0.2, max_steps=4000, tol=1e-3,
                             measure_every=400,
                             measures={"aligned": lambda w, _: bool(align.is_aligned(w, tol=1e-9))})
