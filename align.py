@@ -11,6 +11,7 @@ for independent networks trained together.
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 
@@ -393,14 +394,19 @@ def _split_first_layers(W10, Q, Xt):
 
 
 def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4,
-                     record_every=1, measure_every=100, measures=None, callback=None):
+                     record_every=1, measure_every=100, measures=None, callback=None, graphs=True):
     """Plain GD p <- p - lr g on a list of arrays, with ``loss_and_grads(params) -> (L, grads)``.
 
     Stops when the loss (the largest over a batch of networks) is below ``tol``
     (checked at recorded steps) or after ``max_steps`` steps; Ctrl-C stops it with
     ``stop_reason = "interrupted"``.  ``measures`` maps names to functions
     ``m(params, params_0)`` called at step 0, every ``measure_every`` steps and at
-    the end (one returning a dict records each of its keys).  ``callback(step, loss, history)`` runs at every recorded step.
+    the end (one returning a dict records each of its keys).  ``callback(step, loss,
+    history)`` runs at every recorded step (on the GPU after each replayed chunk).
+    With ``graphs`` and CuPy arrays, runs of up to CUDA_GRAPH_STEPS steps between
+    measurements are replayed from captured CUDA graphs (same kernels, same
+    iterates; ``loss_and_grads`` must then depend on the parameters' values only and
+    never copy to the host, else it falls back to launching kernels one by one).
     Returns (params, History).  A non-finite loss raises DivergenceError.
     """
     if not (lr > 0 and math.isfinite(lr)):
@@ -412,6 +418,7 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     ps = [p.copy() for p in params]
     hist = History()
     start = time.perf_counter()
+    chunks = _chunker(ps, loss_and_grads, lr) if graphs else None
 
     def measure(step):
         hist.measure_steps.append(step)
@@ -420,35 +427,50 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
             for key, v in (value.items() if isinstance(value, dict) else [(name, value)]):
                 hist.measurements.setdefault(key, []).append(_plain(v))
 
+    def stops(step, L):
+        """Record the loss of ``step`` (before its update); True when the run ends there."""
+        if step % record_every == 0 or step == max_steps:
+            value = _plain(L)
+            worst = max(value) if isinstance(value, list) else value
+            if not math.isfinite(worst):
+                hist.stop_reason, hist.final_step = "diverged", step
+                hist.wall_time = time.perf_counter() - start
+                raise DivergenceError(
+                    f"loss became {worst} at step {step} with lr = {lr}; "
+                    f"try a smaller learning rate (e.g. lr = {lr / 10:g})", hist)
+            hist.steps.append(step)
+            hist.losses.append(value)
+            if callback:
+                callback(step, worst, hist)
+            if worst < tol:
+                hist.stop_reason = "tol"
+                return True
+        if step >= max_steps:
+            hist.stop_reason = "max_steps"
+            return True
+        return False
+
     step = 0
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
         try:
             while True:
-                L, grads = loss_and_grads(ps)
                 if step % measure_every == 0:
                     measure(step)
-                if step % record_every == 0 or step == max_steps:
-                    value = _plain(L)
-                    worst = max(value) if isinstance(value, list) else value
-                    if not math.isfinite(worst):
-                        hist.stop_reason, hist.final_step = "diverged", step
-                        hist.wall_time = time.perf_counter() - start
-                        raise DivergenceError(
-                            f"loss became {worst} at step {step} with lr = {lr}; "
-                            f"try a smaller learning rate (e.g. lr = {lr / 10:g})", hist)
-                    hist.steps.append(step)
-                    hist.losses.append(value)
-                    if callback:
-                        callback(step, worst, hist)
-                    if worst < tol:
-                        hist.stop_reason = "tol"
+                span = min(CUDA_GRAPH_STEPS, measure_every - step % measure_every, max_steps - step)
+                losses = chunks.run(span) if chunks and span > 1 else None
+                if losses is None:                      # one step, kernel by kernel
+                    L, grads = loss_and_grads(ps)
+                    if stops(step, L):
                         break
-                if step >= max_steps:
-                    hist.stop_reason = "max_steps"
+                    _descend(ps, grads, lr)
+                    step += 1
+                    continue
+                done = next((j for j in range(span) if stops(step + j, losses[j])), None)
+                if done is not None:                    # stopped inside the chunk
+                    chunks.rewind(done)
+                    step += done
                     break
-                for p, g in zip(ps, grads):
-                    p -= lr * g
-                step += 1
+                step += span
         except KeyboardInterrupt:
             hist.stop_reason = "interrupted"
     hist.final_step = step
@@ -456,6 +478,114 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
         measure(step)
     hist.wall_time = time.perf_counter() - start
     return ps, hist
+
+
+def _descend(ps, grads, lr):
+    for p, g in zip(ps, grads):
+        p -= lr * g
+
+
+# GD steps per captured CUDA graph on the GPU; 0 or 1 launches kernels one by one
+# (environment variable ALIGN_CUDA_GRAPH_STEPS).
+CUDA_GRAPH_STEPS = int(os.environ.get("ALIGN_CUDA_GRAPH_STEPS", "50"))
+
+
+class _StepChunks:
+    """Runs of plain GD steps done in place: ``run(n)`` returns the n losses (host
+    array, one row per step, taken before each update); ``rewind(j)`` goes back to
+    the start of the last run and redoes its first j steps (a stop inside it).
+    This base class steps kernel by kernel; :class:`_CudaGraphChunks` replays."""
+
+    def __init__(self, ps, loss_and_grads, lr):
+        self.ps, self.loss_and_grads, self.lr = ps, loss_and_grads, lr
+        self.saved = [p.copy() for p in ps]
+
+    def _step(self):
+        L, grads = self.loss_and_grads(self.ps)
+        _descend(self.ps, grads, self.lr)
+        return L
+
+    def _save(self):
+        for s, p in zip(self.saved, self.ps):
+            s[...] = p
+
+    def run(self, n):
+        self._save()
+        return to_numpy(array_module(*self.ps).stack([self._step() for _ in range(n)]))
+
+    def rewind(self, j):
+        for s, p in zip(self.saved, self.ps):
+            p[...] = s
+        for _ in range(j):
+            self._step()
+
+
+class _CudaGraphChunks(_StepChunks):
+    """n GD steps as one CUDA graph launch (CuPy stream capture), captured once per n.
+
+    A fig1b step is ~20 kernels of a few microseconds each, so launching them from
+    Python costs more than running them.  The captured graph saves the parameters,
+    then does n steps, writing each loss into a buffer.  Its temporaries come from a
+    private memory pool that nothing else allocates from, so their addresses stay
+    valid between replays.  If capture fails (an operation that cannot be
+    captured), ``run`` returns None and the caller steps kernel by kernel.
+    """
+    warned = False                                       # say so once per process
+
+    def __init__(self, ps, loss_and_grads, lr):
+        import cupy
+        super().__init__(ps, loss_and_grads, lr)
+        self.cupy, self.graphs, self.failed = cupy, {}, False
+
+    def _capture(self, n):
+        cp = self.cupy
+        if not self.graphs:
+            self.pool, self.stream = cp.cuda.MemoryPool(), cp.cuda.Stream(non_blocking=True)
+        cp.cuda.Device().synchronize()
+        with cp.cuda.using_allocator(self.pool.malloc), self.stream:
+            scratch = [p.copy() for p in self.ps]       # warm-up: compiles kernels, fills the pool
+            L, grads = self.loss_and_grads(scratch)
+            _descend(scratch, grads, self.lr)
+            losses = cp.empty((n,) + L.shape, dtype=L.dtype)
+            self.stream.synchronize()
+            mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", None)
+            self.stream.begin_capture(*(() if mode is None else (mode,)))
+            try:
+                self._save()
+                for j in range(n):
+                    losses[j] = self._step()
+            finally:
+                graph = self.stream.end_capture()
+        return graph, losses
+
+    def run(self, n):
+        if self.failed:
+            return None
+        try:
+            if n not in self.graphs:
+                self.graphs[n] = self._capture(n)
+        except Exception as exc:                         # noqa: BLE001 - fall back, say why
+            self.failed = True
+            if not _CudaGraphChunks.warned:
+                _CudaGraphChunks.warned = True
+                print(f"note: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
+                      "stepping kernel by kernel", file=sys.stderr)
+            return None
+        graph, losses = self.graphs[n]
+        try:
+            graph.launch()
+            return losses.get()
+        except KeyboardInterrupt:                        # keep the run consistent
+            self.cupy.cuda.Device().synchronize()
+            self.rewind(0)
+            raise
+
+
+def _chunker(ps, loss_and_grads, lr):
+    """CUDA-graph chunks for CuPy parameters when enabled, else None (step by step)."""
+    if CUDA_GRAPH_STEPS < 2 or array_module(*ps) is np:
+        return None
+    return _CudaGraphChunks(ps, loss_and_grads, lr)
 
 
 # ------------------------------------------------------------------- usSVD --

@@ -479,3 +479,61 @@ def test_every_pair_aligned_is_weaker_than_definition2_for_the_chain():
     assert align.alignment(weights, "paired") == pytest.approx(1.0, abs=1e-12)
     assert align.is_aligned(weights[:2]) and align.is_aligned(weights[1:])
     assert not align.is_aligned(weights)
+
+
+def _run_both(monkeypatch, run):
+    """run() kernel by kernel and in replayed chunks (on NumPy: _StepChunks, the
+    bookkeeping of the CUDA-graph path); returns both results."""
+    eager = run()
+    rewinds = []
+
+    class Spy(align._StepChunks):
+        def rewind(self, j):
+            rewinds.append(j)
+            super().rewind(j)
+    monkeypatch.setattr(align, "CUDA_GRAPH_STEPS", 7)
+    monkeypatch.setattr(align, "_chunker", Spy)
+    return eager, run(), rewinds
+
+
+@pytest.mark.parametrize("tol, record_every, measure_every, max_steps, widths",
+                         [(1e-3, 1, 11, 10_000, [5, 6, 4]),     # stops by tol inside a chunk
+                          (0.0, 3, 25, 103, [5, 6, 4]),         # step budget, sparse records
+                          (1e-3, 4, 1, 10_000, [5, 6, 4]),      # a measurement at every step
+                          (1e-3, 1, 100, 10_000, [12, 9, 5, 4])])  # n < k0: row-space path
+def test_chunked_steps_give_the_same_run_as_step_by_step(monkeypatch, tol, record_every,
+                                                         measure_every, max_steps, widths):
+    rng = np.random.default_rng(30)
+    weights, X, Y = random_problem(rng, "mse", widths, 5)   # n = 5: interpolable
+    calls = []
+    run = lambda: align.train(weights, X, Y, lr=0.05, max_steps=max_steps, tol=tol,
+                              record_every=record_every, measure_every=measure_every,
+                              measures={"a": lambda w, w0: align.alignment(w)},
+                              callback=lambda s, L, h: calls.append(s))
+    (w1, h1), (w2, h2), rewinds = _run_both(monkeypatch, run)
+    assert h1.final_step == h2.final_step and h1.stop_reason == h2.stop_reason
+    assert (rewinds and rewinds[0] > 0) if tol and measure_every > 1 else not rewinds
+    assert h1.steps == h2.steps and h1.losses == h2.losses
+    assert h1.measure_steps == h2.measure_steps and h1.measurements == h2.measurements
+    assert calls[:len(calls) // 2] == calls[len(calls) // 2:]
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_chunked_steps_on_a_batch_and_on_divergence(monkeypatch):
+    rng = np.random.default_rng(31)
+    batch = [rng.standard_normal((3, 5, 5)) / 2 for _ in range(2)]
+    X, Y = rng.standard_normal((3, 5, 9)), rng.standard_normal((3, 5, 9))
+    run = lambda: align.train(batch, X, Y, lr=0.05, max_steps=500, tol=1e-2)
+    (w1, h1), (w2, h2), _ = _run_both(monkeypatch, run)
+    assert h1.losses == h2.losses and h1.final_step == h2.final_step
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+    weights, X, Y = random_problem(rng, "mse", [4, 4, 4], 4)
+    steps = []
+    for chunker in (None, align._StepChunks):
+        monkeypatch.setattr(align, "_chunker", chunker or (lambda *a: None))
+        with pytest.raises(align.DivergenceError) as e:
+            align.train([W * 10 for W in weights], X, Y * 100, lr=100.0, max_steps=1000)
+        steps.append(e.value.history.final_step)
+    assert steps[0] == steps[1] > 0
