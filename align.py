@@ -156,7 +156,7 @@ def forward(weights, X):
 def _activations(weights, X):
     acts = [X]
     for W in weights:
-        acts.append(W @ acts[-1])
+        acts.append(_mm(W, acts[-1]))
     return acts
 
 
@@ -196,9 +196,9 @@ def _backward(weights, acts, delta, input_grad=False):
     also dL/d(input) = W_1^T delta_1."""
     grads = [None] * len(weights)
     for i in range(len(weights) - 1, -1, -1):
-        grads[i] = delta @ _T(acts[i])
+        grads[i] = _mm(delta, _T(acts[i]))
         if i or input_grad:
-            delta = _T(weights[i]) @ delta
+            delta = _mm(_T(weights[i]), delta)
     return (grads, delta) if input_grad else grads
 
 
@@ -318,7 +318,7 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
     if Q is not None:
         rest[0] = rest[0] @ Q
     start = [xp.zeros(A0.shape[:-1] + (X.shape[-1],), dtype=W10.dtype)] + rest
-    first_layer = (lambda C: A0 + C * K) if squared else (lambda C: A0 + C @ K)
+    first_layer = (lambda C: A0 + C * K) if squared else (lambda C: A0 + _mm(C, K))
 
     def loss_and_grads(ps):
         acts = _activations(ps[1:], first_layer(ps[0]))
@@ -549,14 +549,17 @@ class _CudaGraphChunks(_StepChunks):
             losses = cp.empty((n,) + L.shape, dtype=L.dtype)
             self.stream.synchronize()
             mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", None)
+            global _CAPTURING
+            _CAPTURING = _DirectCublas(cp, self.stream)
             self.stream.begin_capture(*(() if mode is None else (mode,)))
             try:
                 self._save()
                 for j in range(n):
                     losses[j] = self._step()
             finally:
+                cublas, _CAPTURING = _CAPTURING, None
                 graph = self.stream.end_capture()
-        return graph, losses
+        return graph, losses, cublas                     # the graph's cuBLAS workspace lives on
 
     def run(self, n):
         if self.failed:
@@ -571,7 +574,7 @@ class _CudaGraphChunks(_StepChunks):
                 print(f"note: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
                       "stepping kernel by kernel", file=sys.stderr)
             return None
-        graph, losses = self.graphs[n]
+        graph, losses, _ = self.graphs[n]
         try:
             graph.launch()
             return losses.get()
@@ -579,6 +582,97 @@ class _CudaGraphChunks(_StepChunks):
             self.cupy.cuda.Device().synchronize()
             self.rewind(0)
             raise
+
+
+def _mm(A, B):
+    """A @ B.  While a CUDA graph is being captured, through cuBLAS directly (CuPy
+    refuses to call cuBLAS during stream capture, although cuBLAS supports it)."""
+    return A @ B if _CAPTURING is None else _CAPTURING.matmul(A, B)
+
+
+_CAPTURING = None               # the _DirectCublas of the capture in progress
+
+
+def _gemm_operand(M):
+    """How cuBLAS (column-major) reads the transpose of a row-major operand M (.., r, c):
+    (op, ld, batch stride) in elements, or None when M needs a contiguous copy first.
+    A row-major M is the column-major M^T with ld = row stride (op N); a transposed
+    view (unit row stride) is the column-major M itself, so op T gives M^T."""
+    r, c = M.shape[-2:]
+    s0, s1 = (st // M.itemsize for st in M.strides[-2:])
+    batch = M.strides[0] // M.itemsize if M.ndim == 3 else 0
+    if (s1 == 1 or c == 1) and s0 >= max(c, 1):
+        return 0, s0, batch
+    if (s0 == 1 or r == 1) and s1 >= max(r, 1):
+        return 1, s1, batch
+    return None
+
+
+def _gemm_plan(A, B):
+    """cuBLAS arguments for C = A @ B (row-major, 2-D or batched, batch broadcast):
+    C^T = B^T A^T in column-major terms.  Returns (A, B, out shape, (opB, opA, n, m, k,
+    ldB, strideB, ldA, strideA, ldC, strideC, batch)); A or B become contiguous
+    copies when their layout cannot be described by a leading dimension."""
+    xp = array_module(A, B)
+    plans = []
+    for M in (A, B):
+        plan = _gemm_operand(M)
+        if plan is None:
+            M = xp.ascontiguousarray(M)
+            plan = _gemm_operand(M)
+        plans.append((M, plan))
+    (A, (opA, ldA, sA)), (B, (opB, ldB, sB)) = plans
+    m, k, n = A.shape[-2], A.shape[-1], B.shape[-1]
+    batch = max(A.shape[0] if A.ndim == 3 else 1, B.shape[0] if B.ndim == 3 else 1)
+    shape = ((batch,) if max(A.ndim, B.ndim) == 3 else ()) + (m, n)
+    return A, B, shape, (opB, opA, n, m, k, ldB, sB, ldA, sA, n, m * n, batch)
+
+
+class _DirectCublas:
+    """cuBLAS gemm through ctypes on CuPy's handle, for products inside a capture."""
+
+    def __init__(self, cupy, stream):
+        import ctypes
+        self.ct, self.cupy = ctypes, cupy
+        self.lib = next(lib for lib in map(self._load, ("libcublas.so.13", "libcublas.so.12",
+                                                        "libcublas.so")) if lib)
+        self.handle = ctypes.c_void_p(cupy.cuda.device.get_cublas_handle())
+        self.workspace = cupy.empty(32 << 20, dtype=cupy.uint8)     # NVIDIA: set one for graphs
+        self._check(self.lib.cublasSetPointerMode_v2(self.handle, 0))  # alpha, beta on the host
+        self._check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream.ptr)))
+        self._check(self.lib.cublasSetWorkspace_v2(self.handle,
+                                                   ctypes.c_void_p(self.workspace.data.ptr),
+                                                   ctypes.c_size_t(self.workspace.nbytes)))
+
+    def _load(self, name):
+        try:
+            return self.ct.CDLL(name)
+        except OSError:
+            return None
+
+    @staticmethod
+    def _check(status):
+        if status != 0:
+            raise RuntimeError(f"cuBLAS status {status}")
+
+    def matmul(self, A, B):
+        if A.dtype != B.dtype or A.dtype.char not in "fd" or max(A.ndim, B.ndim) > 3:
+            raise TypeError(f"direct cuBLAS product of {A.dtype}{A.shape} and {B.dtype}{B.shape}")
+        A, B, shape, (opB, opA, n, m, k, ldB, sB, ldA, sA, ldC, sC, batch) = _gemm_plan(A, B)
+        C = self.cupy.empty(shape, dtype=A.dtype)
+        ct, f32 = self.ct, A.dtype.char == "f"
+        scalar = ct.c_float if f32 else ct.c_double
+        one, zero = scalar(1.0), scalar(0.0)
+        ptr = lambda M: ct.c_void_p(M.data.ptr)
+        args = (self.handle, opB, opA, n, m, k, ct.byref(one), ptr(B), ldB)
+        if batch == 1 and len(shape) == 2:
+            gemm = self.lib.cublasSgemm_v2 if f32 else self.lib.cublasDgemm_v2
+            self._check(gemm(*args, ptr(A), ldA, ct.byref(zero), ptr(C), ldC))
+        else:
+            gemm = self.lib.cublasSgemmStridedBatched if f32 else self.lib.cublasDgemmStridedBatched
+            self._check(gemm(*args, ct.c_longlong(sB), ptr(A), ldA, ct.c_longlong(sA),
+                             ct.byref(zero), ptr(C), ldC, ct.c_longlong(sC), batch))
+        return C
 
 
 def _chunker(ps, loss_and_grads, lr):

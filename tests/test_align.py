@@ -537,3 +537,34 @@ def test_chunked_steps_on_a_batch_and_on_divergence(monkeypatch):
             align.train([W * 10 for W in weights], X, Y * 100, lr=100.0, max_steps=1000)
         steps.append(e.value.history.final_step)
     assert steps[0] == steps[1] > 0
+
+
+def test_gemm_plan_reads_every_layout_the_steps_use():
+    """The direct cuBLAS product (CUDA-graph capture) emulated on NumPy: column-major
+    gemm of the planned operands gives A @ B for plain, transposed, batched and
+    broadcast operands."""
+    from numpy.lib.stride_tricks import as_strided
+    rng = np.random.default_rng(40)
+
+    def stored(M, op, ld, bstride, batch):
+        r, c = M.shape[-2:]
+        rows, cols = (c, r) if op == 0 else (r, c)          # the column-major matrix in memory
+        view = as_strided(M, (batch, rows, cols), (bstride * M.itemsize, M.itemsize, ld * M.itemsize))
+        return view if op == 0 else np.swapaxes(view, 1, 2)  # op(stored) = M^T
+
+    def emulate(A, B):
+        A, B, shape, (opB, opA, n, m, k, ldB, sB, ldA, sA, ldC, sC, batch) = align._gemm_plan(A, B)
+        Ct = stored(B, opB, ldB, sB, batch) @ np.swapaxes(stored(A, opA, ldA, sA, batch), 1, 2) \
+            .swapaxes(1, 2)                                   # B^T A^T, batch x n x m
+        return np.swapaxes(Ct, 1, 2).reshape(shape)
+
+    a, b = rng.standard_normal((5, 4)), rng.standard_normal((4, 3))
+    ab, bb = rng.standard_normal((6, 5, 4)), rng.standard_normal((6, 4, 3))
+    cases = [(a, b), (a.T.copy().T, b), (rng.standard_normal((4, 5)).T, b),
+             (a, rng.standard_normal((3, 4)).T), (ab, bb), (ab, b), (a, bb),
+             (np.swapaxes(rng.standard_normal((6, 4, 5)), 1, 2), bb),
+             (ab, np.swapaxes(rng.standard_normal((6, 3, 4)), 1, 2)),
+             (a[:, ::2], rng.standard_normal((2, 3))),          # a strided view: copied
+             (rng.standard_normal((1, 4)), b), (a, rng.standard_normal((4, 1)))]
+    for A, B in cases:
+        np.testing.assert_allclose(emulate(A, B), A @ B, rtol=1e-12, atol=1e-12)
