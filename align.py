@@ -330,14 +330,23 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
         if Q is None:
             return [W10 + ps[0] @ Xt] + list(ps[1:])
         return [W10 + Q @ (ps[0] @ Xt), ps[1] @ _T(Q)] + list(ps[2:])
+    widths = [W10.shape[-1]] + [W.shape[-2] for W in weights]
     split = []                                   # built at the first measurement
 
     def measured(fn, ps):
         if Q is not None and hasattr(fn, "from_svds"):
             if not split:
-                split.append(_split_first_layers(W10, Q, Xt))
-            if split[0] is not None:
-                return fn.from_svds(split[0](ps) + [_reduced_svd(W) for W in ps[2:]])
+                layers = _split_first_layers(W10, Q, Xt)
+                at_start = layers and layers(start)
+                split.extend([layers, at_start and
+                              (at_start[0] + [_reduced_svd(W) for W in start[2:]], at_start[1])])
+            layers, then = split
+            now = layers and then and layers(ps)
+            if now:
+                value = fn.from_svds(now[0] + [_reduced_svd(W) for W in ps[2:]], then=then[0],
+                                     widths=widths, static=(now[1], then[1]))
+                if value is not None:
+                    return value
         return fn(weights_of(ps), weights)
     wrapped = {name: (lambda ps, _, fn=fn: measured(fn, ps)) for name, fn in (measures or {}).items()}
     out, hist = gradient_descent(start, _frozen_below(loss_and_grads, tol), lr, max_steps, tol,
@@ -354,16 +363,21 @@ def _range_basis(A, rtol):
 
 
 def _split_first_layers(W10, Q, Xt):
-    """Reduced SVDs of W_1 = W_1(0) + Q C X^T and W_2 = W~_2 Q^T without decomposing W_1.
+    """Layers 1 and 2 for the measures without decomposing W_1 = W_1(0) + Q C X^T.
 
     Then W_1 W_1^T - W_1(0) W_1(0)^T has its range in span(Q).  If span(Q) is also an
     invariant subspace of W_1(0) W_1(0)^T (as for the aligned starts of Figure 1b,
-    whose W_1(0) = D_1 U_X^T), the left singular vectors split: those in span(Q)^perp
-    never change and are found once, the others come from the m x k0 matrix Q^T W_1.
-    Returns ``split(params) -> [svd(W_1), svd(W_2)]``, or None when the condition fails
-    (relative tolerance 1000 eps of the dtype: a float32 start is invariant only to its
-    rounding; at fig1b size the measures then agree with direct SVDs to 5e-8).  A rank
-    deficient W_1 falls back to its direct SVD.
+    whose W_1(0) = D_1 U_X^T), the left singular vectors split: the static ones, in
+    span(Q)^perp, never change, and the others are those of the m x k0 matrix
+    Q^T W_1.  The measures need no static vector: each matches itself exactly
+    between two times, and is orthogonal to V_2, which lies in span(Q) (so is every
+    row of W_2 = W~_2 Q^T).  Returns ``split(params) -> ([svd_1, svd_2], static)``:
+    svd_1 = (U_1 in Q's coordinates with zero columns for static directions, all
+    singular values, None: V_1 is never measured), svd_2 = (U_2, s_2, V_2 in Q's
+    coordinates), ``static`` the mask of static directions; ``split`` gives None
+    where W_1 is rank deficient.  Returns None when the condition fails (relative
+    tolerance 1000 eps of the dtype: a float32 start is invariant only to its
+    rounding; at fig1b size the measures then agree with direct SVDs to 5e-8).
     """
     W0, Qh, Xh = (to_numpy(a).astype(np.float64) for a in (W10, Q, Xt))
     G0Q = W0 @ (W0.T @ Qh)
@@ -371,25 +385,22 @@ def _split_first_layers(W10, Q, Xt):
     if np.linalg.norm(G0Q - Qh @ (Qh.T @ G0Q), 2) > tol:
         return None
     P = _orth_complement(Qh, W0.shape[0])
-    Us, ss, Vs = _svd_by_gram(P.T @ W0)
-    Us, Vs = np.asfortranarray(P @ Us), np.asfortranarray(Vs)       # column gathers below
+    static_values = _svd_by_gram(P.T @ W0)[1]
     QtW0, r = Qh.T @ W0, min(W0.shape)
 
     def split(ps):
-        Ud, sd, Vd = _svd_by_gram(QtW0 + to_numpy(ps[0]).astype(np.float64) @ Xh)
-        s = np.concatenate([sd, ss])
+        A = QtW0 + to_numpy(ps[0]).astype(np.float64) @ Xh          # Q^T W_1, m x k0
+        w, Ud = np.linalg.eigh(A @ A.T)
+        sd, Ud = np.sqrt(np.maximum(w[::-1], 0)), Ud[:, ::-1]
+        s = np.concatenate([sd, static_values])
         order = np.argsort(-s, kind="stable")[:r]
         if s[order[-1]] <= 1e-7 * s[order[0]]:
-            U1, s1, V1 = _reduced_svd(W10 + Q @ (ps[0] @ Xt))    # rank deficient: no shortcut
-        else:                                                    # interleave the two blocks
-            dyn = order < sd.size
-            U1 = np.empty((W0.shape[0], r), order="F")    # columns contiguous
-            V1 = np.empty((W0.shape[1], r), order="F")
-            U1[:, dyn], V1[:, dyn] = Qh @ Ud[:, order[dyn]], Vd[:, order[dyn]]
-            U1[:, ~dyn], V1[:, ~dyn] = Us[:, order[~dyn] - sd.size], Vs[:, order[~dyn] - sd.size]
-            s1 = s[order]
+            return None                                              # rank deficient
+        dynamic = order < sd.size
+        U1 = np.zeros((Qh.shape[1], r))
+        U1[:, dynamic] = Ud[:, order[dynamic]]
         U2, s2, V2 = _reduced_svd(ps[1])
-        return [(U1, s1, V1), (U2, s2, Qh @ V2)]
+        return [(U1, s[order], None), (U2, s2, V2)], ~dynamic
     return split
 
 
@@ -755,12 +766,6 @@ def _complete(U, missing):
     return U
 
 
-def _used(vectors, s, rtol):
-    """Directions with sigma > rtol * sigma_max (the ones the layer uses)."""
-    keep = s > rtol * (s[0] if s.size else 0.0)
-    return (vectors, s) if keep.all() else (vectors[:, keep], s[keep])
-
-
 def _clusters(s, rtol, scale=None):
     """Index groups of descending values equal up to rtol * scale (default: the largest)."""
     if s.size == 0:
@@ -835,70 +840,110 @@ def _greedy_match(C, capacity):
     return value[0] if single else value
 
 
-def _paired_match(A, sa, B, sb, rtol, positions=None):
-    """Sum of matched cosines for A's used directions, and their count.
+@dataclasses.dataclass
+class _Pair:
+    """Two sets of orthonormal directions that a measure compares: the columns of A
+    and of B, singular values sa and sb descending, in a space of dimension k (given
+    in the coordinates of any subspace that holds both: only inner products count).
 
-    A (k x p) and B (k x q) hold orthonormal used directions, sa and sb their
-    singular values.  Inside each cluster of equal singular values A's directions
-    are rotated to the basis B splits the cluster into; then each direction is
-    matched one to one (greedily by decreasing cosine) to a cluster of B or to the
-    complement of span(B), each taking at most its dimension of directions; the
-    cosine with a cluster is the norm of the projection onto it.  With
-    ``positions`` (max(k_{i-1}, k_{i+1}) for adjacent layers) the complement takes
-    at most positions - q: directions used by either layer need a position below
-    that in a shared usSVD (Definition 2's rectangular Sigma_i).
+    ``exact`` directions common to both were left out of A and B, ``exact_used`` of
+    them used; each is a perfect match (layer 1's static directions in training, see
+    ``_split_first_layers``).  scale_a, scale_b: the largest singular values, those
+    left out included.  The matched rule scores B's directions when ``rows_b``, else
+    A's; ``positions`` as in :func:`alignment`.  Arrays may carry a batch axis.
     """
-    k, p, q = A.shape[0], A.shape[1], B.shape[1]
+    A: np.ndarray
+    sa: np.ndarray
+    B: np.ndarray
+    sb: np.ndarray
+    k: int
+    rows_b: bool
+    positions: int = None
+    exact: int = 0
+    exact_used: int = 0
+    scale_a: np.ndarray = None
+    scale_b: np.ndarray = None
+
+    def __post_init__(self):
+        top = lambda s: s[..., 0] if s.shape[-1] else np.zeros(s.shape[:-1])
+        self.scale_a = top(self.sa) if self.scale_a is None else self.scale_a
+        self.scale_b = top(self.sb) if self.scale_b is None else self.scale_b
+        self.product = _T(self.A) @ self.B          # A^T B, shared by both rules
+
+
+def _paired_match(pair, rtol):
+    """Sum of matched cosines for the used directions of the pair's smaller side, and
+    their count (the left-out exact directions count 1 each).
+
+    Used directions have sigma > rtol * sigma_max.  Inside each cluster of
+    singular values equal up to rtol * sigma_max the smaller side's directions are
+    rotated to the basis the other side's clusters split the cluster into; then each
+    direction is matched one to one (greedily by decreasing cosine) to a cluster of
+    the other side or to the complement of its span, each taking at most its
+    dimension of directions; the cosine with a cluster is the norm of the projection
+    onto it.  With ``positions`` (max(k_{i-1}, k_{i+1}) for adjacent layers) the
+    complement takes at most positions - q: directions used by either layer need a
+    position below that in a shared usSVD (Definition 2's rectangular Sigma_i).
+    """
+    ua, ub = pair.sa > rtol * pair.scale_a, pair.sb > rtol * pair.scale_b
+    M, sa, sb = pair.product[ua][:, ub], pair.sa[ua], pair.sb[ub]
+    scale_a, scale_b = pair.scale_a, pair.scale_b
+    if M.shape[0] > M.shape[1]:
+        M, sa, sb, scale_a, scale_b = M.T, sb, sa, scale_b, scale_a
+    p, q = M.shape
     if p == 0:
-        return 0.0, 0
-    ca, cb = _clusters(sa, rtol), _clusters(sb, rtol)
-    M = _adapt_clusters(A.T @ B, ca, cb)
+        return float(pair.exact_used), pair.exact_used
+    cb = _clusters(sb, rtol, scale_b)
+    M = _adapt_clusters(M, _clusters(sa, rtol, scale_a), cb)
     sq = M * M
     starts = np.array([c[0] for c in cb], dtype=np.int64)
     in_b = np.add.reduceat(sq, starts, axis=1) if q else np.zeros((p, 0))
     outside = np.clip(1.0 - sq.sum(axis=1, keepdims=True), 0.0, 1.0)
     C = np.sqrt(np.clip(np.concatenate([in_b, outside], axis=1), 0.0, 1.0))
-    capacity = [len(c) for c in cb] + [max(0, min(k, positions or k) - q)]
-    return float(_greedy_match(C, capacity).sum()), p
+    k = pair.k - pair.exact_used
+    capacity = [len(c) for c in cb] + [max(0, min(k, pair.positions or k) - q)]
+    return float(_greedy_match(C, capacity).sum()) + pair.exact_used, p + pair.exact_used
 
 
-def _paired_score(pairs, rtol, positions=None):
-    """Mean matched cosine over the smaller side of each pair of direction sets."""
+def _paired_score(pairs, rtol):
+    """Mean matched cosine over the smaller side of each pair (see _paired_match)."""
     total, count = 0.0, 0
-    for j, ((A, sa), (B, sb)) in enumerate(pairs):
-        if A.shape[1] > B.shape[1]:
-            (A, sa), (B, sb) = (B, sb), (A, sa)
-        t, c = _paired_match(A, sa, B, sb, rtol, positions and positions[j])
+    for pair in pairs:
+        t, c = _paired_match(pair, rtol)
         total, count = total + t, count + c
     return total / count if count else 1.0
 
 
 def _matched_score(pairs):
-    """The authors' rule: for each row of M = B^T A the largest |entry|, summed / rows.
-    (A, B may carry a batch axis; the score then has one value per network.)"""
+    """The authors' rule: for each scored direction the largest |cosine| with the
+    other side, summed over all pairs / the directions (one value per network)."""
     total, count = 0.0, 0
-    for A, B in pairs:
-        M = np.abs(_T(B) @ A)
+    for pair in pairs:
+        M = np.abs(pair.product)
         if M.size:
-            total = total + M.max(axis=-1).sum(axis=-1)
-            count += M.shape[-2]
+            total = total + M.max(axis=-2 if pair.rows_b else -1).sum(axis=-1)
+            count += M.shape[-1 if pair.rows_b else -2]
+        total, count = total + pair.exact, count + pair.exact
     return total / count if count else 1.0
 
 
 def _paired_generic(pairs):
-    """The paired score for a batch of networks whose singular values are all nonzero and
-    distinct (so every cluster is one direction): the vectorised form of _paired_score."""
+    """The paired score for networks (a batch, or one) whose singular values are all
+    nonzero and distinct, so every cluster is one direction and every direction is
+    used: the vectorised form of _paired_score."""
     total, count = 0.0, 0
-    for A, B, positions in pairs:
-        if A.shape[-1] > B.shape[-1]:
-            A, B = B, A
-        k, p, q = A.shape[-2], A.shape[-1], B.shape[-1]
-        sq = (_T(A) @ B) ** 2
+    for pair in pairs:
+        M = pair.product
+        if M.shape[-2] > M.shape[-1]:
+            M = _T(M)
+        p, q = M.shape[-2:]
+        sq = M ** 2
         outside = np.clip(1.0 - sq.sum(axis=-1, keepdims=True), 0.0, 1.0)
         C = np.sqrt(np.clip(np.concatenate([sq, outside], axis=-1), 0.0, 1.0))
-        capacity = [1] * q + [max(0, min(k, positions or k) - q)]
-        total = total + _greedy_match(C, capacity).sum(axis=-1)
-        count += p
+        k = pair.k - pair.exact
+        capacity = [1] * q + [max(0, min(k, pair.positions or k) - q)]
+        total = total + _greedy_match(C, capacity).sum(axis=-1) + pair.exact
+        count += p + pair.exact
     return total / count if count else 1.0
 
 
@@ -936,14 +981,21 @@ def alignment(weights, how="paired", rtol=1e-6):
     return _alignment_of([_reduced_svd(W) for W in weights], how, rtol)
 
 
+def _widths(svds):
+    return [svds[0][2].shape[-2]] + [U.shape[-2] for U, _, _ in svds]
+
+
+def _alignment_pairs(svds, widths):
+    """(U_i, V_{i+1}) for the adjacent layers, from reduced SVDs [(U, s, V), ...]."""
+    return [_Pair(svds[i][0], svds[i][1], svds[i + 1][2], svds[i + 1][1], widths[i + 1],
+                  rows_b=True, positions=max(widths[i], widths[i + 2]))
+            for i in range(len(svds) - 1)]
+
+
 def _alignment_of(svds, how, rtol):
     """alignment() from the layers' reduced SVDs [(U, s, V), ...]."""
-    if how == "matched":
-        return _matched_score([(svds[i][0], svds[i + 1][2]) for i in range(len(svds) - 1)])
-    pairs = [(_used(svds[i][0], svds[i][1], rtol), _used(svds[i + 1][2], svds[i + 1][1], rtol))
-             for i in range(len(svds) - 1)]
-    widths = [svds[0][2].shape[0]] + [U.shape[0] for U, _, _ in svds]
-    return _paired_score(pairs, rtol, [max(widths[i], widths[i + 2]) for i in range(len(pairs))])
+    pairs = _alignment_pairs(svds, _widths(svds))
+    return _matched_score(pairs) if how == "matched" else _paired_score(pairs, rtol)
 
 
 def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
@@ -959,45 +1011,61 @@ def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
                           [_reduced_svd(W) for W in weights_0], how, rtol)
 
 
-def _invariance_of(now, then, how, rtol):
-    """invariance() from reduced SVDs of the layers now and at the start."""
+def _invariance_pairs(now, then, widths, rtol, static=None):
+    """(U_i(t), U_i(0)) for i < d and (V_i(t), V_i(0)) for i > 1.
+
+    ``static``: masks of layer 1's static directions now and then when layer 1
+    comes from ``_split_first_layers`` (its U in the coordinates of Q, zero for the
+    static directions, which are the same vectors at both times): they are left out
+    as exact matches.  None when that is not exact (a static direction used at one
+    time only)."""
     d = len(now)
     sides = [(i, 0) for i in range(d - 1)] + [(i, 2) for i in range(1, d)]
-    if how == "matched":
-        return _matched_score([(then[i][side], now[i][side]) for i, side in sides])
-    pairs = [(_used(now[i][side], now[i][1], rtol), _used(then[i][side], then[i][1], rtol))
-             for i, side in sides]
-    return _paired_score(pairs, rtol)
+    pairs = [_Pair(now[i][side], now[i][1], then[i][side], then[i][1],
+                   widths[i + 1] if side == 0 else widths[i], rows_b=False)
+             for i, side in sides if not (static and i == side == 0)]
+    if static and d > 1:
+        (U, s, _), (U0, s0, _), (mask, mask0) = now[0], then[0], static
+        used, used0 = int((s[mask] > rtol * s[0]).sum()), int((s0[mask0] > rtol * s0[0]).sum())
+        if used != used0:
+            return None
+        pairs.append(_Pair(U[:, ~mask], s[~mask], U0[:, ~mask0], s0[~mask0], widths[1], rows_b=False,
+                           exact=int(mask.sum()), exact_used=used, scale_a=s[0], scale_b=s0[0]))
+    return pairs
+
+
+def _invariance_of(now, then, how, rtol):
+    """invariance() from reduced SVDs of the layers now and at the start."""
+    pairs = _invariance_pairs(now, then, _widths(now), rtol)
+    return _matched_score(pairs) if how == "matched" else _paired_score(pairs, rtol)
 
 
 def tracker(weights_0, rtol=1e-6):
     """A measure for :func:`train`: ``m(weights, _)`` returns alignment and invariance
     by both rules, {"alignment_paired", "alignment_matched", "invariance_paired",
-    "invariance_matched"}, with one SVD per layer (those of weights_0 computed once)."""
+    "invariance_matched"}, with one SVD per layer (those of weights_0 computed once).
+
+    ``m.from_svds(now, then=None, widths=None, static=None)`` measures from reduced
+    SVDs (float64, host) instead, e.g. layer 1 split by ``_split_first_layers``;
+    it returns None when that split cannot be measured exactly.
+    """
     check_network(weights_0)
-    then = [_reduced_svd(W) for W in weights_0]
+    start = [_reduced_svd(W) for W in weights_0]
 
-    def single(now, then):
-        return {f"{what}_{how}": fn(how)
-                for how in HOW
-                for what, fn in (("alignment", lambda h: _alignment_of(now, h, rtol)),
-                                 ("invariance", lambda h: _invariance_of(now, then, h, rtol)))}
-
-    def from_svds(now):
-        """The measures from the layers' reduced SVDs [(U, s, V), ...] (float64, host)."""
-        if now[0][0].ndim == 2:
-            if not (_generic(now, rtol) and _generic(then, rtol)):
-                return single(now, then)
-            one = lambda svds: [tuple(a[None] for a in svd) for svd in svds]
-            return {key: float(v[0]) for key, v in _batched_measures(one(now), one(then)).items()}
+    def from_svds(now, then=None, widths=None, static=None):
+        then = start if then is None else then
+        widths = widths or _widths(now)
+        if now[0][1].ndim == 1:
+            return _measures(now, then, widths, rtol, static)
         pick = lambda svds, b: [tuple(a[b] for a in svd) for svd in svds]
         generic = _generic(now, rtol) & _generic(then, rtol)
         out = {key: np.zeros(generic.size) for key in MEASURE_KEYS}
         if generic.any():
-            for key, value in _batched_measures(pick(now, generic), pick(then, generic)).items():
+            values = _measures(pick(now, generic), pick(then, generic), widths, rtol, generic=True)
+            for key, value in values.items():
                 out[key][generic] = value
         for b in np.flatnonzero(~generic):      # repeated or zero singular values
-            for key, value in single(pick(now, b), pick(then, b)).items():
+            for key, value in _measures(pick(now, b), pick(then, b), widths, rtol).items():
                 out[key][b] = value
         return out
 
@@ -1005,6 +1073,22 @@ def tracker(weights_0, rtol=1e-6):
         return from_svds([_reduced_svd(W) for W in weights])
     measure.from_svds = from_svds
     return measure
+
+
+def _measures(now, then, widths, rtol, static=None, generic=None):
+    """The four measures from reduced SVDs now and at the start (None: see
+    _invariance_pairs); the vectorised rule when all singular values are distinct."""
+    invariant = _invariance_pairs(now, then, widths, rtol, static)
+    if invariant is None:
+        return None
+    aligned = _alignment_pairs(now, widths)
+    if generic is None:
+        generic = bool(_generic(now, rtol) and _generic(then, rtol))
+    paired = _paired_generic if generic else (lambda pairs: _paired_score(pairs, rtol))
+    values = {"alignment_paired": paired(aligned), "alignment_matched": _matched_score(aligned),
+              "invariance_paired": paired(invariant), "invariance_matched": _matched_score(invariant)}
+    return values if generic is True and now[0][1].ndim > 1 else \
+        {key: float(v) for key, v in values.items()}
 
 
 MEASURE_KEYS = ("alignment_paired", "alignment_matched", "invariance_paired", "invariance_matched")
@@ -1017,20 +1101,6 @@ def _generic(svds, rtol):
         top = s[..., :1]
         ok = ok & (s[..., -1] > rtol * top[..., 0]) & (np.abs(np.diff(s, axis=-1)) > rtol * top).all(axis=-1)
     return ok
-
-
-def _batched_measures(now, then):
-    """tracker() for a batch of generic networks, vectorised over the batch."""
-    widths = [now[0][2].shape[-2]] + [U.shape[-2] for U, _, _ in now]
-    d = len(now)
-    sides = [(i, 0) for i in range(d - 1)] + [(i, 2) for i in range(1, d)]
-    return {
-        "alignment_paired": _paired_generic([(now[i][0], now[i + 1][2], max(widths[i], widths[i + 2]))
-                                             for i in range(d - 1)]),
-        "alignment_matched": _matched_score([(now[i][0], now[i + 1][2]) for i in range(d - 1)]),
-        "invariance_paired": _paired_generic([(now[i][side], then[i][side], None) for i, side in sides]),
-        "invariance_matched": _matched_score([(then[i][side], now[i][side]) for i, side in sides]),
-    }
 
 
 # -------------------------------------------------- exact test of Def. 2 --
