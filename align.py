@@ -11,6 +11,7 @@ for independent networks trained together.
 import dataclasses
 import json
 import math
+import operator
 import os
 import sys
 import time
@@ -165,10 +166,10 @@ def _loss_and_output_grad(F, Y, kind):
     kd, n = F.shape[-2], F.shape[-1]
     if kind == "mse":                       # Eq. (2): 1/(2n) sum_i ||y_i - f(x_i)||^2
         R = F - Y
-        return (R * R).sum((-2, -1)) / (2 * n), R / n
+        return _squared_norm(R) / (2 * n), R / n
     if kind == "mse_mean":                  # mean over all kd*n entries (PyTorch MSELoss)
         R = F - Y
-        return (R * R).sum((-2, -1)) / (kd * n), R * (2.0 / (kd * n))
+        return _squared_norm(R) / (kd * n), R * (2.0 / (kd * n))
     xp = array_module(F)
     if kind == "ce":                        # softmax over the kd rows, mean over n
         Z = F - F.max(axis=-2, keepdims=True)
@@ -182,6 +183,11 @@ def _loss_and_output_grad(F, Y, kind):
         e = xp.exp(-margin)
         return e.sum((-2, -1)) / n, -Y * e / n
     raise ValueError(f"unknown loss kind {kind!r}; choose one of {LOSSES}")
+
+
+def _squared_norm(R):
+    """||R||_F^2 of each matrix of R."""
+    return array_module(R).vdot(R, R) if R.ndim == 2 else (R * R).sum((-2, -1))
 
 
 def _loss_and_gradients(weights, X, Y, kind):
@@ -264,20 +270,21 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
     if fast and X.shape[-1] < X.shape[-2]:
         return _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every,
                                    measure_every, measures, callback)
-    return gradient_descent(weights, _frozen_below(lambda ws: _loss_and_gradients(ws, X, Y, kind), tol),
-                            lr, max_steps, tol, record_every, measure_every, measures, callback)
+    step = _frozen_below(lambda ws: _loss_and_gradients(ws, X, Y, kind), tol, weights[0].ndim == 3)
+    return gradient_descent(weights, step, lr, max_steps, tol, record_every, measure_every,
+                            measures, callback)
 
 
-def _frozen_below(loss_and_grads, tol):
+def _frozen_below(loss_and_grads, tol, batched):
     """For a batch of networks: zero the gradients of those whose loss is below tol, so
     each stops where its own run would (the batch stops when all are below)."""
     def wrapped(ps):
         L, grads = loss_and_grads(ps)
-        if getattr(L, "ndim", 0) == 0 or L.shape[0] == 1:
+        if L.shape[0] == 1:
             return L, grads                  # one network stops with the run
         active = (L >= tol).astype(grads[0].dtype)[:, None, None]
         return L, [g * active for g in grads]
-    return wrapped
+    return wrapped if batched else loss_and_grads
 
 
 def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, measure_every,
@@ -349,7 +356,7 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
                     return value
         return fn(weights_of(ps), weights)
     wrapped = {name: (lambda ps, _, fn=fn: measured(fn, ps)) for name, fn in (measures or {}).items()}
-    out, hist = gradient_descent(start, _frozen_below(loss_and_grads, tol), lr, max_steps, tol,
+    out, hist = gradient_descent(start, _frozen_below(loss_and_grads, tol, W10.ndim == 3), lr, max_steps, tol,
                                  record_every, measure_every, wrapped, callback)
     return weights_of(out), hist
 
@@ -560,15 +567,16 @@ class _CudaGraphChunks(_StepChunks):
             losses = cp.empty((n,) + L.shape, dtype=L.dtype)
             self.stream.synchronize()
             mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", None)
-            global _CAPTURING
-            _CAPTURING = _DirectCublas(cp, self.stream)
+            global _mm
+            cublas = _DirectCublas(cp, self.stream)
             self.stream.begin_capture(*(() if mode is None else (mode,)))
             try:
+                _mm = cublas.matmul
                 self._save()
                 for j in range(n):
                     losses[j] = self._step()
             finally:
-                cublas, _CAPTURING = _CAPTURING, None
+                _mm = operator.matmul
                 graph = self.stream.end_capture()
         return graph, losses, cublas                     # the graph's cuBLAS workspace lives on
 
@@ -595,13 +603,10 @@ class _CudaGraphChunks(_StepChunks):
             raise
 
 
-def _mm(A, B):
-    """A @ B.  While a CUDA graph is being captured, through cuBLAS directly (CuPy
-    refuses to call cuBLAS during stream capture, although cuBLAS supports it)."""
-    return A @ B if _CAPTURING is None else _CAPTURING.matmul(A, B)
-
-
-_CAPTURING = None               # the _DirectCublas of the capture in progress
+# The matrix product of the training steps.  While a CUDA graph is captured it is
+# swapped for cuBLAS called directly (CuPy refuses to call cuBLAS during stream
+# capture, although cuBLAS supports it); see _CudaGraphChunks.
+_mm = operator.matmul
 
 
 def _gemm_operand(M):
@@ -766,31 +771,35 @@ def _complete(U, missing):
     return U
 
 
+def _cluster_bounds(s, rtol, scale):
+    """Starts and sizes of the runs of descending values s equal up to rtol * scale."""
+    starts = np.flatnonzero(np.abs(np.diff(s)) > rtol * scale) + 1
+    starts = np.concatenate([[0], starts]) if s.size else starts
+    return starts, np.diff(np.append(starts, s.size))
+
+
 def _clusters(s, rtol, scale=None):
     """Index groups of descending values equal up to rtol * scale (default: the largest)."""
     if s.size == 0:
         return []
-    cuts = np.flatnonzero(np.abs(np.diff(s)) > rtol * (s[0] if scale is None else scale)) + 1
-    return np.split(np.arange(s.size), cuts)
+    starts, _ = _cluster_bounds(s, rtol, s[0] if scale is None else scale)
+    return np.split(np.arange(s.size), starts[1:])
 
 
-def _adapt_clusters(M, ca, cb):
+def _adapt_clusters(M, a_bounds, b_sizes):
     """Rotate A's directions inside each A-cluster to the basis B's clusters split it into.
 
-    M = A^T B.  In a cluster of equal singular values any orthonormal basis is a
-    valid set of singular vectors; the eigenvectors of the compression of
-    sum_b w_b P_{F_b} (distinct weights w_b, F_b the B-clusters and the
-    complement of span(B)) lie each in one F_b whenever the cluster splits so.
+    M = A^T B; a_bounds = (starts, sizes) of A's clusters, b_sizes those of B's.  In
+    a cluster of equal singular values any orthonormal basis is a valid set of
+    singular vectors; the eigenvectors of the compression of sum_b w_b P_{F_b}
+    (distinct weights w_b, F_b the B-clusters and the complement of span(B)) lie
+    each in one F_b whenever the cluster splits so.
     """
     M = M.copy()
-    sizes = np.array([len(c) for c in cb], dtype=np.int64)
-    weights = np.repeat(1.0 + np.sqrt(2.0) * np.arange(1, sizes.size + 1) % 1.0, sizes)
-    by_size = {}
-    for rows in ca:
-        if len(rows) > 1:
-            by_size.setdefault(len(rows), []).append(rows)
-    for size, groups in by_size.items():          # clusters of one size in one batched eigh
-        rows = np.stack(groups)
+    weights = np.repeat(1.0 + np.sqrt(2.0) * np.arange(1, b_sizes.size + 1) % 1.0, b_sizes)
+    starts, sizes = a_bounds
+    for size in np.unique(sizes[sizes > 1]):          # clusters of one size in one batched eigh
+        rows = starts[sizes == size][:, None] + np.arange(size)
         block = M[rows]                                             # (clusters, size, q)
         compression = (block * weights) @ _T(block) + 0.5 * (np.eye(size) - block @ _T(block))
         M[rows] = _T(np.linalg.eigh(compression)[1]) @ block
@@ -893,15 +902,14 @@ def _paired_match(pair, rtol):
     p, q = M.shape
     if p == 0:
         return float(pair.exact_used), pair.exact_used
-    cb = _clusters(sb, rtol, scale_b)
-    M = _adapt_clusters(M, _clusters(sa, rtol, scale_a), cb)
+    starts, sizes = _cluster_bounds(sb, rtol, scale_b)
+    M = _adapt_clusters(M, _cluster_bounds(sa, rtol, scale_a), sizes)
     sq = M * M
-    starts = np.array([c[0] for c in cb], dtype=np.int64)
     in_b = np.add.reduceat(sq, starts, axis=1) if q else np.zeros((p, 0))
     outside = np.clip(1.0 - sq.sum(axis=1, keepdims=True), 0.0, 1.0)
     C = np.sqrt(np.clip(np.concatenate([in_b, outside], axis=1), 0.0, 1.0))
     k = pair.k - pair.exact_used
-    capacity = [len(c) for c in cb] + [max(0, min(k, pair.positions or k) - q)]
+    capacity = np.append(sizes, max(0, min(k, pair.positions or k) - q))
     return float(_greedy_match(C, capacity).sum()) + pair.exact_used, p + pair.exact_used
 
 
@@ -930,20 +938,22 @@ def _matched_score(pairs):
 def _paired_generic(pairs):
     """The paired score for networks (a batch, or one) whose singular values are all
     nonzero and distinct, so every cluster is one direction and every direction is
-    used: the vectorised form of _paired_score."""
-    total, count = 0.0, 0
+    used: the vectorised form of _paired_score, one greedy matching per shape."""
+    total, count, groups = 0.0, 0, {}
     for pair in pairs:
         M = pair.product
         if M.shape[-2] > M.shape[-1]:
             M = _T(M)
         p, q = M.shape[-2:]
-        sq = M ** 2
+        k = pair.k - pair.exact
+        groups.setdefault((p, q, max(0, min(k, pair.positions or k) - q)), []).append(M)
+        total, count = total + pair.exact, count + p + pair.exact
+    for (p, q, room), Ms in groups.items():
+        sq = np.stack(Ms) ** 2                                   # (pairs, [batch,] p, q)
         outside = np.clip(1.0 - sq.sum(axis=-1, keepdims=True), 0.0, 1.0)
         C = np.sqrt(np.clip(np.concatenate([sq, outside], axis=-1), 0.0, 1.0))
-        k = pair.k - pair.exact
-        capacity = [1] * q + [max(0, min(k, pair.positions or k) - q)]
-        total = total + _greedy_match(C, capacity).sum(axis=-1) + pair.exact
-        count += p + pair.exact
+        value = _greedy_match(C.reshape((-1, p, q + 1)), [1] * q + [room])
+        total = total + value.reshape(C.shape[:-1]).sum(axis=(0, -1))
     return total / count if count else 1.0
 
 
