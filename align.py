@@ -560,24 +560,30 @@ class _CudaGraphChunks(_StepChunks):
         if not self.graphs:
             self.pool, self.stream = cp.cuda.MemoryPool(), cp.cuda.Stream(non_blocking=True)
         cp.cuda.Device().synchronize()
+        global _mm
         with cp.cuda.using_allocator(self.pool.malloc), self.stream:
-            scratch = [p.copy() for p in self.ps]       # warm-up: compiles kernels, fills the pool
-            L, grads = self.loss_and_grads(scratch)
-            _descend(scratch, grads, self.lr)
-            losses = cp.empty((n,) + L.shape, dtype=L.dtype)
-            self.stream.synchronize()
-            mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", None)
-            global _mm
+            L_ref, g_ref = self.loss_and_grads([p.copy() for p in self.ps])     # CuPy's products
             cublas = _DirectCublas(cp, self.stream)
-            self.stream.begin_capture(*(() if mode is None else (mode,)))
             try:
                 _mm = cublas.matmul
-                self._save()
-                for j in range(n):
-                    losses[j] = self._step()
+                scratch = [p.copy() for p in self.ps]   # warm-up: kernels compiled, pool filled
+                L, grads = self.loss_and_grads(scratch)
+                _descend(scratch, grads, self.lr)
+                for got, want in zip([L] + grads, [L_ref] + g_ref):   # the direct products agree
+                    if float(cp.linalg.norm(got - want)) > 1e-3 * float(cp.linalg.norm(want)) + 1e-30:
+                        raise RuntimeError("cuBLAS called directly disagrees with CuPy's products")
+                losses = cp.empty((n,) + L.shape, dtype=L.dtype)
+                self.stream.synchronize()
+                mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", None)
+                self.stream.begin_capture(*(() if mode is None else (mode,)))
+                try:
+                    self._save()
+                    for j in range(n):
+                        losses[j] = self._step()
+                finally:
+                    graph = self.stream.end_capture()
             finally:
                 _mm = operator.matmul
-                graph = self.stream.end_capture()
         return graph, losses, cublas                     # the graph's cuBLAS workspace lives on
 
     def run(self, n):

@@ -170,3 +170,14 @@ def test_progress_lines_report_step_loss_alignment_rate_and_eta(name, args, tmp_
     assert experiments.main([name, "--quick", "--out", str(tmp_path), *args]) == 0
     err = capsys.readouterr().err
     assert "step" in err and "loss" in err and "alignment" in err and "steps/s" in err and "ETA" in err
+
+
+def test_auto_device_keeps_small_experiments_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """With a GPU usable, --device auto still runs fig2a (4x4 layers) with NumPy; a GPU
+    stand-in that cannot compute would fail the run if it were used."""
+    monkeypatch.setattr(experiments.align, "select_device", lambda device, quiet=False: object())
+    assert experiments.main(["fig2a", "--quick", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "fig2a.json").read_text())["environment"]["device"] == "cpu"
+    assert "fig2a runs on the CPU" in capsys.readouterr().err
+    with pytest.raises(AttributeError):                   # --device gpu insists
+        experiments.main(["fig2a", "--quick", "--device", "gpu", "--out", str(tmp_path), "-q"])
