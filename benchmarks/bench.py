@@ -274,15 +274,25 @@ def main(argv=None):
                    help="steps of the batched-seeds benchmark (2000)")
     p.add_argument("--end-to-end", action="store_true",
                    help="also run fig1a, fig1b, fig1c and fig2b to their thresholds (minutes)")
+    p.add_argument("--parts", default="step,measure,cor1,seeds",
+                   help="comma-separated benchmarks to run (default step,measure,cor1,seeds; "
+                        "end-to-end is --end-to-end)")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
     xp = align.select_device(args.device)
+    parts = set(args.parts.split(",")) | ({"end-to-end"} if args.end_to_end else set())
+    unknown = parts - {"step", "measure", "cor1", "seeds", "end-to-end"}
+    if unknown:
+        p.error(f"unknown --parts {sorted(unknown)}; choose from step, measure, cor1, seeds")
     rows = []
-    peak = bench_step(xp, rows, args.steps)
-    bench_measure(xp, rows)
-    bench_cor1(xp, rows, args.steps)
-    bench_seeds(xp, rows, args.seed_steps)
-    if args.end_to_end:
+    peak = bench_step(xp, rows, args.steps) if "step" in parts else peak_rate(xp, np.float32)
+    if "measure" in parts:
+        bench_measure(xp, rows)
+    if "cor1" in parts:
+        bench_cor1(xp, rows, args.steps)
+    if "seeds" in parts:
+        bench_seeds(xp, rows, args.seed_steps)
+    if "end-to-end" in parts:
         bench_end_to_end("cpu" if xp is np else "gpu", rows, args.out)
     info = experiments.environment(argparse.Namespace(xp=xp))
     info.update(date=time.strftime("%Y-%m-%d"), peak_float32_flops=peak, cpus=os.cpu_count(),

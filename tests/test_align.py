@@ -583,3 +583,33 @@ def test_gemm_plan_reads_every_layout_the_steps_use():
              (rng.standard_normal((1, 4)), b), (a, rng.standard_normal((4, 1)))]
     for A, B in cases:
         np.testing.assert_allclose(emulate(A, B), A @ B, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(CUPY is None, reason="CuPy with a CUDA GPU is not available")
+@pytest.mark.parametrize("kind, widths, n, batch", [("mse_mean", [30, 40, 6, 3], 8, None),   # row space
+                                                    ("ce", [30, 40, 6, 3], 8, None),
+                                                    ("mse", [5, 6, 4], 9, 3)])              # a batch
+def test_cuda_graph_steps_equal_kernel_by_kernel_steps(monkeypatch, kind, widths, n, batch):
+    """On the GPU: replaying captured CUDA graphs (direct cuBLAS products) gives the
+    iterates, losses and stopping step of launching the kernels one by one."""
+    rng = np.random.default_rng(41)
+    weights, X, Y = random_problem(rng, kind, widths, n)
+    if batch:
+        weights = [np.stack([W * (1 + 0.1 * b) for b in range(batch)]) for W in weights]
+    weights, X, Y = ([CUPY.asarray(a) for a in arrays] for arrays in (weights, [X], [Y]))
+    captured = []
+    run = align._CudaGraphChunks.run
+    monkeypatch.setattr(align._CudaGraphChunks, "run",
+                        lambda self, k: captured.append(run(self, k)) or captured[-1])
+    train = lambda: align.train(weights, X[0], Y[0], kind, lr=0.05, max_steps=400, tol=1e-3,
+                                measure_every=120, measures={"m": align.tracker(weights)})
+    w1, h1 = train()
+    assert captured and all(c is not None for c in captured)      # graphs really ran
+    monkeypatch.setattr(align, "CUDA_GRAPH_STEPS", 0)
+    w2, h2 = train()
+    assert h1.final_step == h2.final_step and h1.stop_reason == h2.stop_reason
+    np.testing.assert_allclose(h1.losses, h2.losses, rtol=1e-10)
+    for key in h2.measurements:
+        np.testing.assert_allclose(h1.measurements[key], h2.measurements[key], atol=1e-10)
+    for a, b in zip(w1, w2):
+        np.testing.assert_allclose(align.to_numpy(a), align.to_numpy(b), rtol=1e-10, atol=1e-12)
