@@ -745,6 +745,8 @@ def _reduced_svd(W):
     side, several times faster than an SVD and more accurate than a float32 SVD
     (vector errors ~ 1e-16 ||W||^2 / (sigma gap) instead of ~ 6e-8 ||W|| / gap).
     """
+    if min(W.shape[-2:]) <= 256:           # small: LAPACK on the host beats GPU solvers
+        W = to_numpy(W)
     xp = array_module(W)
     if W.dtype == xp.float32 and min(W.shape[-2:]) > 1:
         return _svd_by_gram(W.astype(xp.float64))
