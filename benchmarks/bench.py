@@ -249,14 +249,15 @@ def row(name, ours, baseline_name, baseline, floor, note):
 
 
 def table(rows):
-    lines = [f"{'benchmark':<52}{'ours':>11}{'baseline':>11}{'ratio':>8}{'x floor':>9}  baseline / note"]
+    w = max(len(r["name"]) for r in rows) + 2
+    lines = [f"{'benchmark':<{w}}{'ours':>11}{'baseline':>11}{'ratio':>8}{'x floor':>9}  baseline / note"]
     for r in rows:
         if "baseline_s" not in r:
             ours = _t(r["ours_s"]) if "ours_s" in r else ""
-            lines.append(f"{r['name']:<52}{ours:>11}{'':>28}  {r['note']}")
+            lines.append(f"{r['name']:<{w}}{ours:>11}{'':>28}  {r['note']}")
             continue
         floor = f"{r['ours_vs_floor']:.1f}" if r["ours_vs_floor"] else "-"
-        lines.append(f"{r['name']:<52}{_t(r['ours_s']):>11}{_t(r['baseline_s']):>11}"
+        lines.append(f"{r['name']:<{w}}{_t(r['ours_s']):>11}{_t(r['baseline_s']):>11}"
                      f"{r['ratio']:>7.1f}x{floor:>9}  {r['baseline']}; {r['note']}")
     return "\n".join(lines)
 
