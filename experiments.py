@@ -213,12 +213,47 @@ def fig1a(cfg):
         _, hist = run_dense(f"fig1a seed={cfg.seed}", cfg, *problems[0], loss_kind(cfg))
         runs = {f"seed={cfg.seed}": record(hist)}
     else:
-        weights = [np.stack([p[0][i] for p in problems]) for i in range(3)]
-        X, Y = np.stack([p[1] for p in problems]), np.stack([p[2] for p in problems])
-        _, hist = run_dense(f"fig1a seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}", cfg, weights, X, Y,
-                            loss_kind(cfg))
-        runs = split_batch(hist.to_dict(), [f"seed={s}" for s in seeds(cfg)], cfg.tol)
+        runs = {}
+        for part in batches(cfg, problems):
+            first = cfg.seed + part.start
+            weights = [np.stack([p[0][i] for p in problems[part]]) for i in range(3)]
+            X, Y = np.stack([p[1] for p in problems[part]]), np.stack([p[2] for p in problems[part]])
+            _, hist = run_dense(f"fig1a seeds {first}..{first + len(weights[0]) - 1}", cfg,
+                                weights, X, Y, loss_kind(cfg))
+            runs |= split_batch(hist.to_dict(), [f"seed={first + b}" for b in range(len(X))], cfg.tol)
     return runs, claim_leaves_one(runs)
+
+
+def batches(cfg, problems):
+    """Slices of the problems to train as one batch each: as many networks as fit in half
+    the device's free memory (64 arrays of a layer's size per network, generously).
+    Refuses (ExperimentError) when the per-step loss records of all runs would not fit in
+    the host's available memory."""
+    count, steps = len(problems), cfg.max_steps + 1
+    layer = problems[0][0][0].size * np.dtype(cfg.dtype).itemsize
+    records = count * steps * 40                  # one Python float in a list per step and run
+    host = available_memory(np)
+    if records > 0.8 * host:
+        raise ExperimentError(f"--seeds {count} with --max-steps {cfg.max_steps} needs about "
+                              f"{records / 2**30:.1f} GiB for the per-step loss records, but "
+                              f"{host / 2**30:.1f} GiB are available: use fewer seeds or steps")
+    size = max(1, min(count, int(0.5 * available_memory(cfg.xp) // (64 * layer))))
+    return [slice(i, min(i + size, count)) for i in range(0, count, size)]
+
+
+def available_memory(xp):
+    """Free bytes on the device of xp (the GPU's free memory, or the host's available RAM)."""
+    if xp is not np:
+        return xp.cuda.runtime.memGetInfo()[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):           # not Linux: assume what sysconf says
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return 2 ** 40
 
 
 def split_batch(batch, names, tol):

@@ -181,3 +181,27 @@ def test_auto_device_keeps_small_experiments_on_the_cpu(tmp_path, monkeypatch, c
     assert "fig2a runs on the CPU" in capsys.readouterr().err
     with pytest.raises(AttributeError):                   # --device gpu insists
         experiments.main(["fig2a", "--quick", "--device", "gpu", "--out", str(tmp_path), "-q"])
+
+
+def test_seeds_beyond_device_memory_run_in_batches_with_the_same_records(tmp_path, monkeypatch):
+    run(tmp_path / "one", "fig1a", "--quick", "--seeds", "5")
+    free = 64 * 81 * 8 * 2 * 2.5                  # room for two networks per batch
+    monkeypatch.setattr(experiments, "available_memory",
+                        lambda xp: free if xp is np and free < 1e6 else 2 ** 40)
+    labels = []
+    monkeypatch.setattr(experiments, "run_dense", lambda label, *a, run_dense=experiments.run_dense:
+                        labels.append(label) or run_dense(label, *a))
+    run(tmp_path / "three", "fig1a", "--quick", "--seeds", "5")
+    assert labels == ["fig1a seeds 0..1", "fig1a seeds 2..3", "fig1a seeds 4..4"]
+    one, three = (json.loads((tmp_path / d / "fig1a.json").read_text())["runs"] for d in ("one", "three"))
+    assert one.keys() == three.keys()
+    for name in one:
+        assert one[name]["losses"] == three[name]["losses"]
+        for key, values in one[name]["measurements"].items():     # sums in another order
+            np.testing.assert_allclose(three[name]["measurements"][key], values, rtol=1e-13)
+
+
+def test_seeds_whose_records_exceed_host_memory_are_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "available_memory", lambda xp: 2 ** 20)
+    assert run(tmp_path, "fig1a", "--seeds", "1000") == 1
+    assert "needs about" in capsys.readouterr().err
