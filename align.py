@@ -829,22 +829,23 @@ def _greedy_match(C, capacity):
     room = np.broadcast_to(np.asarray(capacity, dtype=np.int64), (nb, m)).copy()
     value = np.zeros((nb, p))
     free = np.ones((nb, p), dtype=bool)
+    nets, rows = np.arange(nb)[:, None], np.arange(p)[None, :]      # index grids
     while True:
         open_ = free[:, :, None] & (room[:, None, :] > 0)
         if not open_.any():
             break
         sub = np.where(open_, C, -1.0)
         best = sub.argmax(axis=2)
-        best_val = np.take_along_axis(sub, best[..., None], axis=2)[..., 0]
+        best_val = sub[nets, rows, best]
         candidates = np.where(free[:, :, None], C, -1.0)
         cutoff = candidates.max(axis=1)                       # columns with room 1
         wide = np.flatnonzero((room > 1).any(axis=0))
         if wide.size:                                         # the room-th largest
             ranked = -np.sort(-candidates[:, :, wide], axis=1)
-            deep = np.clip(room[:, wide] - 1, 0, p - 1)[:, None, :]
+            deep = np.clip(room[:, wide] - 1, 0, p - 1)
             cutoff[:, wide] = np.where(room[:, wide] > 1,
-                                       np.take_along_axis(ranked, deep, axis=1)[:, 0], cutoff[:, wide])
-        safe = open_.any(axis=2) & (best_val >= np.take_along_axis(cutoff, best, axis=1))
+                                       ranked[nets, deep, np.arange(wide.size)], cutoff[:, wide])
+        safe = open_.any(axis=2) & (best_val >= cutoff[nets, best])
         b, r = np.nonzero(safe)
         cols, vals = best[b, r], best_val[b, r]
         order = np.lexsort((-vals, cols, b))              # by network, column, value down
@@ -943,26 +944,31 @@ def _matched_score(pairs):
     return total / count if count else 1.0
 
 
-def _paired_generic(pairs):
-    """The paired score for networks (a batch, or one) whose singular values are all
-    nonzero and distinct, so every cluster is one direction and every direction is
-    used: the vectorised form of _paired_score, one greedy matching per shape."""
-    total, count, groups = 0.0, 0, {}
-    for pair in pairs:
-        M = pair.product
-        if M.shape[-2] > M.shape[-1]:
-            M = _T(M)
-        p, q = M.shape[-2:]
-        k = pair.k - pair.exact
-        groups.setdefault((p, q, max(0, min(k, pair.positions or k) - q)), []).append(M)
-        total, count = total + pair.exact, count + p + pair.exact
-    for (p, q, room), Ms in groups.items():
-        sq = np.stack(Ms) ** 2                                   # (pairs, [batch,] p, q)
+def _paired_generic(*pair_lists):
+    """The paired score of each list of pairs, for networks (a batch, or one) whose
+    singular values are all nonzero and distinct, so every cluster is one direction and
+    every direction is used: the vectorised form of _paired_score, with one greedy
+    matching per shape for all the lists."""
+    totals, counts, groups = [0.0] * len(pair_lists), [0] * len(pair_lists), {}
+    for j, pairs in enumerate(pair_lists):
+        for pair in pairs:
+            M = pair.product
+            if M.shape[-2] > M.shape[-1]:
+                M = _T(M)
+            p, q = M.shape[-2:]
+            k = pair.k - pair.exact
+            groups.setdefault((p, q, max(0, min(k, pair.positions or k) - q)), []).append((j, M))
+            totals[j], counts[j] = totals[j] + pair.exact, counts[j] + p + pair.exact
+    for (p, q, room), members in groups.items():
+        sq = np.stack([M for _, M in members]) ** 2               # (pairs, [batch,] p, q)
         outside = np.clip(1.0 - sq.sum(axis=-1, keepdims=True), 0.0, 1.0)
         C = np.sqrt(np.clip(np.concatenate([sq, outside], axis=-1), 0.0, 1.0))
         value = _greedy_match(C.reshape((-1, p, q + 1)), [1] * q + [room])
-        total = total + value.reshape(C.shape[:-1]).sum(axis=(0, -1))
-    return total / count if count else 1.0
+        value = value.reshape(C.shape[:-1]).sum(axis=-1)           # (pairs, [batch])
+        for (j, _), v in zip(members, value):
+            totals[j] = totals[j] + v
+    scores = [t / c if c else 1.0 for t, c in zip(totals, counts)]
+    return scores if len(scores) > 1 else scores[0]
 
 
 HOW = ("paired", "matched")
@@ -1102,9 +1108,10 @@ def _measures(now, then, widths, rtol, static=None, generic=None):
     aligned = _alignment_pairs(now, widths)
     if generic is None:
         generic = bool(_generic(now, rtol) and _generic(then, rtol))
-    paired = _paired_generic if generic else (lambda pairs: _paired_score(pairs, rtol))
-    values = {"alignment_paired": paired(aligned), "alignment_matched": _matched_score(aligned),
-              "invariance_paired": paired(invariant), "invariance_matched": _matched_score(invariant)}
+    paired = _paired_generic(aligned, invariant) if generic else \
+        (_paired_score(aligned, rtol), _paired_score(invariant, rtol))
+    values = {"alignment_paired": paired[0], "alignment_matched": _matched_score(aligned),
+              "invariance_paired": paired[1], "invariance_matched": _matched_score(invariant)}
     return values if generic is True and now[0][1].ndim > 1 else \
         {key: float(v) for key, v in values.items()}
 
