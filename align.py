@@ -650,6 +650,9 @@ def _gemm_plan(A, B):
     return A, B, shape, (opB, opA, n, m, k, ldB, sB, ldA, sA, n, m * n, batch)
 
 
+CUBLAS_WORKSPACE = 32 << 20     # bytes; NVIDIA's advice for cuBLAS in CUDA graphs on Hopper
+
+
 class _DirectCublas:
     """cuBLAS gemm through ctypes on CuPy's handle, for products inside a capture."""
 
@@ -659,7 +662,7 @@ class _DirectCublas:
         self.lib = next(lib for lib in map(self._load, ("libcublas.so.13", "libcublas.so.12",
                                                         "libcublas.so")) if lib)
         self.handle = ctypes.c_void_p(cupy.cuda.device.get_cublas_handle())
-        self.workspace = cupy.empty(32 << 20, dtype=cupy.uint8)     # NVIDIA: set one for graphs
+        self.workspace = cupy.empty(CUBLAS_WORKSPACE, dtype=cupy.uint8)   # set one for graphs
         self._check(self.lib.cublasSetPointerMode_v2(self.handle, 0))  # alpha, beta on the host
         self._check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream.ptr)))
         self._check(self.lib.cublasSetWorkspace_v2(self.handle,
@@ -738,6 +741,9 @@ def ussvd_flip(U, s, V, signs):
 
 # ---------------------------------------------------------------- measures --
 
+HOST_SVD_MAX = 256      # layers whose smaller side is at most this are decomposed on the host
+
+
 def _reduced_svd(W):
     """Reduced SVD (U, s, V) as float64 host arrays, s descending.
 
@@ -745,7 +751,7 @@ def _reduced_svd(W):
     side, several times faster than an SVD and more accurate than a float32 SVD
     (vector errors ~ 1e-16 ||W||^2 / (sigma gap) instead of ~ 6e-8 ||W|| / gap).
     """
-    if min(W.shape[-2:]) <= 256:           # small: LAPACK on the host beats GPU solvers
+    if min(W.shape[-2:]) <= HOST_SVD_MAX:   # small: LAPACK on the host beats GPU solvers
         W = to_numpy(W)
     xp = array_module(W)
     if W.dtype == xp.float32 and min(W.shape[-2:]) > 1:
