@@ -613,3 +613,18 @@ def test_cuda_graph_steps_equal_kernel_by_kernel_steps(monkeypatch, kind, widths
         np.testing.assert_allclose(h1.measurements[key], h2.measurements[key], atol=1e-10)
     for a, b in zip(w1, w2):
         np.testing.assert_allclose(align.to_numpy(a), align.to_numpy(b), rtol=1e-10, atol=1e-12)
+
+
+def test_split_measures_fall_back_when_a_static_direction_is_used_at_one_time_only():
+    """A static direction (same vector, same singular value at both times) counts as an
+    exact match only if it is used (sigma > rtol * sigma_max) at both times."""
+    q = np.linalg.qr(np.random.default_rng(42).standard_normal((4, 4)))[0]
+    layer = lambda s, static: (np.where(static, 0.0, q[:, :3]), np.array(s), None)
+    rest = (np.eye(2), np.array([1.0, 0.5]), q[:, :2])          # W_2: U, s, V in Q's coordinates
+    static = np.array([False, True, True])
+    now = [layer([0.5, 0.5, 7e-7], static), rest]               # max 0.5: 7e-7 is used
+    then = [layer([1.0, 0.5, 7e-7], static), rest]              # max 1.0: 7e-7 is not
+    assert align._invariance_pairs(now, then, [3, 4, 2], 1e-6, (static, static)) is None
+    then[0] = layer([0.6, 0.5, 7e-7], static)                   # used at both times
+    pairs = align._invariance_pairs(now, then, [3, 4, 2], 1e-6, (static, static))
+    assert pairs[-1].exact == 2 and pairs[-1].exact_used == 2 and pairs[-1].A.shape == (4, 1)
