@@ -190,6 +190,14 @@ def record(hist, **extra):
     return out
 
 
+def thinned(run, every):
+    """A run record keeping the loss of every ``every``-th step (and the last one)."""
+    if every == 1 or "steps" not in run:
+        return run
+    keep = [j for j, t in enumerate(run["steps"]) if t % every == 0 or j == len(run["steps"]) - 1]
+    return run | {"steps": [run["steps"][j] for j in keep], "losses": [run["losses"][j] for j in keep]}
+
+
 def seeds(cfg):
     """The seeds of the runs: --seed, --seed + 1, ..., --seed + --seeds - 1."""
     return range(cfg.seed, cfg.seed + cfg.seeds)
@@ -674,6 +682,7 @@ def run_experiment(name, cfg):
                                  "holds": False}, "interrupted"
     if any(r.get("stop_reason") == "interrupted" for r in runs.values()):
         stop = "interrupted"
+    runs = {name: thinned(r, cfg.loss_every) for name, r in runs.items()}
     result = {"experiment": name, "paper": ref, "title": title(fn),
               "status": stop, "claim": claim,
               "config": {k: v for k, v in vars(cfg).items() if k not in ("xp", "dtype", "func")}
@@ -732,6 +741,9 @@ def parser():
                    help="step budget (default 100000, the authors' cap)")
     p.add_argument("--measure-every", type=_positive_int, default=100,
                    help="steps between measurements of alignment and invariance (100)")
+    p.add_argument("--loss-every", type=_positive_int, default=1,
+                   help="keep the loss of every K-th step in the JSON (default 1: every step; "
+                        "runs still stop at the first step below --tol)")
     p.add_argument("--loss-scale", choices=["mean", "paper"], default="mean",
                    help="squared loss as the mean over all kd*n entries (the authors' code, with which "
                         "the published figures were made; default) or Eq. (2)'s 1/(2n) sum")

@@ -205,3 +205,14 @@ def test_seeds_whose_records_exceed_host_memory_are_refused(tmp_path, monkeypatc
     monkeypatch.setattr(experiments, "available_memory", lambda xp: 2 ** 20)
     assert run(tmp_path, "fig1a", "--seeds", "1000") == 1
     assert "needs about" in capsys.readouterr().err
+
+
+def test_loss_every_thins_the_records_but_not_the_run(tmp_path):
+    run(tmp_path / "all", "fig2a", "--quick")
+    run(tmp_path / "some", "fig2a", "--quick", "--loss-every", "7")
+    full, thin = (next(iter(json.loads((tmp_path / d / "fig2a.json").read_text())["runs"].values()))
+                  for d in ("all", "some"))
+    assert thin["final_step"] == full["final_step"] and thin["measurements"] == full["measurements"]
+    assert thin["steps"] == [t for t in full["steps"] if t % 7 == 0] + [full["steps"][-1]]
+    assert thin["losses"] == [L for t, L in zip(full["steps"], full["losses"]) if t % 7 == 0] + \
+        [full["losses"][-1]]
