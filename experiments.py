@@ -121,8 +121,8 @@ class Progress:
 
     def __call__(self, step, loss, hist):
         now = time.perf_counter()
-        if self.cfg.quiet or now - self.last < self.every:
-            if self.last_loss is None:
+        if self.cfg.quiet or now - self.last < self.every or step == self.last_step:
+            if self.last_loss is None:           # (no step since the last line: no rate yet)
                 self.last_loss = loss
             return
         rate = (step - self.last_step) / (now - self.last)

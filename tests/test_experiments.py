@@ -170,6 +170,7 @@ def test_progress_lines_report_step_loss_alignment_rate_and_eta(name, args, tmp_
     assert experiments.main([name, "--quick", "--out", str(tmp_path), *args]) == 0
     err = capsys.readouterr().err
     assert "step" in err and "loss" in err and "alignment" in err and "steps/s" in err and "ETA" in err
+    assert "step 0  loss" not in err                       # no line before a rate exists
 
 
 def test_auto_device_keeps_small_experiments_on_the_cpu(tmp_path, monkeypatch, capsys):
