@@ -356,8 +356,9 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
                     return value
         return fn(weights_of(ps), weights)
     wrapped = {name: (lambda ps, _, fn=fn: measured(fn, ps)) for name, fn in (measures or {}).items()}
-    out, hist = gradient_descent(start, _frozen_below(loss_and_grads, tol, W10.ndim == 3), lr, max_steps, tol,
-                                 record_every, measure_every, wrapped, callback)
+    step = _frozen_below(loss_and_grads, tol, W10.ndim == 3)
+    out, hist = gradient_descent(start, step, lr, max_steps, tol, record_every, measure_every,
+                                 wrapped, callback)
     return weights_of(out), hist
 
 
@@ -505,7 +506,15 @@ def _descend(ps, grads, lr):
 
 # GD steps per captured CUDA graph on the GPU; 0 or 1 launches kernels one by one
 # (environment variable ALIGN_CUDA_GRAPH_STEPS).
-CUDA_GRAPH_STEPS = int(os.environ.get("ALIGN_CUDA_GRAPH_STEPS", "50"))
+def _graph_steps_setting():
+    text = os.environ.get("ALIGN_CUDA_GRAPH_STEPS", "50")
+    if not text.strip().isdigit():
+        raise ValueError(f"ALIGN_CUDA_GRAPH_STEPS must be a whole number of steps (0 turns CUDA "
+                         f"graphs off), got {text!r}")
+    return int(text)
+
+
+CUDA_GRAPH_STEPS = _graph_steps_setting()
 
 
 class _StepChunks:
