@@ -270,8 +270,9 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
     if fast and X.shape[-1] < X.shape[-2]:
         return _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every,
                                    measure_every, measures, callback)
-    step = _frozen_below(lambda ws: _loss_and_gradients(ws, X, Y, kind), tol, weights[0].ndim == 3)
-    return gradient_descent(weights, step, lr, max_steps, tol, record_every, measure_every,
+    per_network = _frozen_below(lambda ws: _loss_and_gradients(ws, X, Y, kind), tol,
+                                weights[0].ndim == 3)
+    return gradient_descent(weights, per_network, lr, max_steps, tol, record_every, measure_every,
                             measures, callback)
 
 
@@ -356,8 +357,8 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
                     return value
         return fn(weights_of(ps), weights)
     wrapped = {name: (lambda ps, _, fn=fn: measured(fn, ps)) for name, fn in (measures or {}).items()}
-    step = _frozen_below(loss_and_grads, tol, W10.ndim == 3)
-    out, hist = gradient_descent(start, step, lr, max_steps, tol, record_every, measure_every,
+    per_network = _frozen_below(loss_and_grads, tol, W10.ndim == 3)
+    out, hist = gradient_descent(start, per_network, lr, max_steps, tol, record_every, measure_every,
                                  wrapped, callback)
     return weights_of(out), hist
 
