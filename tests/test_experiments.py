@@ -217,3 +217,14 @@ def test_loss_every_thins_the_records_but_not_the_run(tmp_path):
     assert thin["steps"] == [t for t in full["steps"] if t % 7 == 0] + [full["steps"][-1]]
     assert thin["losses"] == [L for t, L in zip(full["steps"], full["losses"]) if t % 7 == 0] + \
         [full["losses"][-1]]
+
+
+def test_many_seeds_are_told_how_to_thin_their_loss_records(capsys):
+    import argparse
+    cfg = argparse.Namespace(max_steps=100_000, dtype=np.float64, loss_every=1, quiet=False, xp=np)
+    problems = [([np.zeros((9, 9))], None, None)] * 1000
+    assert experiments.batches(cfg, problems) == [slice(0, 1000)]
+    assert "--loss-every" in capsys.readouterr().err
+    cfg.loss_every = 100
+    experiments.batches(cfg, problems)
+    assert capsys.readouterr().err == ""
