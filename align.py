@@ -338,23 +338,15 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
         if Q is None:
             return [W10 + ps[0] @ Xt] + list(ps[1:])
         return [W10 + Q @ (ps[0] @ Xt), ps[1] @ _T(Q)] + list(ps[2:])
-    widths = [W10.shape[-1]] + [W.shape[-2] for W in weights]
     split = []                                   # built at the first measurement
 
     def measured(fn, ps):
         if Q is not None and hasattr(fn, "from_svds"):
             if not split:
-                layers = _split_first_layers(W10, Q, Xt)
-                at_start = layers and layers(start)
-                split.extend([layers, at_start and
-                              (at_start[0] + [_reduced_svd(W) for W in start[2:]], at_start[1])])
-            layers, then = split
-            now = layers and then and layers(ps)
-            if now:
-                value = fn.from_svds(now[0] + [_reduced_svd(W) for W in ps[2:]], then=then[0],
-                                     widths=widths, static=(now[1], then[1]))
-                if value is not None:
-                    return value
+                split.append(_split_measure(W10, Q, Xt, start))
+            value = split[0] and split[0](fn, ps)
+            if value is not None:
+                return value
         return fn(weights_of(ps), weights)
     wrapped = {name: (lambda ps, _, fn=fn: measured(fn, ps)) for name, fn in (measures or {}).items()}
     per_network = _frozen_below(loss_and_grads, tol, W10.ndim == 3)
@@ -413,9 +405,29 @@ def _split_first_layers(W10, Q, Xt):
     return split
 
 
+def _split_measure(W10, Q, Xt, start):
+    """``m(fn, params)``: the tracker ``fn``'s measures with layer 1 split (see
+    _split_first_layers), or None where that is not exact; None when the split does
+    not apply.  ``start``: the parameters at step 0 (measured once, as "then")."""
+    layers = _split_first_layers(W10, Q, Xt)
+    at_start = layers and layers(start)
+    if not at_start:
+        return None
+    deeper = lambda ps: [_reduced_svd(W) for W in ps[2:]]
+    then, static0 = at_start[0] + deeper(start), at_start[1]
+    widths = list(W10.shape[::-1]) + [W.shape[-2] for W in start[1:]]
+
+    def measure(fn, ps):
+        now = layers(ps)
+        return now and fn.from_svds(now[0] + deeper(ps), then=then, widths=widths,
+                                    static=(now[1], static0))
+    return measure
+
+
 def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4,
                      record_every=1, measure_every=100, measures=None, callback=None, graphs=True):
-    """Plain GD p <- p - lr g on a list of arrays, with ``loss_and_grads(params) -> (L, grads)``.
+    """Plain GD p <- p - lr g on a list of arrays, with ``loss_and_grads(params) -> (L, grads)``
+    (Eq. (8) when g is the gradient of the squared loss, Eq. (2)).
 
     Stops when the loss (the largest over a batch of networks) is below ``tol``
     (checked at recorded steps) or after ``max_steps`` steps; Ctrl-C stops it with
@@ -476,8 +488,10 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
             while True:
                 if step % measure_every == 0:
                     measure(step)
-                span = min(CUDA_GRAPH_STEPS, measure_every - step % measure_every, max_steps - step)
-                losses = chunks.run(span) if chunks and span > 1 else None
+                losses = None
+                if chunks:                              # a run up to the next measurement
+                    span = min(CUDA_GRAPH_STEPS, measure_every - step % measure_every, max_steps - step)
+                    losses = chunks.run(span) if span > 1 else None
                 if losses is None:                      # one step, kernel by kernel
                     L, grads = loss_and_grads(ps)
                     if stops(step, L):
@@ -1082,7 +1096,7 @@ def _invariance_of(now, then, how, rtol):
 
 def tracker(weights_0, rtol=1e-6):
     """A measure for :func:`train`: ``m(weights, _)`` returns alignment and invariance
-    by both rules, {"alignment_paired", "alignment_matched", "invariance_paired",
+    (Section 6) by both rules, {"alignment_paired", "alignment_matched", "invariance_paired",
     "invariance_matched"}, with one SVD per layer (those of weights_0 computed once).
 
     ``m.from_svds(now, then=None, widths=None, static=None)`` measures from reduced
