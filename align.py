@@ -235,7 +235,8 @@ def gradients(weights, X, Y, kind="mse"):
 
 @dataclasses.dataclass
 class History:
-    """What a run of :func:`train` recorded; ``to_dict`` gives plain JSON types."""
+    """What a run of :func:`train` recorded; ``to_dict`` gives plain JSON types.
+    ``losses``: one float per recorded step, or for a batch of networks one NumPy row."""
     steps: list = dataclasses.field(default_factory=list)
     losses: list = dataclasses.field(default_factory=list)
     measure_steps: list = dataclasses.field(default_factory=list)
@@ -246,6 +247,12 @@ class History:
 
     def to_dict(self):
         return json.loads(json.dumps(dataclasses.asdict(self), default=_plain))
+
+
+def _loss_record(L):
+    """What History.losses keeps of a loss: a float, or for a batch its host NumPy row
+    (rows stay arrays: a thousand networks record a thousand losses a step)."""
+    return to_numpy(L).copy() if getattr(L, "ndim", 0) else float(L)
 
 
 def _plain(x):
@@ -272,6 +279,9 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
                                    measure_every, measures, callback)
     per_network = _frozen_below(lambda ws: _loss_and_gradients(ws, X, Y, kind), tol,
                                 weights[0].ndim == 3)
+    if fast and kind in ("mse", "mse_mean") and array_module(X) is np and X.ndim == 2 and \
+            all(a.ndim == 2 and a.dtype == X.dtype for a in weights + [Y]):
+        per_network.in_place = lambda ps, lr: _SquaredLossSteps(ps, X, Y, kind, lr)
     return gradient_descent(weights, per_network, lr, max_steps, tol, record_every, measure_every,
                             measures, callback)
 
@@ -283,7 +293,7 @@ def _frozen_below(loss_and_grads, tol, batched):
         L, grads = loss_and_grads(ps)
         if L.shape[0] == 1:
             return L, grads                  # one network stops with the run
-        active = (L >= tol).astype(grads[0].dtype)[:, None, None]
+        active = (L >= tol)[:, None, None]
         return L, [g * active for g in grads]
     return wrapped if batched else loss_and_grads
 
@@ -388,10 +398,13 @@ def _split_first_layers(W10, Q, Xt):
     P = _orth_complement(Qh, W0.shape[0])
     static_values = _svd_by_gram(P.T @ W0)[1]
     QtW0, r = Qh.T @ W0, min(W0.shape)
+    xp = np if Qh.shape[1] <= HOST_SVD_MAX else array_module(W10)   # where eigh is faster
+    G0, B, K = (xp.asarray(a) for a in (QtW0 @ QtW0.T, Xh @ QtW0.T, Xh @ Xh.T))
 
     def split(ps):
-        A = QtW0 + to_numpy(ps[0]).astype(np.float64) @ Xh          # Q^T W_1, m x k0
-        w, Ud = np.linalg.eigh(A @ A.T)
+        C = (to_numpy(ps[0]) if xp is np else ps[0]).astype(np.float64)   # A = Q^T W_1 = QtW0 + C Xh
+        CB = C @ B
+        w, Ud = (to_numpy(a) for a in xp.linalg.eigh(G0 + CB + CB.T + (C @ K) @ C.T))   # A A^T
         sd, Ud = np.sqrt(np.maximum(w[::-1], 0)), Ud[:, ::-1]
         s = np.concatenate([sd, static_values])
         order = np.argsort(-s, kind="stable")[:r]
@@ -413,7 +426,7 @@ def _split_measure(W10, Q, Xt, start):
     at_start = layers and layers(start)
     if not at_start:
         return None
-    deeper = lambda ps: [_reduced_svd(W) for W in ps[2:]]
+    deeper = lambda ps: _reduced_svds(ps[2:])
     then, static0 = at_start[0] + deeper(start), at_start[1]
     widths = list(W10.shape[::-1]) + [W.shape[-2] for W in start[1:]]
 
@@ -452,18 +465,18 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     start = time.perf_counter()
     chunks = _chunker(ps, loss_and_grads, lr) if graphs else None
 
-    def measure(step):
+    def measure(step, at):
         hist.measure_steps.append(step)
         for name, fn in measures.items():
-            value = fn(ps, params0)
+            value = fn(at, params0)
             for key, v in (value.items() if isinstance(value, dict) else [(name, value)]):
                 hist.measurements.setdefault(key, []).append(_plain(v))
 
     def stops(step, L):
         """Record the loss of ``step`` (before its update); True when the run ends there."""
         if step % record_every == 0 or step == max_steps:
-            value = _plain(L)
-            worst = max(value) if isinstance(value, list) else value
+            value = _loss_record(L)
+            worst = float(np.max(value))                # NaN anywhere in a batch: NaN
             if not math.isfinite(worst):
                 hist.stop_reason, hist.final_step = "diverged", step
                 hist.wall_time = time.perf_counter() - start
@@ -482,34 +495,67 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
             return True
         return False
 
+    def advance(losses):
+        """stops() for each row of a chunk's losses (vectorised; a chunk ends before
+        max_steps); moves ``step`` to where the parameters are.  True when the run
+        ends inside the chunk (then rewound to there), also on Ctrl-C in ``callback``."""
+        nonlocal step
+        worst = losses if losses.ndim == 1 else losses.max(axis=-1)
+        at = np.arange(len(losses))
+        recorded = (step + at) % record_every == 0
+        ends = np.flatnonzero(recorded & (~np.isfinite(worst) | (worst < tol)))
+        end = int(ends[0]) if ends.size else len(losses)
+        keep = at[recorded & (at < end)]
+        before = len(hist.steps)
+        hist.steps.extend((step + keep).tolist())
+        hist.losses.extend(losses[keep].tolist() if losses.ndim == 1 else losses[keep])
+        j = None
+        try:
+            for j in keep.tolist() if callback else ():
+                callback(step + j, float(worst[j]), hist)
+            j = end
+            done = end < len(losses) and stops(step + end, losses[end])
+        except KeyboardInterrupt:                       # Ctrl-C in the callback at step + j
+            if j < end:
+                count = before + int(np.searchsorted(keep, j)) + 1
+                del hist.steps[count:], hist.losses[count:]
+            chunks.rewind(j)
+            step += j
+            raise
+        if done:
+            chunks.rewind(end)
+            step += end
+            return True
+        chunks.settle()
+        step += len(losses)
+        return False
+
     step = 0
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
         try:
             while True:
-                if step % measure_every == 0:
-                    measure(step)
-                losses = None
-                if chunks:                              # a run up to the next measurement
-                    span = min(CUDA_GRAPH_STEPS, measure_every - step % measure_every, max_steps - step)
-                    losses = chunks.run(span) if span > 1 else None
-                if losses is None:                      # one step, kernel by kernel
+                due = step % measure_every == 0
+                span = min(chunks.longest, measure_every - step % measure_every,
+                           max_steps - step) if chunks else 0
+                launched = span > 1 and chunks.launch(span, keep=due)   # a run to the next measurement
+                if due:                                 # (on the GPU while that run goes on)
+                    measure(step, chunks.kept if launched else ps)
+                if not launched:                        # one step, kernel by kernel
                     L, grads = loss_and_grads(ps)
                     if stops(step, L):
                         break
                     _descend(ps, grads, lr)
                     step += 1
                     continue
-                done = next((j for j in range(span) if stops(step + j, losses[j])), None)
-                if done is not None:                    # stopped inside the chunk
-                    chunks.rewind(done)
-                    step += done
+                if advance(chunks.wait()):
                     break
-                step += span
         except KeyboardInterrupt:
             hist.stop_reason = "interrupted"
+            if chunks:
+                chunks.cancel()                         # back to the state at ``step``
     hist.final_step = step
     if not hist.measure_steps or hist.measure_steps[-1] != step:
-        measure(step)
+        measure(step, ps)
     hist.wall_time = time.perf_counter() - start
     return ps, hist
 
@@ -533,33 +579,120 @@ CUDA_GRAPH_STEPS = _graph_steps_setting()
 
 
 class _StepChunks:
-    """Runs of plain GD steps done in place: ``run(n)`` returns the n losses (host
-    array, one row per step, taken before each update); ``rewind(j)`` goes back to
-    the start of the last run and redoes its first j steps (a stop inside it).
-    This base class steps kernel by kernel; :class:`_CudaGraphChunks` replays."""
+    """Runs of plain GD steps done in place: ``launch(n)`` starts n steps, ``wait()``
+    returns their n losses (host array, one row per step, taken before each update);
+    ``rewind(j)`` goes back to the start of the last run and redoes its first j
+    steps (a stop inside it); ``cancel()`` goes back to its start.  With
+    ``launch(n, keep=True)``, ``kept`` holds the parameters at the start, to measure
+    while the run goes on.  This base class steps kernel by kernel at ``launch``;
+    :class:`_CudaGraphChunks` replays captured steps asynchronously."""
 
     def __init__(self, ps, loss_and_grads, lr):
         self.ps, self.loss_and_grads, self.lr = ps, loss_and_grads, lr
         self.saved = [p.copy() for p in ps]
+        self.kept = self.pending = None
+        self.open = False                                # a run launched and not yet taken
+        self.longest = CUDA_GRAPH_STEPS                  # steps per run at most
 
     def _step(self):
         L, grads = self.loss_and_grads(self.ps)
         _descend(self.ps, grads, self.lr)
         return L
 
+    def _run(self, n):
+        """n steps in place; their losses."""
+        return array_module(*self.ps).stack([self._step() for _ in range(n)]) if n else None
+
     def _save(self):
         for s, p in zip(self.saved, self.ps):
             s[...] = p
 
-    def run(self, n):
+    def launch(self, n, keep=False):
+        """Start n steps; False when they cannot be launched (nothing changed then)."""
+        self.kept = [p.copy() for p in self.ps] if keep else None
         self._save()
-        return to_numpy(array_module(*self.ps).stack([self._step() for _ in range(n)]))
+        self.open = True
+        self.pending = self._run(n)
+        return True
+
+    def wait(self):
+        losses, self.pending = self.pending, None
+        return to_numpy(losses)
+
+    def settle(self):
+        """The caller has taken the whole run."""
+        self.open = False
 
     def rewind(self, j):
         for s, p in zip(self.saved, self.ps):
             p[...] = s
-        for _ in range(j):
-            self._step()
+        self._run(j)
+        self.open = False
+
+    def cancel(self):
+        """Back to the start of a run that was launched and not taken (Ctrl-C)."""
+        self.pending = None
+        if self.open:
+            self.rewind(0)
+
+
+class _SquaredLossSteps(_StepChunks):
+    """Runs of GD steps of one dense network (NumPy, one dtype) under a squared loss:
+    the operations of _loss_and_gradients and _descend (the same numbers), into
+    preallocated arrays, with the d updates done as one on a flat copy of the
+    parameters, and when every layer is k x k the d gradient products as one batched
+    product.  Small networks (fig1a's 9 x 9 layers) are bound by the number of NumPy
+    calls, not by flops: this makes a step about half as many."""
+
+    def __init__(self, ps, X, Y, kind, lr):
+        super().__init__(ps, None, lr)
+        self.longest = 1000
+        ends = np.cumsum([0] + [p.size for p in ps])
+        self.flat, self.grad, self.scaled = (np.empty(ends[-1], dtype=X.dtype) for _ in range(3))
+        self.W = [self.flat[a:b].reshape(p.shape) for a, b, p in zip(ends, ends[1:], ps)]
+        self.G = [self.grad[a:b].reshape(p.shape) for a, b, p in zip(ends, ends[1:], ps)]
+        (k0, n), kd, d = X.shape, Y.shape[0], len(ps)
+        self.stacked = all(p.shape == (k0, k0) for p in ps)
+        if self.stacked:                                 # acts[i], deltas[i] as stacks
+            self.stack, self.deltas = np.empty((d + 1, k0, n), X.dtype), np.empty((d, k0, n), X.dtype)
+            self.stack[0] = X
+            self.acts = list(self.stack)
+        else:
+            self.acts = [X] + [np.empty((p.shape[0], n), X.dtype) for p in ps]
+            self.deltas = [np.empty((p.shape[0], n), X.dtype) for p in ps]   # dL/d(acts[i + 1])
+        self.Y = Y                                       # as _loss_and_output_grad:
+        self.scale, self.divisor = ((np.divide, n), 2 * n) if kind == "mse" else \
+            ((np.multiply, 2.0 / (kd * n)), kd * n)
+
+    def _run(self, n):
+        mm, W, acts, deltas, R = np.matmul, self.W, self.acts, self.deltas, self.acts[-1]
+        forward = list(zip(W, acts, acts[1:]))
+        backward = [(W[i].T, deltas[i], deltas[i - 1]) for i in range(len(W) - 1, 0, -1)]
+        if self.stacked:                                 # all d gradients in one product
+            grads = [(deltas, self.stack[:-1].swapaxes(1, 2), self.grad.reshape(len(W), *W[0].shape))]
+        else:
+            grads = [(deltas[i], acts[i].T, self.G[i]) for i in range(len(W))]
+        (scale, by), top, Y, lr = self.scale, deltas[-1], self.Y, self.lr
+        subtract, multiply, vdot = np.subtract, np.multiply, np.vdot
+        flat, grad, scaled = self.flat, self.grad, self.scaled
+        losses = np.empty(n, dtype=R.dtype)
+        for w, p in zip(W, self.ps):
+            w[...] = p
+        for t in range(n):                               # (locals: ~0.1 us a lookup saved)
+            for w, a, out in forward:
+                mm(w, a, out)
+            subtract(R, Y, R)
+            losses[t] = vdot(R, R)
+            scale(R, by, top)
+            for w_t, delta, below in backward:
+                mm(w_t, delta, below)
+            for delta, a_t, g in grads:
+                mm(delta, a_t, g)
+            multiply(grad, lr, scaled)
+            subtract(flat, scaled, flat)
+        for w, p in zip(W, self.ps):
+            p[...] = w
+        return losses / self.divisor
 
 
 class _CudaGraphChunks(_StepChunks):
@@ -569,8 +702,10 @@ class _CudaGraphChunks(_StepChunks):
     Python costs more than running them.  The captured graph saves the parameters,
     then does n steps, writing each loss into a buffer.  Its temporaries come from a
     private memory pool that nothing else allocates from, so their addresses stay
-    valid between replays.  If capture fails (an operation that cannot be
-    captured), ``run`` returns None and the caller steps kernel by kernel.
+    valid between replays.  Replays run on their own stream, after the work queued
+    before them, so a measurement of ``kept`` (on the current stream) overlaps them.
+    If capture fails (an operation that cannot be captured), ``launch`` returns
+    False and the caller steps kernel by kernel.
     """
     warned = False                                       # say so once per process
 
@@ -610,9 +745,9 @@ class _CudaGraphChunks(_StepChunks):
                 _mm = operator.matmul
         return graph, losses, cublas                     # the graph's cuBLAS workspace lives on
 
-    def run(self, n):
+    def launch(self, n, keep=False):
         if self.failed:
-            return None
+            return False
         try:
             if n not in self.graphs:
                 self.graphs[n] = self._capture(n)
@@ -622,15 +757,24 @@ class _CudaGraphChunks(_StepChunks):
                 _CudaGraphChunks.warned = True
                 print(f"note: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
                       "stepping kernel by kernel", file=sys.stderr)
-            return None
-        graph, losses, _ = self.graphs[n]
-        try:
-            graph.launch()
-            return losses.get()
-        except KeyboardInterrupt:                        # keep the run consistent
-            self.cupy.cuda.Device().synchronize()
-            self.rewind(0)
-            raise
+            return False
+        graph, self.pending, _ = self.graphs[n]
+        self.kept = [p.copy() for p in self.ps] if keep else None
+        queued = self.cupy.cuda.Event()                  # after everything queued so far
+        queued.record()
+        self.stream.wait_event(queued)
+        self.open = True
+        graph.launch(stream=self.stream)
+        return True
+
+    def wait(self):
+        self.stream.synchronize()
+        return super().wait()
+
+    def cancel(self):
+        if self.open:
+            self.stream.synchronize()
+        super().cancel()
 
 
 # The matrix product of the training steps.  While a CUDA graph is captured it is
@@ -678,14 +822,18 @@ CUBLAS_WORKSPACE = 32 << 20     # bytes; NVIDIA's advice for cuBLAS in CUDA grap
 
 
 class _DirectCublas:
-    """cuBLAS gemm through ctypes on CuPy's handle, for products inside a capture."""
+    """cuBLAS gemm through ctypes, for products inside a capture.  Its own handle and
+    workspace: CuPy's products on other streams (measurements during replays) must
+    not share the workspace that the captured products use."""
 
     def __init__(self, cupy, stream):
         import ctypes
-        self.ct, self.cupy = ctypes, cupy
+        self.ct, self.cupy, self.handle = ctypes, cupy, None
         self.lib = next(lib for lib in map(self._load, ("libcublas.so.13", "libcublas.so.12",
                                                         "libcublas.so")) if lib)
-        self.handle = ctypes.c_void_p(cupy.cuda.device.get_cublas_handle())
+        handle = ctypes.c_void_p()
+        self._check(self.lib.cublasCreate_v2(ctypes.byref(handle)))
+        self.handle = handle
         self.workspace = cupy.empty(CUBLAS_WORKSPACE, dtype=cupy.uint8)   # set one for graphs
         self._check(self.lib.cublasSetPointerMode_v2(self.handle, 0))  # alpha, beta on the host
         self._check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream.ptr)))
@@ -699,6 +847,13 @@ class _DirectCublas:
         except OSError:
             return None
 
+    def __del__(self):
+        try:
+            if self.handle is not None:
+                self.lib.cublasDestroy_v2(self.handle)
+        except Exception:                                # noqa: BLE001 - at interpreter exit
+            pass
+
     @staticmethod
     def _check(status):
         if status != 0:
@@ -707,6 +862,8 @@ class _DirectCublas:
     def matmul(self, A, B):
         if A.dtype != B.dtype or A.dtype.char not in "fd" or max(A.ndim, B.ndim) > 3:
             raise TypeError(f"direct cuBLAS product of {A.dtype}{A.shape} and {B.dtype}{B.shape}")
+        if max(A.shape[-2:] + B.shape[-1:]) <= SMALL_GEMM_MAX:
+            return self._small(A, B)
         A, B, shape, (opB, opA, n, m, k, ldB, sB, ldA, sA, ldC, sC, batch) = _gemm_plan(A, B)
         C = self.cupy.empty(shape, dtype=A.dtype)
         ct, f32 = self.ct, A.dtype.char == "f"
@@ -723,12 +880,60 @@ class _DirectCublas:
                              ct.byref(zero), ptr(C), ldC, ct.c_longlong(sC), batch))
         return C
 
+    def _small(self, A, B):
+        """A @ B for tiny (batches of) matrices: one thread per entry of the product,
+        reading the operands through their strides (transposed and broadcast views)."""
+        cp = self.cupy
+        batch = max(A.shape[0] if A.ndim == 3 else 1, B.shape[0] if B.ndim == 3 else 1)
+        (m, k), n = A.shape[-2:], B.shape[-1]
+        C = cp.empty(((batch,) if max(A.ndim, B.ndim) == 3 else ()) + (m, n), dtype=A.dtype)
+        steps = lambda M: [0 if M.ndim == 2 else M.strides[0] // M.itemsize] + \
+            [st // M.itemsize for st in M.strides[-2:]]
+        kernel = _small_gemm_kernel(cp, A.dtype.char)
+        threads = 128
+        kernel(((C.size + threads - 1) // threads,), (threads,),
+               (A, B, C, np.int64(C.size), np.int32(m), np.int32(n), np.int32(k),
+                *map(np.int64, steps(A) + steps(B))))
+        return C
+
+
+# Products whose sides are all at most this use _DirectCublas._small inside a capture:
+# cuBLAS's batched kernels cost several times more for thousands of 9 x 9 products.
+SMALL_GEMM_MAX = 32
+_SMALL_GEMM_SOURCE = r"""
+extern "C" __global__ void small_gemm(const REAL* A, const REAL* B, REAL* C, const long long size,
+                                      const int m, const int n, const int k,
+                                      const long long a0, const long long a1, const long long a2,
+                                      const long long b0, const long long b1, const long long b2) {
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= size) return;
+    const long long b = t / ((long long)m * n);
+    const int row = (int)((t / n) % m), col = (int)(t % n);
+    const REAL* a = A + b * a0 + row * a1;
+    const REAL* x = B + b * b0 + col * b2;
+    REAL sum = 0;
+    for (int p = 0; p < k; p++) sum += a[p * a2] * x[p * b1];
+    C[t] = sum;
+}
+"""
+_small_gemm_kernels = {}
+
+
+def _small_gemm_kernel(cp, char):
+    if char not in _small_gemm_kernels:
+        real = {"f": "float", "d": "double"}[char]
+        _small_gemm_kernels[char] = cp.RawKernel(_SMALL_GEMM_SOURCE.replace("REAL", real), "small_gemm")
+    return _small_gemm_kernels[char]
+
 
 def _chunker(ps, loss_and_grads, lr):
-    """CUDA-graph chunks for CuPy parameters when enabled, else None (step by step)."""
-    if CUDA_GRAPH_STEPS < 2 or array_module(*ps) is np:
-        return None
-    return _CudaGraphChunks(ps, loss_and_grads, lr)
+    """Runs of steps for gradient_descent: CUDA-graph chunks for CuPy parameters when
+    enabled; on NumPy ``loss_and_grads.in_place(ps, lr)`` where the loss offers it;
+    else None (step by step)."""
+    if array_module(*ps) is not np:
+        return _CudaGraphChunks(ps, loss_and_grads, lr) if CUDA_GRAPH_STEPS >= 2 else None
+    in_place = getattr(loss_and_grads, "in_place", None)
+    return in_place(ps, lr) if in_place else None
 
 
 # ------------------------------------------------------------------- usSVD --
@@ -783,6 +988,16 @@ def _reduced_svd(W):
     U, s, Vt = xp.linalg.svd(W, full_matrices=False)
     return to_numpy(U).astype(np.float64), to_numpy(s).astype(np.float64), \
         to_numpy(_T(Vt)).astype(np.float64)
+
+
+def _reduced_svds(weights):
+    """[_reduced_svd(W) for W in weights], in one call when small layers share a shape
+    (batched LAPACK on the host; GPU solvers do large layers one by one faster)."""
+    if len(weights) > 1 and len({(W.shape, W.dtype) for W in weights}) == 1 and \
+            weights[0].ndim == 2 and min(weights[0].shape) <= HOST_SVD_MAX:
+        U, s, V = _reduced_svd(array_module(*weights).stack(weights))
+        return list(zip(U, s, V))
+    return [_reduced_svd(W) for W in weights]
 
 
 def _svd_by_gram(A):
@@ -845,47 +1060,68 @@ def _adapt_clusters(M, a_bounds, b_sizes):
 
 
 def _greedy_match(C, capacity):
-    """One-to-one (rows) matching to capacitated columns, greedy by decreasing C >= 0.
+    """One-to-one (rows) matching to capacitated columns, greedy by decreasing C >= 0:
+    the entries in decreasing order, ties in row-major order, each taken when its row
+    is free and its column has room.  C may hold a batch (B x p x m); capacity: (m,)
+    or (B, m).  Returns the matched value of each row (0 where no column had room).
 
-    Equal to taking the entries of C in decreasing order whenever the row is free
-    and the column has room; done in vectorised rounds, each accepting every free
-    row whose best open entry is among the top ``room`` of its column.  C may hold a
-    batch (B x p x m).  Returns the matched value of each row (0 where no column
-    had room).
+    Small inputs go entry by entry (GREEDY_ONE_BY_ONE_MAX entries at most); larger
+    ones in vectorised rounds: a free row takes its best open entry when fewer than
+    the column's room entries of free rows come before that entry in the order (the
+    one-by-one greedy then takes it too, whatever it does before), so each round
+    takes at least the first open entry of all.
     """
     single = C.ndim == 2
     C = C[None] if single else C
     nb, p, m = C.shape
     room = np.broadcast_to(np.asarray(capacity, dtype=np.int64), (nb, m)).copy()
-    value = np.zeros((nb, p))
-    free = np.ones((nb, p), dtype=bool)
-    nets, rows = np.arange(nb)[:, None], np.arange(p)[None, :]      # index grids
-    while True:
-        open_ = free[:, :, None] & (room[:, None, :] > 0)
-        if not open_.any():
-            break
-        sub = np.where(open_, C, -1.0)
-        best = sub.argmax(axis=2)
-        best_val = sub[nets, rows, best]
-        candidates = np.where(free[:, :, None], C, -1.0)
-        cutoff = candidates.max(axis=1)                       # columns with room 1
-        wide = np.flatnonzero((room > 1).any(axis=0))
-        if wide.size:                                         # the room-th largest
-            ranked = -np.sort(-candidates[:, :, wide], axis=1)
-            deep = np.clip(room[:, wide] - 1, 0, p - 1)
-            cutoff[:, wide] = np.where(room[:, wide] > 1,
-                                       ranked[nets, deep, np.arange(wide.size)], cutoff[:, wide])
-        safe = open_.any(axis=2) & (best_val >= cutoff[nets, best])
-        b, r = np.nonzero(safe)
-        cols, vals = best[b, r], best_val[b, r]
-        order = np.lexsort((-vals, cols, b))              # by network, column, value down
-        key = (b * m + cols)[order]
-        keep = np.arange(key.size) - np.searchsorted(key, key) < room[b, cols][order]
-        sel = order[keep]
-        value[b[sel], r[sel]] = vals[sel]
-        free[b[sel], r[sel]] = False
-        np.subtract.at(room, (b[sel], cols[sel]), 1)
+    value = (_greedy_one_by_one if C.size <= GREEDY_ONE_BY_ONE_MAX else _greedy_rounds)(C, room)
     return value[0] if single else value
+
+
+GREEDY_ONE_BY_ONE_MAX = 1024
+
+
+def _greedy_one_by_one(C, room):
+    nb, p, m = C.shape
+    flat = C.reshape(nb, -1)
+    order = np.argsort(-flat, axis=1, kind="stable")           # decreasing, ties row-major
+    value = np.zeros((nb, p))
+    for b, (entries, values, cap) in enumerate(zip(order.tolist(), flat.tolist(), room.tolist())):
+        free, left = [True] * p, min(p, sum(cap))
+        for e in entries:
+            if not left:
+                break
+            r, c = divmod(e, m)
+            if free[r] and cap[c]:
+                free[r], cap[c], left = False, cap[c] - 1, left - 1
+                value[b, r] = values[e]
+    return value
+
+
+def _greedy_rounds(C, room):
+    nb, p, m = C.shape
+    value, free = np.zeros((nb, p)), np.ones((nb, p), dtype=bool)
+    while True:
+        rows, cols = np.flatnonzero(free.any(axis=0)), np.flatnonzero((room > 0).any(axis=0))
+        if not (rows.size and cols.size):
+            break
+        Cs, fs, rs = C[:, rows][:, :, cols], free[:, rows], room[:, cols]   # what is left
+        open_ = fs[:, :, None] & (rs[:, None, :] > 0)
+        live = open_.any(axis=2)
+        if not live.any():
+            break
+        best = np.where(open_, Cs, -1.0).argmax(axis=2)            # first best open column
+        best_val = np.take_along_axis(Cs, best[:, :, None], axis=2)[:, :, 0]
+        column = np.take_along_axis(np.where(fs[:, :, None], Cs, -1.0), best[:, None, :], axis=2)
+        v = best_val[:, None, :]                                   # column[b, r', r] = C[r', best[r]]
+        before = rows[:, None] < rows[None, :]                     # r' ahead of r on ties
+        ahead = ((column > v) | ((column == v) & before)).sum(axis=1)
+        b, r = np.nonzero(live & (ahead < np.take_along_axis(rs, best, axis=1)))
+        c = cols[best[b, r]]
+        value[b, rows[r]], free[b, rows[r]] = best_val[b, r], False
+        room -= np.bincount(b * m + c, minlength=nb * m).reshape(nb, m)
+    return value
 
 
 @dataclasses.dataclass
@@ -1032,7 +1268,7 @@ def alignment(weights, how="paired", rtol=1e-6):
     """
     _check_how(how)
     check_network(weights)
-    return _alignment_of([_reduced_svd(W) for W in weights], how, rtol)
+    return _alignment_of(_reduced_svds(weights), how, rtol)
 
 
 def _widths(svds):
@@ -1061,8 +1297,7 @@ def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
     _check_how(how)
     check_network(weights_t)
     check_network(weights_0)
-    return _invariance_of([_reduced_svd(W) for W in weights_t],
-                          [_reduced_svd(W) for W in weights_0], how, rtol)
+    return _invariance_of(_reduced_svds(weights_t), _reduced_svds(weights_0), how, rtol)
 
 
 def _invariance_pairs(now, then, widths, rtol, static=None):
@@ -1104,15 +1339,16 @@ def tracker(weights_0, rtol=1e-6):
     it returns None when that split cannot be measured exactly.
     """
     check_network(weights_0)
-    start = [_reduced_svd(W) for W in weights_0]
+    start = _reduced_svds(weights_0)
+    start_generic = _generic(start, rtol)
 
     def from_svds(now, then=None, widths=None, static=None):
+        generic = _generic(now, rtol) & (start_generic if then is None else _generic(then, rtol))
         then = start if then is None else then
         widths = widths or _widths(now)
         if now[0][1].ndim == 1:
-            return _measures(now, then, widths, rtol, static)
+            return _measures(now, then, widths, rtol, static, bool(generic))
         pick = lambda svds, b: [tuple(a[b] for a in svd) for svd in svds]
-        generic = _generic(now, rtol) & _generic(then, rtol)
         out = {key: np.zeros(generic.size) for key in MEASURE_KEYS}
         if generic.any():
             values = _measures(pick(now, generic), pick(then, generic), widths, rtol, generic=True)
@@ -1124,7 +1360,7 @@ def tracker(weights_0, rtol=1e-6):
         return out
 
     def measure(weights, _=None):
-        return from_svds([_reduced_svd(W) for W in weights])
+        return from_svds(_reduced_svds(weights))
     measure.from_svds = from_svds
     return measure
 
@@ -1151,10 +1387,13 @@ MEASURE_KEYS = ("alignment_paired", "alignment_matched", "invariance_paired", "i
 
 def _generic(svds, rtol):
     """For each network of a batch: all singular values nonzero and distinct (up to rtol)."""
+    values = [s for _, s, _ in svds]
+    stacked = len({s.shape for s in values}) == 1      # layers of one shape: one pass
     ok = True
-    for _, s, _ in svds:
+    for s in [np.stack(values)] if stacked else values:
         top = s[..., :1]
-        ok = ok & (s[..., -1] > rtol * top[..., 0]) & (np.abs(np.diff(s, axis=-1)) > rtol * top).all(axis=-1)
+        good = (s[..., -1] > rtol * top[..., 0]) & (np.abs(np.diff(s, axis=-1)) > rtol * top).all(axis=-1)
+        ok = ok & (good.all(axis=0) if stacked else good)
     return ok
 
 
@@ -1577,6 +1816,9 @@ def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", k
     coef = lr / n if kind == "mse" else 2.0 * lr / (kd * n)
     sig = xp.array(sigmas0, dtype=xp.float64)
     lam, lam_prime = xp.asarray(lam, dtype=sig.dtype), xp.asarray(lam_prime, dtype=sig.dtype)
+    if xp is not np and sig.shape[-2] <= SV_KERNEL_MAX_DEPTH and \
+            all(a.ndim < 2 or a.shape[-2] == 1 for a in (lam, lam_prime)):
+        return _sv_dynamics_kernel(xp, sig, lam, lam_prime, coef, steps, record_every)
     out = [sig.copy()]
     for t in range(1, steps + 1):
         others = _others_product(sig)
@@ -1585,6 +1827,52 @@ def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", k
         if t % record_every == 0:
             out.append(sig.copy())
     return xp.stack(out)
+
+
+SV_KERNEL_MAX_DEPTH = 16
+_SV_KERNEL_SOURCE = r"""
+extern "C" __global__ void sv_dynamics(const double* sig0, const double* lam, const double* lamp,
+                                       const double coef, const int d, const long long r,
+                                       const long long cols, const long long steps,
+                                       const long long every, double* out) {
+    // One thread per direction (b, i): the d values sigma_j of column i of network b.
+    // The operations of the NumPy loop in its order (compiled without fused
+    // multiply-adds), so both give the same numbers.
+    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    const long long base = (c / r) * d * r + c % r, record = cols * d;
+    const double l = lam[c], lp = lamp[c];
+    double s[MAX_DEPTH], others[MAX_DEPTH];
+    for (int j = 0; j < d; j++) out[base + j * r] = s[j] = sig0[base + j * r];
+    for (long long t = 1; t <= steps; t++) {
+        double p = 1.0;
+        for (int j = 0; j < d; j++) { others[j] = p; p = p * s[j]; }       // prefix products
+        p = 1.0;
+        for (int j = d - 1; j >= 0; j--) { others[j] = others[j] * p; p = p * s[j]; }
+        const double g = lp - l * (others[0] * s[0]);
+        for (int j = 0; j < d; j++) s[j] = s[j] + coef * others[j] * g;
+        if (t % every == 0)
+            for (int j = 0; j < d; j++) out[(t / every) * record + base + j * r] = s[j];
+    }
+}
+""".replace("MAX_DEPTH", str(SV_KERNEL_MAX_DEPTH))
+
+
+def _sv_dynamics_kernel(cp, sig, lam, lam_prime, coef, steps, record_every):
+    """singular_value_dynamics on the GPU: one CUDA thread runs all the steps of one
+    direction.  A step is O(d) flops per direction, so launching its ~10 array
+    operations step by step would cost microseconds each for nanoseconds of work."""
+    batch, (d, r) = sig.shape[:-2], sig.shape[-2:]
+    sig = cp.ascontiguousarray(sig)
+    lam, lam_prime = (cp.ascontiguousarray(cp.broadcast_to(a, batch + (1, r))) for a in (lam, lam_prime))
+    cols = sig.size // d
+    out = cp.empty((steps // record_every + 1,) + sig.shape, dtype=sig.dtype)
+    kernel = cp.RawKernel(_SV_KERNEL_SOURCE, "sv_dynamics", options=("--fmad=false",))
+    threads = 128
+    kernel(((cols + threads - 1) // threads,), (threads,),
+           (sig, lam, lam_prime, np.float64(coef), np.int32(d), np.int64(r), np.int64(cols),
+            np.int64(steps), np.int64(record_every), out))
+    return out
 
 
 def prop2_learning_rate(sigmas0, lam, lam_prime, n):

@@ -356,7 +356,7 @@ def test_layer_gradients_of_a_matrix_loss_match_finite_differences():
             assert grads[i][idx] == pytest.approx((up - down) / (2 * h), rel=1e-6)
 
 
-def test_vectorised_greedy_matching_equals_the_sequential_greedy():
+def test_greedy_matching_in_rounds_and_one_by_one_equals_the_sequential_greedy(monkeypatch):
     def sequential(C, capacity):
         room, value, free = list(capacity), np.zeros(C.shape[0]), np.ones(C.shape[0], bool)
         for e in np.argsort(-C, axis=None, kind="stable"):
@@ -366,12 +366,17 @@ def test_vectorised_greedy_matching_equals_the_sequential_greedy():
                 room[c] -= 1
         return value
     rng = np.random.default_rng(20)
-    for _ in range(200):
+    for trial in range(400):
         p, m = rng.integers(1, 12, 2)
-        C = rng.random((p, m))
-        capacity = rng.integers(0, 4, m)
-        np.testing.assert_array_equal(np.sort(align._greedy_match(C, capacity)),
-                                      np.sort(sequential(C, capacity)))
+        C = rng.random((3, p, m))
+        if trial % 2:
+            C = np.round(C, 1)                                   # many ties
+        capacity = rng.integers(0, 4, (3, m))
+        want = np.array([sequential(Cb, cb) for Cb, cb in zip(C, capacity)])
+        for largest in (0, 10 ** 6):                             # in rounds, one by one
+            monkeypatch.setattr(align, "GREEDY_ONE_BY_ONE_MAX", largest)
+            np.testing.assert_array_equal(align._greedy_match(C, capacity), want)
+            np.testing.assert_array_equal(align._greedy_match(C[0], capacity[0]), want[0])
 
 
 @pytest.mark.parametrize("kind", ["mse", "mse_mean", "ce"])
@@ -461,6 +466,26 @@ def test_measures_split_along_the_invariant_subspace_equal_the_direct_ones(dtype
     assert align._split_first_layers(random_start[0], Q, X.T) is None
 
 
+def test_split_measures_on_the_device_equal_the_host_ones(xp, monkeypatch):
+    """Layer 1's moving directions decomposed where the arrays live (large layers:
+    eigh on the GPU) give the host's singular values and vectors."""
+    rng = np.random.default_rng(28)
+    widths, n = [20, 24, 3, 2], 6
+    X, Y = rng.standard_normal((20, n)), rng.standard_normal((2, n))
+    weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1)
+    Q = align._range_basis(np.concatenate([weights[0] @ X, weights[1].T], axis=1), 1e-12)
+    params = [rng.standard_normal((Q.shape[1], n)) * 0.1, rng.standard_normal((3, Q.shape[1]))]
+    (want1, want2), want_static = align._split_first_layers(weights[0], Q, X.T)(params)
+    monkeypatch.setattr(align, "HOST_SVD_MAX", 0)                  # every decomposition on xp
+    split = align._split_first_layers(*(xp.asarray(a) for a in (weights[0], Q, X.T)))
+    (got1, got2), static = split([xp.asarray(p) for p in params])
+    assert (static == want_static).all() and type(got1[0]) is np.ndarray
+    np.testing.assert_allclose(got1[1], want1[1], rtol=1e-12)
+    np.testing.assert_allclose(np.abs((got1[0] * want1[0]).sum(0))[~static], 1.0, atol=1e-10)
+    np.testing.assert_allclose(got2[1], want2[1], rtol=1e-12)
+    np.testing.assert_allclose(np.abs((got2[2] * want2[2]).sum(0)), 1.0, atol=1e-10)
+
+
 @pytest.mark.parametrize("repeated, rtol", [(False, 1e-6), (True, 1e-6), (True, 0.05)])
 def test_training_with_split_measures_records_the_same_values(repeated, rtol, monkeypatch):
     """Layer 1 split into static and moving directions (static ones left out as exact
@@ -541,7 +566,9 @@ def test_chunked_steps_on_a_batch_and_on_divergence(monkeypatch):
     X, Y = rng.standard_normal((3, 5, 9)), rng.standard_normal((3, 5, 9))
     run = lambda: align.train(batch, X, Y, lr=0.05, max_steps=500, tol=1e-2)
     (w1, h1), (w2, h2), _ = _run_both(monkeypatch, run)
-    assert h1.losses == h2.losses and h1.final_step == h2.final_step
+    assert h1.steps == h2.steps and h1.final_step == h2.final_step
+    np.testing.assert_array_equal(np.array(h1.losses), np.array(h2.losses))
+    assert h1.losses[0].shape == (3,) and h1.to_dict()["losses"][0] == h1.losses[0].tolist()
     for a, b in zip(w1, w2):
         np.testing.assert_array_equal(a, b)
     weights, X, Y = random_problem(rng, "mse", [4, 4, 4], 4)
@@ -552,6 +579,60 @@ def test_chunked_steps_on_a_batch_and_on_divergence(monkeypatch):
             align.train([W * 10 for W in weights], X, Y * 100, lr=100.0, max_steps=1000)
         steps.append(e.value.history.final_step)
     assert steps[0] == steps[1] > 0
+
+
+@pytest.mark.parametrize("kind, dtype, widths, record_every, tol",
+                         [("mse", np.float64, [4, 5, 3], 1, 1e-3),          # stops inside a run
+                          ("mse_mean", np.float32, [4, 6, 5, 3], 3, 1e-3),  # sparse records
+                          ("mse", np.float64, [4, 3], 1, 0.0),              # one layer, budget
+                          ("mse_mean", np.float64, [3, 4, 4, 4, 2], 2, 1e-3),
+                          ("mse_mean", np.float64, [5, 5, 5, 5], 1, 1e-3)])   # k x k: stacked
+def test_in_place_squared_loss_steps_give_the_same_numbers(monkeypatch, kind, dtype, widths,
+                                                           record_every, tol):
+    """NumPy's in-place runs of steps (a dense network, squared loss, n >= k0) against
+    the step-by-step path: identical iterates, losses, records and stopping step."""
+    ran, run = [], align._SquaredLossSteps._run
+    monkeypatch.setattr(align._SquaredLossSteps, "_run", lambda self, n: ran.append(n) or run(self, n))
+    rng = np.random.default_rng(43)
+    weights, X, _ = random_problem(rng, kind, widths, 7)
+    Y = rng.standard_normal((widths[-1], widths[0])) @ X / 2         # interpolable
+    weights, X, Y = [W.astype(dtype) for W in weights], X.astype(dtype), Y.astype(dtype)
+    runs = []
+    for fast in (True, False):
+        calls = []
+        out, hist = align.train(weights, X, Y, kind, lr=0.05, max_steps=1234, tol=tol, fast=fast,
+                                record_every=record_every, measure_every=100,
+                                measures={"a": lambda w, w0: align.alignment(w)},
+                                callback=lambda s, L, h: calls.append((s, L)))
+        runs.append((out, hist, calls))
+    (w1, h1, c1), (w2, h2, c2) = runs
+    assert ran and sum(ran) >= h1.final_step and max(ran) <= 100    # the fast run took runs
+    assert h1.final_step == h2.final_step and h1.stop_reason == h2.stop_reason
+    assert h1.final_step < 1234 if tol else h1.final_step == 1234
+    assert h1.steps == h2.steps and h1.losses == h2.losses and c1 == c2
+    assert h1.measure_steps == h2.measure_steps and h1.measurements == h2.measurements
+    for a, b in zip(w1, w2):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ctrl_c_in_the_callback_stops_a_run_of_steps_where_it_was():
+    rng = np.random.default_rng(44)
+    weights, X, Y = random_problem(rng, "mse", [4, 5, 3], 6)
+    results = []
+    for fast in (True, False):
+        def interrupt(step, L, h):
+            if step == 57:
+                raise KeyboardInterrupt
+        out, hist = align.train(weights, X, Y, lr=0.05, max_steps=500, tol=0.0, fast=fast,
+                                callback=interrupt, measures={"a": lambda w, w0: align.alignment(w)})
+        results.append((out, hist))
+    (w1, h1), (w2, h2) = results
+    assert h1.stop_reason == h2.stop_reason == "interrupted"
+    assert h1.final_step == h2.final_step == 57 and h1.steps == h2.steps == list(range(58))
+    assert h1.measure_steps == h2.measure_steps == [0, 57]
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_gemm_plan_reads_every_layout_the_steps_use():
@@ -598,13 +679,13 @@ def test_cuda_graph_steps_equal_kernel_by_kernel_steps(monkeypatch, kind, widths
         weights = [np.stack([W * (1 + 0.1 * b) for b in range(batch)]) for W in weights]
     weights, X, Y = ([CUPY.asarray(a) for a in arrays] for arrays in (weights, [X], [Y]))
     captured = []
-    run = align._CudaGraphChunks.run
-    monkeypatch.setattr(align._CudaGraphChunks, "run",
-                        lambda self, k: captured.append(run(self, k)) or captured[-1])
+    launch = align._CudaGraphChunks.launch
+    monkeypatch.setattr(align._CudaGraphChunks, "launch",
+                        lambda self, k, keep=False: captured.append(launch(self, k, keep)) or captured[-1])
     train = lambda: align.train(weights, X[0], Y[0], kind, lr=0.05, max_steps=400, tol=1e-3,
                                 measure_every=120, measures={"m": align.tracker(weights)})
     w1, h1 = train()
-    assert captured and all(c is not None for c in captured)      # graphs really ran
+    assert captured and all(captured)                              # graphs really ran
     monkeypatch.setattr(align, "CUDA_GRAPH_STEPS", 0)
     w2, h2 = train()
     assert h1.final_step == h2.final_step and h1.stop_reason == h2.stop_reason

@@ -254,3 +254,18 @@ def test_theorem1_and_corollary1_on_backend(xp):
     bases = [cert.V] + [np.eye(k)] * 2 + [cert.U]
     full = np.array([np.diagonal(bases[i + 1].T @ align.to_numpy(W) @ bases[i]) for i, W in enumerate(out)])
     np.testing.assert_allclose(align.to_numpy(traj[-1]), full, rtol=1e-9)
+
+
+@pytest.mark.parametrize("d, batch, every", [(3, (), 1), (4, (2,), 25), (16, (), 7), (17, (), 10)])
+def test_corollary1_recursion_same_numbers_on_every_backend(xp, d, batch, every):
+    """On the GPU one thread runs all steps of a direction (up to depth 16; deeper
+    networks take the array path): the same operations in the same order as NumPy."""
+    rng = np.random.default_rng(60 + d)
+    r = 5
+    sig0 = rng.uniform(0.8, 1.0, batch + (d, r))
+    lam, lamp = rng.uniform(0.5, 2, r), rng.uniform(0.5, 2, r)
+    want = align.singular_value_dynamics(sig0, lam, lamp, 0.01, 4, 100, record_every=every)
+    got = align.singular_value_dynamics(xp.asarray(sig0), xp.asarray(lam), lamp, 0.01, 4, 100,
+                                        record_every=every)
+    assert got.shape == want.shape == (100 // every + 1,) + batch + (d, r)
+    np.testing.assert_allclose(align.to_numpy(got), want, rtol=1e-14, atol=0)
