@@ -348,10 +348,12 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
         if Q is None:
             return [W10 + ps[0] @ Xt] + list(ps[1:])
         return [W10 + Q @ (ps[0] @ Xt), ps[1] @ _T(Q)] + list(ps[2:])
-    split = []                                   # built at the first measurement
+    split, same_start = [], {}                   # built at the first measurement
 
     def measured(fn, ps):
-        if Q is not None and hasattr(fn, "from_svds"):
+        if id(fn) not in same_start:             # a tracker of this run's start (else its own)
+            same_start[id(fn)] = hasattr(fn, "from_svds") and fn.starts_at(weights)
+        if Q is not None and same_start[id(fn)]:
             if not split:
                 split.append(_split_measure(W10, Q, Xt, start))
             value = split[0] and split[0](fn, ps)
@@ -398,7 +400,7 @@ def _split_first_layers(W10, Q, Xt):
     P = _orth_complement(Qh, W0.shape[0])
     static_values = _svd_by_gram(P.T @ W0)[1]
     QtW0, r = Qh.T @ W0, min(W0.shape)
-    xp = np if Qh.shape[1] <= HOST_SVD_MAX else array_module(W10)   # where eigh is faster
+    xp = np if Qh.shape[1] <= HOST_EIGH_MAX else array_module(W10)  # where eigh is faster
     G0, B, K = (xp.asarray(a) for a in (QtW0 @ QtW0.T, Xh @ QtW0.T, Xh @ Xh.T))
 
     def split(ps):
@@ -447,11 +449,13 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     ``stop_reason = "interrupted"``.  ``measures`` maps names to functions
     ``m(params, params_0)`` called at step 0, every ``measure_every`` steps and at
     the end (one returning a dict records each of its keys).  ``callback(step, loss,
-    history)`` runs at every recorded step (on the GPU after each replayed chunk).
-    With ``graphs`` and CuPy arrays, runs of up to CUDA_GRAPH_STEPS steps between
-    measurements are replayed from captured CUDA graphs (same kernels, same
+    history)`` runs at every recorded step (in runs of steps, after the run).
+    Runs of steps up to the next measurement: with ``graphs`` and CuPy arrays, up to
+    CUDA_GRAPH_STEPS steps replayed from captured CUDA graphs (same kernels, same
     iterates; ``loss_and_grads`` must then depend on the parameters' values only and
-    never copy to the host, else it falls back to launching kernels one by one).
+    never copy to the host, else it falls back to launching kernels one by one),
+    while the measurement due at their start runs on a copy of the parameters; on
+    NumPy, in place where ``loss_and_grads.in_place`` offers it (see _chunker).
     Returns (params, History).  A non-finite loss raises DivergenceError.
     """
     if not (lr > 0 and math.isfinite(lr)):
@@ -568,7 +572,7 @@ def _descend(ps, grads, lr):
 # GD steps per captured CUDA graph on the GPU; 0 or 1 launches kernels one by one
 # (environment variable ALIGN_CUDA_GRAPH_STEPS).
 def _graph_steps_setting():
-    text = os.environ.get("ALIGN_CUDA_GRAPH_STEPS", "50")
+    text = os.environ.get("ALIGN_CUDA_GRAPH_STEPS", "100")
     if not text.strip().isdigit():
         raise ValueError(f"ALIGN_CUDA_GRAPH_STEPS must be a whole number of steps (0 turns CUDA "
                          f"graphs off), got {text!r}")
@@ -971,15 +975,22 @@ def ussvd_flip(U, s, V, signs):
 # ---------------------------------------------------------------- measures --
 
 HOST_SVD_MAX = 256      # layers whose smaller side is at most this are decomposed on the host
+HOST_EIGH_MAX = 128     # larger Gram matrices of layer 1's split go to the GPU's eigh (cuSOLVER:
+                        # 2.9 ms for 320 x 320 on an H200, LAPACK 7.6 ms on its host)
 
 
-def _reduced_svd(W):
+def _reduced_svd(W, keep=False):
     """Reduced SVD (U, s, V) as float64 host arrays, s descending.
 
     float32 layers: from the eigenvectors of the float64 Gram matrix of the smaller
     side, several times faster than an SVD and more accurate than a float32 SVD
     (vector errors ~ 1e-16 ||W||^2 / (sigma gap) instead of ~ 6e-8 ||W|| / gap).
+    With ``keep``, a batch on the GPU stays there (its batched solver decomposes
+    a thousand small matrices in about the time LAPACK takes for thirty).
     """
+    if keep and W.ndim == 3 and array_module(W) is not np:
+        U, s, Vt = array_module(W).linalg.svd(W.astype(np.float64), full_matrices=False)
+        return U, s, _T(Vt)
     if min(W.shape[-2:]) <= HOST_SVD_MAX:   # small: LAPACK on the host beats GPU solvers
         W = to_numpy(W)
     xp = array_module(W)
@@ -990,9 +1001,11 @@ def _reduced_svd(W):
         to_numpy(_T(Vt)).astype(np.float64)
 
 
-def _reduced_svds(weights):
-    """[_reduced_svd(W) for W in weights], in one call when small layers share a shape
-    (batched LAPACK on the host; GPU solvers do large layers one by one faster)."""
+def _reduced_svds(weights, keep=False):
+    """[_reduced_svd(W, keep) for W in weights], in one call when small layers share a
+    shape (batched LAPACK on the host; GPU solvers do large layers one by one faster)."""
+    if keep:
+        return [_reduced_svd(W, keep) for W in weights]
     if len(weights) > 1 and len({(W.shape, W.dtype) for W in weights}) == 1 and \
             weights[0].ndim == 2 and min(weights[0].shape) <= HOST_SVD_MAX:
         U, s, V = _reduced_svd(array_module(*weights).stack(weights))
@@ -1071,24 +1084,28 @@ def _greedy_match(C, capacity):
     one-by-one greedy then takes it too, whatever it does before), so each round
     takes at least the first open entry of all.
     """
+    xp = array_module(C)
     single = C.ndim == 2
     C = C[None] if single else C
     nb, p, m = C.shape
-    room = np.broadcast_to(np.asarray(capacity, dtype=np.int64), (nb, m)).copy()
-    value = (_greedy_one_by_one if C.size <= GREEDY_ONE_BY_ONE_MAX else _greedy_rounds)(C, room)
+    room = xp.broadcast_to(xp.asarray(capacity, dtype=np.int64), (nb, m)).copy()
+    small = C.size <= GREEDY_ONE_BY_ONE_MAX and xp is np
+    value = (_greedy_one_by_one if small else _greedy_rounds)(C, room)
     return value[0] if single else value
 
 
 GREEDY_ONE_BY_ONE_MAX = 1024
 
 
-def _greedy_one_by_one(C, room):
+def _greedy_one_by_one(C, room, free=None):
     nb, p, m = C.shape
     flat = C.reshape(nb, -1)
     order = np.argsort(-flat, axis=1, kind="stable")           # decreasing, ties row-major
     value = np.zeros((nb, p))
-    for b, (entries, values, cap) in enumerate(zip(order.tolist(), flat.tolist(), room.tolist())):
-        free, left = [True] * p, min(p, sum(cap))
+    free = np.ones((nb, p), dtype=bool) if free is None else free
+    for b, (entries, values, cap, free) in enumerate(zip(order.tolist(), flat.tolist(), room.tolist(),
+                                                         free.tolist())):
+        left = min(sum(free), sum(cap))
         for e in entries:
             if not left:
                 break
@@ -1100,27 +1117,30 @@ def _greedy_one_by_one(C, room):
 
 
 def _greedy_rounds(C, room):
-    nb, p, m = C.shape
-    value, free = np.zeros((nb, p)), np.ones((nb, p), dtype=bool)
+    xp, (nb, p, m) = array_module(C), C.shape
+    value, free = xp.zeros((nb, p)), xp.ones((nb, p), dtype=bool)
     while True:
-        rows, cols = np.flatnonzero(free.any(axis=0)), np.flatnonzero((room > 0).any(axis=0))
+        rows, cols = xp.flatnonzero(free.any(axis=0)), xp.flatnonzero((room > 0).any(axis=0))
         if not (rows.size and cols.size):
             break
         Cs, fs, rs = C[:, rows][:, :, cols], free[:, rows], room[:, cols]   # what is left
+        if Cs.size <= GREEDY_ONE_BY_ONE_MAX and xp is np:                   # small: finish
+            value[:, rows] += _greedy_one_by_one(Cs, rs, fs)
+            break
         open_ = fs[:, :, None] & (rs[:, None, :] > 0)
         live = open_.any(axis=2)
         if not live.any():
             break
-        best = np.where(open_, Cs, -1.0).argmax(axis=2)            # first best open column
-        best_val = np.take_along_axis(Cs, best[:, :, None], axis=2)[:, :, 0]
-        column = np.take_along_axis(np.where(fs[:, :, None], Cs, -1.0), best[:, None, :], axis=2)
+        best = xp.where(open_, Cs, -1.0).argmax(axis=2)            # first best open column
+        best_val = xp.take_along_axis(Cs, best[:, :, None], axis=2)[:, :, 0]
+        column = xp.take_along_axis(xp.where(fs[:, :, None], Cs, -1.0), best[:, None, :], axis=2)
         v = best_val[:, None, :]                                   # column[b, r', r] = C[r', best[r]]
         before = rows[:, None] < rows[None, :]                     # r' ahead of r on ties
         ahead = ((column > v) | ((column == v) & before)).sum(axis=1)
-        b, r = np.nonzero(live & (ahead < np.take_along_axis(rs, best, axis=1)))
+        b, r = xp.nonzero(live & (ahead < xp.take_along_axis(rs, best, axis=1)))
         c = cols[best[b, r]]
         value[b, rows[r]], free[b, rows[r]] = best_val[b, r], False
-        room -= np.bincount(b * m + c, minlength=nb * m).reshape(nb, m)
+        room -= xp.bincount(b * m + c, minlength=nb * m).reshape(nb, m)
     return value
 
 
@@ -1202,7 +1222,7 @@ def _matched_score(pairs):
     other side, summed over all pairs / the directions (one value per network)."""
     total, count = 0.0, 0
     for pair in pairs:
-        M = np.abs(pair.product)
+        M = abs(pair.product)
         if M.size:
             total = total + M.max(axis=-2 if pair.rows_b else -1).sum(axis=-1)
             count += M.shape[-1 if pair.rows_b else -2]
@@ -1226,9 +1246,10 @@ def _paired_generic(*pair_lists):
             groups.setdefault((p, q, max(0, min(k, pair.positions or k) - q)), []).append((j, M))
             totals[j], counts[j] = totals[j] + pair.exact, counts[j] + p + pair.exact
     for (p, q, room), members in groups.items():
-        sq = np.stack([M for _, M in members]) ** 2               # (pairs, [batch,] p, q)
-        outside = np.clip(1.0 - sq.sum(axis=-1, keepdims=True), 0.0, 1.0)
-        C = np.sqrt(np.clip(np.concatenate([sq, outside], axis=-1), 0.0, 1.0))
+        xp = array_module(members[0][1])                          # (a batch on the GPU stays)
+        sq = xp.stack([M for _, M in members]) ** 2               # (pairs, [batch,] p, q)
+        outside = xp.clip(1.0 - sq.sum(axis=-1, keepdims=True), 0.0, 1.0)
+        C = xp.sqrt(xp.clip(xp.concatenate([sq, outside], axis=-1), 0.0, 1.0))
         value = _greedy_match(C.reshape((-1, p, q + 1)), [1] * q + [room])
         value = value.reshape(C.shape[:-1]).sum(axis=-1)           # (pairs, [batch])
         for (j, _), v in zip(members, value):
@@ -1336,10 +1357,12 @@ def tracker(weights_0, rtol=1e-6):
 
     ``m.from_svds(now, then=None, widths=None, static=None)`` measures from reduced
     SVDs (float64, host) instead, e.g. layer 1 split by ``_split_first_layers``;
-    it returns None when that split cannot be measured exactly.
+    it returns None when that split cannot be measured exactly.  ``m.starts_at(ws)``:
+    whether ws are weights_0 (then :func:`train` may measure from the split).
     """
     check_network(weights_0)
-    start = _reduced_svds(weights_0)
+    keep = weights_0[0].ndim == 3 and weights_0[0].shape[0] >= GPU_BATCH_MIN   # on a GPU: stays
+    start = _reduced_svds(weights_0, keep)
     start_generic = _generic(start, rtol)
 
     def from_svds(now, then=None, widths=None, static=None):
@@ -1350,18 +1373,26 @@ def tracker(weights_0, rtol=1e-6):
             return _measures(now, then, widths, rtol, static, bool(generic))
         pick = lambda svds, b: [tuple(a[b] for a in svd) for svd in svds]
         out = {key: np.zeros(generic.size) for key in MEASURE_KEYS}
-        if generic.any():
+        on_host = to_numpy(generic)
+        if on_host.all():                       # (no picking: each pick waits for the GPU)
+            pick = lambda svds, _: svds
+        if on_host.any():
             values = _measures(pick(now, generic), pick(then, generic), widths, rtol, generic=True)
             for key, value in values.items():
-                out[key][generic] = value
-        for b in np.flatnonzero(~generic):      # repeated or zero singular values
-            for key, value in _measures(pick(now, b), pick(then, b), widths, rtol).items():
+                out[key][on_host] = to_numpy(value)
+        for b in np.flatnonzero(~on_host):      # repeated or zero singular values
+            one = lambda svds: [tuple(to_numpy(a[b]) for a in svd) for svd in svds]
+            for key, value in _measures(one(now), one(then), widths, rtol).items():
                 out[key][b] = value
         return out
 
     def measure(weights, _=None):
-        return from_svds(_reduced_svds(weights))
-    measure.from_svds = from_svds
+        return from_svds(_reduced_svds(weights, keep))
+
+    def starts_at(weights):
+        return len(weights) == len(weights_0) and all(
+            a is b or (a.shape == b.shape and bool((a == b).all())) for a, b in zip(weights, weights_0))
+    measure.from_svds, measure.starts_at = from_svds, starts_at
     return measure
 
 
@@ -1382,17 +1413,21 @@ def _measures(now, then, widths, rtol, static=None, generic=None):
         {key: float(v) for key, v in values.items()}
 
 
+# Batches of at least this many networks are measured where they are (on a GPU: there).
+GPU_BATCH_MIN = 64
+
 MEASURE_KEYS = ("alignment_paired", "alignment_matched", "invariance_paired", "invariance_matched")
 
 
 def _generic(svds, rtol):
     """For each network of a batch: all singular values nonzero and distinct (up to rtol)."""
     values = [s for _, s, _ in svds]
+    xp = array_module(*values)
     stacked = len({s.shape for s in values}) == 1      # layers of one shape: one pass
     ok = True
-    for s in [np.stack(values)] if stacked else values:
+    for s in [xp.stack(values)] if stacked else values:
         top = s[..., :1]
-        good = (s[..., -1] > rtol * top[..., 0]) & (np.abs(np.diff(s, axis=-1)) > rtol * top).all(axis=-1)
+        good = (s[..., -1] > rtol * top[..., 0]) & (abs(xp.diff(s, axis=-1)) > rtol * top).all(axis=-1)
         ok = ok & (good.all(axis=0) if stacked else good)
     return ok
 

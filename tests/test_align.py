@@ -373,7 +373,7 @@ def test_greedy_matching_in_rounds_and_one_by_one_equals_the_sequential_greedy(m
             C = np.round(C, 1)                                   # many ties
         capacity = rng.integers(0, 4, (3, m))
         want = np.array([sequential(Cb, cb) for Cb, cb in zip(C, capacity)])
-        for largest in (0, 10 ** 6):                             # in rounds, one by one
+        for largest in (0, 40, 10 ** 6):             # in rounds, rounds then one by one, one by one
             monkeypatch.setattr(align, "GREEDY_ONE_BY_ONE_MAX", largest)
             np.testing.assert_array_equal(align._greedy_match(C, capacity), want)
             np.testing.assert_array_equal(align._greedy_match(C[0], capacity[0]), want[0])
@@ -394,6 +394,22 @@ def test_row_space_fast_path_gives_the_same_iterates_and_measures(kind, widths):
     np.testing.assert_allclose(hf.losses, hs.losses, rtol=1e-11)
     for key in hs.measurements:
         np.testing.assert_allclose(hf.measurements[key], hs.measurements[key], atol=1e-10)
+
+
+def test_tracker_on_a_large_batch_measures_where_the_batch_is(xp, monkeypatch):
+    """A large batch (on a GPU: decomposed and matched there) measures as NumPy does,
+    networks with repeated singular values included (those go one by one)."""
+    rng = np.random.default_rng(29)
+    w0 = [rng.standard_normal((6, 5, 5)) for _ in range(3)]
+    w1 = [W + 0.3 * rng.standard_normal(W.shape) for W in w0]
+    for W in w1:
+        W[2] = np.eye(5)                                         # network 2: repeated values
+    want = align.tracker(w0)(w1)
+    monkeypatch.setattr(align, "GPU_BATCH_MIN", 4)
+    got = align.tracker([xp.asarray(W) for W in w0])([xp.asarray(W) for W in w1])
+    for key, value in want.items():
+        assert type(got[key]) is np.ndarray
+        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-12)
 
 
 def test_row_space_fast_path_on_a_batch_of_networks():
@@ -477,6 +493,7 @@ def test_split_measures_on_the_device_equal_the_host_ones(xp, monkeypatch):
     params = [rng.standard_normal((Q.shape[1], n)) * 0.1, rng.standard_normal((3, Q.shape[1]))]
     (want1, want2), want_static = align._split_first_layers(weights[0], Q, X.T)(params)
     monkeypatch.setattr(align, "HOST_SVD_MAX", 0)                  # every decomposition on xp
+    monkeypatch.setattr(align, "HOST_EIGH_MAX", 0)
     split = align._split_first_layers(*(xp.asarray(a) for a in (weights[0], Q, X.T)))
     (got1, got2), static = split([xp.asarray(p) for p in params])
     assert (static == want_static).all() and type(got1[0]) is np.ndarray
@@ -509,6 +526,23 @@ def test_training_with_split_measures_records_the_same_values(repeated, rtol, mo
     for key in slow.measurements:       # the matched rule depends on the basis SVD picks
         if not repeated or key.endswith("paired"):          # inside a repeated value
             np.testing.assert_allclose(fast.measurements[key], slow.measurements[key], atol=1e-9)
+
+
+def test_a_tracker_of_other_weights_measures_against_its_own_start():
+    """train's split measurement (layer 1 in the row space) is only for a tracker of the
+    run's start: a tracker built on other weights compares with those."""
+    rng = np.random.default_rng(45)
+    widths, n = [20, 24, 3, 2], 6
+    X, Y = rng.standard_normal((20, n)), rng.standard_normal((2, n))
+    weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1)
+    later, _ = align.train(weights, X, Y, "mse_mean", lr=0.05, max_steps=200, tol=0.0)
+    for start in (weights, later):
+        track = align.tracker(start)
+        out, hist = align.train(later, X, Y, "mse_mean", lr=0.05, max_steps=100, tol=0.0,
+                                measures={"m": track})
+        for key, value in track(out).items():
+            assert hist.measurements[key][-1] == pytest.approx(value, abs=1e-9)
+    assert track.starts_at(later) and not track.starts_at(weights)
 
 
 def test_every_pair_aligned_is_weaker_than_definition2_for_the_chain():
