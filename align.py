@@ -480,7 +480,7 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
         """Record the loss of ``step`` (before its update); True when the run ends there."""
         if step % record_every == 0 or step == max_steps:
             value = _loss_record(L)
-            worst = float(np.max(value))                # NaN anywhere in a batch: NaN
+            worst = value if isinstance(value, float) else float(value.max())   # NaN: NaN
             if not math.isfinite(worst):
                 hist.stop_reason, hist.final_step = "diverged", step
                 hist.wall_time = time.perf_counter() - start
