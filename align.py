@@ -513,7 +513,7 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
         before = len(hist.steps)
         hist.steps.extend((step + keep).tolist())
         hist.losses.extend(losses[keep].tolist() if losses.ndim == 1 else losses[keep])
-        j = None
+        j = 0
         try:
             for j in keep.tolist() if callback else ():
                 callback(step + j, float(worst[j]), hist)
@@ -1004,13 +1004,14 @@ def _reduced_svd(W, keep=False):
 def _reduced_svds(weights, keep=False):
     """[_reduced_svd(W, keep) for W in weights], in one call when small layers share a
     shape (batched LAPACK on the host; GPU solvers do large layers one by one faster)."""
-    if keep:
-        return [_reduced_svd(W, keep) for W in weights]
-    if len(weights) > 1 and len({(W.shape, W.dtype) for W in weights}) == 1 and \
-            weights[0].ndim == 2 and min(weights[0].shape) <= HOST_SVD_MAX:
-        U, s, V = _reduced_svd(array_module(*weights).stack(weights))
+    xp, same = array_module(*weights), len({(W.shape, W.dtype) for W in weights}) == 1
+    if keep and same and weights[0].ndim == 3 and xp is not np:       # one batched call
+        B, svd = weights[0].shape[0], _reduced_svd(xp.concatenate(weights), keep)
+        return [tuple(a[j * B:(j + 1) * B] for a in svd) for j in range(len(weights))]
+    if same and len(weights) > 1 and weights[0].ndim == 2 and min(weights[0].shape) <= HOST_SVD_MAX:
+        U, s, V = _reduced_svd(xp.stack(weights))
         return list(zip(U, s, V))
-    return [_reduced_svd(W) for W in weights]
+    return [_reduced_svd(W, keep) for W in weights]
 
 
 def _svd_by_gram(A):
@@ -1119,18 +1120,21 @@ def _greedy_one_by_one(C, room, free=None):
 def _greedy_rounds(C, room):
     xp, (nb, p, m) = array_module(C), C.shape
     value, free = xp.zeros((nb, p)), xp.ones((nb, p), dtype=bool)
-    while True:
-        rows, cols = xp.flatnonzero(free.any(axis=0)), xp.flatnonzero((room > 0).any(axis=0))
-        if not (rows.size and cols.size):
+    while True:                                  # each round on what is left
+        nets = xp.flatnonzero(free.any(axis=1) & (room > 0).any(axis=1))
+        rows, cols = (xp.flatnonzero(a[nets].any(axis=0)) for a in (free, room > 0))
+        if not (nets.size and rows.size and cols.size):
             break
-        Cs, fs, rs = C[:, rows][:, :, cols], free[:, rows], room[:, cols]   # what is left
+        at = (nets[:, None], rows[None, :])
+        if nets.size == nb and rows.size == p and cols.size == m:
+            Cs, fs, rs = C, free, room                                      # (no copies)
+        else:
+            Cs, fs, rs = C[nets[:, None, None], rows[None, :, None], cols], free[at], room[nets[:, None], cols]
         if Cs.size <= GREEDY_ONE_BY_ONE_MAX and xp is np:                   # small: finish
-            value[:, rows] += _greedy_one_by_one(Cs, rs, fs)
+            value[at] += _greedy_one_by_one(Cs, rs, fs)
             break
         open_ = fs[:, :, None] & (rs[:, None, :] > 0)
         live = open_.any(axis=2)
-        if not live.any():
-            break
         best = xp.where(open_, Cs, -1.0).argmax(axis=2)            # first best open column
         best_val = xp.take_along_axis(Cs, best[:, :, None], axis=2)[:, :, 0]
         column = xp.take_along_axis(xp.where(fs[:, :, None], Cs, -1.0), best[:, None, :], axis=2)
@@ -1138,9 +1142,9 @@ def _greedy_rounds(C, room):
         before = rows[:, None] < rows[None, :]                     # r' ahead of r on ties
         ahead = ((column > v) | ((column == v) & before)).sum(axis=1)
         b, r = xp.nonzero(live & (ahead < xp.take_along_axis(rs, best, axis=1)))
-        c = cols[best[b, r]]
-        value[b, rows[r]], free[b, rows[r]] = best_val[b, r], False
-        room -= xp.bincount(b * m + c, minlength=nb * m).reshape(nb, m)
+        net, c = nets[b], cols[best[b, r]]
+        value[net, rows[r]], free[net, rows[r]] = best_val[b, r], False
+        room -= xp.bincount(net * m + c, minlength=nb * m).reshape(nb, m)
     return value
 
 
