@@ -515,8 +515,8 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
         hist.losses.extend(losses[keep].tolist() if losses.ndim == 1 else losses[keep])
         j = 0
         try:
-            for j in keep.tolist() if callback else ():
-                callback(step + j, float(worst[j]), hist)
+            for j, value in zip(keep.tolist(), worst[keep].tolist()) if callback else ():
+                callback(step + j, value, hist)
             j = end
             done = end < len(losses) and stops(step + end, losses[end])
         except KeyboardInterrupt:                       # Ctrl-C in the callback at step + j
@@ -642,17 +642,18 @@ class _StepChunks:
 
 class _SquaredLossSteps(_StepChunks):
     """Runs of GD steps of one dense network (NumPy, one dtype) under a squared loss:
-    the operations of _loss_and_gradients and _descend (the same numbers), into
-    preallocated arrays, with the d updates done as one on a flat copy of the
-    parameters, and when every layer is k x k the d gradient products as one batched
-    product.  Small networks (fig1a's 9 x 9 layers) are bound by the number of NumPy
-    calls, not by flops: this makes a step about half as many."""
+    Eq. (8)'s backward pass into preallocated arrays, with lr applied once to dL/dF
+    (so the products give lr dL/dW_i directly: equal to _descend's update to
+    rounding), the d updates done as one on a flat copy of the parameters, and when
+    every layer is k x k the d gradient products as one batched product.  Small
+    networks (fig1a's 9 x 9 layers) are bound by the number of NumPy calls, not by
+    flops: this makes a step about half as many."""
 
     def __init__(self, ps, X, Y, kind, lr):
         super().__init__(ps, None, lr)
         self.longest = 1000
         ends = np.cumsum([0] + [p.size for p in ps])
-        self.flat, self.grad, self.scaled = (np.empty(ends[-1], dtype=X.dtype) for _ in range(3))
+        self.flat, self.grad = (np.empty(ends[-1], dtype=X.dtype) for _ in range(2))
         self.W = [self.flat[a:b].reshape(p.shape) for a, b, p in zip(ends, ends[1:], ps)]
         self.G = [self.grad[a:b].reshape(p.shape) for a, b, p in zip(ends, ends[1:], ps)]
         (k0, n), kd, d = X.shape, Y.shape[0], len(ps)
@@ -664,9 +665,9 @@ class _SquaredLossSteps(_StepChunks):
         else:
             self.acts = [X] + [np.empty((p.shape[0], n), X.dtype) for p in ps]
             self.deltas = [np.empty((p.shape[0], n), X.dtype) for p in ps]   # dL/d(acts[i + 1])
-        self.Y = Y                                       # as _loss_and_output_grad:
-        self.scale, self.divisor = ((np.divide, n), 2 * n) if kind == "mse" else \
-            ((np.multiply, 2.0 / (kd * n)), kd * n)
+        self.Y = Y                                       # as _loss_and_output_grad
+        self.divisor = 2 * n if kind == "mse" else kd * n
+        self.rate = lr * (1.0 / n if kind == "mse" else 2.0 / (kd * n))   # lr dL/dF = rate (F - Y)
 
     def _run(self, n):
         mm, W, acts, deltas, R = np.matmul, self.W, self.acts, self.deltas, self.acts[-1]
@@ -676,9 +677,9 @@ class _SquaredLossSteps(_StepChunks):
             grads = [(deltas, self.stack[:-1].swapaxes(1, 2), self.grad.reshape(len(W), *W[0].shape))]
         else:
             grads = [(deltas[i], acts[i].T, self.G[i]) for i in range(len(W))]
-        (scale, by), top, Y, lr = self.scale, deltas[-1], self.Y, self.lr
+        top, Y, rate = deltas[-1], self.Y, self.rate
         subtract, multiply, vdot = np.subtract, np.multiply, np.vdot
-        flat, grad, scaled = self.flat, self.grad, self.scaled
+        flat, grad = self.flat, self.grad
         losses = np.empty(n, dtype=R.dtype)
         for w, p in zip(W, self.ps):
             w[...] = p
@@ -687,13 +688,12 @@ class _SquaredLossSteps(_StepChunks):
                 mm(w, a, out)
             subtract(R, Y, R)
             losses[t] = vdot(R, R)
-            scale(R, by, top)
+            multiply(R, rate, top)                       # lr times dL/dF: lr-scaled gradients
             for w_t, delta, below in backward:
                 mm(w_t, delta, below)
             for delta, a_t, g in grads:
                 mm(delta, a_t, g)
-            multiply(grad, lr, scaled)
-            subtract(flat, scaled, flat)
+            subtract(flat, grad, flat)
         for w, p in zip(W, self.ps):
             p[...] = w
         return losses / self.divisor

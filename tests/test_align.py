@@ -558,6 +558,7 @@ def test_every_pair_aligned_is_weaker_than_definition2_for_the_chain():
 def _run_both(monkeypatch, run):
     """run() kernel by kernel and in replayed chunks (on NumPy: _StepChunks, the
     bookkeeping of the CUDA-graph path); returns both results."""
+    monkeypatch.setattr(align, "_chunker", lambda *a: None)
     eager = run()
     rewinds = []
 
@@ -624,7 +625,8 @@ def test_chunked_steps_on_a_batch_and_on_divergence(monkeypatch):
 def test_in_place_squared_loss_steps_give_the_same_numbers(monkeypatch, kind, dtype, widths,
                                                            record_every, tol):
     """NumPy's in-place runs of steps (a dense network, squared loss, n >= k0) against
-    the step-by-step path: identical iterates, losses, records and stopping step."""
+    the step-by-step path: the same records and stopping step, iterates and losses
+    equal to rounding (lr is applied to dL/dF instead of to each gradient)."""
     ran, run = [], align._SquaredLossSteps._run
     monkeypatch.setattr(align._SquaredLossSteps, "_run", lambda self, n: ran.append(n) or run(self, n))
     rng = np.random.default_rng(43)
@@ -643,11 +645,16 @@ def test_in_place_squared_loss_steps_give_the_same_numbers(monkeypatch, kind, dt
     assert ran and sum(ran) >= h1.final_step and max(ran) <= 100    # the fast run took runs
     assert h1.final_step == h2.final_step and h1.stop_reason == h2.stop_reason
     assert h1.final_step < 1234 if tol else h1.final_step == 1234
-    assert h1.steps == h2.steps and h1.losses == h2.losses and c1 == c2
-    assert h1.measure_steps == h2.measure_steps and h1.measurements == h2.measurements
+    rtol = 1e-11 if dtype == np.float64 else 1e-4
+    assert h1.steps == h2.steps and [s for s, _ in c1] == [s for s, _ in c2]
+    np.testing.assert_allclose(h1.losses, h2.losses, rtol=rtol)
+    np.testing.assert_allclose([L for _, L in c1], [L for _, L in c2], rtol=rtol)
+    assert h1.measure_steps == h2.measure_steps
+    for key in h2.measurements:
+        np.testing.assert_allclose(h1.measurements[key], h2.measurements[key], rtol=rtol)
     for a, b in zip(w1, w2):
         assert a.dtype == b.dtype == dtype
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max())
 
 
 def test_ctrl_c_in_the_callback_stops_a_run_of_steps_where_it_was():
@@ -666,7 +673,7 @@ def test_ctrl_c_in_the_callback_stops_a_run_of_steps_where_it_was():
     assert h1.final_step == h2.final_step == 57 and h1.steps == h2.steps == list(range(58))
     assert h1.measure_steps == h2.measure_steps == [0, 57]
     for a, b in zip(w1, w2):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
 def test_gemm_plan_reads_every_layout_the_steps_use():
