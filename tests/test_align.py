@@ -400,16 +400,17 @@ def test_tracker_on_a_large_batch_measures_where_the_batch_is(xp, monkeypatch):
     """A large batch (on a GPU: decomposed and matched there) measures as NumPy does,
     networks with repeated singular values included (those go one by one)."""
     rng = np.random.default_rng(29)
-    w0 = [rng.standard_normal((6, 5, 5)) for _ in range(3)]
-    w1 = [W + 0.3 * rng.standard_normal(W.shape) for W in w0]
-    for W in w1:
-        W[2] = np.eye(5)                                         # network 2: repeated values
-    want = align.tracker(w0)(w1)
-    monkeypatch.setattr(align, "GPU_BATCH_MIN", 4)
-    got = align.tracker([xp.asarray(W) for W in w0])([xp.asarray(W) for W in w1])
-    for key, value in want.items():
-        assert type(got[key]) is np.ndarray
-        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-12)
+    for widths in ([5, 5, 5, 5], [5, 7, 3]):
+        w0 = [rng.standard_normal((6, widths[i + 1], widths[i])) for i in range(len(widths) - 1)]
+        w1 = [W + 0.3 * rng.standard_normal(W.shape) for W in w0]
+        w1[0][2] = np.eye(*w1[0].shape[1:])                      # network 2: repeated values
+        want = align.tracker(w0)(w1)
+        monkeypatch.setattr(align, "GPU_BATCH_MIN", 4)
+        got = align.tracker([xp.asarray(W) for W in w0])([xp.asarray(W) for W in w1])
+        monkeypatch.undo()
+        for key, value in want.items():
+            assert type(got[key]) is np.ndarray
+            np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-12)
 
 
 def test_row_space_fast_path_on_a_batch_of_networks():
