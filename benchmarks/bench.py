@@ -110,11 +110,11 @@ def torch_gd(weights, X, Y, lr, steps, device):
     return [W.detach().cpu().numpy() for W in ws]
 
 
-def step_flops(n=N, widths=WIDTHS):
-    """Counted flops of one step: the straightforward Eq. (8) and ours (see align.train)."""
+def step_flops(m, n=N, widths=WIDTHS):
+    """Counted flops of one step: the straightforward Eq. (8) and ours (see align.train),
+    whose first hidden space has dimension m = rank [W_1(0) X, W_2(0)^T]."""
     k0, k1, k2, k3 = widths
     plain = 2 * n * (k1 * k0 + k2 * k1 + k3 * k2) * 3 - 2 * n * k1 * k0   # no input gradient
-    m = min(k1, n + k2)
     ours = 2 * n * (m * k2 + k3 * k2) * 3 + 2 * n * m                      # diagonal X^T X
     return plain, ours
 
@@ -128,7 +128,8 @@ def bench_step(xp, rows, steps):
     dtype = np.float32
     weights, X, Y = fig1b_problem(xp, dtype)
     peak = peak_rate(xp, dtype)
-    plain_flops, our_flops = step_flops()
+    W1, W2, Xh = (align.to_numpy(a).astype(np.float64) for a in (weights[0], weights[1], X))
+    plain_flops, our_flops = step_flops(np.linalg.matrix_rank(np.concatenate([W1 @ Xh, W2.T], axis=1)))
     t_ours = per_step(lambda k: ours_gd(weights, X, Y, 1e-2, k), xp, steps)
     t_plain = per_step(lambda k: plain_gd(weights, X, Y, 1e-2, k), xp, steps)
     ref = plain_gd(weights, X, Y, 1e-2, 1000)
