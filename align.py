@@ -270,7 +270,8 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
     Validates the inputs once, then runs :func:`gradient_descent` on the weights
     (see it for stopping, measures and callback).  With ``fast`` and n < k0 the
     first layer is kept in the row space of X^T (same iterates, fewer flops; see
-    ``_train_in_row_space``).  Returns (weights, History); inputs are not modified.
+    ``_train_in_row_space``); with a squared loss on NumPy (one network, one dtype)
+    the steps run in place (``_SquaredLossSteps``: the same iterates to rounding).  Returns (weights, History); inputs are not modified.
     """
     check_network(weights, X)
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1]).astype(weights[0].dtype)
@@ -893,7 +894,8 @@ class _DirectCublas:
         C = cp.empty(((batch,) if max(A.ndim, B.ndim) == 3 else ()) + (m, n), dtype=A.dtype)
         steps = lambda M: [0 if M.ndim == 2 else M.strides[0] // M.itemsize] + \
             [st // M.itemsize for st in M.strides[-2:]]
-        kernel = _small_gemm_kernel(cp, A.dtype.char)
+        real = {"f": "float", "d": "double"}[A.dtype.char]
+        kernel = _raw_kernel(cp, _SMALL_GEMM_SOURCE.replace("REAL", real), "small_gemm")
         threads = 128
         kernel(((C.size + threads - 1) // threads,), (threads,),
                (A, B, C, np.int64(C.size), np.int32(m), np.int32(n), np.int32(k),
@@ -920,14 +922,15 @@ extern "C" __global__ void small_gemm(const REAL* A, const REAL* B, REAL* C, con
     C[t] = sum;
 }
 """
-_small_gemm_kernels = {}
+_raw_kernels = {}
 
 
-def _small_gemm_kernel(cp, char):
-    if char not in _small_gemm_kernels:
-        real = {"f": "float", "d": "double"}[char]
-        _small_gemm_kernels[char] = cp.RawKernel(_SMALL_GEMM_SOURCE.replace("REAL", real), "small_gemm")
-    return _small_gemm_kernels[char]
+def _raw_kernel(cp, source, name, options=()):
+    """A compiled CUDA kernel, built once per source text and options."""
+    key = (source, name, options)
+    if key not in _raw_kernels:
+        _raw_kernels[key] = cp.RawKernel(source, name, options=options)
+    return _raw_kernels[key]
 
 
 def _chunker(ps, loss_and_grads, lr):
@@ -950,13 +953,14 @@ def ussvd(A):
 
 
 def ussvd_matrix(U, s, V):
-    """U Sigma V^T for a usSVD, Sigma rectangular diagonal with entries s."""
+    """U Sigma V^T for a usSVD (Definition 1), Sigma rectangular diagonal with entries s."""
     r = s.shape[-1]
     return (U[..., :, :r] * s[..., None, :]) @ _T(V[..., :, :r])
 
 
 def ussvd_permute(U, s, V, perm):
-    """The usSVD with singular triples reordered by ``perm`` (a permutation of range(r))."""
+    """The usSVD with singular triples reordered by ``perm`` (a permutation of range(r)):
+    Definition 1 leaves the order free."""
     r = s.shape[-1]
     U, V = U.copy(), V.copy()
     U[..., :, :r] = U[..., :, perm]
@@ -965,7 +969,8 @@ def ussvd_permute(U, s, V, perm):
 
 
 def ussvd_flip(U, s, V, signs):
-    """The usSVD with u_j and sigma_j multiplied by signs[j] in {-1, +1}."""
+    """The usSVD with u_j and sigma_j multiplied by signs[j] in {-1, +1}: Definition 1
+    leaves the signs free."""
     r = s.shape[-1]
     U = U.copy()
     U[..., :, :r] = U[..., :, :r] * signs
@@ -1618,7 +1623,8 @@ def is_aligned(weights, tol=1e-8):
 
 
 def rect_diag(s, m, n):
-    """The m x n rectangular diagonal matrix with diagonal s (len(s) <= min(m, n))."""
+    """The m x n rectangular diagonal matrix with diagonal s (len(s) <= min(m, n)): the
+    Sigma_i of Definition 1 and Eq. (3)."""
     xp = array_module(s)
     S = xp.zeros((m, n), dtype=s.dtype)
     r = s.shape[-1]
@@ -1849,7 +1855,8 @@ def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", k
     (1/2n) sum_k (lam'_k - ...)  with respect to sigma_i removes sigma_i itself.
     sigmas0: (..., d, r) (leading axes: independent runs); lam, lam_prime: (r,) or
     broadcastable.  kind="mse_mean" uses that loss's scale 2/(kd n) for 1/n.
-    Returns the trajectory, shape (steps // record_every + 1, ..., d, r).  O(d r) a step.
+    Returns the trajectory, shape (steps // record_every + 1, ..., d, r).  O(d r) a step; on the GPU one
+    thread runs all the steps of a direction (``_sv_dynamics_kernel``, same numbers).
     """
     xp = array_module(sigmas0)
     coef = lr / n if kind == "mse" else 2.0 * lr / (kd * n)
@@ -1906,7 +1913,7 @@ def _sv_dynamics_kernel(cp, sig, lam, lam_prime, coef, steps, record_every):
     lam, lam_prime = (cp.ascontiguousarray(cp.broadcast_to(a, batch + (1, r))) for a in (lam, lam_prime))
     cols = sig.size // d
     out = cp.empty((steps // record_every + 1,) + sig.shape, dtype=sig.dtype)
-    kernel = cp.RawKernel(_SV_KERNEL_SOURCE, "sv_dynamics", options=("--fmad=false",))
+    kernel = _raw_kernel(cp, _SV_KERNEL_SOURCE, "sv_dynamics", ("--fmad=false",))
     threads = 128
     kernel(((cols + threads - 1) // threads,), (threads,),
            (sig, lam, lam_prime, np.float64(coef), np.int32(d), np.int64(r), np.int64(cols),

@@ -17,8 +17,13 @@ import numpy as np
 import align
 
 
+def _sum_into(index, values, size, dtype):
+    """out[i] = sum of values[index == i] for i < size (a scatter-add), in dtype."""
+    return align.array_module(values).bincount(index, weights=values, minlength=size).astype(dtype)
+
+
 class Structure:
-    """A layer structure S subset R^{m x n} with basis A_j given by index patterns.
+    """A layer structure S subset R^{m x n} (Definition 4) with basis A_j given by index patterns.
 
     Entry e of the pattern says A_{which[e]}[rows[e], cols[e]] = vals[e].
     """
@@ -56,10 +61,8 @@ class Structure:
         return self._to_matrix(c)
 
     def _to_matrix(self, c):
-        xp = align.array_module(c)
-        flat, vals, which = self._pattern(xp)
-        m, n = self.shape
-        return xp.bincount(flat, weights=vals * c[which], minlength=m * n).reshape(m, n).astype(c.dtype)
+        flat, vals, which = self._pattern(align.array_module(c))
+        return _sum_into(flat, vals * c[which], self.shape[0] * self.shape[1], c.dtype).reshape(self.shape)
 
     def coefficient_gradient(self, G):
         """(<G, A_j>)_j: dL/dc from dL/dW (the chain rule of Appendix H)."""
@@ -67,9 +70,8 @@ class Structure:
         return self._coefficient_gradient(G)
 
     def _coefficient_gradient(self, G):
-        xp = align.array_module(G)
-        flat, vals, which = self._pattern(xp)
-        return xp.bincount(which, weights=vals * G.reshape(-1)[flat], minlength=self.r).astype(G.dtype)
+        flat, vals, which = self._pattern(align.array_module(G))
+        return _sum_into(which, vals * G.reshape(-1)[flat], self.r, G.dtype)
 
     def gram(self):
         """<A_j, A_k> (r x r, NumPy)."""
@@ -201,17 +203,18 @@ def _diagonals(k, offsets, name):
 
 
 def toeplitz(k):
-    """k x k Toeplitz matrices (constant along diagonals), r = 2k - 1."""
+    """k x k Toeplitz matrices (constant along diagonals), r = 2k - 1 (Fig. 2a)."""
     return _diagonals(k, list(range(-(k - 1), k)), f"toeplitz({k})")
 
 
 def diagonal(k):
-    """k x k diagonal matrices, r = k."""
+    """k x k diagonal matrices, r = k (a sparse connection pattern, Definition 4)."""
     return mask(np.eye(k, dtype=bool), f"diagonal({k})")
 
 
 def circulant(k):
-    """k x k circulant matrices, r = k: A_j[i, (i + j) mod k] = 1."""
+    """k x k circulant matrices, r = k: A_j[i, (i + j) mod k] = 1 (a layer structure,
+    Definition 4; circular convolutions)."""
     i = np.arange(k)
     rows = np.tile(i, k)
     which = np.repeat(i, k)
@@ -219,7 +222,8 @@ def circulant(k):
 
 
 def banded(k, width):
-    """k x k matrices with free entries where |i - j| <= width (a sparse connection pattern)."""
+    """k x k matrices with free entries where |i - j| <= width (a sparse connection
+    pattern, Definition 4)."""
     if width < 0:
         raise ValueError(f"banded needs width >= 0, got {width}")
     i, j = np.indices((k, k))
@@ -238,7 +242,8 @@ def mask(pattern, name=None):
 
 
 def from_basis(matrices, tol=1e-10):
-    """Structure spanned by any list of m x n matrices (not necessarily orthonormal).
+    """Structure spanned by any list of m x n matrices (not necessarily orthonormal, as
+    Definition 4's basis is).
 
     Linearly dependent matrices raise ValueError naming them (remove them and retry).
     """
@@ -266,12 +271,13 @@ def from_basis(matrices, tol=1e-10):
 # --------------------------------------------------------- structured nets --
 
 def layer_matrices(structures, params):
-    """The dense layer matrices [W_1, ..., W_d] (forms every structured matrix)."""
+    """The dense layer matrices [W_1, ..., W_d], W_i = sum_j c_j^i A_j (Definition 4)."""
     return [S.to_matrix(p) if S is not None else p for S, p in zip(structures, params)]
 
 
 def check_structured(structures, params, X):
-    """Validate a structured network: one parameter array per layer of the right size."""
+    """Validate a structured network (Definition 4): one parameter array per layer of the
+    right size (r coefficients, or a dense matrix where the structure is None)."""
     if len(structures) != len(params) or not params:
         raise ValueError(f"need one parameter array per layer: {len(structures)} structures, "
                          f"{len(params)} params")
