@@ -927,7 +927,7 @@ _raw_kernels = {}
 
 def _raw_kernel(cp, source, name, options=()):
     """A compiled CUDA kernel, built once per source text and options."""
-    key = (source, name, options)
+    key = (cp, source, name, options)
     if key not in _raw_kernels:
         _raw_kernels[key] = cp.RawKernel(source, name, options=options)
     return _raw_kernels[key]
@@ -1088,19 +1088,73 @@ def _greedy_match(C, capacity):
     ones in vectorised rounds: a free row takes its best open entry when fewer than
     the column's room entries of free rows come before that entry in the order (the
     one-by-one greedy then takes it too, whatever it does before), so each round
-    takes at least the first open entry of all.
+    takes at least the first open entry of all.  On a GPU one CUDA thread per matrix
+    takes the best open entry as long as one is left (_greedy_kernel).
     """
     xp = array_module(C)
     single = C.ndim == 2
     C = C[None] if single else C
     nb, p, m = C.shape
     room = xp.broadcast_to(xp.asarray(capacity, dtype=np.int64), (nb, m)).copy()
-    small = C.size <= GREEDY_ONE_BY_ONE_MAX and xp is np
-    value = (_greedy_one_by_one if small else _greedy_rounds)(C, room)
+    if xp is not np and p * p * m <= GREEDY_KERNEL_MAX:
+        value = _greedy_kernel(xp, C, room)
+    else:
+        small = C.size <= GREEDY_ONE_BY_ONE_MAX and xp is np
+        value = (_greedy_one_by_one if small else _greedy_rounds)(C, room)
     return value[0] if single else value
 
 
 GREEDY_ONE_BY_ONE_MAX = 1024
+GREEDY_KERNEL_MAX = 1 << 22     # p * p * m, one CUDA thread's work for a p x m matrix
+
+
+def _greedy_kernel(cp, C, room):
+    """_greedy_match on the GPU: one CUDA thread per matrix, in one launch (the rounds
+    take ~30 array operations and a wait for the GPU each)."""
+    nb, p, m = C.shape
+    C, value = cp.ascontiguousarray(C, dtype=np.float64), cp.empty((nb, p), dtype=np.float64)
+    kernel = _raw_kernel(cp, _GREEDY_SOURCE, "greedy_match")
+    threads = 128
+    kernel(((nb + threads - 1) // threads,), (threads,),
+           (C, cp.ascontiguousarray(room, dtype=np.int64), value, np.int32(nb), np.int32(p), np.int32(m)))
+    return value
+
+
+_GREEDY_SOURCE = r"""
+extern "C" __global__ void greedy_match(const double* C, long long* room, double* value,
+                                        const int nb, const int p, const int m) {
+    // Matrix b: as long as a row is free and a column has room, take the largest entry
+    // of a free row and a column with room, the first in row-major order among equal
+    // ones (NaN last): the entry the one-by-one greedy takes next.  value[r] == -1
+    // marks a free row (entries are >= 0 or NaN); room is written.
+    const int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= nb) return;
+    const double* c = C + (long long)b * p * m;
+    long long* cap = room + (long long)b * m;
+    double* v = value + (long long)b * p;
+    long long open = 0;
+    for (int j = 0; j < m; j++) open += cap[j] > 0 ? cap[j] : 0;
+    for (int r = 0; r < p; r++) v[r] = -1.0;
+    for (long long left = open < p ? open : p; left > 0; left--) {
+        int best = -1;
+        double top = 0.0;
+        for (int r = 0; r < p; r++) {
+            if (v[r] != -1.0) continue;
+            for (int j = 0; j < m; j++) {
+                const double x = c[r * m + j];
+                if (cap[j] > 0 && (best < 0 || x > top || (top != top && x == x))) {
+                    best = r * m + j;
+                    top = x;
+                }
+            }
+        }
+        v[best / m] = top;
+        cap[best % m] -= 1;
+    }
+    for (int r = 0; r < p; r++)
+        if (v[r] == -1.0) v[r] = 0.0;
+}
+"""
 
 
 def _greedy_one_by_one(C, room, free=None):

@@ -1,0 +1,83 @@
+"""The CUDA kernels' sources against NumPy, run on the CPU (tests/cuda_on_cpu.py): the
+GPU paths' arithmetic is checked on machines without a GPU too."""
+import types
+
+import numpy as np
+import pytest
+
+import align
+from cuda_on_cpu import COMPILER, cpu_cupy
+
+pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler to run the CUDA sources")
+
+
+@pytest.fixture(scope="module")
+def cp():
+    return cpu_cupy()
+
+
+def sequential_greedy(C, capacity):
+    """_greedy_match's rule as its docstring states it, entry by entry."""
+    room, value, free = list(capacity), np.zeros(C.shape[0]), np.ones(C.shape[0], bool)
+    for e in np.argsort(-C, axis=None, kind="stable"):           # decreasing, ties row-major, NaN last
+        r, c = divmod(int(e), C.shape[1])
+        if free[r] and room[c] > 0:
+            free[r], value[r] = False, C[r, c]
+            room[c] -= 1
+    return value
+
+
+def test_greedy_kernel_takes_what_the_sequential_greedy_takes(cp):
+    rng = np.random.default_rng(40)
+    for trial in range(200):
+        p, m = rng.integers(1, 12, 2)
+        C = rng.random((5, p, m))
+        if trial % 2:
+            C = np.round(C, 1)                                    # many ties
+        if trial % 5 == 0:
+            C[rng.random(C.shape) < 0.2] = np.nan
+        capacity = rng.integers(0, 4, (5, m))
+        want = np.array([sequential_greedy(Cb, cb) for Cb, cb in zip(C, capacity)])
+        got = align._greedy_kernel(cp, C, capacity.copy())
+        np.testing.assert_array_equal(got, want)
+
+
+def test_greedy_match_on_a_gpu_batch_uses_the_kernel(cp, monkeypatch):
+    calls = []
+    kernel = lambda xp, C, room: calls.append(C.shape) or align._greedy_one_by_one(C, room)
+    monkeypatch.setattr(align, "_greedy_kernel", kernel)
+    monkeypatch.setattr(align, "array_module", lambda *a: cp)
+    rng = np.random.default_rng(41)
+    C = rng.random((3, 4, 5))
+    align._greedy_match(C, [1] * 4 + [2])
+    assert calls == [(3, 4, 5)]
+    monkeypatch.setattr(align, "GREEDY_KERNEL_MAX", 4 * 4 * 5 - 1)  # too much for one thread
+    monkeypatch.setattr(align, "array_module", lambda *a: np)
+    np.testing.assert_array_equal(align._greedy_match(C, [1] * 4 + [2]),
+                                  [sequential_greedy(Cb, [1] * 4 + [2]) for Cb in C])
+    assert calls == [(3, 4, 5)]
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-14), (np.float32, 1e-5)])
+def test_small_gemm_kernel_reads_transposed_and_broadcast_operands(cp, dtype, rtol):
+    rng = np.random.default_rng(42)
+    cublas = types.SimpleNamespace(cupy=cp)
+    A, B = rng.standard_normal((7, 5, 6)).astype(dtype), rng.standard_normal((7, 6, 4)).astype(dtype)
+    cases = [(A, B), (A.transpose(0, 2, 1).copy().transpose(0, 2, 1), B),      # transposed storage
+             (A[0], B), (A, B[0]), (A[2:5, :, 1:], B[2:5, 1:]),                # broadcast, offsets
+             (np.swapaxes(B, 1, 2), np.swapaxes(A, 1, 2)), (A[0].T, A[1])]
+    for X, Z in cases:
+        got = align._DirectCublas._small(cublas, X, Z)
+        np.testing.assert_allclose(got, X @ Z, rtol=rtol, atol=rtol)
+        assert got.shape == (X @ Z).shape
+
+
+def test_singular_value_kernel_equals_the_numpy_loop(cp):
+    rng = np.random.default_rng(43)
+    sig = rng.uniform(0.5, 1.0, (2, 3, 6))                        # two runs, depth 3, six directions
+    lam, lam_prime = rng.uniform(0.5, 2.0, 6), rng.uniform(0.5, 2.0, 6)
+    want = align.singular_value_dynamics(sig, lam, lam_prime, 0.05, 10, 300, record_every=7)
+    got = align._sv_dynamics_kernel(cp, sig, lam, lam_prime, 0.05 / 10, 300, 7)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
+    assert abs(got[-1] - sig).max() > 0.01                         # the values did move
