@@ -47,13 +47,13 @@ class Kernel:
         params = _parameters(source, name)
         runner = RUNNER.replace("PARAMS", ", ".join(f"{t} {n}" for t, n in params)) \
             .replace("NAME", name).replace("ARGS", ", ".join(n for _, n in params))
-        self.dir = tempfile.mkdtemp(prefix="cuda_on_cpu_")
-        cpp, lib = os.path.join(self.dir, "k.cpp"), os.path.join(self.dir, "k.so")
-        with open(cpp, "w") as f:
-            f.write(PRELUDE + source + runner)
-        subprocess.run([COMPILER, "-O1", "-shared", "-fPIC", "-ffp-contract=off", cpp, "-o", lib],
-                       check=True, capture_output=True)      # (no fused multiply-adds)
-        self.function = ctypes.CDLL(lib).run_all
+        with tempfile.TemporaryDirectory(prefix="cuda_on_cpu_") as folder:   # (a loaded library
+            cpp, lib = os.path.join(folder, "k.cpp"), os.path.join(folder, "k.so")  # may go)
+            with open(cpp, "w") as f:
+                f.write(PRELUDE + source + runner)
+            subprocess.run([COMPILER, "-O1", "-shared", "-fPIC", "-ffp-contract=off", cpp, "-o", lib],
+                           check=True, capture_output=True)      # (no fused multiply-adds)
+            self.function = ctypes.CDLL(lib).run_all
         self.function.restype = None
 
     def __call__(self, grid, block, args):

@@ -623,11 +623,13 @@ def test_chunked_steps_on_a_batch_and_on_divergence(monkeypatch):
                           ("mse", np.float64, [4, 3], 1, 0.0),              # one layer, budget
                           ("mse_mean", np.float64, [3, 4, 4, 4, 2], 2, 1e-3),
                           ("mse_mean", np.float64, [5, 5, 5, 5], 1, 1e-3)])   # k x k: stacked
+@pytest.mark.parametrize("residuals_bytes", [0, align.RESIDUALS_BYTES])   # losses at each step, after
 def test_in_place_squared_loss_steps_give_the_same_numbers(monkeypatch, kind, dtype, widths,
-                                                           record_every, tol):
+                                                           record_every, tol, residuals_bytes):
     """NumPy's in-place runs of steps (a dense network, squared loss, n >= k0) against
     the step-by-step path: the same records and stopping step, iterates and losses
     equal to rounding (lr is applied to dL/dF instead of to each gradient)."""
+    monkeypatch.setattr(align, "RESIDUALS_BYTES", residuals_bytes)
     ran, run = [], align._SquaredLossSteps._run
     monkeypatch.setattr(align._SquaredLossSteps, "_run", lambda self, n: ran.append(n) or run(self, n))
     rng = np.random.default_rng(43)
