@@ -1228,8 +1228,9 @@ class _Pair:
     ``exact`` directions common to both were left out of A and B, ``exact_used`` of
     them used; each is a perfect match (layer 1's static directions in training, see
     ``_split_first_layers``).  scale_a, scale_b: the largest singular values, those
-    left out included.  The matched rule scores B's directions when ``rows_b``, else
-    A's; ``positions`` as in :func:`alignment`.  Arrays may carry a batch axis.
+    left out included (default: sa[0], sb[0]).  The matched rule scores B's
+    directions when ``rows_b``, else A's; ``positions`` as in :func:`alignment`.
+    Arrays may carry a batch axis.
     """
     A: np.ndarray
     sa: np.ndarray
@@ -1244,9 +1245,6 @@ class _Pair:
     scale_b: np.ndarray = None
 
     def __post_init__(self):
-        top = lambda s: s[..., 0] if s.shape[-1] else np.zeros(s.shape[:-1])
-        self.scale_a = top(self.sa) if self.scale_a is None else self.scale_a
-        self.scale_b = top(self.sb) if self.scale_b is None else self.scale_b
         self.product = _T(self.A) @ self.B          # A^T B, shared by both rules
 
 
@@ -1264,9 +1262,10 @@ def _paired_match(pair, rtol):
     complement takes at most positions - q: directions used by either layer need a
     position below that in a shared usSVD (Definition 2's rectangular Sigma_i).
     """
-    ua, ub = pair.sa > rtol * pair.scale_a, pair.sb > rtol * pair.scale_b
+    top = lambda scale, s: scale if scale is not None else (s[0] if s.size else 0.0)
+    scale_a, scale_b = top(pair.scale_a, pair.sa), top(pair.scale_b, pair.sb)
+    ua, ub = pair.sa > rtol * scale_a, pair.sb > rtol * scale_b
     M, sa, sb = pair.product[ua][:, ub], pair.sa[ua], pair.sb[ub]
-    scale_a, scale_b = pair.scale_a, pair.scale_b
     if M.shape[0] > M.shape[1]:
         M, sa, sb, scale_a, scale_b = M.T, sb, sa, scale_b, scale_a
     p, q = M.shape
@@ -1295,13 +1294,16 @@ def _paired_score(pairs, rtol):
 def _matched_score(pairs):
     """The authors' rule: for each scored direction the largest |cosine| with the
     other side, summed over all pairs / the directions (one value per network)."""
-    total, count = 0.0, 0
-    for pair in pairs:
-        M = abs(pair.product)
+    total, count, groups = 0.0, 0, {}
+    for pair in pairs:                       # pairs of one shape and side: one reduction
+        M = pair.product if pair.rows_b else _T(pair.product)     # scored directions: columns
         if M.size:
-            total = total + M.max(axis=-2 if pair.rows_b else -1).sum(axis=-1)
-            count += M.shape[-1 if pair.rows_b else -2]
+            groups.setdefault(M.shape, []).append(M)
+            count += M.shape[-1]
         total, count = total + pair.exact, count + pair.exact
+    for Ms in groups.values():
+        xp = array_module(*Ms)
+        total = total + abs(xp.stack(Ms)).max(axis=-2).sum(axis=(0, -1))
     return total / count if count else 1.0
 
 
@@ -1446,19 +1448,16 @@ def tracker(weights_0, rtol=1e-6):
         widths = widths or _widths(now)
         if now[0][1].ndim == 1:
             return _measures(now, then, widths, rtol, static, bool(generic))
-        pick = lambda svds, b: [tuple(a[b] for a in svd) for svd in svds]
-        out = {key: np.zeros(generic.size) for key in MEASURE_KEYS}
-        on_host = to_numpy(generic)
-        if on_host.all():                       # (no picking: each pick waits for the GPU)
-            pick = lambda svds, _: svds
-        if on_host.any():
-            values = _measures(pick(now, generic), pick(then, generic), widths, rtol, generic=True)
-            for key, value in values.items():
-                out[key][on_host] = to_numpy(value)
-        for b in np.flatnonzero(~on_host):      # repeated or zero singular values
-            one = lambda svds: [tuple(to_numpy(a[b]) for a in svd) for svd in svds]
-            for key, value in _measures(one(now), one(then), widths, rtol).items():
-                out[key][b] = value
+        values = _measures(now, then, widths, rtol, generic=True)        # every network
+        on_host, *rows = _to_host([generic] + [values[key] for key in MEASURE_KEYS])
+        out, others = dict(zip(MEASURE_KEYS, rows)), np.flatnonzero(on_host == 0)
+        if others.size:                          # repeated or zero singular values: one by one
+            flat = _to_host([a for svd in now + then for a in svd], others)
+            svds = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+            for j, b in enumerate(others):
+                one = [tuple(a[j] for a in svd) for svd in svds]
+                for key, value in _measures(one[:len(now)], one[len(now):], widths, rtol).items():
+                    out[key][b] = value
         return out
 
     def measure(weights, _=None):
@@ -1492,6 +1491,18 @@ def _measures(now, then, widths, rtol, static=None, generic=None):
 GPU_BATCH_MIN = 64
 
 MEASURE_KEYS = ("alignment_paired", "alignment_matched", "invariance_paired", "invariance_matched")
+
+
+def _to_host(arrays, rows=None):
+    """float64 host copies of the arrays (of their ``rows`` when given), in one transfer
+    from a GPU (each transfer waits for the GPU)."""
+    xp = array_module(*arrays)
+    parts = [(a if rows is None else a[rows]).astype(np.float64, copy=False) for a in arrays]
+    if xp is np:
+        return parts
+    flat = to_numpy(xp.concatenate([p.ravel() for p in parts]))
+    ends = np.cumsum([0] + [p.size for p in parts])
+    return [flat[a:b].reshape(p.shape) for a, b, p in zip(ends, ends[1:], parts)]
 
 
 def _generic(svds, rtol):
