@@ -1497,6 +1497,7 @@ def _to_host(arrays, rows=None):
     """float64 host copies of the arrays (of their ``rows`` when given), in one transfer
     from a GPU (each transfer waits for the GPU)."""
     xp = array_module(*arrays)
+    rows = None if rows is None else xp.asarray(rows)
     parts = [(a if rows is None else a[rows]).astype(np.float64, copy=False) for a in arrays]
     if xp is np:
         return parts
