@@ -1,11 +1,17 @@
-"""The CUDA kernels' sources against NumPy, run on the CPU (tests/cuda_on_cpu.py): the
-GPU paths' arithmetic is checked on machines without a GPU too."""
+"""The GPU code paths checked without a GPU: the CUDA kernels' sources against NumPy, run
+on the CPU (tests/cuda_on_cpu.py), and the CuPy-parametrised tests on a strict NumPy
+stand-in for CuPy (tests/cupy_standin).  On a machine with a GPU the real ones run."""
+import os
+import re
+import subprocess
+import sys
 import types
 
 import numpy as np
 import pytest
 
 import align
+from conftest import CUPY
 from cuda_on_cpu import COMPILER, cpu_cupy
 
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler to run the CUDA sources")
@@ -81,3 +87,18 @@ def test_singular_value_kernel_equals_the_numpy_loop(cp):
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
     assert abs(got[-1] - sig).max() > 0.01                         # the values did move
+
+
+@pytest.mark.skipif(CUPY is not None, reason="a GPU is available here: the CuPy tests run on it")
+def test_the_cupy_tests_pass_on_a_strict_numpy_standin():
+    """Every test parametrised with CuPy, in a fresh process that imports the stand-in as
+    ``cupy`` (no CUDA graphs: the stand-in has no streams).  Catches host/device mix-ups
+    (NumPy and CuPy arrays in one operation, implicit copies) and wrong results."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, ALIGN_CUDA_GRAPH_STEPS="0",
+               PYTHONPATH=os.pathsep.join([os.path.join(tests, "cupy_standin"), os.path.dirname(tests),
+                                           os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", "cupy",
+                          tests], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert int(re.search(r"(\d+) passed", run.stdout).group(1)) >= 10, run.stdout[-2000:]
