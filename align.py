@@ -74,8 +74,8 @@ def select_device(device="auto", quiet=False):
 
 
 def to_numpy(a):
-    """A host NumPy copy of a NumPy or CuPy array."""
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+    """A host NumPy copy of a NumPy or CuPy array (CuPy's recognised as in array_module)."""
+    return a.get() if type(a).__module__.split(".")[0] == "cupy" else np.asarray(a)
 
 
 def _T(A):

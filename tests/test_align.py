@@ -413,6 +413,22 @@ def test_tracker_on_a_large_batch_measures_where_the_batch_is(xp, monkeypatch):
             np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-12)
 
 
+def test_measuring_a_large_batch_on_a_gpu_waits_for_it_once(xp, monkeypatch):
+    """No wait per network or per matching round: one transfer of the values (counted on
+    the CuPy stand-in, whose ``waits`` counts what makes a host wait for a GPU)."""
+    if not hasattr(xp, "waits"):
+        pytest.skip("waits are counted on the CuPy stand-in (tests/cupy_standin) only")
+    rng = np.random.default_rng(30)
+    w0 = [xp.asarray(rng.standard_normal((70, 6, 6))) for _ in range(3)]
+    w1 = [W + 0.1 * xp.asarray(rng.standard_normal(W.shape)) for W in w0]
+    track = align.tracker(w0)
+    track(w1)
+    before = xp.waits[0]
+    values = track(w1)
+    assert xp.waits[0] - before == 1
+    assert all(v.shape == (70,) and 0 < v.min() <= v.max() <= 1 for v in values.values())
+
+
 def test_row_space_fast_path_on_a_batch_of_networks():
     rng = np.random.default_rng(22)
     batch = [rng.standard_normal((3, 9, 12)) / 4, rng.standard_normal((3, 4, 9)) / 3]

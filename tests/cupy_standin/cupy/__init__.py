@@ -2,10 +2,13 @@
 
 Its arrays refuse what CuPy's refuse: implicit conversion to NumPy (``np.asarray``,
 ``__array__``) and mixing with NumPy arrays in one operation; a reduction returns a
-0-d array, not a scalar; ``.get()`` copies to the host.  Compiled kernels run on the
-CPU through tests/cuda_on_cpu.py.  Streams and CUDA graphs are not imitated: run with
-ALIGN_CUDA_GRAPH_STEPS=0.  It checks the code path's logic and its host/device
-boundaries, never GPU speed.  Used by tests/test_kernels.py (PYTHONPATH=tests/cupy_standin).
+0-d array, not a scalar; ``.get()`` copies to the host.  ``waits[0]`` counts the
+operations that make the host wait for a real GPU (copies to the host, Python
+scalars, outputs sized by values such as nonzero and boolean masks).  Compiled
+kernels run on the CPU through tests/cuda_on_cpu.py.  Streams and CUDA graphs are not
+imitated: run with ALIGN_CUDA_GRAPH_STEPS=0.  It checks the code path's logic and its
+host/device boundaries, never GPU speed.  Used by tests/test_kernels.py
+(PYTHONPATH=tests/cupy_standin).
 """
 import os
 import sys
@@ -35,7 +38,36 @@ class ndarray(_np.ndarray):
         raise TypeError("Implicit conversion to a NumPy array is not allowed (CuPy stand-in)")
 
     def get(self):
+        _wait()
         return _np.array(self.view(_np.ndarray))
+
+    def __bool__(self):
+        _wait()
+        return bool(self.view(_np.ndarray))
+
+    def __int__(self):
+        _wait()
+        return int(self.view(_np.ndarray))
+
+    def __float__(self):
+        _wait()
+        return float(self.view(_np.ndarray))
+
+    def __index__(self):
+        _wait()
+        return self.view(_np.ndarray).__index__()
+
+    def item(self, *args):
+        _wait()
+        return self.view(_np.ndarray).item(*args)
+
+    def tolist(self):
+        _wait()
+        return self.view(_np.ndarray).tolist()
+
+    def nonzero(self):
+        _wait()
+        return _wrap(self.view(_np.ndarray).nonzero())
 
     def __setitem__(self, key, value):
         if isinstance(value, _np.ndarray) and not isinstance(value, ndarray) and value.ndim:
@@ -43,6 +75,8 @@ class ndarray(_np.ndarray):
         _np.ndarray.__setitem__(self.view(_np.ndarray), _plain_tree(key), _plain(value))
 
     def __getitem__(self, key):
+        if any(getattr(k, "dtype", None) == bool for k in (key if isinstance(key, tuple) else (key,))):
+            _wait()                      # a boolean mask: the result's size is on the GPU
         return _wrap(_np.ndarray.__getitem__(self.view(_np.ndarray), _plain_tree(key)))
 
     def __reduce__(self):
@@ -50,6 +84,13 @@ class ndarray(_np.ndarray):
 
 
 ndarray.__module__ = "cupy"          # how align.array_module recognises CuPy arrays
+
+waits = [0]                          # times the host would wait for a real GPU
+_SIZED_BY_VALUES = {"nonzero", "flatnonzero", "argwhere", "unique", "compress", "extract"}
+
+
+def _wait():
+    waits[0] += 1
 
 
 def _plain(x):
@@ -168,4 +209,7 @@ cuda = types.SimpleNamespace(Device=_Device, runtime=_Runtime, Stream=None,
 
 def __getattr__(name):                   # everything else: NumPy's, made strict
     value = getattr(_np, name)
+    if name in _SIZED_BY_VALUES:         # output sizes read back from the GPU
+        strict = _strict(value)
+        return lambda *args, **kwargs: _wait() or strict(*args, **kwargs)
     return _strict(value) if callable(value) and not isinstance(value, type) else value
