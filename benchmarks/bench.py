@@ -219,18 +219,20 @@ def bench_cor1(xp, rows, steps):
                     None, f"max rel. diff of singular values after {steps} steps: {diff:.1e}"))
 
 
+def seeds_problem(xp, count):
+    """fig1a's problem for seeds 0..count-1 as one batch (weights, X, Y) on xp."""
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((count, 9, 9)), rng.standard_normal((count, 9, 9))
+    ws = [np.stack([align.aligned_init(np.linalg.svd(Y[b])[0], np.linalg.svd(X[b])[0], [9] * 4,
+                                       seed=b)[i] for b in range(count)]) for i in range(3)]
+    return [xp.asarray(W) for W in ws], xp.asarray(X), xp.asarray(Y)
+
+
 def bench_seeds(xp, rows, steps, counts=(10, 100, 1000)):
     """fig1a: N networks as one batch (forward, gradients and measures) against one network;
     and one measurement of the largest batch against the 100 steps it overlaps on a GPU."""
-    def problem(count):
-        rng = np.random.default_rng(0)
-        X, Y = rng.standard_normal((count, 9, 9)), rng.standard_normal((count, 9, 9))
-        ws = [np.stack([align.aligned_init(np.linalg.svd(Y[b])[0], np.linalg.svd(X[b])[0], [9] * 4,
-                                           seed=b)[i] for b in range(count)]) for i in range(3)]
-        return [xp.asarray(W) for W in ws], xp.asarray(X), xp.asarray(Y)
-
     def batch(count, every):
-        ws, X, Y = problem(count)
+        ws, X, Y = seeds_problem(xp, count)
         measures = {"m": align.tracker(ws)} if every else None
         return lambda: align.train(ws, X, Y, "mse_mean", lr=1e-2, max_steps=steps, tol=0.0,
                                    measure_every=every or 10 ** 9, measures=measures)
@@ -241,7 +243,7 @@ def bench_seeds(xp, rows, steps, counts=(10, 100, 1000)):
             rows.append(row(f"fig1a, {count} seeds as one batch ({steps} steps, {what})", many,
                             "one seed", one, None, f"cost per seed {many / count / one:.3f} of one "
                             f"seed's; wall {many / one:.1f}x one seed's"))
-    ws, X, Y = problem(counts[-1])
+    ws, X, Y = seeds_problem(xp, counts[-1])
     track = align.tracker(ws)
     later, _ = align.train(ws, X, Y, "mse_mean", lr=1e-2, max_steps=1000, tol=0.0, measure_every=10 ** 9)
     svds = seconds(lambda: align._reduced_svds(later, keep=True), xp, 5)

@@ -1,0 +1,80 @@
+"""Does measuring overlap the steps?  fig1a with 1 and 1000 seeds, a measurement every 100
+steps: for each run of steps, how long its launch, the measurement taken meanwhile and the
+wait for the steps afterwards took (medians), against the same without measuring and the
+measurement alone.  On a GPU, steps replay from CUDA graphs on their own stream, so a
+measurement shorter than the steps should cost nothing:
+
+    python benchmarks/overlap.py --device gpu
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as np  # noqa: E402
+
+import align  # noqa: E402
+from bench import seconds, seeds_problem  # noqa: E402
+
+
+def timed_run(ws, X, Y, steps, measure):
+    """align.train with each launch, wait and measurement timed; medians in ms."""
+    times = {"launch": [], "measure": [], "wait": []}
+
+    def clock(name, fn):
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            times[name].append(time.perf_counter() - t)
+            return out
+        return call
+
+    chunker = align._chunker
+
+    def chunker_timed(*args):
+        chunks = chunker(*args)
+        if chunks is not None:
+            chunks.launch, chunks.wait = clock("launch", chunks.launch), clock("wait", chunks.wait)
+        return chunks
+    align._chunker = chunker_timed
+    try:
+        track = align.tracker(ws)
+        timed_track = clock("measure", track)
+        timed_track.from_svds, timed_track.starts_at = track.from_svds, track.starts_at
+        t = time.perf_counter()
+        align.train(ws, X, Y, "mse_mean", lr=1e-2, max_steps=steps, tol=0.0,
+                    measure_every=100 if measure else 10 ** 9,
+                    measures={"m": timed_track} if measure else None)
+        total = time.perf_counter() - t
+    finally:
+        align._chunker = chunker
+    return total, {k: 1e3 * statistics.median(v) if v else float("nan") for k, v in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=align.DEVICES, default="cpu")
+    p.add_argument("--steps", type=int, default=2000)
+    args = p.parse_args(argv)
+    xp = align.select_device(args.device)
+    print(f"{'seeds':>6} {'measuring':>9} {'total ms':>9} {'launch':>7} {'measure':>8} {'wait':>7}"
+          f"  {'measure alone':>13}")
+    for count in (1, 1000):
+        ws, X, Y = seeds_problem(xp, count)
+        later, _ = align.train(ws, X, Y, "mse_mean", lr=1e-2, max_steps=1000, tol=0.0,
+                               measure_every=10 ** 9)
+        track = align.tracker(ws)
+        alone = 1e3 * seconds(lambda: track(later), xp, 5)
+        for measure in (False, True):
+            timed_run(ws, X, Y, args.steps, measure)                # warm-up: graphs captured
+            total, t = timed_run(ws, X, Y, args.steps, measure)
+            print(f"{count:>6} {str(measure):>9} {1e3 * total:>9.1f} {t['launch']:>7.3f} "
+                  f"{t['measure']:>8.3f} {t['wait']:>7.3f}  {alone:>13.3f}")
+    print("Overlapped: with measuring, measure + wait ~ max(measure alone, wait without "
+          "measuring); serialised: ~ their sum.")
+
+
+if __name__ == "__main__":
+    main()
