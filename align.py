@@ -581,6 +581,19 @@ def _graph_steps_setting():
 
 
 CUDA_GRAPH_STEPS = _graph_steps_setting()
+# Launch CUDA graphs from a helper thread (ALIGN_GRAPH_LAUNCH_THREAD=1), so that the host
+# can measure while cudaGraphLaunch submits a long graph (benchmarks/overlap.py compares).
+GRAPH_LAUNCH_THREAD = os.environ.get("ALIGN_GRAPH_LAUNCH_THREAD", "0") == "1"
+_launcher = None
+
+
+def _launch_in_thread(launch):
+    """Run launch() on the one helper thread; a Future of it."""
+    global _launcher
+    if _launcher is None:
+        import concurrent.futures
+        _launcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="align-graph-launch")
+    return _launcher.submit(launch)
 
 
 class _StepChunks:
@@ -729,7 +742,7 @@ class _CudaGraphChunks(_StepChunks):
     def __init__(self, ps, loss_and_grads, lr):
         import cupy
         super().__init__(ps, loss_and_grads, lr)
-        self.cupy, self.graphs, self.failed = cupy, {}, False
+        self.cupy, self.graphs, self.failed, self.launching = cupy, {}, False, None
 
     def _capture(self, n):
         cp = self.cupy
@@ -781,14 +794,30 @@ class _CudaGraphChunks(_StepChunks):
         queued.record()
         self.stream.wait_event(queued)
         self.open = True
-        graph.launch(stream=self.stream)
+        if GRAPH_LAUNCH_THREAD:
+            device = self.cupy.cuda.Device().id
+
+            def launch():
+                with self.cupy.cuda.Device(device):
+                    graph.launch(stream=self.stream)
+            self.launching = _launch_in_thread(launch)
+        else:
+            graph.launch(stream=self.stream)
         return True
 
+    def _launched(self):
+        """Wait for a launch on the helper thread to return (re-raising its error)."""
+        launching, self.launching = self.launching, None
+        if launching is not None:
+            launching.result()
+
     def wait(self):
+        self._launched()
         self.stream.synchronize()
         return super().wait()
 
     def cancel(self):
+        self._launched()
         if self.open:
             self.stream.synchronize()
         super().cancel()

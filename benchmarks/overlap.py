@@ -2,7 +2,9 @@
 steps: for each run of steps, how long its launch, the measurement taken meanwhile and the
 wait for the steps afterwards took (medians), against the same without measuring and the
 measurement alone.  On a GPU, steps replay from CUDA graphs on their own stream, so a
-measurement shorter than the steps should cost nothing:
+measurement shorter than the steps should cost nothing.  On a GPU also with the graphs
+launched from a helper thread (ALIGN_GRAPH_LAUNCH_THREAD=1), in case a launch keeps the
+host busy while it submits a long graph:
 
     python benchmarks/overlap.py --device gpu
 """
@@ -59,19 +61,21 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2000)
     args = p.parse_args(argv)
     xp = align.select_device(args.device)
-    print(f"{'seeds':>6} {'measuring':>9} {'total ms':>9} {'launch':>7} {'measure':>8} {'wait':>7}"
-          f"  {'measure alone':>13}")
+    print(f"{'seeds':>6} {'thread':>6} {'measuring':>9} {'total ms':>9} {'launch':>7} {'measure':>8}"
+          f" {'wait':>7}  {'measure alone':>13}")
     for count in (1, 1000):
         ws, X, Y = seeds_problem(xp, count)
         later, _ = align.train(ws, X, Y, "mse_mean", lr=1e-2, max_steps=1000, tol=0.0,
                                measure_every=10 ** 9)
         track = align.tracker(ws)
         alone = 1e3 * seconds(lambda: track(later), xp, 5)
-        for measure in (False, True):
-            timed_run(ws, X, Y, args.steps, measure)                # warm-up: graphs captured
-            total, t = timed_run(ws, X, Y, args.steps, measure)
-            print(f"{count:>6} {str(measure):>9} {1e3 * total:>9.1f} {t['launch']:>7.3f} "
-                  f"{t['measure']:>8.3f} {t['wait']:>7.3f}  {alone:>13.3f}")
+        for thread in (False, True) if xp is not np else (False,):
+            align.GRAPH_LAUNCH_THREAD = thread                 # launch graphs from a helper thread
+            for measure in (False, True):
+                timed_run(ws, X, Y, args.steps, measure)            # warm-up: graphs captured
+                total, t = timed_run(ws, X, Y, args.steps, measure)
+                print(f"{count:>6} {str(thread):>6} {str(measure):>9} {1e3 * total:>9.1f} "
+                      f"{t['launch']:>7.3f} {t['measure']:>8.3f} {t['wait']:>7.3f}  {alone:>13.3f}")
     print("Overlapped: with measuring, measure + wait ~ max(measure alone, wait without "
           "measuring); serialised: ~ their sum.")
 

@@ -1,6 +1,7 @@
 """Core of align.py: gradients (Eq. (8)), GD, usSVD (Definition 1), measures, Definition 2."""
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -726,13 +727,65 @@ def test_gemm_plan_reads_every_layout_the_steps_use():
         np.testing.assert_allclose(emulate(A, B), A @ B, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("launch_thread", [False, True])
+def test_graph_chunks_with_launches_here_or_on_the_helper_thread(xp, monkeypatch, launch_thread):
+    """_CudaGraphChunks' launch, kept copy, wait and rewind, with stand-in graphs that
+    replay the steps kernel by kernel (on the CuPy stand-in, which has no CUDA graphs):
+    the history of stepping one by one, also while the helper thread steps and the
+    caller measures the kept copy."""
+    if not hasattr(xp, "waits"):
+        pytest.skip("runs on the CuPy stand-in (tests/cupy_standin) only")
+
+    class Graph:
+        def __init__(self, chunks, n, losses):
+            self.chunks, self.n, self.losses = chunks, n, losses
+
+        def launch(self, stream=None):
+            self.chunks._save()
+            for j in range(self.n):
+                self.losses[j] = self.chunks._step()
+
+    captured = []
+
+    def capture(self, n):
+        captured.append(n)
+        self.stream = types.SimpleNamespace(wait_event=lambda event: None, synchronize=lambda: None)
+        L, _ = self.loss_and_grads([p.copy() for p in self.ps])
+        losses = xp.empty((n,) + L.shape, dtype=L.dtype)
+        return Graph(self, n, losses), losses, None
+    monkeypatch.setattr(align._CudaGraphChunks, "_capture", capture)
+    monkeypatch.setattr(align, "GRAPH_LAUNCH_THREAD", launch_thread)
+    rng = np.random.default_rng(44)
+    weights, X, _ = random_problem(rng, "mse", [5, 6, 4], 9)
+    Y = rng.standard_normal((4, 5)) @ X / 2                                 # interpolable
+    weights = [xp.asarray(np.stack([W * (1 + 0.1 * b) for b in range(3)])) for W in weights]
+    X, Y = xp.asarray(X), xp.asarray(Y)
+    train = lambda: align.train(weights, X, Y, "mse", lr=0.05, max_steps=400, tol=1e-3,
+                                measure_every=120, measures={"m": align.tracker(weights)})
+    monkeypatch.setattr(align, "CUDA_GRAPH_STEPS", 100)
+    w1, h1 = train()
+    monkeypatch.setattr(align, "CUDA_GRAPH_STEPS", 0)
+    w2, h2 = train()
+    assert captured and 120 < h1.final_step < 400 and h1.stop_reason == "tol"   # stops in a run
+    assert h1.final_step == h2.final_step and h1.steps == h2.steps
+    np.testing.assert_array_equal(np.array(h1.losses), np.array(h2.losses))
+    assert h1.measure_steps == h2.measure_steps
+    for key in h2.measurements:
+        np.testing.assert_array_equal(h1.measurements[key], h2.measurements[key])
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(align.to_numpy(a), align.to_numpy(b))
+
+
 @pytest.mark.skipif(CUPY is None, reason="CuPy with a CUDA GPU is not available")
 @pytest.mark.parametrize("kind, widths, n, batch", [("mse_mean", [30, 40, 6, 3], 8, None),   # row space
                                                     ("ce", [30, 40, 6, 3], 8, None),
                                                     ("mse", [5, 6, 4], 9, 3)])              # a batch
-def test_cuda_graph_steps_equal_kernel_by_kernel_steps(monkeypatch, kind, widths, n, batch):
-    """On the GPU: replaying captured CUDA graphs (direct cuBLAS products) gives the
-    iterates, losses and stopping step of launching the kernels one by one."""
+@pytest.mark.parametrize("launch_thread", [False, True])
+def test_cuda_graph_steps_equal_kernel_by_kernel_steps(monkeypatch, kind, widths, n, batch, launch_thread):
+    """On the GPU: replaying captured CUDA graphs (direct cuBLAS products; launched here
+    or from the helper thread) gives the iterates, losses and stopping step of launching
+    the kernels one by one."""
+    monkeypatch.setattr(align, "GRAPH_LAUNCH_THREAD", launch_thread)
     rng = np.random.default_rng(41)
     weights, X, Y = random_problem(rng, kind, widths, n)
     if batch:

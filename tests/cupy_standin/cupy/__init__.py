@@ -172,7 +172,7 @@ def RawKernel(source, name, options=()):
 
 class _Device:
     def __init__(self, index=0):
-        pass
+        self.id = index
 
     def synchronize(self):
         pass
@@ -202,7 +202,12 @@ class OutOfMemoryError(MemoryError):
     pass
 
 
-cuda = types.SimpleNamespace(Device=_Device, runtime=_Runtime, Stream=None,
+class _Event:
+    def record(self, stream=None):
+        pass
+
+
+cuda = types.SimpleNamespace(Device=_Device, runtime=_Runtime, Stream=None, Event=_Event,
                              memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
                              get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None))
 
