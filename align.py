@@ -1140,9 +1140,21 @@ def _greedy_match(C, capacity):
     if xp is not np and p * p * m <= GREEDY_KERNEL_MAX:
         value = _greedy_kernel(xp, C, room)
     else:
+        if C.size > GREEDY_ONE_BY_ONE_MAX and xp is np:
+            C, room = _without_zero_columns(C, room)
         small = C.size <= GREEDY_ONE_BY_ONE_MAX and xp is np
         value = (_greedy_one_by_one if small else _greedy_rounds)(C, room)
     return value[0] if single else value
+
+
+def _without_zero_columns(C, room):
+    """C and room without the columns that are zero in every matrix (unless C holds a NaN):
+    their entries come after every positive one, so taking them changes no row's value."""
+    top = C.max(axis=(0, 1))
+    keep = top != 0
+    if keep.all() or np.isnan(top).any():
+        return C, room
+    return C[:, :, keep], room[:, keep]
 
 
 GREEDY_ONE_BY_ONE_MAX = 1024
