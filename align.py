@@ -1165,6 +1165,8 @@ def _greedy_kernel(cp, C, room):
     """_greedy_match on the GPU: one CUDA thread per matrix, in one launch (the rounds
     take ~30 array operations and a wait for the GPU each)."""
     nb, p, m = C.shape
+    if nb * p == 0:                                      # (no empty launch: CUDA refuses it)
+        return cp.zeros((nb, p), dtype=np.float64)
     C, value = cp.ascontiguousarray(C, dtype=np.float64), cp.empty((nb, p), dtype=np.float64)
     kernel = _raw_kernel(cp, _GREEDY_SOURCE, "greedy_match")
     threads = 128

@@ -58,6 +58,7 @@ class Kernel:
 
     def __call__(self, grid, block, args):
         assert len(grid) == len(block) == 1, "one-dimensional launches only"
+        assert grid[0] > 0 and block[0] > 0, "CUDA refuses an empty launch"
         self.function(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), *map(_c_argument, args))
 
 
@@ -72,7 +73,7 @@ def cpu_cupy():
     """A stand-in for the CuPy functions the kernel launchers call, on NumPy arrays."""
     cp = types.ModuleType("cpu_cupy")
     cp.RawKernel = Kernel
-    for name in ("float32", "float64", "int32", "int64", "empty", "asarray", "ascontiguousarray",
+    for name in ("float32", "float64", "int32", "int64", "empty", "zeros", "asarray", "ascontiguousarray",
                  "broadcast_to"):
         setattr(cp, name, getattr(np, name))
     return cp

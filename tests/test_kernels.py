@@ -46,6 +46,8 @@ def test_greedy_kernel_takes_what_the_sequential_greedy_takes(cp):
         want = np.array([sequential_greedy(Cb, cb) for Cb, cb in zip(C, capacity)])
         got = align._greedy_kernel(cp, C, capacity.copy())
         np.testing.assert_array_equal(got, want)
+    for empty in (np.zeros((0, 3, 4)), np.zeros((2, 0, 4))):      # nothing to launch
+        assert align._greedy_kernel(cp, empty, np.ones(empty.shape[::2], int)).shape == empty.shape[:2]
 
 
 def test_greedy_match_on_a_gpu_batch_uses_the_kernel(cp, monkeypatch):
