@@ -936,6 +936,8 @@ class _DirectCublas:
         steps = lambda M: [0 if M.ndim == 2 else M.strides[0] // M.itemsize] + \
             [st // M.itemsize for st in M.strides[-2:]]
         real = {"f": "float", "d": "double"}[A.dtype.char]
+        if C.size == 0:                                  # (no empty launch: CUDA refuses it)
+            return C
         kernel = _raw_kernel(cp, _SMALL_GEMM_SOURCE.replace("REAL", real), "small_gemm")
         threads = 128
         kernel(((C.size + threads - 1) // threads,), (threads,),
@@ -2034,6 +2036,8 @@ def _sv_dynamics_kernel(cp, sig, lam, lam_prime, coef, steps, record_every):
     lam, lam_prime = (cp.ascontiguousarray(cp.broadcast_to(a, batch + (1, r))) for a in (lam, lam_prime))
     cols = sig.size // d
     out = cp.empty((steps // record_every + 1,) + sig.shape, dtype=sig.dtype)
+    if cols == 0:                                        # (no empty launch: CUDA refuses it)
+        return out
     kernel = _raw_kernel(cp, _SV_KERNEL_SOURCE, "sv_dynamics", ("--fmad=false",))
     threads = 128
     kernel(((cols + threads - 1) // threads,), (threads,),

@@ -74,7 +74,7 @@ def test_small_gemm_kernel_reads_transposed_and_broadcast_operands(cp, dtype, rt
     cases = [(A, B), (A.transpose(0, 2, 1).copy().transpose(0, 2, 1), B),      # transposed storage
              (A[0], B), (A, B[0]), (A[2:5, :, 1:], B[2:5, 1:]),                # broadcast, offsets
              (np.swapaxes(B, 1, 2), np.swapaxes(A, 1, 2)), (A[0].T, A[1])]
-    for X, Z in cases:
+    for X, Z in cases + [(A[:0], B[:0]), (A[:, :0], B)]:                  # and empty products
         got = align._DirectCublas._small(cublas, X, Z)
         np.testing.assert_allclose(got, X @ Z, rtol=rtol, atol=rtol)
         assert got.shape == (X @ Z).shape
@@ -89,6 +89,8 @@ def test_singular_value_kernel_equals_the_numpy_loop(cp):
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
     assert abs(got[-1] - sig).max() > 0.01                         # the values did move
+    assert align._sv_dynamics_kernel(cp, sig[:, :, :0], lam[:0], lam_prime[:0], 0.005, 3, 1).shape == \
+        (4, 2, 3, 0)                                               # no direction: nothing to launch
 
 
 @pytest.mark.skipif(CUPY is not None, reason="a GPU is available here: the CuPy tests run on it")
