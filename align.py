@@ -702,6 +702,8 @@ class _SquaredLossSteps(_StepChunks):
         losses = np.empty(n, dtype=F.dtype)
         for w, p in zip(W, self.ps):
             w[...] = p
+        if n > len(self.rows):
+            raise ValueError(f"a run of {n} steps is longer than this runner's {len(self.rows)}")
         for t, R in zip(range(n), self.rows):           # (locals: ~0.1 us a lookup saved)
             for w, a, out in forward:
                 mm(w, a, out)

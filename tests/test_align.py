@@ -733,6 +733,15 @@ def test_gemm_plan_reads_every_layout_the_steps_use():
         np.testing.assert_allclose(emulate(A, B), A @ B, rtol=1e-12, atol=1e-12)
 
 
+def test_in_place_steps_refuse_a_run_longer_than_their_buffers():
+    rng = np.random.default_rng(45)
+    weights, X, Y = random_problem(rng, "mse", [3, 4, 2], 5)
+    steps = align._SquaredLossSteps(weights, X, Y, "mse", 0.1)
+    assert steps._run(steps.longest).shape == (steps.longest,)
+    with pytest.raises(ValueError, match="longer than"):
+        steps._run(steps.longest + 1)
+
+
 @pytest.mark.parametrize("launch_thread", [False, True])
 def test_graph_chunks_with_launches_here_or_on_the_helper_thread(xp, monkeypatch, launch_thread):
     """_CudaGraphChunks' launch, kept copy, wait and rewind, with stand-in graphs that
