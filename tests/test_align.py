@@ -376,8 +376,9 @@ def test_greedy_matching_in_rounds_and_one_by_one_equals_the_sequential_greedy(m
             C[:, :, rng.random(m) < 0.4] = 0.0                   # columns of zeros (left out)
         capacity = rng.integers(0, 4, (3, m))
         want = np.array([sequential(Cb, cb) for Cb, cb in zip(C, capacity)])
-        for largest in (0, 40, 10 ** 6):             # in rounds, rounds then one by one, one by one
-            monkeypatch.setattr(align, "GREEDY_ONE_BY_ONE_MAX", largest)
+        for largest, rows in ((0, 0), (40, 0), (0, 16), (10 ** 6, 0)):   # in rounds, rounds then
+            monkeypatch.setattr(align, "GREEDY_ONE_BY_ONE_MAX", largest)     # one by one, by maxima,
+            monkeypatch.setattr(align, "GREEDY_BY_MAXIMA_ROWS", rows)        # one by one
             np.testing.assert_array_equal(align._greedy_match(C, capacity), want)
             np.testing.assert_array_equal(align._greedy_match(C[0], capacity[0]), want[0])
     C, room = np.array([[[0.5, 0.0, 0.0], [0.2, 0.3, 0.0]]]), np.ones((1, 3), int)
