@@ -271,7 +271,8 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
     (see it for stopping, measures and callback).  With ``fast`` and n < k0 the
     first layer is kept in the row space of X^T (same iterates, fewer flops; see
     ``_train_in_row_space``); with a squared loss on NumPy (one network, one dtype)
-    the steps run in place (``_SquaredLossSteps``: the same iterates to rounding).  Returns (weights, History); inputs are not modified.
+    the steps run in place (``_SquaredLossSteps``: the same iterates to rounding).
+    Returns (weights, History); inputs are not modified.
     """
     check_network(weights, X)
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1]).astype(weights[0].dtype)
@@ -566,6 +567,7 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
 
 
 def _descend(ps, grads, lr):
+    """The GD update p <- p - lr g in place (Eq. (8)'s step)."""
     for p, g in zip(ps, grads):
         p -= lr * g
 
@@ -938,13 +940,10 @@ class _DirectCublas:
         steps = lambda M: [0 if M.ndim == 2 else M.strides[0] // M.itemsize] + \
             [st // M.itemsize for st in M.strides[-2:]]
         real = {"f": "float", "d": "double"}[A.dtype.char]
-        if C.size == 0:                                  # (no empty launch: CUDA refuses it)
-            return C
         kernel = _raw_kernel(cp, _SMALL_GEMM_SOURCE.replace("REAL", real), "small_gemm")
-        threads = 128
-        kernel(((C.size + threads - 1) // threads,), (threads,),
-               (A, B, C, np.int64(C.size), np.int32(m), np.int32(n), np.int32(k),
-                *map(np.int64, steps(A) + steps(B))))
+        args = (A, B, C, np.int64(C.size), np.int32(m), np.int32(n), np.int32(k),
+                *map(np.int64, steps(A) + steps(B)))
+        _launch_per_item(kernel, C.size, args)
         return C
 
 
@@ -976,6 +975,13 @@ def _raw_kernel(cp, source, name, options=()):
     if key not in _raw_kernels:
         _raw_kernels[key] = cp.RawKernel(source, name, options=options)
     return _raw_kernels[key]
+
+
+def _launch_per_item(kernel, count, args, threads=128):
+    """Launch ``kernel`` with one CUDA thread per item (none for no item: CUDA refuses an
+    empty grid)."""
+    if count:
+        kernel(((count + threads - 1) // threads,), (threads,), args)
 
 
 def _chunker(ps, loss_and_grads, lr):
@@ -1124,7 +1130,8 @@ def _adapt_clusters(M, a_bounds, b_sizes):
 
 
 def _greedy_match(C, capacity):
-    """One-to-one (rows) matching to capacitated columns, greedy by decreasing C >= 0:
+    """The matching of the paired measure (alignment(), Section 6): one-to-one (rows)
+    to capacitated columns, greedy by decreasing C >= 0:
     the entries in decreasing order, ties in row-major order, each taken when its row
     is free and its column has room.  C may hold a batch (B x p x m); capacity: (m,)
     or (B, m).  Returns the matched value of each row (0 where no column had room).
@@ -1142,17 +1149,14 @@ def _greedy_match(C, capacity):
     C = C[None] if single else C
     nb, p, m = C.shape
     room = xp.broadcast_to(xp.asarray(capacity, dtype=np.int64), (nb, m)).copy()
-    if xp is not np and p * p * m <= GREEDY_KERNEL_MAX:
-        value = _greedy_kernel(xp, C, room)
+    if xp is not np:
+        value = (_greedy_kernel(xp, C, room) if p * p * m <= GREEDY_KERNEL_MAX else
+                 _greedy_rounds(C, room))
     else:
-        if C.size > GREEDY_ONE_BY_ONE_MAX and xp is np:
+        if C.size > GREEDY_ONE_BY_ONE_MAX:
             C, room = _without_zero_columns(C, room)
-        if C.size <= GREEDY_ONE_BY_ONE_MAX and xp is np:
-            value = _greedy_one_by_one(C, room)
-        elif p <= GREEDY_BY_MAXIMA_ROWS and xp is np:
-            value = _greedy_by_maxima(C, room)
-        else:
-            value = _greedy_rounds(C, room)
+        value = (_greedy_one_by_one if C.size <= GREEDY_ONE_BY_ONE_MAX else
+                 _greedy_by_maxima if p <= GREEDY_BY_MAXIMA_ROWS else _greedy_rounds)(C, room)
     return value[0] if single else value
 
 
@@ -1200,13 +1204,10 @@ def _greedy_kernel(cp, C, room):
     """_greedy_match on the GPU: one CUDA thread per matrix, in one launch (the rounds
     take ~30 array operations and a wait for the GPU each)."""
     nb, p, m = C.shape
-    if nb * p == 0:                                      # (no empty launch: CUDA refuses it)
-        return cp.zeros((nb, p), dtype=np.float64)
     C, value = cp.ascontiguousarray(C, dtype=np.float64), cp.empty((nb, p), dtype=np.float64)
     kernel = _raw_kernel(cp, _GREEDY_SOURCE, "greedy_match")
-    threads = 128
-    kernel(((nb + threads - 1) // threads,), (threads,),
-           (C, cp.ascontiguousarray(room, dtype=np.int64), value, np.int32(nb), np.int32(p), np.int32(m)))
+    _launch_per_item(kernel, nb * min(p, 1), (C, cp.ascontiguousarray(room, dtype=np.int64), value,
+                                              np.int32(nb), np.int32(p), np.int32(m)))
     return value
 
 
@@ -1248,6 +1249,7 @@ extern "C" __global__ void greedy_match(const double* C, long long* room, double
 
 
 def _greedy_one_by_one(C, room, free=None):
+    """_greedy_match entry by entry, as its docstring states the rule (rows ``free``)."""
     nb, p, m = C.shape
     flat = C.reshape(nb, -1)
     order = np.argsort(-flat, axis=1, kind="stable")           # decreasing, ties row-major
@@ -1267,6 +1269,8 @@ def _greedy_one_by_one(C, room, free=None):
 
 
 def _greedy_rounds(C, room):
+    """_greedy_match in vectorised rounds (see there), each on the networks, rows and
+    columns left."""
     xp, (nb, p, m) = array_module(C), C.shape
     value, free = xp.zeros((nb, p)), xp.ones((nb, p), dtype=bool)
     while True:                                  # each round on what is left
@@ -1527,8 +1531,8 @@ def tracker(weights_0, rtol=1e-6):
         if now[0][1].ndim == 1:
             return _measures(now, then, widths, rtol, static, bool(generic))
         values = _measures(now, then, widths, rtol, generic=True)        # every network
-        on_host, *rows = _to_host([generic] + [values[key] for key in MEASURE_KEYS])
-        out, others = dict(zip(MEASURE_KEYS, rows)), np.flatnonzero(on_host == 0)
+        is_generic, *rows = _to_host([generic] + [values[key] for key in MEASURE_KEYS])
+        out, others = dict(zip(MEASURE_KEYS, rows)), np.flatnonzero(is_generic == 0)
         if others.size:                          # repeated or zero singular values: one by one
             flat = _to_host([a for svd in now + then for a in svd], others)
             svds = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
@@ -2011,8 +2015,9 @@ def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", k
     (1/2n) sum_k (lam'_k - ...)  with respect to sigma_i removes sigma_i itself.
     sigmas0: (..., d, r) (leading axes: independent runs); lam, lam_prime: (r,) or
     broadcastable.  kind="mse_mean" uses that loss's scale 2/(kd n) for 1/n.
-    Returns the trajectory, shape (steps // record_every + 1, ..., d, r).  O(d r) a step; on the GPU one
-    thread runs all the steps of a direction (``_sv_dynamics_kernel``, same numbers).
+    Returns the trajectory, shape (steps // record_every + 1, ..., d, r).  O(d r) a
+    step; on the GPU one thread runs all the steps of a direction
+    (``_sv_dynamics_kernel``, same numbers).
     """
     xp = array_module(sigmas0)
     coef = lr / n if kind == "mse" else 2.0 * lr / (kd * n)
@@ -2069,13 +2074,9 @@ def _sv_dynamics_kernel(cp, sig, lam, lam_prime, coef, steps, record_every):
     lam, lam_prime = (cp.ascontiguousarray(cp.broadcast_to(a, batch + (1, r))) for a in (lam, lam_prime))
     cols = sig.size // d
     out = cp.empty((steps // record_every + 1,) + sig.shape, dtype=sig.dtype)
-    if cols == 0:                                        # (no empty launch: CUDA refuses it)
-        return out
     kernel = _raw_kernel(cp, _SV_KERNEL_SOURCE, "sv_dynamics", ("--fmad=false",))
-    threads = 128
-    kernel(((cols + threads - 1) // threads,), (threads,),
-           (sig, lam, lam_prime, np.float64(coef), np.int32(d), np.int64(r), np.int64(cols),
-            np.int64(steps), np.int64(record_every), out))
+    _launch_per_item(kernel, cols, (sig, lam, lam_prime, np.float64(coef), np.int32(d), np.int64(r),
+                                    np.int64(cols), np.int64(steps), np.int64(record_every), out))
     return out
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import align
-from conftest import CUPY, random_orthogonal
+from conftest import CUPY, random_orthogonal, sequential_greedy
 
 KINDS = ["mse", "mse_mean", "ce", "logistic", "exp"]
 
@@ -358,14 +358,6 @@ def test_layer_gradients_of_a_matrix_loss_match_finite_differences():
 
 
 def test_greedy_matching_in_rounds_and_one_by_one_equals_the_sequential_greedy(monkeypatch):
-    def sequential(C, capacity):
-        room, value, free = list(capacity), np.zeros(C.shape[0]), np.ones(C.shape[0], bool)
-        for e in np.argsort(-C, axis=None, kind="stable"):
-            r, c = divmod(int(e), C.shape[1])
-            if free[r] and room[c]:
-                free[r], value[r] = False, C[r, c]
-                room[c] -= 1
-        return value
     rng = np.random.default_rng(20)
     for trial in range(400):
         p, m = rng.integers(1, 12, 2)
@@ -375,7 +367,7 @@ def test_greedy_matching_in_rounds_and_one_by_one_equals_the_sequential_greedy(m
         if trial % 3 == 0:
             C[:, :, rng.random(m) < 0.4] = 0.0                   # columns of zeros (left out)
         capacity = rng.integers(0, 4, (3, m))
-        want = np.array([sequential(Cb, cb) for Cb, cb in zip(C, capacity)])
+        want = np.array([sequential_greedy(Cb, cb) for Cb, cb in zip(C, capacity)])
         for largest, rows in ((0, 0), (40, 0), (0, 16), (10 ** 6, 0)):   # in rounds, rounds then
             monkeypatch.setattr(align, "GREEDY_ONE_BY_ONE_MAX", largest)     # one by one, by maxima,
             monkeypatch.setattr(align, "GREEDY_BY_MAXIMA_ROWS", rows)        # one by one

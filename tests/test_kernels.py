@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import align
-from conftest import CUPY
+from conftest import CUPY, sequential_greedy
 from cuda_on_cpu import COMPILER, cpu_cupy
 
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler to run the CUDA sources")
@@ -20,17 +20,6 @@ pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler to run
 @pytest.fixture(scope="module")
 def cp():
     return cpu_cupy()
-
-
-def sequential_greedy(C, capacity):
-    """_greedy_match's rule as its docstring states it, entry by entry."""
-    room, value, free = list(capacity), np.zeros(C.shape[0]), np.ones(C.shape[0], bool)
-    for e in np.argsort(-C, axis=None, kind="stable"):           # decreasing, ties row-major, NaN last
-        r, c = divmod(int(e), C.shape[1])
-        if free[r] and room[c] > 0:
-            free[r], value[r] = False, C[r, c]
-            room[c] -= 1
-    return value
 
 
 def test_greedy_kernel_takes_what_the_sequential_greedy_takes(cp):
