@@ -586,16 +586,20 @@ CUDA_GRAPH_STEPS = _graph_steps_setting()
 # Launch CUDA graphs from a helper thread (ALIGN_GRAPH_LAUNCH_THREAD=1), so that the host
 # can measure while cudaGraphLaunch submits a long graph (benchmarks/overlap.py compares).
 GRAPH_LAUNCH_THREAD = os.environ.get("ALIGN_GRAPH_LAUNCH_THREAD", "0") == "1"
-_launcher = None
+_pools = {}
+
+
+def _thread_pool(name, workers):
+    """The process's thread pool ``name`` (created on first use)."""
+    if name not in _pools:
+        import concurrent.futures
+        _pools[name] = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"align-{name}")
+    return _pools[name]
 
 
 def _launch_in_thread(launch):
     """Run launch() on the one helper thread; a Future of it."""
-    global _launcher
-    if _launcher is None:
-        import concurrent.futures
-        _launcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="align-graph-launch")
-    return _launcher.submit(launch)
+    return _thread_pool("graph-launch", 1).submit(launch)
 
 
 class _StepChunks:
@@ -1035,6 +1039,24 @@ HOST_EIGH_MAX = 128     # larger Gram matrices of layer 1's split go to the GPU'
                         # 2.9 ms for 320 x 320 on an H200, LAPACK 7.6 ms on its host)
 
 
+def _linalg(fn, A):
+    """fn(A), a NumPy or CuPy decomposition (svd, eigh) of a matrix or a batch.  A large
+    batch of small matrices on the host is split across the cores: NumPy loops over
+    them in LAPACK without holding the GIL, so each matrix gets the same result, in
+    1/cores the time (larger matrices use the cores inside LAPACK already)."""
+    small = A.ndim == 3 and array_module(A) is np and max(A.shape[1:]) <= THREADED_SIDE_MAX
+    threads = min(_CORES, A.shape[0] // THREADED_BATCH_MIN) if small else 1
+    if threads < 2:
+        return fn(A)
+    outs = _thread_pool("lapack", _CORES).map(fn, np.array_split(A, threads))
+    return tuple(np.concatenate(pieces) for pieces in zip(*outs))
+
+
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+THREADED_BATCH_MIN = 64  # matrices per thread at least (fewer: the threads cost more than they save)
+THREADED_SIDE_MAX = 64   # matrices at most this size are split across threads
+
+
 def _reduced_svd(W, keep=False):
     """Reduced SVD (U, s, V) as float64 host arrays, s descending.
 
@@ -1052,7 +1074,7 @@ def _reduced_svd(W, keep=False):
     xp = array_module(W)
     if W.dtype == xp.float32 and min(W.shape[-2:]) > 1:
         return _svd_by_gram(W.astype(xp.float64))
-    U, s, Vt = xp.linalg.svd(W, full_matrices=False)
+    U, s, Vt = _linalg(lambda A: xp.linalg.svd(A, full_matrices=False), W)
     return to_numpy(U).astype(np.float64), to_numpy(s).astype(np.float64), \
         to_numpy(_T(Vt)).astype(np.float64)
 
@@ -1061,10 +1083,11 @@ def _reduced_svds(weights, keep=False):
     """[_reduced_svd(W, keep) for W in weights], in one call when small layers share a
     shape (batched LAPACK on the host; GPU solvers do large layers one by one faster)."""
     xp, same = array_module(*weights), len({(W.shape, W.dtype) for W in weights}) == 1
-    if keep and same and weights[0].ndim == 3 and xp is not np:       # one batched call
+    small = min(weights[0].shape[-2:]) <= HOST_SVD_MAX
+    if same and weights[0].ndim == 3 and (small or keep and xp is not np):   # one batched call
         B, svd = weights[0].shape[0], _reduced_svd(xp.concatenate(weights), keep)
         return [tuple(a[j * B:(j + 1) * B] for a in svd) for j in range(len(weights))]
-    if same and len(weights) > 1 and weights[0].ndim == 2 and min(weights[0].shape) <= HOST_SVD_MAX:
+    if same and len(weights) > 1 and weights[0].ndim == 2 and small:
         U, s, V = _reduced_svd(xp.stack(weights))
         return list(zip(U, s, V))
     return [_reduced_svd(W, keep) for W in weights]
@@ -1075,7 +1098,7 @@ def _svd_by_gram(A):
     xp = array_module(A)
     wide = A.shape[-2] < A.shape[-1]
     B = _T(A) if wide else A                     # m x n with n <= m
-    w, V = xp.linalg.eigh(_T(B) @ B)
+    w, V = _linalg(xp.linalg.eigh, _T(B) @ B)
     w, V = xp.flip(w, axis=-1), xp.flip(V, axis=-1)
     s = xp.sqrt(xp.maximum(w, 0))
     U, s, V = to_numpy(B @ V), to_numpy(s), to_numpy(V)
@@ -1407,9 +1430,11 @@ def _paired_generic(*pair_lists):
     for (p, q, room), members in groups.items():
         xp = array_module(members[0][1])                          # (a batch on the GPU stays)
         sq = xp.stack([M for _, M in members]) ** 2               # (pairs, [batch,] p, q)
-        outside = xp.clip(1.0 - sq.sum(axis=-1, keepdims=True), 0.0, 1.0)
-        C = xp.sqrt(xp.clip(xp.concatenate([sq, outside], axis=-1), 0.0, 1.0))
-        value = _greedy_match(C.reshape((-1, p, q + 1)), [1] * q + [room])
+        if room:                                                  # the complement of B's span
+            outside = xp.clip(1.0 - sq.sum(axis=-1, keepdims=True), 0.0, 1.0)
+            sq = xp.concatenate([sq, outside], axis=-1)
+        C = xp.sqrt(xp.clip(sq, 0.0, 1.0))
+        value = _greedy_match(C.reshape((-1,) + C.shape[-2:]), [1] * q + [room] * (room > 0))
         value = value.reshape(C.shape[:-1]).sum(axis=-1)           # (pairs, [batch])
         for (j, _), v in zip(members, value):
             totals[j] = totals[j] + v

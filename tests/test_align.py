@@ -457,6 +457,34 @@ def test_tracker_on_a_batch_equals_one_network_at_a_time():
     assert got["alignment_paired"][1] == pytest.approx(align.alignment(generic), abs=1e-12)
 
 
+def test_batched_decompositions_split_across_threads_equal_one_call(monkeypatch):
+    """A large host batch of small matrices is decomposed in pieces on threads: each
+    matrix's SVD and eigh come out bit for bit as from one call, and a batch's
+    measures as without threads."""
+    rng = np.random.default_rng(31)
+    A = rng.standard_normal((10, 5, 4))
+    G = np.swapaxes(A, 1, 2) @ A
+    svd = lambda M: np.linalg.svd(M, full_matrices=False)
+    want = [svd(A), np.linalg.eigh(G)]
+    w0 = [rng.standard_normal((4, 5, 5)) for _ in range(3)]
+    w1 = [W + 0.2 * rng.standard_normal(W.shape) for W in w0]
+    measures = align.tracker(w0)(w1)
+    monkeypatch.setattr(align, "_CORES", 3)
+    monkeypatch.setattr(align, "THREADED_BATCH_MIN", 2)
+    monkeypatch.setattr(align, "_pools", {})
+    for got, expected in zip([align._linalg(svd, A), align._linalg(np.linalg.eigh, G)], want):
+        for a, b in zip(got, expected):
+            assert a.shape == b.shape and np.array_equal(a, b)
+    assert "lapack" in align._pools and align._pools["lapack"]._max_workers == 3
+    threaded = align.tracker(w0)(w1)
+    for key, value in measures.items():
+        np.testing.assert_array_equal(threaded[key], value)
+    monkeypatch.setattr(align, "THREADED_SIDE_MAX", 4)           # larger matrices: one call
+    monkeypatch.setattr(align, "_pools", {})
+    align._linalg(svd, A)
+    assert not align._pools
+
+
 def test_float32_measures_through_the_gram_matrix_match_float64_svd():
     rng = np.random.default_rng(24)
     for shape in [(40, 30), (30, 40), (3, 25, 20)]:
