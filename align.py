@@ -295,8 +295,10 @@ def _frozen_below(loss_and_grads, tol, batched):
         L, grads = loss_and_grads(ps)
         if L.shape[0] == 1:
             return L, grads                  # one network stops with the run
-        active = (L >= tol)[:, None, None]
-        return L, [g * active for g in grads]
+        active = L >= tol
+        if array_module(L) is np and active.all():
+            return L, grads                  # (on the host the check costs less than the products)
+        return L, [g * active[:, None, None] for g in grads]
     return wrapped if batched else loss_and_grads
 
 
