@@ -1082,16 +1082,16 @@ def _reduced_svd(W, keep=False):
 
 
 def _reduced_svds(weights, keep=False):
-    """[_reduced_svd(W, keep) for W in weights], in one call when small layers share a
-    shape (batched LAPACK on the host; GPU solvers do large layers one by one faster)."""
+    """[_reduced_svd(W, keep) for W in weights], in one call when small layers (or a GPU
+    batch's) share a shape (batched LAPACK on the host; GPU solvers do large layers one
+    by one faster)."""
     xp, same = array_module(*weights), len({(W.shape, W.dtype) for W in weights}) == 1
-    small = min(weights[0].shape[-2:]) <= HOST_SVD_MAX
-    if same and weights[0].ndim == 3 and (small or keep and xp is not np):   # one batched call
-        B, svd = weights[0].shape[0], _reduced_svd(xp.concatenate(weights), keep)
-        return [tuple(a[j * B:(j + 1) * B] for a in svd) for j in range(len(weights))]
-    if same and len(weights) > 1 and weights[0].ndim == 2 and small:
-        U, s, V = _reduced_svd(xp.stack(weights))
-        return list(zip(U, s, V))
+    batched = weights[0].ndim == 3
+    if same and (len(weights) > 1 or batched) and \
+            (min(weights[0].shape[-2:]) <= HOST_SVD_MAX or keep and batched and xp is not np):
+        stacked = xp.stack(weights)                       # (layers, [networks,] rows, columns)
+        svd = _reduced_svd(stacked.reshape((-1,) + stacked.shape[-2:]), keep)
+        return list(zip(*(a.reshape(stacked.shape[:-2] + a.shape[1:]) for a in svd)))
     return [_reduced_svd(W, keep) for W in weights]
 
 
@@ -1436,7 +1436,7 @@ def _paired_generic(*pair_lists):
             outside = xp.clip(1.0 - sq.sum(axis=-1, keepdims=True), 0.0, 1.0)
             sq = xp.concatenate([sq, outside], axis=-1)
         C = xp.sqrt(xp.clip(sq, 0.0, 1.0))
-        value = _greedy_match(C.reshape((-1,) + C.shape[-2:]), [1] * q + [room] * (room > 0))
+        value = _greedy_match(C.reshape((-1,) + C.shape[-2:]), [1] * q + ([room] if room else []))
         value = value.reshape(C.shape[:-1]).sum(axis=-1)           # (pairs, [batch])
         for (j, _), v in zip(members, value):
             totals[j] = totals[j] + v

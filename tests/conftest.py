@@ -44,3 +44,19 @@ def sequential_greedy(C, capacity):
             free[r], value[r] = False, C[r, c]
             room[c] -= 1
     return value
+
+
+def greedy_cases(seed, trials, batch, spoil):
+    """Random inputs of the greedy matching with the sequential greedy's values:
+    (C, capacity, want) for ``trials`` batches of ``batch`` matrices of up to 11 x 11
+    entries in [0, 1), every other batch rounded to one digit (many ties), then changed
+    in place by spoil(rng, C, trial); capacities 0-3."""
+    rng = np.random.default_rng(seed)
+    for trial in range(trials):
+        p, m = rng.integers(1, 12, 2)
+        C = rng.random((batch, p, m))
+        if trial % 2:
+            C = np.round(C, 1)
+        spoil(rng, C, trial)
+        capacity = rng.integers(0, 4, (batch, m))
+        yield C, capacity, np.array([sequential_greedy(Cb, cb) for Cb, cb in zip(C, capacity)])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import align
-from conftest import CUPY, random_orthogonal, sequential_greedy
+from conftest import CUPY, greedy_cases, random_orthogonal
 
 KINDS = ["mse", "mse_mean", "ce", "logistic", "exp"]
 
@@ -358,16 +358,10 @@ def test_layer_gradients_of_a_matrix_loss_match_finite_differences():
 
 
 def test_greedy_matching_in_rounds_and_one_by_one_equals_the_sequential_greedy(monkeypatch):
-    rng = np.random.default_rng(20)
-    for trial in range(400):
-        p, m = rng.integers(1, 12, 2)
-        C = rng.random((3, p, m))
-        if trial % 2:
-            C = np.round(C, 1)                                   # many ties
+    def zero_columns(rng, C, trial):                             # (left out by the greedy)
         if trial % 3 == 0:
-            C[:, :, rng.random(m) < 0.4] = 0.0                   # columns of zeros (left out)
-        capacity = rng.integers(0, 4, (3, m))
-        want = np.array([sequential_greedy(Cb, cb) for Cb, cb in zip(C, capacity)])
+            C[:, :, rng.random(C.shape[2]) < 0.4] = 0.0
+    for C, capacity, want in greedy_cases(20, 400, 3, zero_columns):
         for largest, rows in ((0, 0), (40, 0), (0, 16), (10 ** 6, 0)):   # in rounds, rounds then
             monkeypatch.setattr(align, "GREEDY_ONE_BY_ONE_MAX", largest)     # one by one, by maxima,
             monkeypatch.setattr(align, "GREEDY_BY_MAXIMA_ROWS", rows)        # one by one

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import align
-from conftest import CUPY, sequential_greedy
+from conftest import CUPY, greedy_cases, sequential_greedy
 from cuda_on_cpu import COMPILER, cpu_cupy
 
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler to run the CUDA sources")
@@ -23,16 +23,10 @@ def cp():
 
 
 def test_greedy_kernel_takes_what_the_sequential_greedy_takes(cp):
-    rng = np.random.default_rng(40)
-    for trial in range(200):
-        p, m = rng.integers(1, 12, 2)
-        C = rng.random((5, p, m))
-        if trial % 2:
-            C = np.round(C, 1)                                    # many ties
+    def with_nan(rng, C, trial):
         if trial % 5 == 0:
             C[rng.random(C.shape) < 0.2] = np.nan
-        capacity = rng.integers(0, 4, (5, m))
-        want = np.array([sequential_greedy(Cb, cb) for Cb, cb in zip(C, capacity)])
+    for C, capacity, want in greedy_cases(40, 200, 5, with_nan):
         got = align._greedy_kernel(cp, C, capacity.copy())
         np.testing.assert_array_equal(got, want)
     for empty in (np.zeros((0, 3, 4)), np.zeros((2, 0, 4))):      # nothing to launch
