@@ -157,18 +157,19 @@ class Conv2d(Structure):
         if A.ndim != 2 or A.shape[0] != self.p * self.p:
             raise ValueError(f"{self.name} acts on {self.p * self.p} x n arrays of images, got "
                              f"{'x'.join(map(str, A.shape))}")
-        h = self.h
-        padded = xp.pad(A.reshape(self.p, self.p, -1), ((h, h), (h, h), (0, 0)))
-        return padded.reshape(-1, A.shape[1])[self._taps(xp)]
+        with_zero = xp.concatenate([A, xp.zeros((1, A.shape[1]), dtype=A.dtype)])   # row p^2: 0
+        return with_zero[self._taps(xp)]
 
     def _taps(self, xp):
-        """Flat indices into the padded image of tap (a, b) for each output pixel (cached)."""
+        """For tap (a, b) and output pixel (y, x): the input pixel (y + a - h, x + b - h),
+        or p^2 (a zero row) where that falls in the padding (cached)."""
         key = xp.__name__ + " taps"
         if key not in self._on:
-            q = self.p + 2 * self.h
             y, x = np.divmod(np.arange(self.p * self.p), self.p)
             a, b = np.divmod(np.arange(self.s * self.s), self.s)
-            self._on[key] = xp.asarray((y[None] + a[:, None]) * q + x[None] + b[:, None])
+            yy, xx = y[None] + a[:, None] - self.h, x[None] + b[:, None] - self.h
+            inside = (yy >= 0) & (yy < self.p) & (xx >= 0) & (xx < self.p)
+            self._on[key] = xp.asarray(np.where(inside, yy * self.p + xx, self.p * self.p))
         return self._on[key]
 
     def matmul(self, c, A):
