@@ -469,49 +469,87 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     measures = measures or {}
     params0 = [p.copy() for p in params]
     ps = [p.copy() for p in params]
-    hist = History()
-    start = time.perf_counter()
+    run = _Run(lr, max_steps, tol, record_every, callback)
     chunks = _chunker(ps, loss_and_grads, lr) if graphs else None
 
-    def measure(step, at):
-        hist.measure_steps.append(step)
+    def measure(at):
+        run.hist.measure_steps.append(run.step)
         for name, fn in measures.items():
             value = fn(at, params0)
             for key, v in (value.items() if isinstance(value, dict) else [(name, value)]):
-                hist.measurements.setdefault(key, []).append(_plain(v))
+                run.hist.measurements.setdefault(key, []).append(_plain(v))
 
-    def stops(step, L):
+    with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by _Run
+        try:
+            while True:
+                due = run.step % measure_every == 0
+                span = min(chunks.longest, measure_every - run.step % measure_every,
+                           max_steps - run.step) if chunks else 0
+                launched = span > 1 and chunks.launch(span, keep=due)   # a run to the next measurement
+                if due:                                 # (on the GPU while that run goes on)
+                    measure(chunks.kept if launched else ps)
+                if not launched:                        # one step, kernel by kernel
+                    L, grads = loss_and_grads(ps)
+                    if run.stops(run.step, L):
+                        break
+                    _descend(ps, grads, lr)
+                    run.step += 1
+                    continue
+                if run.advance(chunks.wait(), chunks):
+                    break
+        except KeyboardInterrupt:
+            run.hist.stop_reason = "interrupted"
+            if chunks:
+                chunks.cancel()                         # back to the state at run.step
+    run.hist.final_step = run.step
+    if not run.hist.measure_steps or run.hist.measure_steps[-1] != run.step:
+        measure(ps)
+    run.hist.wall_time = time.perf_counter() - run.start
+    return ps, run.hist
+
+
+class _Run:
+    """Where a :func:`gradient_descent` run is (``step``, the parameters' step) and what
+    it recorded (``hist``); applies its recording and stopping rules to the losses."""
+
+    def __init__(self, lr, max_steps, tol, record_every, callback):
+        self.lr, self.max_steps, self.tol = lr, max_steps, tol
+        self.record_every, self.callback = record_every, callback
+        self.hist, self.step, self.start = History(), 0, time.perf_counter()
+
+    def stops(self, step, L):
         """Record the loss of ``step`` (before its update); True when the run ends there."""
-        if step % record_every == 0 or step == max_steps:
+        hist = self.hist
+        if step % self.record_every == 0 or step == self.max_steps:
             value = _loss_record(L)
             worst = value if isinstance(value, float) else float(value.max())   # NaN: NaN
             if not math.isfinite(worst):
                 hist.stop_reason, hist.final_step = "diverged", step
-                hist.wall_time = time.perf_counter() - start
+                hist.wall_time = time.perf_counter() - self.start
                 raise DivergenceError(
-                    f"loss became {worst} at step {step} with lr = {lr}; "
-                    f"try a smaller learning rate (e.g. lr = {lr / 10:g})", hist)
+                    f"loss became {worst} at step {step} with lr = {self.lr}; "
+                    f"try a smaller learning rate (e.g. lr = {self.lr / 10:g})", hist)
             hist.steps.append(step)
             hist.losses.append(value)
-            if callback:
-                callback(step, worst, hist)
-            if worst < tol:
+            if self.callback:
+                self.callback(step, worst, hist)
+            if worst < self.tol:
                 hist.stop_reason = "tol"
                 return True
-        if step >= max_steps:
+        if step >= self.max_steps:
             hist.stop_reason = "max_steps"
             return True
         return False
 
-    def advance(losses):
+    def advance(self, losses, chunks):
         """stops() for each row of a chunk's losses (vectorised; a chunk ends before
         max_steps); moves ``step`` to where the parameters are.  True when the run
-        ends inside the chunk (then rewound to there), also on Ctrl-C in ``callback``."""
-        nonlocal step
+        ends inside the chunk (then rewound to there), also on Ctrl-C in the callback."""
+        hist, step = self.hist, self.step
         worst = losses if losses.ndim == 1 else losses.max(axis=-1)
         at = np.arange(len(losses))
-        recorded = (step + at) % record_every == 0
-        ends = np.flatnonzero(recorded & (~np.isfinite(worst) | (worst < tol)))
+        recorded = (step + at) % self.record_every == 0
+        ends = np.flatnonzero(recorded & (~np.isfinite(worst) | (worst < self.tol)))
         end = int(ends[0]) if ends.size else len(losses)
         keep = at[recorded & (at < end)]
         before = len(hist.steps)
@@ -519,53 +557,24 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
         hist.losses.extend(losses[keep].tolist() if losses.ndim == 1 else losses[keep])
         j = 0
         try:
-            for j, value in zip(keep.tolist(), worst[keep].tolist()) if callback else ():
-                callback(step + j, value, hist)
+            for j, value in zip(keep.tolist(), worst[keep].tolist()) if self.callback else ():
+                self.callback(step + j, value, hist)
             j = end
-            done = end < len(losses) and stops(step + end, losses[end])
+            done = end < len(losses) and self.stops(step + end, losses[end])
         except KeyboardInterrupt:                       # Ctrl-C in the callback at step + j
             if j < end:
                 count = before + int(np.searchsorted(keep, j)) + 1
                 del hist.steps[count:], hist.losses[count:]
             chunks.rewind(j)
-            step += j
+            self.step += j
             raise
         if done:
             chunks.rewind(end)
-            step += end
+            self.step += end
             return True
         chunks.settle()
-        step += len(losses)
+        self.step += len(losses)
         return False
-
-    step = 0
-    with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
-        try:
-            while True:
-                due = step % measure_every == 0
-                span = min(chunks.longest, measure_every - step % measure_every,
-                           max_steps - step) if chunks else 0
-                launched = span > 1 and chunks.launch(span, keep=due)   # a run to the next measurement
-                if due:                                 # (on the GPU while that run goes on)
-                    measure(step, chunks.kept if launched else ps)
-                if not launched:                        # one step, kernel by kernel
-                    L, grads = loss_and_grads(ps)
-                    if stops(step, L):
-                        break
-                    _descend(ps, grads, lr)
-                    step += 1
-                    continue
-                if advance(chunks.wait()):
-                    break
-        except KeyboardInterrupt:
-            hist.stop_reason = "interrupted"
-            if chunks:
-                chunks.cancel()                         # back to the state at ``step``
-    hist.final_step = step
-    if not hist.measure_steps or hist.measure_steps[-1] != step:
-        measure(step, ps)
-    hist.wall_time = time.perf_counter() - start
-    return ps, hist
 
 
 def _descend(ps, grads, lr):
