@@ -508,14 +508,18 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     return ps, run.hist
 
 
+@dataclasses.dataclass
 class _Run:
     """Where a :func:`gradient_descent` run is (``step``, the parameters' step) and what
     it recorded (``hist``); applies its recording and stopping rules to the losses."""
-
-    def __init__(self, lr, max_steps, tol, record_every, callback):
-        self.lr, self.max_steps, self.tol = lr, max_steps, tol
-        self.record_every, self.callback = record_every, callback
-        self.hist, self.step, self.start = History(), 0, time.perf_counter()
+    lr: float
+    max_steps: int
+    tol: float
+    record_every: int
+    callback: object
+    hist: History = dataclasses.field(default_factory=History)
+    step: int = 0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
 
     def stops(self, step, L):
         """Record the loss of ``step`` (before its update); True when the run ends there."""
