@@ -1,7 +1,8 @@
 """Does measuring overlap the steps?  fig1a with 1 and 1000 seeds, a measurement every 100
 steps: for each run of steps, how long its launch, the measurement taken meanwhile and the
 wait for the steps afterwards took (medians), against the same without measuring and the
-measurement alone.  On a GPU, steps replay from CUDA graphs on their own stream, so a
+measurement alone (also taken on the host, as a batch of fewer than align.GPU_BATCH_MIN
+networks would be).  On a GPU, steps replay from CUDA graphs on their own stream, so a
 measurement shorter than the steps should cost nothing.  On a GPU also with the graphs
 launched from a helper thread (ALIGN_GRAPH_LAUNCH_THREAD=1), in case a launch keeps the
 host busy while it submits a long graph:
@@ -55,6 +56,17 @@ def timed_run(ws, X, Y, steps, measure):
     return total, {k: 1e3 * statistics.median(v) if v else float("nan") for k, v in times.items()}
 
 
+def measure_alone(ws, later, xp, gpu_batch_min):
+    """Seconds of one measurement of ``later`` by a tracker of ``ws``, with batches of at
+    least ``gpu_batch_min`` networks measured on the GPU (the others on the host)."""
+    saved, align.GPU_BATCH_MIN = align.GPU_BATCH_MIN, gpu_batch_min
+    try:
+        track = align.tracker(ws)
+        return seconds(lambda: track(later), xp, 5)
+    finally:
+        align.GPU_BATCH_MIN = saved
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=align.DEVICES, default="cpu")
@@ -62,20 +74,21 @@ def main(argv=None):
     args = p.parse_args(argv)
     xp = align.select_device(args.device)
     print(f"{'seeds':>6} {'thread':>6} {'measuring':>9} {'total ms':>9} {'launch':>7} {'measure':>8}"
-          f" {'wait':>7}  {'measure alone':>13}")
+          f" {'wait':>7}  {'measure alone':>13} {'on the host':>11}")
     for count in (1, 1000):
         ws, X, Y = seeds_problem(xp, count)
         later, _ = align.train(ws, X, Y, "mse_mean", lr=1e-2, max_steps=1000, tol=0.0,
                                measure_every=10 ** 9)
-        track = align.tracker(ws)
-        alone = 1e3 * seconds(lambda: track(later), xp, 5)
+        alone, host = (1e3 * measure_alone(ws, later, xp, least)
+                       for least in (align.GPU_BATCH_MIN, 10 ** 9))
         for thread in (False, True) if xp is not np else (False,):
             align.GRAPH_LAUNCH_THREAD = thread                 # launch graphs from a helper thread
             for measure in (False, True):
                 timed_run(ws, X, Y, args.steps, measure)            # warm-up: graphs captured
                 total, t = timed_run(ws, X, Y, args.steps, measure)
                 print(f"{count:>6} {str(thread):>6} {str(measure):>9} {1e3 * total:>9.1f} "
-                      f"{t['launch']:>7.3f} {t['measure']:>8.3f} {t['wait']:>7.3f}  {alone:>13.3f}")
+                      f"{t['launch']:>7.3f} {t['measure']:>8.3f} {t['wait']:>7.3f}  {alone:>13.3f}"
+                      f" {host:>11.3f}")
     print("Overlapped: with measuring, measure + wait ~ max(measure alone, wait without "
           "measuring); serialised: ~ their sum.")
 
