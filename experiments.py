@@ -777,6 +777,21 @@ def _positive_float(text):
     return value
 
 
+def check_output_folder(path):
+    """Create --out before any run, so that a folder that cannot hold the results fails at
+    once instead of after the run."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ExperimentError(f"--out {path}: that is a file, not a folder; give a folder "
+                              "(it is created if missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ExperimentError(f"--out {path}: cannot create the folder ({exc.strerror}); "
+                              "give another with --out DIR") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ExperimentError(f"--out {path}: the folder is not writable; give another with --out DIR")
+
+
 def main(argv=None):
     """Run the command line; returns the exit status (0, 1 error, 2 usage, 3 claim, 130 Ctrl-C)."""
     args = parser().parse_args(argv)
@@ -787,6 +802,7 @@ def main(argv=None):
         args.max_steps = min(args.max_steps, QUICK_STEPS)
         args.measure_every = min(args.measure_every, QUICK_MEASURE)
     try:
+        check_output_folder(args.out)
         args.xp = align.select_device(args.device, quiet=args.quiet)
         names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
         claims = {name: run_experiment(name, args) for name in names}

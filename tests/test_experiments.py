@@ -111,6 +111,15 @@ def test_cli_missing_mnist_folder_is_a_clear_error(tmp_path, capsys):
     assert "no train-images-idx3-ubyte" in capsys.readouterr().err
 
 
+def test_cli_unusable_output_folder_fails_before_running(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "run_experiment", lambda *a: pytest.fail("ran before checking --out"))
+    (tmp_path / "file").write_text("")
+    assert experiments.main(["thm1", "--out", str(tmp_path / "file"), "-q"]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert experiments.main(["thm1", "--out", str(tmp_path / "file" / "sub"), "-q"]) == 1
+    assert "cannot create the folder" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(CUPY is not None, reason="a GPU is available here")
 def test_cli_gpu_without_cupy_is_a_clear_error(tmp_path, capsys):
     assert run(tmp_path, "fig1a", "--quick", "--device", "gpu") == 1
