@@ -320,11 +320,15 @@ def main(argv=None):
                         "end-to-end is --end-to-end)")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
-    xp = align.select_device(args.device)
     parts = set(args.parts.split(",")) | ({"end-to-end"} if args.end_to_end else set())
     unknown = parts - {"step", "measure", "cor1", "seeds", "end-to-end"}
     if unknown:
         p.error(f"unknown --parts {sorted(unknown)}; choose from step, measure, cor1, seeds")
+    try:
+        experiments.check_output_folder(args.out)
+        xp = align.select_device(args.device)
+    except (experiments.ExperimentError, align.DeviceError) as exc:
+        sys.exit(f"error: {exc}")
     rows = []
     peak = bench_step(xp, rows, args.steps) if "step" in parts else peak_rate(xp, np.float32)
     if "measure" in parts:
@@ -340,7 +344,6 @@ def main(argv=None):
                 platform=platform.platform())
     print(table(rows))
     print(f"peak float32 matmul: {peak / 1e9:.0f} GFLOP/s; {info}")
-    os.makedirs(args.out, exist_ok=True)
     experiments.write_atomic(os.path.join(args.out, "bench.json"),
                              json.dumps({"environment": info, "rows": rows}, indent=1))
 

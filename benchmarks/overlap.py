@@ -72,7 +72,10 @@ def main(argv=None):
     p.add_argument("--device", choices=align.DEVICES, default="cpu")
     p.add_argument("--steps", type=int, default=2000)
     args = p.parse_args(argv)
-    xp = align.select_device(args.device)
+    try:
+        xp = align.select_device(args.device)
+    except align.DeviceError as exc:
+        sys.exit(f"error: {exc}")
     print(f"{'seeds':>6} {'thread':>6} {'measuring':>9} {'total ms':>9} {'launch':>7} {'measure':>8}"
           f" {'wait':>7}  {'measure alone':>13} {'on the host':>11}")
     for count in (1, 1000):
