@@ -91,7 +91,9 @@ def _shape(a):
 def _check_finite(name, a):
     xp = array_module(a)
     if not bool(xp.isfinite(a).all()):
-        raise ValueError(f"{name} contains NaN or inf; clean the data or lower the learning rate")
+        weights = name.startswith(("W", "params"))
+        fix = "weights from a diverged run? lower the learning rate" if weights else "clean the data"
+        raise ValueError(f"{name} contains NaN or inf ({fix})")
 
 
 def check_network(weights, X=None):
@@ -464,8 +466,10 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     """
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive finite number, got {lr}")
-    if record_every < 1 or measure_every < 1 or max_steps < 0:
-        raise ValueError("record_every and measure_every must be >= 1, max_steps >= 0")
+    for name, value, least in (("record_every", record_every, 1), ("measure_every", measure_every, 1),
+                               ("max_steps", max_steps, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     measures = measures or {}
     params0 = [p.copy() for p in params]
     ps = [p.copy() for p in params]
