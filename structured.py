@@ -203,19 +203,27 @@ def _diagonals(k, offsets, name):
     return Structure((k, k), rows, cols, np.ones(rows.size), which, len(offsets), name)
 
 
+def _check_size(name, k):
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"{name} needs a matrix size k >= 1 (an integer), got {k!r}")
+
+
 def toeplitz(k):
     """k x k Toeplitz matrices (constant along diagonals), r = 2k - 1 (Fig. 2a)."""
+    _check_size("toeplitz", k)
     return _diagonals(k, list(range(-(k - 1), k)), f"toeplitz({k})")
 
 
 def diagonal(k):
     """k x k diagonal matrices, r = k (a sparse connection pattern, Definition 4)."""
+    _check_size("diagonal", k)
     return mask(np.eye(k, dtype=bool), f"diagonal({k})")
 
 
 def circulant(k):
     """k x k circulant matrices, r = k: A_j[i, (i + j) mod k] = 1 (a layer structure,
     Definition 4; circular convolutions)."""
+    _check_size("circulant", k)
     i = np.arange(k)
     rows = np.tile(i, k)
     which = np.repeat(i, k)
@@ -225,6 +233,7 @@ def circulant(k):
 def banded(k, width):
     """k x k matrices with free entries where |i - j| <= width (a sparse connection
     pattern, Definition 4)."""
+    _check_size("banded", k)
     if width < 0:
         raise ValueError(f"banded needs width >= 0, got {width}")
     i, j = np.indices((k, k))

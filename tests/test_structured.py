@@ -144,6 +144,10 @@ def test_structured_training_on_backend(xp):
     (lambda: st.mask(np.ones((2, 2))), "boolean"),
     (lambda: st.train([st.toeplitz(3)], [np.ones(5)], np.ones((4, 2)), np.ones((3, 2))), "takes 3 inputs"),
     (lambda: st.conv2d(3, 3).matmul(np.ones(9), np.ones((8, 2))), "acts on 9 x n"),
+    (lambda: st.toeplitz(0), "toeplitz needs a matrix size k >= 1"),
+    (lambda: st.circulant(2.5), "circulant needs a matrix size k >= 1"),
+    (lambda: st.diagonal(-1), "diagonal needs a matrix size k >= 1"),
+    (lambda: st.banded(0, 1), "banded needs a matrix size k >= 1"),
 ])
 def test_bad_structures_raise_value_error(call, message):
     with pytest.raises(ValueError, match=message):
