@@ -1130,10 +1130,23 @@ def _svd_by_gram(A):
 
 
 def _complete(U, missing):
-    """U with its ``missing`` columns replaced by an orthonormal completion."""
-    U = U.copy()
-    U[:, missing] = _orth_complement(U[:, ~missing], U.shape[0])[:, :int(missing.sum())]
+    """U with its ``missing`` columns replaced by an orthonormal completion: the
+    coordinate vectors farthest from span(the other columns), projected off it (twice:
+    orthogonal to rounding) and orthonormalised, in O(m n t) for t missing columns;
+    a complete QR (O(m^3)) where those projections are not clearly independent."""
+    U, kept, t = U.copy(), U[:, ~missing], int(missing.sum())
+    rows = np.argsort((kept * kept).sum(axis=1), kind="stable")[:t]      # farthest from span
+    Z = np.zeros((U.shape[0], t))
+    Z[rows, np.arange(t)] = 1.0
+    for _ in range(2):
+        Z -= kept @ (kept.T @ Z)
+    Q, R = np.linalg.qr(Z)
+    independent = t and np.abs(np.diagonal(R)).min() > COMPLETION_MIN
+    U[:, missing] = Q if independent else _orth_complement(kept, U.shape[0])[:, :t]
     return U
+
+
+COMPLETION_MIN = 1e-3   # projections smaller than this: the complete QR instead
 
 
 def _cluster_bounds(s, rtol, scale):

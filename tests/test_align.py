@@ -498,6 +498,26 @@ def test_float32_measures_through_the_gram_matrix_match_float64_svd():
     np.testing.assert_allclose(U @ np.diag(s) @ V.T, low, atol=1e-5)
 
 
+@pytest.mark.parametrize("m, n, t", [(30, 30, 3), (40, 25, 1), (6, 6, 5)])
+def test_directions_of_zero_singular_values_complete_an_orthonormal_basis(m, n, t, monkeypatch):
+    rng = np.random.default_rng(m + t)
+    U = np.linalg.qr(rng.standard_normal((m, n)))[0]
+    missing = np.zeros(n, dtype=bool)
+    missing[rng.choice(n, t, replace=False)] = True
+    full_qr = []
+    monkeypatch.setattr(align, "_orth_complement", lambda *a: full_qr.append(1) or np.linalg.qr(
+        a[0], mode="complete")[0][:, a[0].shape[1]:])
+    done = align._complete(np.where(missing, np.nan, U), missing)
+    np.testing.assert_array_equal(done[:, ~missing], U[:, ~missing])
+    np.testing.assert_allclose(done.T @ done, np.eye(n), atol=1e-13)
+    assert not full_qr                                                # projections sufficed
+    pair = np.zeros((4, 4))                                           # complement: e0 + e1, e2 + e3
+    pair[:, :2] = np.array([[1, -1, 0, 0], [0, 0, 1, -1]]).T / np.sqrt(2)
+    done = align._complete(pair, np.array([False, False, True, True]))
+    assert full_qr                                                    # e0, e1 project to one vector
+    np.testing.assert_allclose(done.T @ done, np.eye(4), atol=1e-13)
+
+
 @pytest.mark.parametrize("dtype, atol", [(np.float64, 1e-10), (np.float32, 1e-5)])
 def test_measures_split_along_the_invariant_subspace_equal_the_direct_ones(dtype, atol):
     rng = np.random.default_rng(25)
