@@ -1341,11 +1341,15 @@ def _greedy_rounds(C, room):
         if Cs.size <= GREEDY_ONE_BY_ONE_MAX and xp is np:                   # small: finish
             value[at] += _greedy_one_by_one(Cs, rs, fs)
             break
-        open_ = fs[:, :, None] & (rs[:, None, :] > 0)
-        live = open_.any(axis=2)
-        best = xp.where(open_, Cs, -1.0).argmax(axis=2)            # first best open column
+        if nets.size == 1:              # one network: every row and column left is open
+            live, free_C = xp.ones(fs.shape, dtype=bool), Cs
+            best = Cs.argmax(axis=2)
+        else:
+            open_ = fs[:, :, None] & (rs[:, None, :] > 0)
+            live, free_C = open_.any(axis=2), xp.where(fs[:, :, None], Cs, -1.0)
+            best = xp.where(open_, Cs, -1.0).argmax(axis=2)        # first best open column
         best_val = xp.take_along_axis(Cs, best[:, :, None], axis=2)[:, :, 0]
-        column = xp.take_along_axis(xp.where(fs[:, :, None], Cs, -1.0), best[:, None, :], axis=2)
+        column = xp.take_along_axis(free_C, best[:, None, :], axis=2)
         v = best_val[:, None, :]                                   # column[b, r', r] = C[r', best[r]]
         before = rows[:, None] < rows[None, :]                     # r' ahead of r on ties
         ahead = ((column > v) | ((column == v) & before)).sum(axis=1)
