@@ -1118,7 +1118,7 @@ def _svd_by_gram(A):
     wide = A.shape[-2] < A.shape[-1]
     B = _T(A) if wide else A                     # m x n with n <= m
     w, V = _linalg(xp.linalg.eigh, _T(B) @ B)
-    w, V = xp.flip(w, axis=-1), xp.flip(V, axis=-1)
+    w, V = xp.flip(w, axis=-1), xp.ascontiguousarray(xp.flip(V, axis=-1))   # (BLAS: no copy per use)
     s = xp.sqrt(xp.maximum(w, 0))
     U, s, V = to_numpy(B @ V), to_numpy(s), to_numpy(V)
     tiny = s <= 1e-7 * s[..., :1]                # below float32 resolution (and the Gram's)
