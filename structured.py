@@ -173,8 +173,9 @@ class Conv2d(Structure):
         return self._on[key]
 
     def matmul(self, c, A):
-        """W A = sum over taps of c_tap times the shifted images (never forms W)."""
-        return align.array_module(A).tensordot(c, self._patches(A), axes=1)
+        """W A = sum over taps of c_tap times the shifted images (never forms W).  Products
+        go through align._mm, which a CUDA graph capture swaps for cuBLAS called directly."""
+        return align._mm(c[None], self._patches(A).reshape(self.r, -1)).reshape(A.shape)
 
     def rmatmul(self, c, D):
         """W^T D: the transpose of a correlation is the correlation with the filter rotated
@@ -183,7 +184,7 @@ class Conv2d(Structure):
 
     def outer_gradient(self, delta, act):
         """(<delta act^T, A_j>)_j: each tap's shifted images against delta (Appendix H)."""
-        return self._patches(act).reshape(self.r, -1) @ delta.reshape(-1)
+        return align._mm(self._patches(act).reshape(self.r, -1), delta.reshape(-1, 1))[:, 0]
 
 
 def conv2d(p, s):

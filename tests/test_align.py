@@ -767,7 +767,9 @@ def test_gemm_plan_reads_every_layout_the_steps_use():
              (np.swapaxes(rng.standard_normal((6, 4, 5)), 1, 2), bb),
              (ab, np.swapaxes(rng.standard_normal((6, 3, 4)), 1, 2)),
              (a[:, ::2], rng.standard_normal((2, 3))),          # a strided view: copied
-             (rng.standard_normal((1, 4)), b), (a, rng.standard_normal((4, 1)))]
+             (rng.standard_normal((1, 4)), b), (a, rng.standard_normal((4, 1))),
+             (rng.standard_normal(4)[None], b), (rng.standard_normal(4)[::-1][None], b),  # Conv2d's:
+             (a, rng.standard_normal(4)[:, None])]            # new axes (stride 0), a reversed filter
     for A, B in cases:
         np.testing.assert_allclose(emulate(A, B), A @ B, rtol=1e-12, atol=1e-12)
 
