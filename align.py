@@ -1460,9 +1460,9 @@ def _paired_generic(*pair_lists):
             if M.shape[-2] > M.shape[-1]:
                 M = _T(M)
             p, q = M.shape[-2:]
-            k = pair.k - pair.exact
+            k = pair.k - pair.exact_used          # as _paired_match (here every direction is used)
             groups.setdefault((p, q, max(0, min(k, pair.positions or k) - q)), []).append((j, M))
-            totals[j], counts[j] = totals[j] + pair.exact, counts[j] + p + pair.exact
+            totals[j], counts[j] = totals[j] + pair.exact_used, counts[j] + p + pair.exact_used
     for (p, q, room), members in groups.items():
         xp = array_module(members[0][1])                          # (a batch on the GPU stays)
         sq = xp.stack([M for _, M in members]) ** 2               # (pairs, [batch,] p, q)
@@ -1513,6 +1513,7 @@ def alignment(weights, how="paired", rtol=1e-6):
 
 
 def _widths(svds):
+    """[k_0, k_1, ..., k_d] from the layers' reduced SVDs [(U, s, V), ...]."""
     return [svds[0][2].shape[-2]] + [U.shape[-2] for U, _, _ in svds]
 
 

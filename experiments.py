@@ -245,9 +245,10 @@ def batches(cfg, problems):
         raise ExperimentError(f"--seeds {count} with --max-steps {cfg.max_steps} needs about "
                               f"{records / 2**30:.1f} GiB for the per-step loss records, but "
                               f"{host / 2**30:.1f} GiB are available: use fewer seeds or steps")
-    if count * steps // cfg.loss_every > 10 ** 7 and not cfg.quiet:
-        print(f"note: the JSON will hold up to {count * steps // cfg.loss_every:,} losses "
-              f"(~{count * steps // cfg.loss_every * 20 / 1e9:.1f} GB); --loss-every K keeps every "
+    kept = count * steps // cfg.loss_every        # losses in the JSON at most
+    if kept > 10 ** 7 and not cfg.quiet:
+        print(f"note: the JSON will hold up to {kept:,} losses "
+              f"(~{kept * 20 / 1e9:.1f} GB); --loss-every K keeps every "
               "K-th", file=sys.stderr)
     size = max(1, min(count, int(0.5 * available_memory(cfg.xp) // (64 * layer))))
     return [slice(i, min(i + size, count)) for i in range(0, count, size)]

@@ -205,6 +205,7 @@ def _diagonals(k, offsets, name):
 
 
 def _check_size(name, k):
+    """ValueError unless k (the side of the k x k matrices of structure ``name``) is >= 1."""
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"{name} needs a matrix size k >= 1 (an integer), got {k!r}")
 
@@ -253,8 +254,9 @@ def mask(pattern, name=None):
 
 
 def from_basis(matrices, tol=1e-10):
-    """Structure spanned by any list of m x n matrices (not necessarily orthonormal, as
-    Definition 4's basis is).
+    """Structure spanned by any list of linearly independent m x n matrices.  Definition 4
+    takes an orthogonal basis; with any other, coefficient GD still moves W by
+    -lr pi(G) (Structure.pi), which is then no longer a scaled projection (Theorem 2).
 
     Linearly dependent matrices raise ValueError naming them (remove them and retry).
     """
