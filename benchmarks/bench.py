@@ -242,10 +242,11 @@ def bench_seeds(xp, rows, steps, counts=(10, 100, 1000)):
         measures = {"m": align.tracker(ws)} if every else None
         return lambda: align.train(ws, X, Y, "mse_mean", lr=1e-2, max_steps=steps, tol=0.0,
                                    measure_every=every or 10 ** 9, measures=measures)
+    repeat = 1 if xp is np else 3                     # (GPU runs vary more, and are short)
     for every, what in ((100, "measuring every 100"), (None, "training only")):
-        one = seconds(batch(1, every), xp, 1)
+        one = seconds(batch(1, every), xp, repeat)
         for count in counts:
-            many = seconds(batch(count, every), xp, 1)
+            many = seconds(batch(count, every), xp, repeat)
             rows.append(row(f"fig1a, {count} seeds as one batch ({steps} steps, {what})", many,
                             "one seed", one, None, f"cost per seed {many / count / one:.3f} of one "
                             f"seed's; wall {many / one:.1f}x one seed's"))

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One command for a GPU machine with CuPy: the test suite's CuPy cases, every experiment
-# quickly on the GPU, whether measuring overlaps the steps (overlap.py), and the benchmark
-# table (with fig1a/1b/1c/2b end to end) on the GPU.
-# Logs and bench.json land in ${OUT:-results}/; experiment outputs in a scratch folder.
+# One command for a GPU machine with CuPy, in under 10 minutes (a device session's call
+# limit), the open goal first: fig1a's batched seeds (goal 4) and whether measuring overlaps
+# the steps (overlap.py); then the suite's CuPy cases, the rest of the benchmark table with
+# fig1a/1b/1c/2b end to end, and every experiment quickly on the GPU.
+# Logs and bench JSONs land in ${OUT:-results}/ as each part ends; experiment outputs in a
+# scratch folder.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -12,10 +14,17 @@ mkdir -p "$out"
 nvidia-smi -L
 python3 -c "import cupy, numpy; print('CuPy', cupy.__version__, 'NumPy', numpy.__version__, \
 cupy.cuda.runtime.getDeviceProperties(0)['name'].decode())"
-timeout 300 python3 -m pytest -q -k "cupy or cuda" tests 2>&1 | tee "$out/gpu-tests.log" | tail -3
-timeout 300 python3 experiments.py all --quick --device gpu --out "$scratch/quick" 2>&1 \
-    | grep -v "^  seed=" > "$out/gpu-quick.log"; tail -3 "$out/gpu-quick.log"
-timeout 300 python3 benchmarks/overlap.py --device gpu 2>&1 | tee "$out/gpu-overlap.log"
-timeout 900 python3 benchmarks/bench.py --device gpu --steps 2000 --end-to-end --out "$scratch" \
-    2>&1 | tee "$out/gpu-bench.log"
+part() {  # part NAME SECONDS COMMAND...: run it under a time limit, its output in NAME.log
+    local name=$1 limit=$2; shift 2
+    echo "== $name (at most $limit s)"
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "exit status $?" >> "$out/$name.log"
+    tail -n 25 "$out/$name.log"
+}
+part gpu-seeds 100 python3 benchmarks/bench.py --device gpu --parts seeds --out "$scratch/seeds"
+cp "$scratch/seeds/bench.json" "$out/gpu-bench-seeds.json" 2>/dev/null
+part gpu-overlap 80 python3 benchmarks/overlap.py --device gpu
+part gpu-tests 120 python3 -m pytest -q -p no:cacheprovider -k "cupy or cuda" tests
+part gpu-bench 180 python3 benchmarks/bench.py --device gpu --steps 2000 \
+    --parts step,measure,cor1,end-to-end --out "$scratch"
 cp "$scratch/bench.json" "$out/gpu-bench.json" 2>/dev/null
+part gpu-quick 90 python3 experiments.py all --quick --device gpu --out "$scratch/quick" -q
