@@ -1086,6 +1086,8 @@ def _reduced_svd(W, keep=False):
     a thousand small matrices in about the time LAPACK takes for thirty).
     """
     if keep and W.ndim == 3 and array_module(W) is not np:
+        if max(W.shape[-2:]) <= SMALL_SVD_KERNEL_MAX:
+            return _small_svd_kernel(array_module(W), W)
         U, s, Vt = array_module(W).linalg.svd(W.astype(np.float64), full_matrices=False)
         return U, s, _T(Vt)
     if min(W.shape[-2:]) <= HOST_SVD_MAX:   # small: LAPACK on the host beats GPU solvers
@@ -1096,6 +1098,115 @@ def _reduced_svd(W, keep=False):
     U, s, Vt = _linalg(lambda A: xp.linalg.svd(A, full_matrices=False), W)
     return to_numpy(U).astype(np.float64), to_numpy(s).astype(np.float64), \
         to_numpy(_T(Vt)).astype(np.float64)
+
+
+SMALL_SVD_KERNEL_MAX = 16     # GPU batches of matrices up to this side: _small_svd_kernel
+
+
+def _small_svd_kernel(cp, W):
+    """Reduced SVDs (U, s, V) of a batch of small matrices on the GPU, float64, s
+    descending: one CUDA thread per matrix runs one-sided Jacobi (Hestenes) to
+    convergence, in one launch.  (cuSOLVER's batched Jacobi, behind CuPy's svd, takes
+    a dozen array operations around it.)  One-sided Jacobi rotates the columns of A
+    until every pair is orthogonal to rounding relative to their norms, so U is
+    orthonormal and the singular values have small relative errors (Demmel and
+    Veselic 1992); exactly zero columns are completed with coordinate vectors."""
+    wide = W.shape[-2] < W.shape[-1]
+    A = cp.ascontiguousarray(_T(W) if wide else W, dtype=np.float64)   # m x n, m >= n
+    nb, m, n = A.shape
+    U, s, V = A.copy(), cp.empty((nb, n), dtype=np.float64), cp.empty((nb, n, n), dtype=np.float64)
+    kernel = _raw_kernel(cp, _SMALL_SVD_SOURCE, "small_svd")
+    _launch_per_item(kernel, nb * min(n, 1), (U, s, V, np.int32(nb), np.int32(m), np.int32(n)))
+    return (V, s, U) if wide else (U, s, V)
+
+
+SMALL_SVD_MAX_SWEEPS = 40     # quadratic convergence: 16 x 16 matrices take ~10, graded ones ~15
+_SMALL_SVD_SOURCE = r"""
+extern "C" __global__ void small_svd(double* U, double* s, double* V,
+                                     const int nb, const int m, const int n) {
+    // Matrix b (m x n, m >= n, in U on entry): rotate pairs of its columns, and of V
+    // (from the identity), until each pair p, q has |u_p . u_q| <= m eps |u_p| |u_q|;
+    // then s_j = |u_j|, sorted descending with the columns, and u_j / s_j.  A column
+    // that is exactly zero becomes the coordinate vector farthest from the columns
+    // before it, made orthogonal to them.  No convergence in MAX_SWEEPS: s is NaN.
+    const int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= nb) return;
+    double* u = U + (long long)b * m * n;
+    double* v = V + (long long)b * n * n;
+    double* sv = s + (long long)b * n;
+    const double tol = m * 2.220446049250313e-16;
+    double scale = 0.0;                                   // work with entries up to 1 (no
+    for (int i = 0; i < m * n; i++) scale = fmax(scale, fabs(u[i]));   // under/overflow)
+    for (int i = 0; i < m * n && scale > 0.0; i++) u[i] /= scale;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) v[i * n + j] = i == j ? 1.0 : 0.0;
+    bool rotated = true;
+    int sweep = 0;
+    for (; rotated && sweep < MAX_SWEEPS; sweep++) {
+        rotated = false;
+        for (int p = 0; p < n - 1; p++)
+            for (int q = p + 1; q < n; q++) {
+                double alpha = 0.0, beta = 0.0, gamma = 0.0;
+                for (int i = 0; i < m; i++) {
+                    const double x = u[i * n + p], y = u[i * n + q];
+                    alpha += x * x; beta += y * y; gamma += x * y;
+                }
+                if (fabs(gamma) <= tol * sqrt(alpha) * sqrt(beta)) continue;
+                rotated = true;
+                const double zeta = (beta - alpha) / (2.0 * gamma);
+                const double t = (zeta >= 0 ? 1.0 : -1.0) / (fabs(zeta) + hypot(1.0, zeta));
+                const double c = 1.0 / sqrt(1.0 + t * t), sn = c * t;
+                for (int i = 0; i < m; i++) {
+                    const double x = u[i * n + p], y = u[i * n + q];
+                    u[i * n + p] = c * x - sn * y; u[i * n + q] = sn * x + c * y;
+                }
+                for (int i = 0; i < n; i++) {
+                    const double x = v[i * n + p], y = v[i * n + q];
+                    v[i * n + p] = c * x - sn * y; v[i * n + q] = sn * x + c * y;
+                }
+            }
+    }
+    for (int j = 0; j < n; j++) {
+        double norm = 0.0;
+        for (int i = 0; i < m; i++) norm += u[i * n + j] * u[i * n + j];
+        sv[j] = sqrt(norm);
+    }
+    for (int j = 0; j < n; j++) {                         // selection sort, descending
+        int top = j;
+        for (int k = j + 1; k < n; k++) if (sv[k] > sv[top]) top = k;
+        if (top == j) continue;
+        const double x = sv[j]; sv[j] = sv[top]; sv[top] = x;
+        for (int i = 0; i < m; i++) { const double y = u[i * n + j]; u[i * n + j] = u[i * n + top]; u[i * n + top] = y; }
+        for (int i = 0; i < n; i++) { const double y = v[i * n + j]; v[i * n + j] = v[i * n + top]; v[i * n + top] = y; }
+    }
+    for (int j = 0; j < n; j++) {
+        if (sv[j] > 0.0) {
+            for (int i = 0; i < m; i++) u[i * n + j] /= sv[j];
+            continue;
+        }
+        int best = 0;                                     // zero: complete (columns < j are
+        double far = -1.0;                                // orthonormal; zero ones follow)
+        for (int e = 0; e < m; e++) {                     // |e_e - P e_e|^2 = 1 - sum_k u_ek^2
+            double near = 0.0;
+            for (int k = 0; k < j; k++) near += u[e * n + k] * u[e * n + k];
+            if (1.0 - near > far) { far = 1.0 - near; best = e; }
+        }
+        for (int i = 0; i < m; i++) u[i * n + j] = i == best ? 1.0 : 0.0;
+        for (int pass = 0; pass < 2; pass++)              // twice: orthogonal to rounding
+            for (int k = 0; k < j; k++) {
+                double dot = 0.0;
+                for (int i = 0; i < m; i++) dot += u[i * n + k] * u[i * n + j];
+                for (int i = 0; i < m; i++) u[i * n + j] -= dot * u[i * n + k];
+            }
+        double norm = 0.0;
+        for (int i = 0; i < m; i++) norm += u[i * n + j] * u[i * n + j];
+        for (int i = 0; i < m; i++) u[i * n + j] /= sqrt(norm);
+    }
+    for (int j = 0; j < n; j++) sv[j] *= scale;
+    if (rotated)                                          // (not converged)
+        for (int j = 0; j < n; j++) sv[j] = nan("");
+}
+""".replace("MAX_SWEEPS", str(SMALL_SVD_MAX_SWEEPS))
 
 
 def _reduced_svds(weights, keep=False):

@@ -256,6 +256,10 @@ def bench_seeds(xp, rows, steps, counts=(10, 100, 1000)):
     later = trained(ws, X, Y)
     svds = seconds(lambda: align._reduced_svds(later, keep=True), xp, 5)
     note = f"above 1x it hides behind the steps it overlaps on a GPU; its SVDs {svds * 1e3:.1f} ms"
+    if xp is not np:                                  # the Jacobi kernel against cuSOLVER's
+        stacked = xp.stack(later)
+        cusolver = seconds(lambda: xp.linalg.svd(stacked, full_matrices=False), xp, 5)
+        note += f" (CuPy's svd of the same batch {cusolver * 1e3:.1f} ms)"
     try:                                              # on a GPU, where the time goes
         from cupyx.profiler import benchmark
     except ImportError:

@@ -16,6 +16,7 @@ import numpy as np
 COMPILER = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 PRELUDE = r"""
+#include <cmath>
 struct Index { unsigned x, y, z; };
 static Index threadIdx, blockIdx, blockDim, gridDim;
 #define __global__

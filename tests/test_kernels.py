@@ -89,3 +89,65 @@ def test_the_cupy_tests_pass_on_a_strict_numpy_standin():
                           tests], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert int(re.search(r"(\d+) passed", run.stdout).group(1)) >= 10, run.stdout[-2000:]
+
+
+def _small_svd_cases(rng):
+    """Batches that a small-SVD routine must get right: random (square, tall, wide, one
+    row or column), rank deficient, zero, clustered, repeated and graded singular
+    values, and entries near under- and overflow."""
+    orth = lambda k: np.linalg.qr(rng.standard_normal((k, k)))[0]
+    with_values = lambda s, count=12: np.stack([orth(s.size) @ np.diag(s) @ orth(s.size).T
+                                                for _ in range(count)])
+    yield from (rng.standard_normal(shape) for shape in
+                [(40, 9, 9), (12, 16, 16), (12, 5, 9), (12, 9, 5), (5, 1, 4), (5, 4, 1)])
+    yield rng.standard_normal((12, 9, 3)) @ rng.standard_normal((12, 3, 9))     # rank 3
+    zero = np.zeros((3, 4, 4))
+    zero[1, 2, 0] = 1.0
+    yield zero
+    yield with_values(np.array([1, 1, 1, 1 + 1e-12, 1 - 1e-13, 0.5, 0.5, 1e-8, 0]))
+    yield with_values(np.ones(9))
+    yield with_values(10.0 ** -np.arange(16.0))
+    yield with_values(rng.uniform(1, 2, 9)) * 1e-200
+    yield with_values(rng.uniform(1, 2, 9)) * 1e200
+
+
+def test_small_svd_kernel_decomposes_to_rounding(cp):
+    rng = np.random.default_rng(44)
+    for A in _small_svd_cases(rng):
+        U, s, V = align._small_svd_kernel(cp, A)
+        r = min(A.shape[1:])
+        assert U.shape == A.shape[:2] + (r,) and s.shape == A.shape[:1] + (r,) and \
+            V.shape == (A.shape[0], A.shape[2], r)
+        top = np.linalg.norm(A, 2, axis=(1, 2))[:, None]
+        scale = np.where(top > 0, top, 1.0)
+        np.testing.assert_allclose(s / scale, np.linalg.svd(A, compute_uv=False) / scale, rtol=0, atol=1e-14)
+        assert (np.diff(s, axis=1) <= 0).all()                              # descending
+        for Q in (U, V):                                                    # orthonormal
+            np.testing.assert_allclose(np.swapaxes(Q, 1, 2) @ Q, np.broadcast_to(np.eye(r), (len(A), r, r)),
+                                       rtol=0, atol=1e-14)
+        back = (U * s[:, None, :]) @ np.swapaxes(V, 1, 2)
+        np.testing.assert_allclose(back / scale[..., None], A / scale[..., None], rtol=0, atol=1e-14)
+    assert align._small_svd_kernel(cp, np.zeros((0, 3, 3)))[1].shape == (0, 3)   # nothing to launch
+
+
+def test_small_svd_kernel_marks_a_matrix_it_did_not_finish(cp, monkeypatch):
+    """Singular values NaN (never silently unconverged), here with one sweep allowed."""
+    monkeypatch.setattr(align, "_SMALL_SVD_SOURCE", align._SMALL_SVD_SOURCE.replace(
+        f"sweep < {align.SMALL_SVD_MAX_SWEEPS}", "sweep < 1"))
+    s = align._small_svd_kernel(cp, np.random.default_rng(45).standard_normal((3, 6, 6)))[1]
+    assert np.isnan(s).all()
+
+
+def test_a_gpu_batch_of_small_layers_is_decomposed_by_the_kernel(cp, monkeypatch):
+    """(Larger ones go to CuPy's svd; the tracker tests measure with the kernel on the
+    CuPy stand-in.)"""
+    calls, gpu = [], types.ModuleType("numpy_not_numpy")
+    gpu.__dict__.update(vars(np))                                  # NumPy, seen as a GPU module
+    kernel = align._small_svd_kernel
+    monkeypatch.setattr(align, "_small_svd_kernel", lambda xp, W: calls.append(W.shape) or kernel(cp, W))
+    monkeypatch.setattr(align, "array_module", lambda *a: gpu)
+    W = np.random.default_rng(46).standard_normal((3, 70, 9, 9))
+    svds = align._reduced_svds(list(W), keep=True)
+    assert calls == [(210, 9, 9)]                                  # the three layers in one launch
+    for (U, s, V), layer in zip(svds, W):
+        np.testing.assert_allclose((U * s[:, None, :]) @ np.swapaxes(V, 1, 2), layer, rtol=0, atol=1e-13)
