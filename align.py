@@ -311,9 +311,11 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
     1. Row space: every gradient of W_1 is D X^T (Eq. (8)), so W_1 = W_1(0) + C X^T and
        the first layer's output is W_1(0) X + C (X^T X); C <- C - lr D reproduces
        W_1 <- W_1 - lr D X^T, and the k_1 x k_0 matrix is never touched.
-    2. Squared losses only see ||Y - f(X)||_F, so the samples may be rotated: with
-       X = P S R^T (SVD), the data (X R, Y R) give the same iterates and X^T X becomes
-       the diagonal S^2: step 1 then costs k_1 n instead of k_1 n^2.
+    2. Rotated samples: with X = P S R^T (SVD), linear layers map X R to f(X) R, and
+       (X R)^T (X R) is the diagonal S^2, so step 1 costs k_1 n instead of k_1 n^2.
+       Squared losses only see ||Y - f(X)||_F: the data (X R, Y R) give the same
+       iterates.  Other losses see the samples: their outputs are turned back,
+       f(X) = (f(X) R) R^T, and dL/d(f(X) R) = dL/df(X) R (k_d n^2 flops, k_d << k_1).
     3. The first hidden space: the columns of W_1 X and the rows of W_2 stay in
        span(W_1(0) X) + span(W_2(0)^T) (each update of one lies in the span of the
        other), of dimension m <= n + k_2 (the rank of [W_1(0) X, W_2(0)^T]); GD runs
@@ -321,13 +323,14 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
        networks of depth >= 2.)  Measurements then use ``_split_first_layers``.
     """
     xp = array_module(weights[0])
+    R = _T(xp.linalg.svd(X, full_matrices=False)[2])             # n x n orthogonal
+    X = X @ R
+    K = (X * X).sum(axis=-2, keepdims=True)                      # X^T X = diag(s^2)
     squared = kind in ("mse", "mse_mean")
     if squared:
-        R = _T(xp.linalg.svd(X, full_matrices=False)[2])         # n x n orthogonal
-        X, Y = X @ R, Y @ R
-        K = (X * X).sum(axis=-2, keepdims=True)                  # X^T X = diag(s^2)
+        Y = Y @ R
     else:
-        K = _T(X) @ X
+        R, Rt = xp.ascontiguousarray(R), xp.ascontiguousarray(_T(R))
     W10, Xt = weights[0], _T(X)
     A0 = W10 @ X
     Q = None
@@ -342,11 +345,14 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
     if Q is not None:
         rest[0] = rest[0] @ Q
     start = [xp.zeros(A0.shape[:-1] + (X.shape[-1],), dtype=W10.dtype)] + rest
-    first_layer = (lambda C: A0 + C * K) if squared else (lambda C: A0 + _mm(C, K))
 
     def loss_and_grads(ps):
-        acts = _activations(ps[1:], first_layer(ps[0]))
-        L, delta = _loss_and_output_grad(acts[-1], Y, kind)
+        acts = _activations(ps[1:], A0 + ps[0] * K)
+        if squared:
+            L, delta = _loss_and_output_grad(acts[-1], Y, kind)
+        else:                                    # the loss of the samples themselves
+            L, delta = _loss_and_output_grad(_mm(acts[-1], Rt), Y, kind)
+            delta = _mm(delta, R)
         grads, dH = _backward(ps[1:], acts, delta, input_grad=True)
         return L, [dH] + grads
 
