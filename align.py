@@ -908,8 +908,10 @@ class _DirectCublas:
     def __init__(self, cupy, stream):
         import ctypes
         self.ct, self.cupy, self.handle = ctypes, cupy, None
-        self.lib = next(lib for lib in map(self._load, ("libcublas.so.13", "libcublas.so.12",
-                                                        "libcublas.so")) if lib)
+        names = ("libcublas.so.13", "libcublas.so.12", "libcublas.so")
+        self.lib = next((lib for lib in map(self._load, names) if lib), None)
+        if self.lib is None:
+            raise RuntimeError(f"no cuBLAS library to call directly (tried {', '.join(names)})")
         handle = ctypes.c_void_p()
         self._check(self.lib.cublasCreate_v2(ctypes.byref(handle)))
         self.handle = handle

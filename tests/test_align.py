@@ -878,3 +878,10 @@ def test_split_measures_fall_back_when_a_static_direction_is_used_at_one_time_on
     then[0] = layer([0.6, 0.5, 7e-7], static)                   # used at both times
     pairs = align._invariance_pairs(now, then, [3, 4, 2], 1e-6, (static, static))
     assert pairs[-1].exact == 2 and pairs[-1].exact_used == 2 and pairs[-1].A.shape == (4, 1)
+
+
+def test_direct_cublas_without_the_library_says_which_it_tried(monkeypatch):
+    """(CUDA graph capture then falls back to kernel-by-kernel steps with this note.)"""
+    monkeypatch.setattr(align._DirectCublas, "_load", lambda self, name: None)
+    with pytest.raises(RuntimeError, match=r"no cuBLAS library .*libcublas\.so\.13"):
+        align._DirectCublas(None, None)
