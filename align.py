@@ -9,6 +9,7 @@ of its inputs; the weights may carry a leading batch axis (B, k_i, k_{i-1})
 for independent networks trained together.
 """
 import dataclasses
+import functools
 import json
 import math
 import operator
@@ -193,10 +194,65 @@ def _squared_norm(R):
 
 
 def _loss_and_gradients(weights, X, Y, kind):
-    """Backward pass of Eq. (8): dL/dW_i = (W_d..W_{i+1})^T dL/dF (W_{i-1}..W_1 X)^T."""
+    """Loss and Eq. (8): dL/dW_i = (W_d..W_{i+1})^T dL/dF (W_{i-1}..W_1 X)^T."""
+    return _chain_gradients(weights, X, lambda F: _loss_and_output_grad(F, Y, kind))
+
+
+def _chain_gradients(weights, X, output_grad, input_grad=False):
+    """(L, [dL/dW_i], and with ``input_grad`` dL/dX) for F = W_d ... W_1 X and
+    ``output_grad(F) -> (L, dL/dF)``: Eq. (8) with its products grouped the cheaper way
+    for the shapes, layer by layer (backpropagation) or at the outputs."""
+    if not weights:
+        L, delta = output_grad(X)
+        return (L, [], delta) if input_grad else (L, [])
+    shapes = tuple(W.shape[-2:] for W in weights)
+    if _cheaper_at_outputs(shapes, X.shape[-1]):
+        return _grouped_at_outputs(weights, X, output_grad, input_grad)
     acts = _activations(weights, X)
-    L, delta = _loss_and_output_grad(acts[-1], Y, kind)
-    return L, _backward(weights, acts, delta)
+    L, delta = output_grad(acts[-1])
+    out = _backward(weights, acts, delta, input_grad)
+    return (L,) + out if input_grad else (L, out)
+
+
+def _chain_costs(shapes, n):
+    """Multiply-adds of Eq. (8)'s products with the input's gradient, for layers of
+    shapes ((k_1, k_0), ..., (k_d, k_{d-1})) on n samples: (layer by layer, grouped at
+    the outputs).  Layer by layer: 3 n sum k_i k_{i-1}; at the outputs 3 k_d k_0 n
+    plus products of the weights alone.  So the outputs win when k_d and k_0 are small
+    next to n and the hidden widths: 5x fewer at fig1b's size after the row-space
+    reduction (k_0 = 256, n = 256)."""
+    (_, k0), (kd, _) = shapes[0], shapes[-1]
+    by_layer = 3 * n * sum(r * c for r, c in shapes)
+    at_outputs = 3 * kd * k0 * n + sum(r * c * k0 + kd * k0 * c for r, c in shapes[1:]) + \
+        sum(kd * r * c for r, c in shapes[:-1]) + sum(kd * r * c for r, c in shapes[1:-1])
+    return by_layer, at_outputs
+
+
+AT_OUTPUTS_GAIN = 2     # group at the outputs for at least this factor fewer flops (it
+                        # takes more, smaller products: tiny networks are bound by calls)
+
+
+@functools.lru_cache(maxsize=None)
+def _cheaper_at_outputs(shapes, n):
+    by_layer, at_outputs = _chain_costs(shapes, n)
+    return AT_OUTPUTS_GAIN * at_outputs < by_layer
+
+
+def _grouped_at_outputs(weights, X, output_grad, input_grad):
+    """Eq. (8) with S_j = W_j ... W_1 and T_j = W_d ... W_{j+1} formed first: F = S_d X,
+    E = dL/dF X^T (k_d x k_0), dL/dW_j = T_j^T E S_{j-1}^T, dL/dX = S_d^T dL/dF."""
+    S = [weights[0]]
+    for W in weights[1:]:
+        S.append(_mm(W, S[-1]))
+    L, delta = output_grad(_mm(S[-1], X))
+    E = _mm(delta, _T(X))
+    grads, T = [None] * len(weights), None          # T = T_{j+1} (None: the identity)
+    for j in range(len(weights) - 1, -1, -1):
+        G = _mm(E, _T(S[j - 1])) if j else E
+        grads[j] = G if T is None else _mm(_T(T), G)
+        if j:
+            T = weights[j] if T is None else _mm(T, weights[j])
+    return (L, grads, _mm(_T(S[-1]), delta)) if input_grad else (L, grads)
 
 
 def _backward(weights, acts, delta, input_grad=False):
@@ -272,8 +328,10 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
     Validates the inputs once, then runs :func:`gradient_descent` on the weights
     (see it for stopping, measures and callback).  With ``fast`` and n < k0 the
     first layer is kept in the row space of X^T (same iterates, fewer flops; see
-    ``_train_in_row_space``); with a squared loss on NumPy (one network, one dtype)
-    the steps run in place (``_SquaredLossSteps``: the same iterates to rounding).
+    ``_train_in_row_space``); Eq. (8)'s products are grouped the cheaper way
+    (``_chain_gradients``); with a squared loss on NumPy (one network, one dtype,
+    grouped layer by layer) the steps run in place (``_SquaredLossSteps``: the same
+    iterates to rounding).
     Returns (weights, History); inputs are not modified.
     """
     check_network(weights, X)
@@ -284,7 +342,8 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
     per_network = _frozen_below(lambda ws: _loss_and_gradients(ws, X, Y, kind), tol,
                                 weights[0].ndim == 3)
     if fast and kind in ("mse", "mse_mean") and array_module(X) is np and X.ndim == 2 and \
-            all(a.ndim == 2 and a.dtype == X.dtype for a in weights + [Y]):
+            all(a.ndim == 2 and a.dtype == X.dtype for a in weights + [Y]) and \
+            not _cheaper_at_outputs(tuple(W.shape for W in weights), X.shape[1]):
         per_network.in_place = lambda ps, lr: _SquaredLossSteps(ps, X, Y, kind, lr)
     return gradient_descent(weights, per_network, lr, max_steps, tol, record_every, measure_every,
                             measures, callback)
@@ -346,14 +405,14 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
         rest[0] = rest[0] @ Q
     start = [xp.zeros(A0.shape[:-1] + (X.shape[-1],), dtype=W10.dtype)] + rest
 
-    def loss_and_grads(ps):
-        acts = _activations(ps[1:], A0 + ps[0] * K)
+    def output_grad(F):
         if squared:
-            L, delta = _loss_and_output_grad(acts[-1], Y, kind)
-        else:                                    # the loss of the samples themselves
-            L, delta = _loss_and_output_grad(_mm(acts[-1], Rt), Y, kind)
-            delta = _mm(delta, R)
-        grads, dH = _backward(ps[1:], acts, delta, input_grad=True)
+            return _loss_and_output_grad(F, Y, kind)
+        L, delta = _loss_and_output_grad(_mm(F, Rt), Y, kind)     # the samples' own outputs
+        return L, _mm(delta, R)
+
+    def loss_and_grads(ps):
+        L, grads, dH = _chain_gradients(ps[1:], A0 + ps[0] * K, output_grad, input_grad=True)
         return L, [dH] + grads
 
     def weights_of(ps):

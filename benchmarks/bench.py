@@ -112,10 +112,11 @@ def torch_gd(weights, X, Y, lr, steps, device):
 
 def step_flops(m, n=N, widths=WIDTHS):
     """Counted flops of one step: the straightforward Eq. (8) and ours (see align.train),
-    whose first hidden space has dimension m = rank [W_1(0) X, W_2(0)^T]."""
+    whose first hidden space has dimension m = rank [W_1(0) X, W_2(0)^T], its products
+    grouped as align groups them."""
     k0, k1, k2, k3 = widths
     plain = 2 * n * (k1 * k0 + k2 * k1 + k3 * k2) * 3 - 2 * n * k1 * k0   # no input gradient
-    ours = 2 * n * (m * k2 + k3 * k2) * 3 + 2 * n * m                      # diagonal X^T X
+    ours = 2 * min(align._chain_costs(((k2, m), (k3, k2)), n)) + 2 * n * m   # + diagonal X^T X
     return plain, ours
 
 

@@ -53,6 +53,62 @@ def test_eq8_gradients_match_finite_differences(kind, depth):
         assert np.linalg.norm(grads[i] - G) <= 1e-6 * np.linalg.norm(G)
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch", [None, 3])
+def test_both_groupings_of_eq8_give_the_same_gradients_for_the_counted_flops(monkeypatch, depth, batch):
+    """Eq. (8)'s products layer by layer (backpropagation) and grouped at the outputs:
+    the same loss, weight and input gradients to rounding, with the multiply-adds
+    _chain_costs counts for each (the cheaper grouping is the one taken)."""
+    rng = np.random.default_rng(50 + depth)
+    widths = [7] + [int(k) for k in rng.integers(8, 30, depth - 1)] + [3]
+    weights, X, labels = random_problem(rng, "ce", widths, 40)
+    if batch:
+        weights = [np.stack([W + 0.1 * rng.standard_normal(W.shape) for _ in range(batch)]) for W in weights]
+    Y = align.prepare_targets(labels, "ce", 3, 40)
+    output_grad = lambda F: align._loss_and_output_grad(F, Y, "ce")
+    results, counted, mm = {}, {}, align._mm
+    for at_outputs in (False, True):
+        flops = []
+        monkeypatch.setattr(align, "_mm", lambda A, B: flops.append(A.shape[-2] * A.shape[-1] * B.shape[-1])
+                            or mm(A, B))
+        monkeypatch.setattr(align, "_cheaper_at_outputs", lambda shapes, n: at_outputs)
+        results[at_outputs], counted[at_outputs] = align._chain_gradients(weights, X, output_grad, True), sum(flops)
+        monkeypatch.undo()
+    (L1, grads1, dX1), (L2, grads2, dX2) = results[False], results[True]
+    np.testing.assert_allclose(L2, L1, rtol=1e-13)
+    for a, b in zip(grads2 + [dX2], grads1 + [dX1]):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * np.abs(b).max())
+    shapes = tuple(W.shape[-2:] for W in weights)
+    assert (counted[False], counted[True]) == align._chain_costs(shapes, 40)
+    assert align._cheaper_at_outputs(shapes, 40) == (align.AT_OUTPUTS_GAIN * counted[True] < counted[False])
+
+
+def test_gradients_grouped_at_outputs_match_finite_differences():
+    rng = np.random.default_rng(55)
+    weights, X, Y = random_problem(rng, "mse", [3, 12, 12, 2], 30)
+    assert align._cheaper_at_outputs(tuple(W.shape for W in weights), 30)
+    grads = align.gradients(weights, X, Y)
+    for i in range(3):
+        G = finite_difference(weights, X, Y, "mse", i)
+        assert np.linalg.norm(grads[i] - G) <= 1e-6 * np.linalg.norm(G)
+    assert not align._cheaper_at_outputs(((9, 9),) * 3, 9)     # fig1a: layer by layer
+
+
+def test_steps_in_place_only_where_eq8_goes_layer_by_layer(monkeypatch):
+    """_SquaredLossSteps (call-bound small networks) backpropagates layer by layer; where
+    grouping at the outputs is cheaper (n >= k0, narrow ends) train steps that way."""
+    made = []
+    monkeypatch.setattr(align, "_SquaredLossSteps", lambda *a: made.append(a) or align._StepChunks(
+        a[0], lambda ps: align._loss_and_gradients(ps, a[1], a[2], a[3]), a[4]))
+    rng = np.random.default_rng(56)
+    for widths, n, in_place in (([5, 5, 5], 9, True), ([3, 12, 12, 2], 30, False)):
+        weights, X, Y = random_problem(rng, "mse", widths, n)
+        align.train(weights, X, Y, max_steps=3)
+        assert len(made) == in_place
+        made.clear()
+
+
 def test_gradients_on_backend_match_numpy(xp):
     rng = np.random.default_rng(1)
     weights, X, Y = random_problem(rng, "mse", [4, 6, 5, 3], 7)
@@ -629,7 +685,7 @@ def _run_both(monkeypatch, run):
         def rewind(self, j):
             rewinds.append(j)
             super().rewind(j)
-    monkeypatch.setattr(align, "CUDA_GRAPH_STEPS", 7)
+    monkeypatch.setattr(align, "CUDA_GRAPH_STEPS", 5)     # (the first case stops inside a run)
     monkeypatch.setattr(align, "_chunker", Spy)
     return eager, run(), rewinds
 
@@ -683,7 +739,7 @@ def test_chunked_steps_on_a_batch_and_on_divergence(monkeypatch):
                          [("mse", np.float64, [4, 5, 3], 1, 1e-3),          # stops inside a run
                           ("mse_mean", np.float32, [4, 6, 5, 3], 3, 1e-3),  # sparse records
                           ("mse", np.float64, [4, 3], 1, 0.0),              # one layer, budget
-                          ("mse_mean", np.float64, [3, 4, 4, 4, 2], 2, 1e-3),
+                          ("mse_mean", np.float64, [4, 4, 4, 4, 3], 2, 1e-3),
                           ("mse_mean", np.float64, [5, 5, 5, 5], 1, 1e-3)])   # k x k: stacked
 @pytest.mark.parametrize("residuals_bytes", [0, align.RESIDUALS_BYTES])   # losses at each step, after
 def test_in_place_squared_loss_steps_give_the_same_numbers(monkeypatch, kind, dtype, widths,
