@@ -234,6 +234,7 @@ AT_OUTPUTS_GAIN = 2     # group at the outputs for at least this factor fewer fl
 
 @functools.lru_cache(maxsize=None)
 def _cheaper_at_outputs(shapes, n):
+    """Whether _chain_gradients groups at the outputs (see _chain_costs)."""
     by_layer, at_outputs = _chain_costs(shapes, n)
     return AT_OUTPUTS_GAIN * at_outputs < by_layer
 
@@ -304,7 +305,8 @@ class History:
     wall_time: float = 0.0
 
     def to_dict(self):
-        return json.loads(json.dumps(dataclasses.asdict(self), default=_plain))
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return json.loads(json.dumps(fields, default=_plain))   # (asdict deep-copies every list)
 
 
 def _loss_record(L):
