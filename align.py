@@ -376,24 +376,15 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
        (X R)^T (X R) is the diagonal S^2, so step 1 costs k_1 n instead of k_1 n^2.
        Squared losses only see ||Y - f(X)||_F: the data (X R, Y R) give the same
        iterates.  Other losses see the samples: their outputs are turned back,
-       f(X) = (f(X) R) R^T, and dL/d(f(X) R) = dL/df(X) R (k_d n^2 flops, k_d << k_1).
+       f(X) = (f(X) R) R^T, and dL/d(f(X) R) = dL/df(X) R, two k_d n^2 products for one
+       of k_1 n^2 (so only where k_1 >= ROTATE_BACK_MIN k_d: the two read R twice).
     3. The first hidden space: the columns of W_1 X and the rows of W_2 stay in
        span(W_1(0) X) + span(W_2(0)^T) (each update of one lies in the span of the
        other), of dimension m <= n + k_2 (the rank of [W_1(0) X, W_2(0)^T]); GD runs
        on its coordinates Q^T (W_1 X) and W_2 Q, so k_1 becomes m.  (Unbatched
        networks of depth >= 2.)  Measurements then use ``_split_first_layers``.
     """
-    xp = array_module(weights[0])
-    R = _T(xp.linalg.svd(X, full_matrices=False)[2])             # n x n orthogonal
-    X = X @ R
-    K = (X * X).sum(axis=-2, keepdims=True)                      # X^T X = diag(s^2)
-    squared = kind in ("mse", "mse_mean")
-    if squared:
-        Y = Y @ R
-    else:
-        R, Rt = xp.ascontiguousarray(R), xp.ascontiguousarray(_T(R))
-    W10, Xt = weights[0], _T(X)
-    A0 = W10 @ X
+    xp, W10 = array_module(weights[0]), weights[0]
     Q = None
     if len(weights) >= 2 and W10.ndim == X.ndim == 2 and \
             X.shape[1] + weights[1].shape[0] < W10.shape[0]:
@@ -401,20 +392,35 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
         Q = _range_basis(xp.concatenate([W10.astype(f64) @ X.astype(f64),
                                          _T(weights[1]).astype(f64)], axis=1),
                          100 * np.finfo(W10.dtype).eps).astype(W10.dtype)
-        A0 = _T(Q) @ A0
+    squared = kind in ("mse", "mse_mean")
+    hidden = W10.shape[-2] if Q is None else Q.shape[1]
+    rotated = squared or hidden >= ROTATE_BACK_MIN * Y.shape[-2]
+    if rotated:
+        R = _T(xp.linalg.svd(X, full_matrices=False)[2])         # n x n orthogonal
+        X = X @ R
+        K = (X * X).sum(axis=-2, keepdims=True)                  # X^T X = diag(s^2)
+        if squared:
+            Y = Y @ R
+        else:
+            R, Rt = xp.ascontiguousarray(R), xp.ascontiguousarray(_T(R))
+    else:
+        K = _T(X) @ X
+    Xt = _T(X)
+    A0 = W10 @ X if Q is None else _T(Q) @ (W10 @ X)
     rest = [W.copy() for W in weights[1:]]
     if Q is not None:
         rest[0] = rest[0] @ Q
     start = [xp.zeros(A0.shape[:-1] + (X.shape[-1],), dtype=W10.dtype)] + rest
 
     def output_grad(F):
-        if squared:
+        if squared or not rotated:
             return _loss_and_output_grad(F, Y, kind)
         L, delta = _loss_and_output_grad(_mm(F, Rt), Y, kind)     # the samples' own outputs
         return L, _mm(delta, R)
 
     def loss_and_grads(ps):
-        L, grads, dH = _chain_gradients(ps[1:], A0 + ps[0] * K, output_grad, input_grad=True)
+        H = A0 + ps[0] * K if rotated else A0 + _mm(ps[0], K)
+        L, grads, dH = _chain_gradients(ps[1:], H, output_grad, input_grad=True)
         return L, [dH] + grads
 
     def weights_of(ps):
@@ -438,6 +444,9 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
     out, hist = gradient_descent(start, per_network, lr, max_steps, tol, record_every, measure_every,
                                  wrapped, callback)
     return weights_of(out), hist
+
+
+ROTATE_BACK_MIN = 8     # see _train_in_row_space, step 2 (prop1's 4 rows: 41 vs 63 us a step)
 
 
 def _range_basis(A, rtol):

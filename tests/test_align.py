@@ -433,9 +433,14 @@ def test_greedy_matching_in_rounds_and_one_by_one_equals_the_sequential_greedy(m
     assert align._without_zero_columns(C, room)[0] is C
 
 
-@pytest.mark.parametrize("kind", ["mse", "mse_mean", "ce"])
+@pytest.mark.parametrize("kind", ["mse", "mse_mean", "ce", "logistic"])
 @pytest.mark.parametrize("widths", [[12, 9, 5, 4], [20, 16, 3, 2], [12, 30, 4]])
-def test_row_space_fast_path_gives_the_same_iterates_and_measures(kind, widths):
+@pytest.mark.parametrize("rotate_back_min", [1, 10 ** 6])     # other losses: samples rotated or not
+def test_row_space_fast_path_gives_the_same_iterates_and_measures(monkeypatch, kind, widths,
+                                                                  rotate_back_min):
+    monkeypatch.setattr(align, "ROTATE_BACK_MIN", rotate_back_min)
+    if kind == "logistic":
+        widths = widths[:-1] + [1]
     rng = np.random.default_rng(21)
     weights, X, Y = random_problem(rng, kind, widths, 6)               # n = 6 < k0
     track = align.tracker(weights)
