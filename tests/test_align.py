@@ -802,10 +802,11 @@ def test_ctrl_c_in_the_callback_stops_a_run_of_steps_where_it_was():
         np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
-def test_gemm_plan_reads_every_layout_the_steps_use():
+def test_gemm_plan_reads_every_layout_the_steps_use(monkeypatch):
     """The direct cuBLAS product (CUDA-graph capture) emulated on NumPy: column-major
     gemm of the planned operands gives A @ B for plain, transposed, batched and
-    broadcast operands."""
+    broadcast operands, and every product of training runs (both groupings of Eq. (8),
+    the row-space path with and without rotated samples, a batch)."""
     from numpy.lib.stride_tricks import as_strided
     rng = np.random.default_rng(40)
 
@@ -833,6 +834,18 @@ def test_gemm_plan_reads_every_layout_the_steps_use():
              (a, rng.standard_normal(4)[:, None])]            # new axes (stride 0), a reversed filter
     for A, B in cases:
         np.testing.assert_allclose(emulate(A, B), A @ B, rtol=1e-12, atol=1e-12)
+    for kind, widths, n, batch in (("ce", [12, 30, 4], 6, None), ("ce", [40, 30, 2], 20, None),
+                                   ("mse", [3, 12, 12, 2], 30, 2), ("mse", [5, 5, 5], 9, 3)):
+        weights, X, Y = random_problem(rng, kind, widths, n)
+        if batch:                                  # (a batch: no in-place NumPy steps)
+            weights = [np.stack([W] * batch) for W in weights]
+        run = lambda: align.train(weights, X, Y, kind, lr=0.05, max_steps=20, tol=0.0)[0]
+        want = run()
+        monkeypatch.setattr(align, "_mm", emulate)
+        got = run()
+        monkeypatch.undo()
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-12)
 
 
 def test_in_place_steps_refuse_a_run_longer_than_their_buffers():
