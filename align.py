@@ -385,24 +385,13 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
        networks of depth >= 2.)  Measurements then use ``_split_first_layers``.
     """
     xp, W10 = array_module(weights[0]), weights[0]
-    Q = None
-    if len(weights) >= 2 and W10.ndim == X.ndim == 2 and \
-            X.shape[1] + weights[1].shape[0] < W10.shape[0]:
-        f64 = xp.float64                         # rank at the weights' precision
-        Q = _range_basis(xp.concatenate([W10.astype(f64) @ X.astype(f64),
-                                         _T(weights[1]).astype(f64)], axis=1),
-                         100 * np.finfo(W10.dtype).eps).astype(W10.dtype)
+    Q = _first_hidden_basis(weights, X)
     squared = kind in ("mse", "mse_mean")
     hidden = W10.shape[-2] if Q is None else Q.shape[1]
     rotated = squared or hidden >= ROTATE_BACK_MIN * Y.shape[-2]
     if rotated:
-        R = _T(xp.linalg.svd(X, full_matrices=False)[2])         # n x n orthogonal
-        X = X @ R
-        K = (X * X).sum(axis=-2, keepdims=True)                  # X^T X = diag(s^2)
-        if squared:
-            Y = Y @ R
-        else:
-            R, Rt = xp.ascontiguousarray(R), xp.ascontiguousarray(_T(R))
+        X, Y, K, R = _rotated_samples(X, Y, squared)
+        Rt = None if R is None else xp.ascontiguousarray(_T(R))
     else:
         K = _T(X) @ X
     Xt = _T(X)
@@ -447,6 +436,30 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
 
 
 ROTATE_BACK_MIN = 8     # see _train_in_row_space, step 2 (prop1's 4 rows: 41 vs 63 us a step)
+
+
+def _first_hidden_basis(weights, X):
+    """Q, an orthonormal basis of span(W_1(0) X) + span(W_2(0)^T) (step 3 of
+    _train_in_row_space), or None where it would not be smaller than k_1 (or for a batch
+    or one layer).  Its rank is taken at the weights' precision."""
+    W10 = weights[0]
+    if len(weights) < 2 or W10.ndim != 2 or X.ndim != 2 or \
+            X.shape[1] + weights[1].shape[0] >= W10.shape[0]:
+        return None
+    xp, f64 = array_module(W10), np.float64
+    both = xp.concatenate([W10.astype(f64) @ X.astype(f64), _T(weights[1]).astype(f64)], axis=1)
+    return _range_basis(both, 100 * np.finfo(W10.dtype).eps).astype(W10.dtype)
+
+
+def _rotated_samples(X, Y, squared):
+    """Step 2 of _train_in_row_space: (X R, Y', K, R') with X = P S R^T and K = S^2 as a
+    row (the diagonal of (X R)^T (X R)); for a squared loss Y' = Y R and R' = None, else
+    Y' = Y and R' = R (contiguous), to turn the outputs back to the samples."""
+    xp = array_module(X)
+    R = _T(xp.linalg.svd(X, full_matrices=False)[2])             # n x n orthogonal
+    X = X @ R
+    K = (X * X).sum(axis=-2, keepdims=True)
+    return (X, Y @ R, K, None) if squared else (X, Y, K, xp.ascontiguousarray(R))
 
 
 def _range_basis(A, rtol):
