@@ -488,12 +488,18 @@ def test_measuring_a_large_batch_on_a_gpu_waits_for_it_once(xp, monkeypatch):
     assert all(v.shape == (70,) and 0 < v.min() <= v.max() <= 1 for v in values.values())
 
 
-def test_row_space_fast_path_on_a_batch_of_networks():
+@pytest.mark.parametrize("kind", ["mse", "ce"])
+@pytest.mark.parametrize("per_network_data", [False, True])
+def test_row_space_fast_path_on_a_batch_of_networks(monkeypatch, kind, per_network_data):
+    monkeypatch.setattr(align, "ROTATE_BACK_MIN", 1)            # ce: samples rotated too
     rng = np.random.default_rng(22)
     batch = [rng.standard_normal((3, 9, 12)) / 4, rng.standard_normal((3, 4, 9)) / 3]
-    X, Y = rng.standard_normal((12, 5)), rng.standard_normal((4, 5))
-    fast, _ = align.train(batch, X, Y, lr=0.05, max_steps=100, tol=0.0)
-    slow, _ = align.train(batch, X, Y, lr=0.05, max_steps=100, tol=0.0, fast=False)
+    X = rng.standard_normal((3, 12, 5) if per_network_data else (12, 5))
+    Y = rng.integers(0, 4, 5) if kind == "ce" else rng.standard_normal((4, 5))
+    if per_network_data and kind == "mse":
+        Y = np.stack([Y, 2 * Y, -Y])
+    fast, _ = align.train(batch, X, Y, kind, lr=0.05, max_steps=100, tol=0.0)
+    slow, _ = align.train(batch, X, Y, kind, lr=0.05, max_steps=100, tol=0.0, fast=False)
     for a, b in zip(fast, slow):
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
 
