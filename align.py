@@ -1227,8 +1227,9 @@ extern "C" __global__ void small_svd(double* U, double* s, double* V,
     double* v = V + (long long)b * n * n;
     double* sv = s + (long long)b * n;
     const double tol = m * 2.220446049250313e-16;
-    double scale = 0.0;                                   // work with entries up to 1 (no
-    for (int i = 0; i < m * n; i++) scale = fmax(scale, fabs(u[i]));   // under/overflow)
+    double scale = 0.0;                          // entries scaled to at most 1: no under-
+    for (int i = 0; i < m * n; i++)              // or overflow in the sums of squares
+        scale = fabs(u[i]) > scale ? fabs(u[i]) : scale;
     for (int i = 0; i < m * n && scale > 0.0; i++) u[i] /= scale;
     for (int i = 0; i < n; i++)
         for (int j = 0; j < n; j++) v[i * n + j] = i == j ? 1.0 : 0.0;
@@ -1245,7 +1246,7 @@ extern "C" __global__ void small_svd(double* U, double* s, double* V,
                 if (fabs(gamma) <= tol * sqrt(alpha) * sqrt(beta)) continue;
                 rotated = true;
                 const double zeta = (beta - alpha) / (2.0 * gamma);
-                const double t = (zeta >= 0 ? 1.0 : -1.0) / (fabs(zeta) + hypot(1.0, zeta));
+                const double t = (zeta >= 0 ? 1.0 : -1.0) / (fabs(zeta) + sqrt(1.0 + zeta * zeta));
                 const double c = 1.0 / sqrt(1.0 + t * t), sn = c * t;
                 for (int i = 0; i < m; i++) {
                     const double x = u[i * n + p], y = u[i * n + q];

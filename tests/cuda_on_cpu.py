@@ -70,6 +70,46 @@ def _c_argument(a):
             np.float64: ctypes.c_double, np.float32: ctypes.c_float}[type(a)](a)
 
 
+def _find_nvrtc():
+    """NVIDIA's runtime compiler (what CuPy compiles kernels with) where installed, e.g. by
+    ``pip install nvidia-cuda-nvrtc-cu12`` on a machine without a GPU; else None."""
+    import ctypes.util
+    import glob
+    try:
+        import nvidia.cuda_nvrtc
+        folders = [os.path.join(f, "lib") for f in nvidia.cuda_nvrtc.__path__]
+    except ImportError:
+        folders = []
+    found = [p for f in folders for p in sorted(glob.glob(os.path.join(f, "libnvrtc.so.*")))]
+    path = found[0] if found else ctypes.util.find_library("nvrtc")
+    try:
+        return ctypes.CDLL(path) if path else None
+    except OSError:
+        return None
+
+
+NVRTC = _find_nvrtc()
+
+
+def nvrtc_log(source, name, options=()):
+    """Compile a CUDA source with NVRTC as CuPy's RawKernel does (here for compute
+    capability 8.0); returns None when it compiles, else NVRTC's log."""
+    program = ctypes.c_void_p()
+    assert NVRTC.nvrtcCreateProgram(ctypes.byref(program), source.encode(), f"{name}.cu".encode(),
+                                    0, None, None) == 0
+    try:
+        flags = [b"--gpu-architecture=compute_80"] + [o.encode() for o in options]
+        status = NVRTC.nvrtcCompileProgram(program, len(flags), (ctypes.c_char_p * len(flags))(*flags))
+        size = ctypes.c_size_t()
+        NVRTC.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        NVRTC.nvrtcGetProgramLog(program, log)
+    finally:
+        NVRTC.nvrtcDestroyProgram(ctypes.byref(program))
+    text = log.value.decode(errors="replace").strip()
+    return None if status == 0 and not text else f"status {status}: {text}"
+
+
 def cpu_cupy():
     """A stand-in for the CuPy functions the kernel launchers call, on NumPy arrays."""
     cp = types.ModuleType("cpu_cupy")

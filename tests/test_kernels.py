@@ -12,7 +12,7 @@ import pytest
 
 import align
 from conftest import CUPY, greedy_cases, sequential_greedy
-from cuda_on_cpu import COMPILER, cpu_cupy
+from cuda_on_cpu import COMPILER, NVRTC, cpu_cupy, nvrtc_log
 
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler to run the CUDA sources")
 
@@ -74,6 +74,22 @@ def test_singular_value_kernel_equals_the_numpy_loop(cp):
     assert abs(got[-1] - sig).max() > 0.01                         # the values did move
     assert align._sv_dynamics_kernel(cp, sig[:, :, :0], lam[:0], lam_prime[:0], 0.005, 3, 1).shape == \
         (4, 2, 3, 0)                                               # no direction: nothing to launch
+
+
+# Every CUDA source of align.py with the options its launcher compiles it with.
+KERNELS = [(align._SMALL_GEMM_SOURCE.replace("REAL", real), "small_gemm", ()) for real in ("float", "double")] + \
+    [(align._GREEDY_SOURCE, "greedy_match", ()), (align._SMALL_SVD_SOURCE, "small_svd", ()),
+     (align._SV_KERNEL_SOURCE, "sv_dynamics", ("--fmad=false",))]
+
+
+@pytest.mark.skipif(NVRTC is None, reason="NVRTC not installed (pip install nvidia-cuda-nvrtc-cu12)")
+def test_cuda_sources_compile_with_nvrtc_without_a_warning():
+    """The sources the C++ harness runs are also valid CUDA, as CuPy compiles them."""
+    names = {name for name in vars(align) if name.endswith("_SOURCE")}
+    assert names == {"_SMALL_GEMM_SOURCE", "_GREEDY_SOURCE", "_SMALL_SVD_SOURCE", "_SV_KERNEL_SOURCE"}
+    for source, name, options in KERNELS:
+        assert nvrtc_log(source, name, options) is None, name
+    assert "error" in nvrtc_log(align._GREEDY_SOURCE.replace("const int m", "const int m q"), "broken")
 
 
 @pytest.mark.skipif(CUPY is not None, reason="a GPU is available here: the CuPy tests run on it")
