@@ -1173,8 +1173,8 @@ def _reduced_svd(W, keep=False):
     float32 layers: from the eigenvectors of the float64 Gram matrix of the smaller
     side, several times faster than an SVD and more accurate than a float32 SVD
     (vector errors ~ 1e-16 ||W||^2 / (sigma gap) instead of ~ 6e-8 ||W|| / gap).
-    With ``keep``, a batch on the GPU stays there (its batched solver decomposes
-    a thousand small matrices in about the time LAPACK takes for thirty).
+    With ``keep``, a batch on the GPU stays there: matrices up to SMALL_SVD_KERNEL_MAX
+    on a side go to _small_svd_kernel, larger ones to CuPy's batched svd.
     """
     if keep and W.ndim == 3 and array_module(W) is not np:
         if max(W.shape[-2:]) <= SMALL_SVD_KERNEL_MAX:
@@ -1197,11 +1197,12 @@ SMALL_SVD_KERNEL_MAX = 16     # GPU batches of matrices up to this side: _small_
 def _small_svd_kernel(cp, W):
     """Reduced SVDs (U, s, V) of a batch of small matrices on the GPU, float64, s
     descending: one CUDA thread per matrix runs one-sided Jacobi (Hestenes) to
-    convergence, in one launch.  (cuSOLVER's batched Jacobi, behind CuPy's svd, takes
-    a dozen array operations around it.)  One-sided Jacobi rotates the columns of A
-    until every pair is orthogonal to rounding relative to their norms, so U is
-    orthonormal and the singular values have small relative errors (Demmel and
-    Veselic 1992); exactly zero columns are completed with coordinate vectors."""
+    convergence, in one launch, in place of CuPy's batched svd (not yet timed against it
+    on a GPU: benchmarks/bench.py prints both; SMALL_SVD_KERNEL_MAX = 0 goes back to
+    it).  One-sided Jacobi rotates the columns of A until every pair is orthogonal to
+    rounding relative to their norms, so U is orthonormal and the singular values have
+    small relative errors (Demmel and Veselic 1992); exactly zero columns are completed
+    with coordinate vectors, as _complete does on the host."""
     wide = W.shape[-2] < W.shape[-1]
     A = cp.ascontiguousarray(_T(W) if wide else W, dtype=np.float64)   # m x n, m >= n
     nb, m, n = A.shape

@@ -131,8 +131,8 @@ def bench_step(xp, rows, steps):
     peak = peak_rate(xp, dtype)
     W1, W2, Xh = (align.to_numpy(a).astype(np.float64) for a in (weights[0], weights[1], X))
     plain_flops, our_flops = step_flops(np.linalg.matrix_rank(np.concatenate([W1 @ Xh, W2.T], axis=1)))
-    t_ours = per_step(lambda k: ours_gd(weights, X, Y, 1e-2, k), xp, 5 * steps)  # (short steps:
-    # more of them, else the difference of two noisy times is mostly noise)
+    # (ours over 5x the steps: the difference of two short, noisy runs is mostly noise)
+    t_ours = per_step(lambda k: ours_gd(weights, X, Y, 1e-2, k), xp, 5 * steps)
     t_plain = per_step(lambda k: plain_gd(weights, X, Y, 1e-2, k), xp, steps)
     ref = plain_gd(weights, X, Y, 1e-2, 1000)
     diff = relative_difference(ours_gd(weights, X, Y, 1e-2, 1000), ref)
@@ -258,17 +258,17 @@ def bench_seeds(xp, rows, steps, counts=(10, 100, 1000)):
     later = trained(ws, X, Y)
     svds = seconds(lambda: align._reduced_svds(later, keep=True), xp, 5)
     note = f"above 1x it hides behind the steps it overlaps on a GPU; its SVDs {svds * 1e3:.1f} ms"
-    if xp is not np:                                  # the Jacobi kernel against cuSOLVER's
-        stacked = xp.stack(later)
+    if xp is not np:                                  # the Jacobi kernel against cuSOLVER's,
+        stacked = xp.stack(later)                     # and where the time goes
         cusolver = seconds(lambda: xp.linalg.svd(stacked, full_matrices=False), xp, 5)
         note += f" (CuPy's svd of the same batch {cusolver * 1e3:.1f} ms)"
-    try:                                              # on a GPU, where the time goes
-        from cupyx.profiler import benchmark
-    except ImportError:
-        benchmark = None
-    if benchmark and xp is not np:
-        r = benchmark(track, (later,), n_repeat=5)
-        note += f"; host {r.cpu_times.mean() * 1e3:.1f} ms, GPU {r.gpu_times.mean() * 1e3:.1f} ms"
+        try:
+            from cupyx.profiler import benchmark
+        except ImportError:                           # (the CuPy stand-in has no cupyx)
+            benchmark = None
+        if benchmark:
+            r = benchmark(track, (later,), n_repeat=5)
+            note += f"; host {r.cpu_times.mean() * 1e3:.1f} ms, GPU {r.gpu_times.mean() * 1e3:.1f} ms"
     rows.append(row(f"one measurement of {counts[-1]} fig1a networks (both rules, both measures)",
                     seconds(lambda: track(later), xp, 5), "100 steps of the batch",
                     largest_training_only * 100 / steps,
@@ -338,7 +338,8 @@ def main(argv=None):
     parts = set(args.parts.split(",")) | ({"end-to-end"} if args.end_to_end else set())
     unknown = parts - {"step", "measure", "cor1", "seeds", "end-to-end"}
     if unknown:
-        p.error(f"unknown --parts {sorted(unknown)}; choose from step, measure, cor1, seeds")
+        p.error(f"unknown --parts {sorted(unknown)}; choose from step, measure, cor1, seeds, "
+                "end-to-end")
     try:
         experiments.check_output_folder(args.out)
         xp = align.select_device(args.device)

@@ -76,37 +76,6 @@ def test_singular_value_kernel_equals_the_numpy_loop(cp):
         (4, 2, 3, 0)                                               # no direction: nothing to launch
 
 
-# Every CUDA source of align.py with the options its launcher compiles it with.
-KERNELS = [(align._SMALL_GEMM_SOURCE.replace("REAL", real), "small_gemm", ()) for real in ("float", "double")] + \
-    [(align._GREEDY_SOURCE, "greedy_match", ()), (align._SMALL_SVD_SOURCE, "small_svd", ()),
-     (align._SV_KERNEL_SOURCE, "sv_dynamics", ("--fmad=false",))]
-
-
-@pytest.mark.skipif(NVRTC is None, reason="NVRTC not installed (pip install nvidia-cuda-nvrtc-cu12)")
-def test_cuda_sources_compile_with_nvrtc_without_a_warning():
-    """The sources the C++ harness runs are also valid CUDA, as CuPy compiles them."""
-    names = {name for name in vars(align) if name.endswith("_SOURCE")}
-    assert names == {"_SMALL_GEMM_SOURCE", "_GREEDY_SOURCE", "_SMALL_SVD_SOURCE", "_SV_KERNEL_SOURCE"}
-    for source, name, options in KERNELS:
-        assert nvrtc_log(source, name, options) is None, name
-    assert "error" in nvrtc_log(align._GREEDY_SOURCE.replace("const int m", "const int m q"), "broken")
-
-
-@pytest.mark.skipif(CUPY is not None, reason="a GPU is available here: the CuPy tests run on it")
-def test_the_cupy_tests_pass_on_a_strict_numpy_standin():
-    """Every test parametrised with CuPy, in a fresh process that imports the stand-in as
-    ``cupy`` (no CUDA graphs: the stand-in has no streams).  Catches host/device mix-ups
-    (NumPy and CuPy arrays in one operation, implicit copies) and wrong results."""
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, ALIGN_CUDA_GRAPH_STEPS="0",
-               PYTHONPATH=os.pathsep.join([os.path.join(tests, "cupy_standin"), os.path.dirname(tests),
-                                           os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", "cupy",
-                          tests], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert int(re.search(r"(\d+) passed", run.stdout).group(1)) >= 10, run.stdout[-2000:]
-
-
 def _small_svd_cases(rng):
     """Batches that a small-SVD routine must get right: random (square, tall, wide, one
     row or column), rank deficient, zero, clustered, repeated and graded singular
@@ -177,3 +146,35 @@ def test_a_gpu_batch_of_small_layers_is_decomposed_by_the_kernel(cp, monkeypatch
     assert calls == [(210, 9, 9)]                                  # the three layers in one launch
     for (U, s, V), layer in zip(svds, W):
         np.testing.assert_allclose((U * s[:, None, :]) @ np.swapaxes(V, 1, 2), layer, rtol=0, atol=1e-13)
+
+
+# Every CUDA source of align.py with the options its launcher compiles it with.
+KERNELS = [(align._SMALL_GEMM_SOURCE.replace("REAL", real), "small_gemm", ()) for real in ("float", "double")] + \
+    [(align._GREEDY_SOURCE, "greedy_match", ()), (align._SMALL_SVD_SOURCE, "small_svd", ()),
+     (align._SV_KERNEL_SOURCE, "sv_dynamics", ("--fmad=false",))]
+
+
+@pytest.mark.skipif(NVRTC is None, reason="NVRTC not installed (pip install nvidia-cuda-nvrtc-cu12)")
+def test_cuda_sources_compile_with_nvrtc_without_a_warning():
+    """The sources the C++ harness runs are also valid CUDA, as CuPy compiles them."""
+    names = {name for name in vars(align) if name.endswith("_SOURCE")}
+    assert names == {"_SMALL_GEMM_SOURCE", "_GREEDY_SOURCE", "_SMALL_SVD_SOURCE", "_SV_KERNEL_SOURCE"}
+    for source, name, options in KERNELS:
+        assert nvrtc_log(source, name, options) is None, name
+    assert "error" in nvrtc_log(align._GREEDY_SOURCE.replace("const int m", "const int m q"), "broken")
+
+
+@pytest.mark.skipif(CUPY is not None, reason="a GPU is available here: the CuPy tests run on it")
+def test_the_cupy_tests_pass_on_a_strict_numpy_standin():
+    """Every test parametrised with CuPy, in a fresh process that imports the stand-in as
+    ``cupy`` (no CUDA graphs: the stand-in has no streams).  Catches host/device mix-ups
+    (NumPy and CuPy arrays in one operation, implicit copies) and wrong results."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, ALIGN_CUDA_GRAPH_STEPS="0",
+               PYTHONPATH=os.pathsep.join([os.path.join(tests, "cupy_standin"), os.path.dirname(tests),
+                                           os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", "cupy",
+                          tests], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert int(re.search(r"(\d+) passed", run.stdout).group(1)) >= 10, run.stdout[-2000:]
+
