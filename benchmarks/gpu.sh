@@ -4,7 +4,8 @@
 # the steps (overlap.py); then the suite's CuPy cases, the rest of the benchmark table with
 # fig1a/1b/1c/2b end to end, and every experiment quickly on the GPU.
 # Logs and bench JSONs land in ${OUT:-results}/ as each part ends; experiment outputs in a
-# scratch folder.
+# scratch folder.  Parts may be named to run only those, in the order below:
+#     bash benchmarks/gpu.sh [gpu-seeds gpu-overlap gpu-tests gpu-bench gpu-quick]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -14,8 +15,16 @@ mkdir -p "$out"
 nvidia-smi -L
 python3 -c "import cupy, numpy; print('CuPy', cupy.__version__, 'NumPy', numpy.__version__, \
 cupy.cuda.runtime.getDeviceProperties(0)['name'].decode())"
+wanted=" ${*:-gpu-seeds gpu-overlap gpu-tests gpu-bench gpu-quick} "
+for name in $wanted; do
+    case $name in gpu-seeds|gpu-overlap|gpu-tests|gpu-bench|gpu-quick) ;;
+    *) echo "unknown part $name; choose from gpu-seeds gpu-overlap gpu-tests gpu-bench gpu-quick" >&2
+       exit 2 ;;
+    esac
+done
 part() {  # part NAME SECONDS COMMAND...: run it under a time limit, its output in NAME.log
     local name=$1 limit=$2; shift 2
+    [[ $wanted == *" $name "* ]] || return 0
     echo "== $name (at most $limit s)"
     timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "exit status $?" >> "$out/$name.log"
     tail -n 25 "$out/$name.log"
