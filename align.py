@@ -8,8 +8,10 @@ Every function takes NumPy or CuPy arrays and computes with the array module
 of its inputs; the weights may carry a leading batch axis (B, k_i, k_{i-1})
 for independent networks trained together.
 """
+import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import math
 import operator
@@ -851,7 +853,10 @@ class _CudaGraphChunks(_StepChunks):
     valid between replays.  Replays run on their own stream, after the work queued
     before them, so a measurement of ``kept`` (on the current stream) overlaps them.
     If capture fails (an operation that cannot be captured), ``launch`` returns
-    False and the caller steps kernel by kernel.
+    False and the caller steps kernel by kernel.  The reference products (which fill
+    the caches of the parameters' functions, e.g. a structure's index arrays) come
+    from the ordinary pool, so those caches outlive this object's pool; Python's
+    garbage collector is paused during a capture (see _gc_paused).
     """
     warned = False                                       # say so once per process
 
@@ -866,8 +871,9 @@ class _CudaGraphChunks(_StepChunks):
             self.pool, self.stream = cp.cuda.MemoryPool(), cp.cuda.Stream(non_blocking=True)
         cp.cuda.Device().synchronize()
         global _mm
-        with cp.cuda.using_allocator(self.pool.malloc), self.stream:
+        with self.stream:
             L_ref, g_ref = self.loss_and_grads([p.copy() for p in self.ps])     # CuPy's products
+        with cp.cuda.using_allocator(self.pool.malloc), self.stream, _gc_paused():
             cublas = _DirectCublas(cp, self.stream)
             try:
                 _mm = cublas.matmul
@@ -937,6 +943,22 @@ class _CudaGraphChunks(_StepChunks):
         if self.open:
             self.stream.synchronize()
         super().cancel()
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Collect garbage now and not again until the block ends.  A cycle collected during
+    a CUDA graph capture could free an earlier run's memory pool or cuBLAS handle
+    (cudaFree, cublasDestroy), which synchronize and so invalidate the capture: seen on
+    an H200 as cudaErrorStreamCaptureInvalidated in a second run of one process."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # The matrix product of the training steps.  While a CUDA graph is captured it is

@@ -10,6 +10,7 @@ full SVDs), seeds in parallel, Corollary 1's reduced dynamics vs full GD.  "floo
 counted flops / the peak matmul rate measured in the same run.  Writes <out>/bench.json.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -34,10 +35,12 @@ def synchronize(xp):
 
 
 def seconds(fn, xp, repeat=3):
-    """Best wall time of ``repeat`` calls of fn (after one warm-up call)."""
+    """Best wall time of ``repeat`` calls of fn (after one warm-up call), each after a
+    garbage collection (so that no earlier call's garbage is freed inside the timing)."""
     fn()
     best = math.inf
     for _ in range(repeat):
+        gc.collect()
         synchronize(xp)
         t = time.perf_counter()
         fn()

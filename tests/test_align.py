@@ -1,7 +1,9 @@
 """Core of align.py: gradients (Eq. (8)), GD, usSVD (Definition 1), measures, Definition 2."""
+import gc
 import json
 import math
 import types
+import weakref
 
 import numpy as np
 import pytest
@@ -943,6 +945,59 @@ def test_cuda_graph_steps_equal_kernel_by_kernel_steps(monkeypatch, kind, widths
         np.testing.assert_allclose(h1.measurements[key], h2.measurements[key], atol=1e-10)
     for a, b in zip(w1, w2):
         np.testing.assert_allclose(align.to_numpy(a), align.to_numpy(b), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(CUPY is None, reason="CuPy with a CUDA GPU is not available")
+def test_cuda_graph_capture_survives_an_earlier_runs_garbage(monkeypatch):
+    """On the GPU: an earlier run's graph chunks left in a reference cycle (its memory
+    pool and cuBLAS handle freed only by the cycle collector, with synchronizing calls)
+    do not break the next capture, even with the collector due at every allocation:
+    the collector is paused while steps are captured (seen failing on an H200)."""
+    rng = np.random.default_rng(43)
+    weights, X, Y = random_problem(rng, "mse_mean", [5, 4, 3], 6)
+    weights, X, Y = [CUPY.asarray(W) for W in weights], CUPY.asarray(X), CUPY.asarray(Y)
+    collector_on = []
+
+    def loss_and_grads(ps):
+        collector_on.append(gc.isenabled())
+        return align._loss_and_gradients(ps, X, Y, "mse_mean")
+    old = align._CudaGraphChunks([W.copy() for W in weights], loss_and_grads, 0.01)
+    assert old.launch(50) and old.wait().shape == (50,)
+    old.cycle = old                                                # garbage for the collector
+    del old
+    captured, collector_on[:] = [], []
+    launch = align._CudaGraphChunks.launch
+    monkeypatch.setattr(align._CudaGraphChunks, "launch",
+                        lambda self, k, keep=False: captured.append(launch(self, k, keep)) or captured[-1])
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        align.gradient_descent(weights, loss_and_grads, lr=0.01, max_steps=200, tol=0.0)
+    finally:
+        gc.set_threshold(*threshold)
+    assert captured and all(captured)
+    assert collector_on[0] and collector_on.count(False) >= 100 + 1   # reference; warm-up + 100
+    assert gc.isenabled()
+
+
+def test_gc_paused_collects_then_pauses_the_collector_and_restores_it():
+    class Cycle:
+        pass
+    gone = []
+    c = Cycle()
+    c.me = c
+    weakref.finalize(c, gone.append, True)
+    del c
+    with align._gc_paused():
+        assert gone == [True] and not gc.isenabled()              # collected, then paused
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with pytest.raises(KeyError), align._gc_paused():
+            raise KeyError("x")
+        assert not gc.isenabled()                                  # left as it was: off
+    finally:
+        gc.enable()
 
 
 def test_split_measures_fall_back_when_a_static_direction_is_used_at_one_time_only():
