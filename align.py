@@ -1230,7 +1230,7 @@ def _small_svd_kernel(cp, W):
     nb, m, n = A.shape
     U, s, V = A.copy(), cp.empty((nb, n), dtype=np.float64), cp.empty((nb, n, n), dtype=np.float64)
     kernel = _raw_kernel(cp, _SMALL_SVD_SOURCE, "small_svd")
-    _launch_per_item(kernel, nb * min(n, 1), (U, s, V, np.int32(nb), np.int32(m), np.int32(n)))
+    _launch_per_item(kernel, nb if n else 0, (U, s, V, np.int32(nb), np.int32(m), np.int32(n)))
     return (V, s, U) if wide else (U, s, V)
 
 
@@ -1485,7 +1485,7 @@ def _greedy_kernel(cp, C, room):
     nb, p, m = C.shape
     C, value = cp.ascontiguousarray(C, dtype=np.float64), cp.empty((nb, p), dtype=np.float64)
     kernel = _raw_kernel(cp, _GREEDY_SOURCE, "greedy_match")
-    _launch_per_item(kernel, nb * min(p, 1), (C, cp.ascontiguousarray(room, dtype=np.int64), value,
+    _launch_per_item(kernel, nb if p else 0, (C, cp.ascontiguousarray(room, dtype=np.int64), value,
                                               np.int32(nb), np.int32(p), np.int32(m)))
     return value
 
@@ -1673,7 +1673,7 @@ def _matched_score(pairs):
 
 
 def _paired_generic(*pair_lists):
-    """The paired score of each list of pairs, for networks (a batch, or one) whose
+    """[The paired score of each list of pairs], for networks (a batch, or one) whose
     singular values are all nonzero and distinct, so every cluster is one direction and
     every direction is used: the vectorised form of _paired_score, with one greedy
     matching per shape for all the lists."""
@@ -1698,8 +1698,7 @@ def _paired_generic(*pair_lists):
         value = value.reshape(C.shape[:-1]).sum(axis=-1)           # (pairs, [batch])
         for (j, _), v in zip(members, value):
             totals[j] = totals[j] + v
-    scores = [t / c if c else 1.0 for t, c in zip(totals, counts)]
-    return scores if len(scores) > 1 else scores[0]
+    return [t / c if c else 1.0 for t, c in zip(totals, counts)]
 
 
 HOW = ("paired", "matched")
