@@ -174,8 +174,8 @@ class Conv2d(Structure):
 
     def matmul(self, c, A):
         """W A = sum over taps of c_tap times the shifted images (never forms W).  Products
-        go through align._mm, which a CUDA graph capture swaps for cuBLAS called directly."""
-        return align._mm(c[None], self._patches(A).reshape(self.r, -1)).reshape(A.shape)
+        go through align.matmul, which a CUDA graph capture swaps for cuBLAS called directly."""
+        return align.matmul(c[None], self._patches(A).reshape(self.r, -1)).reshape(A.shape)
 
     def rmatmul(self, c, D):
         """W^T D: the transpose of a correlation is the correlation with the filter rotated
@@ -184,7 +184,7 @@ class Conv2d(Structure):
 
     def outer_gradient(self, delta, act):
         """(<delta act^T, A_j>)_j: each tap's shifted images against delta (Appendix H)."""
-        return align._mm(self._patches(act).reshape(self.r, -1), delta.reshape(-1, 1))[:, 0]
+        return align.matmul(self._patches(act).reshape(self.r, -1), delta.reshape(-1, 1))[:, 0]
 
 
 def conv2d(p, s):
@@ -306,8 +306,8 @@ def check_structured(structures, params, X):
             if S.shape[1] != k:
                 raise ValueError(f"layer {i} ({S.name}) takes {S.shape[1]} inputs but gets {k}")
             k = S.shape[0]
-        align._check_finite(f"params[{i - 1}]", p)
-    align._check_finite("X", X)
+        align.check_finite(f"params[{i - 1}]", p)
+    align.check_finite("X", X)
     return k
 
 
@@ -320,7 +320,7 @@ def loss_and_gradients(structures, params, X, Y, kind="mse"):
     acts = [X]
     for S, p in zip(structures, params):
         acts.append(p @ acts[-1] if S is None else S.matmul(p, acts[-1]))
-    L, delta = align._loss_and_output_grad(acts[-1], Y, kind)
+    L, delta = align.loss_and_output_gradient(acts[-1], Y, kind)
     grads = [None] * len(params)
     for i in range(len(params) - 1, -1, -1):
         S, p = structures[i], params[i]

@@ -119,7 +119,7 @@ def step_flops(m, n=N, widths=WIDTHS):
     grouped as align groups them."""
     k0, k1, k2, k3 = widths
     plain = 2 * n * (k1 * k0 + k2 * k1 + k3 * k2) * 3 - 2 * n * k1 * k0   # no input gradient
-    ours = 2 * min(align._chain_costs(((k2, m), (k3, k2)), n)) + 2 * n * m   # + diagonal X^T X
+    ours = 2 * min(_fast._chain_costs(((k2, m), (k3, k2)), n)) + 2 * n * m   # + diagonal X^T X
     return plain, ours
 
 
@@ -142,12 +142,12 @@ def bench_step(xp, rows, steps):
     rows.append(row("GD step, fig1b size (float32)", t_ours, "straightforward Eq. (8)", t_plain,
                     our_flops / peak, f"max rel. diff of weights after 1000 steps: {diff:.1e}"))
     if xp is not np:                                    # CUDA graphs against kernel by kernel
-        graphs, align.CUDA_GRAPH_STEPS = align.CUDA_GRAPH_STEPS, 0
+        graphs, _cuda.CUDA_GRAPH_STEPS = _cuda.CUDA_GRAPH_STEPS, 0
         try:
             t_eager = per_step(lambda k: ours_gd(weights, X, Y, 1e-2, k), xp, steps)
             eager = ours_gd(weights, X, Y, 1e-2, 1000)
         finally:
-            align.CUDA_GRAPH_STEPS = graphs
+            _cuda.CUDA_GRAPH_STEPS = graphs
         gdiff = relative_difference(ours_gd(weights, X, Y, 1e-2, 1000), eager)
         rows.append(row("GD step, fig1b size (float32)", t_ours, "ours, kernel by kernel", t_eager,
                         our_flops / peak, f"CUDA graphs of {graphs} steps; vs kernel by kernel "
@@ -259,7 +259,7 @@ def bench_seeds(xp, rows, steps, counts=(10, 100, 1000)):
     ws, X, Y = seeds_problem(xp, counts[-1])
     track = align.tracker(ws)
     later = trained(ws, X, Y)
-    svds = seconds(lambda: align._reduced_svds(later, keep=True), xp, 5)
+    svds = seconds(lambda: _fast.reduced_svds(later, keep=True), xp, 5)
     note = f"above 1x it hides behind the steps it overlaps on a GPU; its SVDs {svds * 1e3:.1f} ms"
     if xp is not np:                                  # the Jacobi kernel against cuSOLVER's,
         stacked = xp.stack(later)                     # and where the time goes

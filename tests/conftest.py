@@ -1,6 +1,11 @@
-"""Shared fixtures: the array backends (NumPy always, CuPy where a GPU is usable)."""
+"""Shared fixtures: the array backends (NumPy always, CuPy where a GPU is usable) and
+the reference (align.py without its optional speed-ups)."""
+import math
+
 import numpy as np
 import pytest
+
+import align
 
 
 def _cupy_or_none():
@@ -27,6 +32,41 @@ def xp(request):
     return np
 
 
+@pytest.fixture
+def reference(monkeypatch):
+    """align.py as copied alone: its reference code, without _fast.py and _cuda.py."""
+    monkeypatch.setattr(align, "_fast", None)
+
+
+def random_problem(rng, kind, widths, n):
+    """Weights of the given widths, X (k0 x n) and targets of the loss ``kind``."""
+    weights = [rng.standard_normal((widths[i + 1], widths[i])) / math.sqrt(widths[i])
+               for i in range(len(widths) - 1)]
+    X = rng.standard_normal((widths[0], n))
+    if kind == "ce":
+        Y = rng.integers(0, widths[-1], n)
+    elif kind in ("logistic", "exp"):
+        Y = rng.choice([-1.0, 1.0], (1, n))
+    else:
+        Y = rng.standard_normal((widths[-1], n))
+    return weights, X, Y
+
+
+def finite_difference(weights, X, Y, kind, i, h=1e-6):
+    """dL/dW_i by central differences of align.loss."""
+    W = weights[i]
+    G = np.zeros_like(W)
+    for idx in np.ndindex(W.shape):
+        old = W[idx]
+        W[idx] = old + h
+        up = align.loss(weights, X, Y, kind)
+        W[idx] = old - h
+        down = align.loss(weights, X, Y, kind)
+        W[idx] = old
+        G[idx] = (up - down) / (2 * h)
+    return G
+
+
 def random_orthogonal(rng, k):
     """A Haar-random k x k orthogonal matrix."""
     Q, R = np.linalg.qr(rng.standard_normal((k, k)))
@@ -34,16 +74,10 @@ def random_orthogonal(rng, k):
 
 
 def sequential_greedy(C, capacity):
-    """The greedy matching as align._greedy_match states it, entry by entry: entries in
-    decreasing order (ties row-major, NaN last), each taken when its row is free and its
-    column has room.  C: p x m; capacity: (m,)."""
-    room, value, free = list(capacity), np.zeros(C.shape[0]), np.ones(C.shape[0], bool)
-    for e in np.argsort(-C, axis=None, kind="stable"):
-        r, c = divmod(int(e), C.shape[1])
-        if free[r] and room[c] > 0:
-            free[r], value[r] = False, C[r, c]
-            room[c] -= 1
-    return value
+    """align's reference greedy matching (the rule as its docstring states it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(align, "_fast", None)
+        return align._greedy_match(C, capacity)
 
 
 def greedy_cases(seed, trials, batch, spoil):

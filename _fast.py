@@ -1,0 +1,891 @@
+"""Exact speed-ups for align.py: the same iterates and measures in fewer flops and calls.
+
+Optional and private.  align.py uses this module when it can import it (a few visible
+lines at the end of align.py) and is complete without it; every entry point here equals
+a reference function of align.py, to rounding in float64 (tests/test_fast.py):
+
+- ``train``: the first layer kept in the row space of X^T, Eq. (8)'s products grouped
+  the cheaper way, squared-loss steps run in place (align.train).
+- ``step_runs``, ``descend_in_runs``: runs of GD steps between measurements, in place on
+  NumPy or replayed from CUDA graphs on CuPy (_cuda.py) (align.gradient_descent).
+- ``reduced_svds``: batched, threaded and Gram-matrix decompositions (align._reduced_svds).
+- ``greedy_match``: the paired rule's matching for batches and large matrices
+  (align._greedy_match); ``tracker``: the measures of align.tracker for batches and for
+  layers split along an invariant subspace.
+- ``singular_value_dynamics``: Corollary 1's recursion in one CUDA kernel.
+
+CuPy-only code lives in _cuda.py, imported only when CuPy arrays arrive.  README, "Layout".
+"""
+import functools
+import os
+
+import numpy as np
+
+import align
+from align import (_T, _activations, _backward, _orth_complement, array_module,
+                   loss_and_output_gradient, to_numpy)
+
+
+# ------------------------------------------------------------------ training --
+
+def train(weights, X, Y, kind, lr, max_steps, tol, record_every, measure_every, measures, callback):
+    """align.train (validated inputs, prepared targets) with the same iterates: the row
+    space where n < k0 (_train_in_row_space), Eq. (8)'s products grouped the cheaper way
+    (_chain_gradients), and for one dense NumPy network under a squared loss whose
+    products go layer by layer, its steps in place (_SquaredLossSteps)."""
+    if X.shape[-1] < X.shape[-2]:
+        return _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every,
+                                   measure_every, measures, callback)
+    per_network = align._frozen_below(lambda ws: _loss_and_gradients(ws, X, Y, kind), tol,
+                                      weights[0].ndim == 3)
+    if kind in ("mse", "mse_mean") and array_module(X) is np and X.ndim == 2 and \
+            all(a.ndim == 2 and a.dtype == X.dtype for a in weights + [Y]) and \
+            not _cheaper_at_outputs(tuple(W.shape for W in weights), X.shape[1]):
+        per_network.in_place = lambda ps, lr: _SquaredLossSteps(ps, X, Y, kind, lr)
+    return align.gradient_descent(weights, per_network, lr, max_steps, tol, record_every,
+                                  measure_every, measures, callback)
+
+
+def _descend(ps, grads, lr):
+    """The GD update p <- p - lr g in place (align.gradient_descent's step)."""
+    for p, g in zip(ps, grads):
+        p -= lr * g
+
+
+def descend_in_runs(ps, loss_and_grads, run, chunks, measure_every):
+    """align.gradient_descent's loop with the steps between measurements done as runs of
+    ``chunks`` (see step_runs): on a GPU the measurement due at a run's start is taken
+    from a copy while the run goes on.  A stop inside a run is replayed step by step, so
+    the history is the step-by-step loop's.  Returns (params, History)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by run.stops
+        try:
+            while True:
+                due = run.step % measure_every == 0
+                span = min(chunks.longest, measure_every - run.step % measure_every,
+                           run.max_steps - run.step)
+                launched = span > 1 and chunks.launch(span, keep=due)   # a run to the next measurement
+                if due:                                 # (on the GPU while that run goes on)
+                    run.measure(chunks.kept if launched else ps)
+                if launched:
+                    if _advance(run, chunks.wait(), chunks):
+                        break
+                    continue
+                L, grads = loss_and_grads(ps)           # one step, kernel by kernel
+                if run.stops(run.step, L):
+                    break
+                _descend(ps, grads, run.lr)
+                run.step += 1
+        except KeyboardInterrupt:
+            run.hist.stop_reason = "interrupted"
+            chunks.cancel()                             # back to the state at run.step
+    return ps, run.finish(ps)
+
+
+def _advance(run, losses, chunks):
+    """run.stops() for each row of a chunk's losses (vectorised; a chunk ends before
+    max_steps); moves run.step to where the parameters are.  True when the run ends
+    inside the chunk (then rewound to there), also on Ctrl-C in the callback."""
+    hist, step = run.hist, run.step
+    worst = losses if losses.ndim == 1 else losses.max(axis=-1)
+    at = np.arange(len(losses))
+    recorded = (step + at) % run.record_every == 0
+    ends = np.flatnonzero(recorded & (~np.isfinite(worst) | (worst < run.tol)))
+    end = int(ends[0]) if ends.size else len(losses)
+    keep = at[recorded & (at < end)]
+    before = len(hist.steps)
+    hist.steps.extend((step + keep).tolist())
+    hist.losses.extend(losses[keep].tolist() if losses.ndim == 1 else losses[keep])
+    j = 0
+    try:
+        for j, value in zip(keep.tolist(), worst[keep].tolist()) if run.callback else ():
+            run.callback(step + j, value, hist)
+        j = end
+        done = end < len(losses) and run.stops(step + end, losses[end])
+    except KeyboardInterrupt:                           # Ctrl-C in the callback at step + j
+        if j < end:
+            count = before + int(np.searchsorted(keep, j)) + 1
+            del hist.steps[count:], hist.losses[count:]
+        chunks.rewind(j)
+        run.step += j
+        raise
+    if done:
+        chunks.rewind(end)
+        run.step += end
+        return True
+    chunks.settle()
+    run.step += len(losses)
+    return False
+
+
+def singular_value_dynamics(sig, lam, lam_prime, coef, steps, record_every):
+    """align.singular_value_dynamics' trajectory from one CUDA kernel (CuPy arrays, depth
+    up to _cuda.SV_KERNEL_MAX_DEPTH, lam and lam_prime shared by the runs), else None."""
+    xp = array_module(sig)
+    if xp is np:
+        return None
+    import _cuda
+    if sig.shape[-2] > _cuda.SV_KERNEL_MAX_DEPTH or \
+            any(a.ndim >= 2 and a.shape[-2] != 1 for a in (lam, lam_prime)):
+        return None
+    return _cuda._sv_dynamics_kernel(xp, sig, lam, lam_prime, coef, steps, record_every)
+
+
+# ------------------------------------------------------------- Eq. (8) grouped --
+
+def _loss_and_gradients(weights, X, Y, kind):
+    """Loss and Eq. (8): dL/dW_i = (W_d..W_{i+1})^T dL/dF (W_{i-1}..W_1 X)^T."""
+    return _chain_gradients(weights, X, lambda F: loss_and_output_gradient(F, Y, kind))
+
+
+def _chain_gradients(weights, X, output_grad, input_grad=False):
+    """(L, [dL/dW_i], and with ``input_grad`` dL/dX) for F = W_d ... W_1 X and
+    ``output_grad(F) -> (L, dL/dF)``: Eq. (8) with its products grouped the cheaper way
+    for the shapes, layer by layer (backpropagation) or at the outputs."""
+    if not weights:
+        L, delta = output_grad(X)
+        return (L, [], delta) if input_grad else (L, [])
+    shapes = tuple(W.shape[-2:] for W in weights)
+    if _cheaper_at_outputs(shapes, X.shape[-1]):
+        return _grouped_at_outputs(weights, X, output_grad, input_grad)
+    acts = _activations(weights, X)
+    L, delta = output_grad(acts[-1])
+    out = _backward(weights, acts, delta, input_grad)
+    return (L,) + out if input_grad else (L, out)
+
+
+def _chain_costs(shapes, n):
+    """Multiply-adds of Eq. (8)'s products with the input's gradient, for layers of
+    shapes ((k_1, k_0), ..., (k_d, k_{d-1})) on n samples: (layer by layer, grouped at
+    the outputs).  Layer by layer: 3 n sum k_i k_{i-1}; at the outputs 3 k_d k_0 n
+    plus products of the weights alone.  So the outputs win when k_d and k_0 are small
+    next to n and the hidden widths: 5x fewer at fig1b's size after the row-space
+    reduction (k_0 = 256, n = 256)."""
+    (_, k0), (kd, _) = shapes[0], shapes[-1]
+    by_layer = 3 * n * sum(r * c for r, c in shapes)
+    at_outputs = 3 * kd * k0 * n + sum(r * c * k0 + kd * k0 * c for r, c in shapes[1:]) + \
+        sum(kd * r * c for r, c in shapes[:-1]) + sum(kd * r * c for r, c in shapes[1:-1])
+    return by_layer, at_outputs
+
+
+AT_OUTPUTS_GAIN = 2     # group at the outputs for at least this factor fewer flops (it
+                        # takes more, smaller products: tiny networks are bound by calls)
+
+
+@functools.lru_cache(maxsize=None)
+def _cheaper_at_outputs(shapes, n):
+    """Whether _chain_gradients groups at the outputs (see _chain_costs)."""
+    by_layer, at_outputs = _chain_costs(shapes, n)
+    return AT_OUTPUTS_GAIN * at_outputs < by_layer
+
+
+def _grouped_at_outputs(weights, X, output_grad, input_grad):
+    """Eq. (8) with S_j = W_j ... W_1 and T_j = W_d ... W_{j+1} formed first: F = S_d X,
+    E = dL/dF X^T (k_d x k_0), dL/dW_j = T_j^T E S_{j-1}^T, dL/dX = S_d^T dL/dF."""
+    S = [weights[0]]
+    for W in weights[1:]:
+        S.append(align.matmul(W, S[-1]))
+    L, delta = output_grad(align.matmul(S[-1], X))
+    E = align.matmul(delta, _T(X))
+    grads, T = [None] * len(weights), None          # T = T_{j+1} (None: the identity)
+    for j in range(len(weights) - 1, -1, -1):
+        G = align.matmul(E, _T(S[j - 1])) if j else E
+        grads[j] = G if T is None else align.matmul(_T(T), G)
+        if j:
+            T = weights[j] if T is None else align.matmul(T, weights[j])
+    return (L, grads, align.matmul(_T(S[-1]), delta)) if input_grad else (L, grads)
+
+
+
+
+# ---------------------------------------------------------------- row space --
+
+def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, measure_every,
+                        measures, callback):
+    """GD with the same iterates as plain GD, in fewer flops when n < k0.  Three exact steps:
+
+    1. Row space: every gradient of W_1 is D X^T (Eq. (8)), so W_1 = W_1(0) + C X^T and
+       the first layer's output is W_1(0) X + C (X^T X); C <- C - lr D reproduces
+       W_1 <- W_1 - lr D X^T, and the k_1 x k_0 matrix is never touched.
+    2. Rotated samples: with X = P S R^T (SVD), linear layers map X R to f(X) R, and
+       (X R)^T (X R) is the diagonal S^2, so step 1 costs k_1 n instead of k_1 n^2.
+       Squared losses only see ||Y - f(X)||_F: the data (X R, Y R) give the same
+       iterates.  Other losses see the samples: their outputs are turned back,
+       f(X) = (f(X) R) R^T, and dL/d(f(X) R) = dL/df(X) R, two k_d n^2 products for one
+       of k_1 n^2 (so only where k_1 >= ROTATE_BACK_MIN k_d: the two read R twice).
+    3. The first hidden space: the columns of W_1 X and the rows of W_2 stay in
+       span(W_1(0) X) + span(W_2(0)^T) (each update of one lies in the span of the
+       other), of dimension m <= n + k_2 (the rank of [W_1(0) X, W_2(0)^T]); GD runs
+       on its coordinates Q^T (W_1 X) and W_2 Q, so k_1 becomes m.  (Unbatched
+       networks of depth >= 2.)  Measurements then use ``_split_first_layers``.
+    """
+    xp, W10 = array_module(weights[0]), weights[0]
+    Q = _first_hidden_basis(weights, X)
+    squared = kind in ("mse", "mse_mean")
+    hidden = W10.shape[-2] if Q is None else Q.shape[1]
+    rotated = squared or hidden >= ROTATE_BACK_MIN * Y.shape[-2]
+    if rotated:
+        X, Y, K, R = _rotated_samples(X, Y, squared)
+        Rt = None if R is None else xp.ascontiguousarray(_T(R))
+    else:
+        K = _T(X) @ X
+    Xt = _T(X)
+    A0 = W10 @ X if Q is None else _T(Q) @ (W10 @ X)
+    rest = [W.copy() for W in weights[1:]]
+    if Q is not None:
+        rest[0] = rest[0] @ Q
+    start = [xp.zeros(A0.shape[:-1] + (X.shape[-1],), dtype=W10.dtype)] + rest
+
+    def output_grad(F):
+        if squared or not rotated:
+            return loss_and_output_gradient(F, Y, kind)
+        L, delta = loss_and_output_gradient(align.matmul(F, Rt), Y, kind)     # the samples' own outputs
+        return L, align.matmul(delta, R)
+
+    def loss_and_grads(ps):
+        H = A0 + ps[0] * K if rotated else A0 + align.matmul(ps[0], K)
+        L, grads, dH = _chain_gradients(ps[1:], H, output_grad, input_grad=True)
+        return L, [dH] + grads
+
+    def weights_of(ps):
+        if Q is None:
+            return [W10 + ps[0] @ Xt] + list(ps[1:])
+        return [W10 + Q @ (ps[0] @ Xt), ps[1] @ _T(Q)] + list(ps[2:])
+    split, same_start = [], {}                   # built at the first measurement
+
+    def measured(fn, ps):
+        if id(fn) not in same_start:             # a tracker of this run's start (else its own)
+            same_start[id(fn)] = hasattr(fn, "from_svds") and fn.starts_at(weights)
+        if Q is not None and same_start[id(fn)]:
+            if not split:
+                split.append(_split_measure(W10, Q, Xt, start))
+            value = split[0] and split[0](fn, ps)
+            if value is not None:
+                return value
+        return fn(weights_of(ps), weights)
+    wrapped = {name: (lambda ps, _, fn=fn: measured(fn, ps)) for name, fn in (measures or {}).items()}
+    per_network = align._frozen_below(loss_and_grads, tol, W10.ndim == 3)
+    out, hist = align.gradient_descent(start, per_network, lr, max_steps, tol, record_every,
+                                       measure_every, wrapped, callback)
+    return weights_of(out), hist
+
+
+ROTATE_BACK_MIN = 8     # see _train_in_row_space, step 2 (prop1's 4 rows: 41 vs 63 us a step)
+
+
+def _first_hidden_basis(weights, X):
+    """Q, an orthonormal basis of span(W_1(0) X) + span(W_2(0)^T) (step 3 of
+    _train_in_row_space), or None where it would not be smaller than k_1 (or for a batch
+    or one layer).  Its rank is taken at the weights' precision."""
+    W10 = weights[0]
+    if len(weights) < 2 or W10.ndim != 2 or X.ndim != 2 or \
+            X.shape[1] + weights[1].shape[0] >= W10.shape[0]:
+        return None
+    xp, f64 = array_module(W10), np.float64
+    both = xp.concatenate([W10.astype(f64) @ X.astype(f64), _T(weights[1]).astype(f64)], axis=1)
+    return _range_basis(both, 100 * np.finfo(W10.dtype).eps).astype(W10.dtype)
+
+
+def _rotated_samples(X, Y, squared):
+    """Step 2 of _train_in_row_space: (X R, Y', K, R') with X = P S R^T and K = S^2 as a
+    row (the diagonal of (X R)^T (X R)); for a squared loss Y' = Y R and R' = None, else
+    Y' = Y and R' = R (contiguous), to turn the outputs back to the samples."""
+    xp = array_module(X)
+    R = _T(xp.linalg.svd(X, full_matrices=False)[2])             # n x n orthogonal
+    X = X @ R
+    K = (X * X).sum(axis=-2, keepdims=True)
+    return (X, Y @ R, K, None) if squared else (X, Y, K, xp.ascontiguousarray(R))
+
+
+def _range_basis(A, rtol):
+    """Orthonormal basis of the column space of A (rank: singular values above rtol * max)."""
+    xp = array_module(A)
+    U, s, _ = xp.linalg.svd(A, full_matrices=False)
+    rank = int((s > rtol * s[0]).sum()) if s.size else 0
+    return U[:, :max(rank, 1)]
+
+
+def _split_first_layers(W10, Q, Xt):
+    """Layers 1 and 2 for the measures without decomposing W_1 = W_1(0) + Q C X^T.
+
+    Then W_1 W_1^T - W_1(0) W_1(0)^T has its range in span(Q).  If span(Q) is also an
+    invariant subspace of W_1(0) W_1(0)^T (as for the aligned starts of Figure 1b,
+    whose W_1(0) = D_1 U_X^T), the left singular vectors split: the static ones, in
+    span(Q)^perp, never change, and the others are those of the m x k0 matrix
+    Q^T W_1.  The measures need no static vector: each matches itself exactly
+    between two times, and is orthogonal to V_2, which lies in span(Q) (so is every
+    row of W_2 = W~_2 Q^T).  Returns ``split(params) -> ([svd_1, svd_2], static)``:
+    svd_1 = (U_1 in Q's coordinates with zero columns for static directions, all
+    singular values, None: V_1 is never measured), svd_2 = (U_2, s_2, V_2 in Q's
+    coordinates), ``static`` the mask of static directions; ``split`` gives None
+    where W_1 is rank deficient.  Returns None when the condition fails (relative
+    tolerance 1000 eps of the dtype: a float32 start is invariant only to its
+    rounding; at fig1b size the measures then agree with direct SVDs to 5e-8).
+    """
+    W0, Qh, Xh = (to_numpy(a).astype(np.float64) for a in (W10, Q, Xt))
+    G0Q = W0 @ (W0.T @ Qh)
+    tol = 1e3 * np.finfo(W10.dtype).eps * np.linalg.norm(W0, 2) ** 2
+    if np.linalg.norm(G0Q - Qh @ (Qh.T @ G0Q), 2) > tol:
+        return None
+    P = _orth_complement(Qh, W0.shape[0])
+    static_values = _svd_by_gram(P.T @ W0)[1]
+    QtW0, r = Qh.T @ W0, min(W0.shape)
+    xp = np if Qh.shape[1] <= HOST_EIGH_MAX else array_module(W10)  # where eigh is faster
+    G0, B, K = (xp.asarray(a) for a in (QtW0 @ QtW0.T, Xh @ QtW0.T, Xh @ Xh.T))
+
+    def split(ps):
+        C = (to_numpy(ps[0]) if xp is np else ps[0]).astype(np.float64)   # A = Q^T W_1 = QtW0 + C Xh
+        CB = C @ B
+        w, Ud = (to_numpy(a) for a in xp.linalg.eigh(G0 + CB + CB.T + (C @ K) @ C.T))   # A A^T
+        sd, Ud = np.sqrt(np.maximum(w[::-1], 0)), Ud[:, ::-1]
+        s = np.concatenate([sd, static_values])
+        order = np.argsort(-s, kind="stable")[:r]
+        if s[order[-1]] <= 1e-7 * s[order[0]]:
+            return None                                              # rank deficient
+        dynamic = order < sd.size
+        U1 = np.zeros((Qh.shape[1], r))
+        U1[:, dynamic] = Ud[:, order[dynamic]]
+        U2, s2, V2 = _reduced_svd(ps[1])
+        return [(U1, s[order], None), (U2, s2, V2)], ~dynamic
+    return split
+
+
+def _split_measure(W10, Q, Xt, start):
+    """``m(fn, params)``: the tracker ``fn``'s measures with layer 1 split (see
+    _split_first_layers), or None where that is not exact; None when the split does
+    not apply.  ``start``: the parameters at step 0 (measured once, as "then")."""
+    layers = _split_first_layers(W10, Q, Xt)
+    at_start = layers and layers(start)
+    if not at_start:
+        return None
+    deeper = lambda ps: reduced_svds(ps[2:])
+    then, static0 = at_start[0] + deeper(start), at_start[1]
+    widths = list(W10.shape[::-1]) + [W.shape[-2] for W in start[1:]]
+
+    def measure(fn, ps):
+        now = layers(ps)
+        return now and fn.from_svds(now[0] + deeper(ps), then=then, widths=widths,
+                                    static=(now[1], static0))
+    return measure
+
+
+
+
+# ------------------------------------------------------------- runs of steps --
+
+_pools = {}
+
+
+def _thread_pool(name, workers):
+    """The process's thread pool ``name`` (created on first use)."""
+    if name not in _pools:
+        import concurrent.futures
+        _pools[name] = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"align-{name}")
+    return _pools[name]
+
+
+class _StepChunks:
+    """Runs of plain GD steps done in place: ``launch(n)`` starts n steps, ``wait()``
+    returns their n losses (host array, one row per step, taken before each update);
+    ``rewind(j)`` goes back to the start of the last run and redoes its first j
+    steps (a stop inside it); ``cancel()`` goes back to its start.  With
+    ``launch(n, keep=True)``, ``kept`` holds the parameters at the start, to measure
+    while the run goes on.  This base class steps kernel by kernel at ``launch``;
+    _cuda._CudaGraphChunks replays captured steps asynchronously."""
+
+    def __init__(self, ps, loss_and_grads, lr, longest=100):
+        self.ps, self.loss_and_grads, self.lr = ps, loss_and_grads, lr
+        self.saved = [p.copy() for p in ps]
+        self.kept = self.pending = None
+        self.open = False                                # a run launched and not yet taken
+        self.longest = longest                           # steps per run at most
+
+    def _step(self):
+        L, grads = self.loss_and_grads(self.ps)
+        _descend(self.ps, grads, self.lr)
+        return L
+
+    def _run(self, n):
+        """n steps in place; their losses."""
+        return array_module(*self.ps).stack([self._step() for _ in range(n)]) if n else None
+
+    def _save(self):
+        for s, p in zip(self.saved, self.ps):
+            s[...] = p
+
+    def launch(self, n, keep=False):
+        """Start n steps; False when they cannot be launched (nothing changed then)."""
+        self.kept = [p.copy() for p in self.ps] if keep else None
+        self._save()
+        self.open = True
+        self.pending = self._run(n)
+        return True
+
+    def wait(self):
+        losses, self.pending = self.pending, None
+        return to_numpy(losses)
+
+    def settle(self):
+        """The caller has taken the whole run."""
+        self.open = False
+
+    def rewind(self, j):
+        for s, p in zip(self.saved, self.ps):
+            p[...] = s
+        self._run(j)
+        self.open = False
+
+    def cancel(self):
+        """Back to the start of a run that was launched and not taken (Ctrl-C)."""
+        self.pending = None
+        if self.open:
+            self.rewind(0)
+
+
+class _SquaredLossSteps(_StepChunks):
+    """Runs of GD steps of one dense network (NumPy, one dtype) under a squared loss:
+    Eq. (8)'s backward pass into preallocated arrays, with lr applied once to dL/dF
+    (so the products give lr dL/dW_i directly: equal to _descend's update to
+    rounding), the d updates done as one on a flat copy of the parameters, and when
+    every layer is k x k the d gradient products as one batched product.  Small
+    networks (fig1a's 9 x 9 layers) are bound by the number of NumPy calls, not by
+    flops: this makes a step about half as many."""
+
+    def __init__(self, ps, X, Y, kind, lr):
+        super().__init__(ps, None, lr, longest=1000)
+        ends = np.cumsum([0] + [p.size for p in ps])
+        self.flat, self.grad = (np.empty(ends[-1], dtype=X.dtype) for _ in range(2))
+        self.W = [self.flat[a:b].reshape(p.shape) for a, b, p in zip(ends, ends[1:], ps)]
+        self.G = [self.grad[a:b].reshape(p.shape) for a, b, p in zip(ends, ends[1:], ps)]
+        (k0, n), kd, d = X.shape, Y.shape[0], len(ps)
+        self.stacked = all(p.shape == (k0, k0) for p in ps)
+        if self.stacked:                                 # acts[i], deltas[i] as stacks
+            self.stack, self.deltas = np.empty((d + 1, k0, n), X.dtype), np.empty((d, k0, n), X.dtype)
+            self.stack[0] = X
+            self.acts = list(self.stack)
+        else:
+            self.acts = [X] + [np.empty((p.shape[0], n), X.dtype) for p in ps]
+            self.deltas = [np.empty((p.shape[0], n), X.dtype) for p in ps]   # dL/d(acts[i + 1])
+        self.Y = Y                                       # as loss_and_output_gradient
+        # Small outputs: each step's residual F - Y kept, the losses summed after the run
+        # (one NumPy call less a step); large ones: each loss at its step.
+        small = self.longest * Y.size * Y.itemsize <= RESIDUALS_BYTES
+        self.residuals = np.empty((self.longest,) + Y.shape, Y.dtype) if small else None
+        self.rows = list(self.residuals) if small else [self.acts[-1]] * self.longest
+        self.divisor = 2 * n if kind == "mse" else kd * n
+        self.rate = lr * (1.0 / n if kind == "mse" else 2.0 / (kd * n))   # lr dL/dF = rate (F - Y)
+
+    def _run(self, n):
+        if n > len(self.rows):
+            raise ValueError(f"a run of {n} steps is longer than this runner's {len(self.rows)}")
+        mm, W, acts, deltas = np.matmul, self.W, self.acts, self.deltas
+        forward = list(zip(W, acts, acts[1:]))
+        backward = [(W[i].T, deltas[i], deltas[i - 1]) for i in range(len(W) - 1, 0, -1)]
+        if self.stacked:                                 # all d gradients in one product
+            grads = [(deltas, self.stack[:-1].swapaxes(1, 2), self.grad.reshape(len(W), *W[0].shape))]
+        else:
+            grads = [(deltas[i], acts[i].T, self.G[i]) for i in range(len(W))]
+        top, Y, rate, F = deltas[-1], self.Y, self.rate, self.acts[-1]
+        subtract, multiply, vdot = np.subtract, np.multiply, np.vdot
+        flat, grad, buffered = self.flat, self.grad, self.residuals is not None
+        losses = np.empty(n, dtype=F.dtype)
+        for w, p in zip(W, self.ps):
+            w[...] = p
+        for t, R in zip(range(n), self.rows):           # (locals: ~0.1 us a lookup saved)
+            for w, a, out in forward:
+                mm(w, a, out)
+            subtract(F, Y, R)
+            if not buffered:
+                losses[t] = vdot(R, R)
+            multiply(R, rate, top)                       # lr times dL/dF: lr-scaled gradients
+            for w_t, delta, below in backward:
+                mm(w_t, delta, below)
+            for delta, a_t, g in grads:
+                mm(delta, a_t, g)
+            subtract(flat, grad, flat)
+        for w, p in zip(W, self.ps):
+            p[...] = w
+        if buffered:
+            R = self.residuals[:n]
+            losses = np.einsum("tij,tij->t", R, R)
+        return losses / self.divisor
+
+
+RESIDUALS_BYTES = 1 << 22      # _SquaredLossSteps keeps a run's residuals up to this size
+
+
+def step_runs(ps, loss_and_grads, lr):
+    """Runs of steps for align.gradient_descent: CUDA-graph chunks for CuPy parameters
+    when enabled; on NumPy ``loss_and_grads.in_place(ps, lr)`` where the loss offers it;
+    else None (step by step, align's loop)."""
+    if array_module(*ps) is not np:
+        import _cuda
+        return _cuda._CudaGraphChunks(ps, loss_and_grads, lr) if _cuda.CUDA_GRAPH_STEPS >= 2 else None
+    in_place = getattr(loss_and_grads, "in_place", None)
+    return in_place(ps, lr) if in_place else None
+
+
+
+# ---------------------------------------------------------------- measures --
+
+HOST_SVD_MAX = 256      # layers whose smaller side is at most this are decomposed on the host
+HOST_EIGH_MAX = 128     # larger Gram matrices of layer 1's split go to the GPU's eigh (cuSOLVER:
+                        # 2.9 ms for 320 x 320 on an H200, LAPACK 7.6 ms on its host)
+
+
+def _linalg(fn, A):
+    """fn(A), a NumPy or CuPy decomposition (svd, eigh) of a matrix or a batch.  A large
+    batch of small matrices on the host is split across the cores: NumPy loops over
+    them in LAPACK without holding the GIL, so each matrix gets the same result, in
+    1/cores the time (larger matrices use the cores inside LAPACK already)."""
+    small = A.ndim == 3 and array_module(A) is np and max(A.shape[1:]) <= THREADED_SIDE_MAX
+    threads = min(_CORES, A.shape[0] // THREADED_BATCH_MIN) if small else 1
+    if threads < 2:
+        return fn(A)
+    outs = _thread_pool("lapack", _CORES).map(fn, np.array_split(A, threads))
+    return tuple(np.concatenate(pieces) for pieces in zip(*outs))
+
+
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+THREADED_BATCH_MIN = 64  # matrices per thread at least (fewer: the threads cost more than they save)
+THREADED_SIDE_MAX = 64   # matrices at most this size are split across threads
+
+
+def _reduced_svd(W, keep=False):
+    """Reduced SVD (U, s, V) as float64 host arrays, s descending.
+
+    float32 layers: from the eigenvectors of the float64 Gram matrix of the smaller
+    side, several times faster than an SVD and more accurate than a float32 SVD
+    (vector errors ~ 1e-16 ||W||^2 / (sigma gap) instead of ~ 6e-8 ||W|| / gap).
+    With ``keep``, a batch on the GPU stays there: matrices up to SMALL_SVD_KERNEL_MAX
+    on a side go to _cuda._small_svd_kernel, larger ones to CuPy's batched svd.
+    """
+    if keep and W.ndim == 3 and array_module(W) is not np:
+        import _cuda
+        if max(W.shape[-2:]) <= _cuda.SMALL_SVD_KERNEL_MAX:
+            return _cuda._small_svd_kernel(array_module(W), W)
+        U, s, Vt = array_module(W).linalg.svd(W.astype(np.float64), full_matrices=False)
+        return U, s, _T(Vt)
+    if min(W.shape[-2:]) <= HOST_SVD_MAX:   # small: LAPACK on the host beats GPU solvers
+        W = to_numpy(W)
+    xp = array_module(W)
+    if W.dtype == xp.float32 and min(W.shape[-2:]) > 1:
+        return _svd_by_gram(W.astype(xp.float64))
+    U, s, Vt = _linalg(lambda A: xp.linalg.svd(A, full_matrices=False), W)
+    return to_numpy(U).astype(np.float64), to_numpy(s).astype(np.float64), \
+        to_numpy(_T(Vt)).astype(np.float64)
+
+
+def reduced_svds(weights, keep=False):
+    """[_reduced_svd(W, keep) for W in weights], in one call when small layers (or a GPU
+    batch's) share a shape (batched LAPACK on the host; GPU solvers do large layers one
+    by one faster)."""
+    xp, same = array_module(*weights), len({(W.shape, W.dtype) for W in weights}) == 1
+    batched = weights[0].ndim == 3
+    if same and (len(weights) > 1 or batched) and \
+            (min(weights[0].shape[-2:]) <= HOST_SVD_MAX or keep and batched and xp is not np):
+        stacked = xp.stack(weights)                       # (layers, [networks,] rows, columns)
+        svd = _reduced_svd(stacked.reshape((-1,) + stacked.shape[-2:]), keep)
+        return list(zip(*(a.reshape(stacked.shape[:-2] + a.shape[1:]) for a in svd)))
+    return [_reduced_svd(W, keep) for W in weights]
+
+
+def _svd_by_gram(A):
+    """Reduced SVD of A (float64) via eigh of the Gram matrix of its smaller side."""
+    xp = array_module(A)
+    wide = A.shape[-2] < A.shape[-1]
+    B = _T(A) if wide else A                     # m x n with n <= m
+    w, V = _linalg(xp.linalg.eigh, _T(B) @ B)
+    w, V = xp.flip(w, axis=-1), xp.ascontiguousarray(xp.flip(V, axis=-1))   # (BLAS: no copy per use)
+    s = xp.sqrt(xp.maximum(w, 0))
+    U, s, V = to_numpy(B @ V), to_numpy(s), to_numpy(V)
+    tiny = s <= 1e-7 * s[..., :1]                # below float32 resolution (and the Gram's)
+    U = U / np.where(tiny, 1.0, s)[..., None, :]
+    if tiny.any():                               # directions of zero singular values
+        U = np.stack([_complete(u, t) for u, t in zip(U.reshape((-1,) + U.shape[-2:]),
+                                                      tiny.reshape(-1, tiny.shape[-1]))]).reshape(U.shape)
+    return (V, s, U) if wide else (U, s, V)
+
+
+def _complete(U, missing):
+    """U with its ``missing`` columns replaced by an orthonormal completion: the
+    coordinate vectors farthest from span(the other columns), projected off it (twice:
+    orthogonal to rounding) and orthonormalised, in O(m n t) for t missing columns;
+    a complete QR (O(m^3)) where those projections are not clearly independent."""
+    U, kept, t = U.copy(), U[:, ~missing], int(missing.sum())
+    rows = np.argsort((kept * kept).sum(axis=1), kind="stable")[:t]      # farthest from span
+    Z = np.zeros((U.shape[0], t))
+    Z[rows, np.arange(t)] = 1.0
+    for _ in range(2):
+        Z -= kept @ (kept.T @ Z)
+    Q, R = np.linalg.qr(Z)
+    independent = t and np.abs(np.diagonal(R)).min() > COMPLETION_MIN
+    U[:, missing] = Q if independent else _orth_complement(kept, U.shape[0])[:, :t]
+    return U
+
+
+COMPLETION_MIN = 1e-3   # projections smaller than this: the complete QR instead
+
+
+
+def greedy_match(C, capacity):
+    """The matching of the paired measure (alignment(), Section 6): one-to-one (rows)
+    to capacitated columns, greedy by decreasing C >= 0:
+    the entries in decreasing order, ties in row-major order, each taken when its row
+    is free and its column has room.  C may hold a batch (B x p x m); capacity: (m,)
+    or (B, m).  Returns the matched value of each row (0 where no column had room).
+
+    Small inputs go entry by entry (GREEDY_ONE_BY_ONE_MAX entries at most), batches of
+    matrices with few rows by taking every matrix's largest open entry p times; larger
+    ones in vectorised rounds: a free row takes its best open entry when fewer than
+    the column's room entries of free rows come before that entry in the order (the
+    one-by-one greedy then takes it too, whatever it does before), so each round
+    takes at least the first open entry of all.  On a GPU one CUDA thread per matrix
+    takes the best open entry as long as one is left (_cuda._greedy_kernel).
+    """
+    xp = array_module(C)
+    single = C.ndim == 2
+    C = C[None] if single else C
+    nb, p, m = C.shape
+    room = xp.broadcast_to(xp.asarray(capacity, dtype=np.int64), (nb, m)).copy()
+    if xp is not np:
+        import _cuda
+        value = (_cuda._greedy_kernel(xp, C, room) if p * p * m <= _cuda.GREEDY_KERNEL_MAX else
+                 _greedy_rounds(C, room))
+    else:
+        if C.size > GREEDY_ONE_BY_ONE_MAX:
+            C, room = _without_zero_columns(C, room)
+        value = (_greedy_one_by_one if C.size <= GREEDY_ONE_BY_ONE_MAX else
+                 _greedy_by_maxima if p <= GREEDY_BY_MAXIMA_ROWS else _greedy_rounds)(C, room)
+    return value[0] if single else value
+
+
+def _without_zero_columns(C, room):
+    """C and room without the columns that are zero in every matrix (unless C holds a NaN):
+    their entries come after every positive one, so taking them changes no row's value."""
+    top = C.max(axis=(0, 1))
+    keep = top != 0
+    if keep.all() or np.isnan(top).any():
+        return C, room
+    return C[:, :, keep], room[:, keep]
+
+
+GREEDY_ONE_BY_ONE_MAX = 1024
+GREEDY_BY_MAXIMA_ROWS = 16      # batches of matrices with at most this many rows: p passes
+
+def _greedy_by_maxima(C, room):
+    """_greedy_match for a batch of matrices with few rows (NumPy, no NaN): p times, every
+    matrix takes its largest open entry, the first in row-major order among equal ones,
+    which is the entry the one-by-one greedy takes next.  One pass costs a few array
+    operations, where a round of _greedy_rounds costs ~30 (thousands of fig1a networks)."""
+    nb, p, m = C.shape
+    open_ = np.ascontiguousarray(np.where(room[:, None, :] > 0, C, -1.0))  # -1: closed entry
+    flat = open_.reshape(nb, p * m)                              # (a view of open_)
+    nets, value = np.arange(nb), np.zeros((nb, p))
+    for _ in range(p):
+        best = flat.argmax(axis=1)
+        top = flat[nets, best]
+        took = top >= 0
+        if not took.any():
+            break
+        b, best, top = nets[took], best[took], top[took]
+        r, c = best // m, best % m
+        value[b, r] = top
+        open_[b, r, :] = -1.0
+        room[b, c] -= 1
+        full = room[b, c] == 0
+        open_[b[full], :, c[full]] = -1.0
+    return value
+
+
+def _greedy_one_by_one(C, room, free=None):
+    """_greedy_match entry by entry, as its docstring states the rule (rows ``free``)."""
+    nb, p, m = C.shape
+    flat = C.reshape(nb, -1)
+    order = np.argsort(-flat, axis=1, kind="stable")           # decreasing, ties row-major
+    value = np.zeros((nb, p))
+    free = np.ones((nb, p), dtype=bool) if free is None else free
+    for b, (entries, values, cap, free) in enumerate(zip(order.tolist(), flat.tolist(), room.tolist(),
+                                                         free.tolist())):
+        left = min(sum(free), sum(cap))
+        for e in entries:
+            if not left:
+                break
+            r, c = divmod(e, m)
+            if free[r] and cap[c]:
+                free[r], cap[c], left = False, cap[c] - 1, left - 1
+                value[b, r] = values[e]
+    return value
+
+
+def _greedy_rounds(C, room):
+    """_greedy_match in vectorised rounds (see there), each on the networks, rows and
+    columns left."""
+    xp, (nb, p, m) = array_module(C), C.shape
+    value, free = xp.zeros((nb, p)), xp.ones((nb, p), dtype=bool)
+    while True:                                  # each round on what is left
+        nets = xp.flatnonzero(free.any(axis=1) & (room > 0).any(axis=1))
+        rows, cols = (xp.flatnonzero(a[nets].any(axis=0)) for a in (free, room > 0))
+        if not (nets.size and rows.size and cols.size):
+            break
+        at = (nets[:, None], rows[None, :])
+        if nets.size == nb and rows.size == p and cols.size == m:
+            Cs, fs, rs = C, free, room                                      # (no copies)
+        else:
+            Cs, fs, rs = C[nets[:, None, None], rows[None, :, None], cols], free[at], room[nets[:, None], cols]
+        if Cs.size <= GREEDY_ONE_BY_ONE_MAX and xp is np:                   # small: finish
+            value[at] += _greedy_one_by_one(Cs, rs, fs)
+            break
+        if nets.size == 1:              # one network: every row and column left is open
+            live, free_C = xp.ones(fs.shape, dtype=bool), Cs
+            best = Cs.argmax(axis=2)
+        else:
+            open_ = fs[:, :, None] & (rs[:, None, :] > 0)
+            live, free_C = open_.any(axis=2), xp.where(fs[:, :, None], Cs, -1.0)
+            best = xp.where(open_, Cs, -1.0).argmax(axis=2)        # first best open column
+        best_val = xp.take_along_axis(Cs, best[:, :, None], axis=2)[:, :, 0]
+        column = xp.take_along_axis(free_C, best[:, None, :], axis=2)
+        v = best_val[:, None, :]                                   # column[b, r', r] = C[r', best[r]]
+        before = rows[:, None] < rows[None, :]                     # r' ahead of r on ties
+        ahead = ((column > v) | ((column == v) & before)).sum(axis=1)
+        b, r = xp.nonzero(live & (ahead < xp.take_along_axis(rs, best, axis=1)))
+        net, c = nets[b], cols[best[b, r]]
+        value[net, rows[r]], free[net, rows[r]] = best_val[b, r], False
+        room -= xp.bincount(net * m + c, minlength=nb * m).reshape(nb, m)
+    return value
+
+
+def _paired_generic(*pair_lists):
+    """[The paired score of each list of pairs], for networks (a batch, or one) whose
+    singular values are all nonzero and distinct, so every cluster is one direction and
+    every direction is used: the vectorised form of _paired_score, with one greedy
+    matching per shape for all the lists."""
+    totals, counts, groups = [0.0] * len(pair_lists), [0] * len(pair_lists), {}
+    for j, pairs in enumerate(pair_lists):
+        for pair in pairs:
+            M = pair.product
+            if M.shape[-2] > M.shape[-1]:
+                M = _T(M)
+            p, q = M.shape[-2:]
+            k = pair.k - pair.exact_used          # as _paired_match (here every direction is used)
+            groups.setdefault((p, q, max(0, min(k, pair.positions or k) - q)), []).append((j, M))
+            totals[j], counts[j] = totals[j] + pair.exact_used, counts[j] + p + pair.exact_used
+    for (p, q, room), members in groups.items():
+        xp = array_module(members[0][1])                          # (a batch on the GPU stays)
+        sq = xp.stack([M for _, M in members]) ** 2               # (pairs, [batch,] p, q)
+        if room:                                                  # the complement of B's span
+            outside = xp.clip(1.0 - sq.sum(axis=-1, keepdims=True), 0.0, 1.0)
+            sq = xp.concatenate([sq, outside], axis=-1)
+        C = xp.sqrt(xp.clip(sq, 0.0, 1.0))
+        value = greedy_match(C.reshape((-1,) + C.shape[-2:]), [1] * q + ([room] if room else []))
+        value = value.reshape(C.shape[:-1]).sum(axis=-1)           # (pairs, [batch])
+        for (j, _), v in zip(members, value):
+            totals[j] = totals[j] + v
+    return [t / c if c else 1.0 for t, c in zip(totals, counts)]
+
+
+
+def tracker(weights_0, rtol=1e-6):
+    """A measure for :func:`train`: ``m(weights, _)`` returns alignment and invariance
+    (Section 6) by both rules, {"alignment_paired", "alignment_matched", "invariance_paired",
+    "invariance_matched"}, with one SVD per layer (those of weights_0 computed once).
+
+    ``m.from_svds(now, then=None, widths=None, static=None)`` measures from reduced
+    SVDs (float64, host) instead, e.g. layer 1 split by ``_split_first_layers``;
+    it returns None when that split cannot be measured exactly.  ``m.starts_at(ws)``:
+    whether ws are weights_0 (then :func:`train` may measure from the split).
+    """
+    keep = weights_0[0].ndim == 3 and weights_0[0].shape[0] >= GPU_BATCH_MIN   # on a GPU: stays
+    start = reduced_svds(weights_0, keep)
+    start_generic = _generic(start, rtol)
+
+    def from_svds(now, then=None, widths=None, static=None):
+        generic = _generic(now, rtol) & (start_generic if then is None else _generic(then, rtol))
+        then = start if then is None else then
+        widths = widths or align._widths(now)
+        if now[0][1].ndim == 1:
+            return _measures(now, then, widths, rtol, static, bool(generic))
+        values = _measures(now, then, widths, rtol, generic=True)        # every network
+        is_generic, *rows = _to_host([generic] + [values[key] for key in align.MEASURE_KEYS])
+        out, others = dict(zip(align.MEASURE_KEYS, rows)), np.flatnonzero(is_generic == 0)
+        if others.size:                          # repeated or zero singular values: one by one
+            flat = _to_host([a for svd in now + then for a in svd], others)
+            svds = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+            for j, b in enumerate(others):
+                one = [tuple(a[j] for a in svd) for svd in svds]
+                for key, value in _measures(one[:len(now)], one[len(now):], widths, rtol).items():
+                    out[key][b] = value
+        return out
+
+    def measure(weights, _=None):
+        return from_svds(reduced_svds(weights, keep))
+
+    def starts_at(weights):
+        return len(weights) == len(weights_0) and all(
+            a is b or (a.shape == b.shape and bool((a == b).all())) for a, b in zip(weights, weights_0))
+    measure.from_svds, measure.starts_at = from_svds, starts_at
+    return measure
+
+
+def _measures(now, then, widths, rtol, static=None, generic=None):
+    """The four measures from reduced SVDs now and at the start (None: see
+    _split_invariance_pairs); the vectorised rule when all singular values are distinct."""
+    invariant = align._invariance_pairs(now, then, widths)
+    if static and len(now) > 1:
+        invariant = _split_invariance_pairs(invariant, now[0], then[0], widths[1], rtol, static)
+    if invariant is None:
+        return None
+    aligned = align._alignment_pairs(now, widths)
+    if generic is None:
+        generic = bool(_generic(now, rtol) and _generic(then, rtol))
+    paired = _paired_generic(aligned, invariant) if generic else \
+        (align._paired_score(aligned, rtol), align._paired_score(invariant, rtol))
+    values = {"alignment_paired": paired[0], "alignment_matched": align._matched_score(aligned),
+              "invariance_paired": paired[1], "invariance_matched": align._matched_score(invariant)}
+    return values if generic is True and now[0][1].ndim > 1 else \
+        {key: float(v) for key, v in values.items()}
+
+
+def _split_invariance_pairs(pairs, now, then, k, rtol, static):
+    """The invariance pairs with layer 1's (U_1(t), U_1(0)), the first, replaced by its
+    moving directions: layer 1 from _split_first_layers has U in the coordinates of Q,
+    zero for the static directions (masks ``static``, now and then), which are the same
+    vectors at both times and so left out as exact matches.  None when that is not
+    exact (a static direction used at one time only)."""
+    (U, s, _), (U0, s0, _), (mask, mask0) = now, then, static
+    used, used0 = int((s[mask] > rtol * s[0]).sum()), int((s0[mask0] > rtol * s0[0]).sum())
+    if used != used0:
+        return None
+    return pairs[1:] + [align._Pair(U[:, ~mask], s[~mask], U0[:, ~mask0], s0[~mask0], k, rows_b=False,
+                                    exact=int(mask.sum()), exact_used=used, scale_a=s[0], scale_b=s0[0])]
+
+
+# Batches of at least this many networks are measured where they are (on a GPU: there).
+GPU_BATCH_MIN = 64
+
+
+def _to_host(arrays, rows=None):
+    """float64 host copies of the arrays (of their ``rows`` when given), in one transfer
+    from a GPU (each transfer waits for the GPU)."""
+    xp = array_module(*arrays)
+    rows = None if rows is None else xp.asarray(rows)
+    parts = [(a if rows is None else a[rows]).astype(np.float64, copy=False) for a in arrays]
+    if xp is np:
+        return parts
+    flat = to_numpy(xp.concatenate([p.ravel() for p in parts]))
+    ends = np.cumsum([0] + [p.size for p in parts])
+    return [flat[a:b].reshape(p.shape) for a, b, p in zip(ends, ends[1:], parts)]
+
+
+def _generic(svds, rtol):
+    """For each network of a batch: all singular values nonzero and distinct (up to rtol)."""
+    values = [s for _, s, _ in svds]
+    xp = array_module(*values)
+    stacked = len({s.shape for s in values}) == 1      # layers of one shape: one pass
+    ok = True
+    for s in [xp.stack(values)] if stacked else values:
+        top = s[..., :1]
+        good = (s[..., -1] > rtol * top[..., 0]) & (abs(xp.diff(s, axis=-1)) > rtol * top).all(axis=-1)
+        ok = ok & (good.all(axis=0) if stacked else good)
+    return ok
+
+

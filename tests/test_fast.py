@@ -1,0 +1,441 @@
+"""Each exact speed-up of _fast.py against align.py's reference (align._fast = None): the
+same iterates to rounding in float64, the same measures, the same stopping step."""
+import numpy as np
+import pytest
+
+import _fast
+import align
+from conftest import finite_difference, greedy_cases, random_problem
+
+
+def fast_and_reference(monkeypatch, run):
+    """(run() with _fast.py, run() with align.py's reference code alone)."""
+    fast = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(align, "_fast", None)
+        return fast, run()
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch", [None, 3])
+def test_both_groupings_of_eq8_give_the_same_gradients_for_the_counted_flops(monkeypatch, depth, batch):
+    """Eq. (8)'s products layer by layer (backpropagation) and grouped at the outputs:
+    the same loss, weight and input gradients to rounding, with the multiply-adds
+    _chain_costs counts for each (the cheaper grouping is the one taken)."""
+    rng = np.random.default_rng(50 + depth)
+    widths = [7] + [int(k) for k in rng.integers(8, 30, depth - 1)] + [3]
+    weights, X, labels = random_problem(rng, "ce", widths, 40)
+    if batch:
+        weights = [np.stack([W + 0.1 * rng.standard_normal(W.shape) for _ in range(batch)]) for W in weights]
+    Y = align.prepare_targets(labels, "ce", 3, 40)
+    output_grad = lambda F: align.loss_and_output_gradient(F, Y, "ce")
+    results, counted, mm = {}, {}, align.matmul
+    for at_outputs in (False, True):
+        flops = []
+        monkeypatch.setattr(align, "matmul", lambda A, B: flops.append(A.shape[-2] * A.shape[-1] * B.shape[-1])
+                            or mm(A, B))
+        monkeypatch.setattr(_fast, "_cheaper_at_outputs", lambda shapes, n: at_outputs)
+        results[at_outputs], counted[at_outputs] = _fast._chain_gradients(weights, X, output_grad, True), sum(flops)
+        monkeypatch.undo()
+    (L1, grads1, dX1), (L2, grads2, dX2) = results[False], results[True]
+    np.testing.assert_allclose(L2, L1, rtol=1e-13)
+    for a, b in zip(grads2 + [dX2], grads1 + [dX1]):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * np.abs(b).max())
+    shapes = tuple(W.shape[-2:] for W in weights)
+    assert (counted[False], counted[True]) == _fast._chain_costs(shapes, 40)
+    assert _fast._cheaper_at_outputs(shapes, 40) == (_fast.AT_OUTPUTS_GAIN * counted[True] < counted[False])
+
+
+def test_gradients_grouped_at_outputs_match_finite_differences():
+    rng = np.random.default_rng(55)
+    weights, X, Y = random_problem(rng, "mse", [3, 12, 12, 2], 30)
+    assert _fast._cheaper_at_outputs(tuple(W.shape for W in weights), 30)
+    grads = _fast._loss_and_gradients(weights, X, Y, "mse")[1]
+    for i in range(3):
+        G = finite_difference(weights, X, Y, "mse", i)
+        assert np.linalg.norm(grads[i] - G) <= 1e-6 * np.linalg.norm(G)
+    assert not _fast._cheaper_at_outputs(((9, 9),) * 3, 9)     # fig1a: layer by layer
+
+
+def test_steps_in_place_only_where_eq8_goes_layer_by_layer(monkeypatch):
+    """_SquaredLossSteps (call-bound small networks) backpropagates layer by layer; where
+    grouping at the outputs is cheaper (n >= k0, narrow ends) train steps that way."""
+    made = []
+    monkeypatch.setattr(_fast, "_SquaredLossSteps", lambda *a: made.append(a) or _fast._StepChunks(
+        a[0], lambda ps: _fast._loss_and_gradients(ps, a[1], a[2], a[3]), a[4]))
+    rng = np.random.default_rng(56)
+    for widths, n, in_place in (([5, 5, 5], 9, True), ([3, 12, 12, 2], 30, False)):
+        weights, X, Y = random_problem(rng, "mse", widths, n)
+        align.train(weights, X, Y, max_steps=3)
+        assert len(made) == in_place
+        made.clear()
+
+
+def test_greedy_matching_in_rounds_and_one_by_one_equals_the_sequential_greedy(monkeypatch):
+    def zero_columns(rng, C, trial):                             # (left out by the greedy)
+        if trial % 3 == 0:
+            C[:, :, rng.random(C.shape[2]) < 0.4] = 0.0
+    for C, capacity, want in greedy_cases(20, 400, 3, zero_columns):
+        for largest, rows in ((0, 0), (40, 0), (0, 16), (10 ** 6, 0)):   # in rounds, rounds then
+            monkeypatch.setattr(_fast, "GREEDY_ONE_BY_ONE_MAX", largest)     # one by one, by maxima,
+            monkeypatch.setattr(_fast, "GREEDY_BY_MAXIMA_ROWS", rows)        # one by one
+            np.testing.assert_array_equal(_fast.greedy_match(C, capacity), want)
+            np.testing.assert_array_equal(_fast.greedy_match(C[0], capacity[0]), want[0])
+    C, room = np.array([[[0.5, 0.0, 0.0], [0.2, 0.3, 0.0]]]), np.ones((1, 3), int)
+    assert _fast._without_zero_columns(C, room)[0].shape == (1, 2, 2)   # the zero column out
+    C[0, 0, 1] = np.nan                              # (one by one: NaN last) no column left out
+    assert _fast._without_zero_columns(C, room)[0] is C
+
+
+@pytest.mark.parametrize("kind", ["mse", "mse_mean", "ce", "logistic"])
+@pytest.mark.parametrize("widths", [[12, 9, 5, 4], [20, 16, 3, 2], [12, 30, 4]])
+@pytest.mark.parametrize("rotate_back_min", [1, 10 ** 6])     # other losses: samples rotated or not
+def test_row_space_fast_path_gives_the_same_iterates_and_measures(monkeypatch, kind, widths,
+                                                                  rotate_back_min):
+    monkeypatch.setattr(_fast, "ROTATE_BACK_MIN", rotate_back_min)
+    if kind == "logistic":
+        widths = widths[:-1] + [1]
+    rng = np.random.default_rng(21)
+    weights, X, Y = random_problem(rng, kind, widths, 6)               # n = 6 < k0
+    (fast, hf), (slow, hs) = fast_and_reference(monkeypatch, lambda: align.train(
+        weights, X, Y, kind, lr=0.05, max_steps=200, tol=0.0, measure_every=50,
+        measures={"m": align.tracker(weights)}))
+    for a, b in zip(fast, slow):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(hf.losses, hs.losses, rtol=1e-11)
+    for key in hs.measurements:
+        np.testing.assert_allclose(hf.measurements[key], hs.measurements[key], atol=1e-10)
+
+
+def test_tracker_on_a_large_batch_measures_where_the_batch_is(xp, monkeypatch):
+    """A large batch (on a GPU: decomposed and matched there) measures as NumPy does,
+    networks with repeated singular values included (those go one by one)."""
+    rng = np.random.default_rng(29)
+    for widths in ([5, 5, 5, 5], [5, 7, 3]):
+        w0 = [rng.standard_normal((6, widths[i + 1], widths[i])) for i in range(len(widths) - 1)]
+        w1 = [W + 0.3 * rng.standard_normal(W.shape) for W in w0]
+        w1[0][2] = np.eye(*w1[0].shape[1:])                      # network 2: repeated values
+        want = align.tracker(w0)(w1)
+        monkeypatch.setattr(_fast, "GPU_BATCH_MIN", 4)
+        got = align.tracker([xp.asarray(W) for W in w0])([xp.asarray(W) for W in w1])
+        monkeypatch.undo()
+        for key, value in want.items():
+            assert type(got[key]) is np.ndarray
+            np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mse", "ce"])
+@pytest.mark.parametrize("per_network_data", [False, True])
+def test_row_space_fast_path_on_a_batch_of_networks(monkeypatch, kind, per_network_data):
+    monkeypatch.setattr(_fast, "ROTATE_BACK_MIN", 1)            # ce: samples rotated too
+    rng = np.random.default_rng(22)
+    batch = [rng.standard_normal((3, 9, 12)) / 4, rng.standard_normal((3, 4, 9)) / 3]
+    X = rng.standard_normal((3, 12, 5) if per_network_data else (12, 5))
+    Y = rng.integers(0, 4, 5) if kind == "ce" else rng.standard_normal((4, 5))
+    if per_network_data and kind == "mse":
+        Y = np.stack([Y, 2 * Y, -Y])
+    (fast, _), (slow, _) = fast_and_reference(monkeypatch, lambda: align.train(
+        batch, X, Y, kind, lr=0.05, max_steps=100, tol=0.0))
+    for a, b in zip(fast, slow):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_batched_decompositions_split_across_threads_equal_one_call(monkeypatch):
+    """A large host batch of small matrices is decomposed in pieces on threads: each
+    matrix's SVD and eigh come out bit for bit as from one call, and a batch's
+    measures as without threads."""
+    rng = np.random.default_rng(31)
+    A = rng.standard_normal((10, 5, 4))
+    G = np.swapaxes(A, 1, 2) @ A
+    svd = lambda M: np.linalg.svd(M, full_matrices=False)
+    want = [svd(A), np.linalg.eigh(G)]
+    w0 = [rng.standard_normal((4, 5, 5)) for _ in range(3)]
+    w1 = [W + 0.2 * rng.standard_normal(W.shape) for W in w0]
+    measures = align.tracker(w0)(w1)
+    monkeypatch.setattr(_fast, "_CORES", 3)
+    monkeypatch.setattr(_fast, "THREADED_BATCH_MIN", 2)
+    monkeypatch.setattr(_fast, "_pools", {})
+    for got, expected in zip([_fast._linalg(svd, A), _fast._linalg(np.linalg.eigh, G)], want):
+        for a, b in zip(got, expected):
+            assert a.shape == b.shape and np.array_equal(a, b)
+    assert "lapack" in _fast._pools and _fast._pools["lapack"]._max_workers == 3
+    threaded = align.tracker(w0)(w1)
+    for key, value in measures.items():
+        np.testing.assert_array_equal(threaded[key], value)
+    monkeypatch.setattr(_fast, "THREADED_SIDE_MAX", 4)           # larger matrices: one call
+    monkeypatch.setattr(_fast, "_pools", {})
+    _fast._linalg(svd, A)
+    assert not _fast._pools
+
+
+def test_float32_measures_through_the_gram_matrix_match_float64_svd():
+    rng = np.random.default_rng(24)
+    for shape in [(40, 30), (30, 40), (3, 25, 20)]:
+        W = rng.standard_normal(shape).astype(np.float32)
+        U, s, V = _fast._reduced_svd(W)
+        Uw, sw, Vtw = np.linalg.svd(W.astype(np.float64), full_matrices=False)
+        np.testing.assert_allclose(s, sw, rtol=1e-12)
+        np.testing.assert_allclose(np.abs((U * Uw).sum(-2)), 1.0, atol=1e-9)   # same vectors up to sign
+        np.testing.assert_allclose(np.abs((V * np.swapaxes(Vtw, -1, -2)).sum(-2)), 1.0, atol=1e-9)
+    low = np.outer(rng.standard_normal(6), rng.standard_normal(4)).astype(np.float32)   # rank 1
+    U, s, V = _fast._reduced_svd(low)
+    np.testing.assert_allclose(U.T @ U, np.eye(4), atol=1e-12)
+    np.testing.assert_allclose(U @ np.diag(s) @ V.T, low, atol=1e-5)
+
+
+@pytest.mark.parametrize("m, n, t", [(30, 30, 3), (40, 25, 1), (6, 6, 5)])
+def test_directions_of_zero_singular_values_complete_an_orthonormal_basis(m, n, t, monkeypatch):
+    rng = np.random.default_rng(m + t)
+    U = np.linalg.qr(rng.standard_normal((m, n)))[0]
+    missing = np.zeros(n, dtype=bool)
+    missing[rng.choice(n, t, replace=False)] = True
+    full_qr = []
+    monkeypatch.setattr(_fast, "_orth_complement", lambda *a: full_qr.append(1) or np.linalg.qr(
+        a[0], mode="complete")[0][:, a[0].shape[1]:])
+    done = _fast._complete(np.where(missing, np.nan, U), missing)
+    np.testing.assert_array_equal(done[:, ~missing], U[:, ~missing])
+    np.testing.assert_allclose(done.T @ done, np.eye(n), atol=1e-13)
+    assert not full_qr                                                # projections sufficed
+    pair = np.zeros((4, 4))                                           # complement: e0 + e1, e2 + e3
+    pair[:, :2] = np.array([[1, -1, 0, 0], [0, 0, 1, -1]]).T / np.sqrt(2)
+    done = _fast._complete(pair, np.array([False, False, True, True]))
+    assert full_qr                                                    # e0, e1 project to one vector
+    np.testing.assert_allclose(done.T @ done, np.eye(4), atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype, atol", [(np.float64, 1e-10), (np.float32, 1e-5)])
+def test_measures_split_along_the_invariant_subspace_equal_the_direct_ones(dtype, atol):
+    rng = np.random.default_rng(25)
+    widths, n = [20, 24, 3, 2], 6
+    X, Y = rng.standard_normal((20, n)), rng.standard_normal((2, n))
+    weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1)
+    weights, X, Y = [W.astype(dtype) for W in weights], X.astype(dtype), Y.astype(dtype)
+    Q = _fast._range_basis(np.concatenate([weights[0] @ X, weights[1].T], axis=1).astype(np.float64),
+                           100 * np.finfo(dtype).eps).astype(dtype)
+    split = _fast._split_first_layers(weights[0], Q, X.T)
+    assert split is not None
+    C = rng.standard_normal((Q.shape[1], n)) * 0.1
+    W2 = rng.standard_normal((3, Q.shape[1]))
+    (got1, got2), static = split([C, W2])
+    (U, s, V), want2 = [_fast._reduced_svd(M) for M in (weights[0] + Q @ C @ X.T, W2 @ Q.T)]
+    np.testing.assert_allclose(got1[1], s, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.abs(((Q @ got1[0][:, ~static]) * U[:, ~static]).sum(0)), 1.0,
+                               atol=atol)                      # dynamic: in span(Q)
+    assert not got1[0][:, static].any() and static.sum() > 0
+    np.testing.assert_allclose(Q.T @ U[:, static], 0.0, atol=atol)   # static: orthogonal to it
+    np.testing.assert_allclose(got2[1], want2[1], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.abs((got2[0] * want2[0]).sum(0)), 1.0, atol=atol)
+    np.testing.assert_allclose(np.abs(((Q @ got2[2]) * want2[2]).sum(0)), 1.0, atol=atol)
+    random_start = [rng.standard_normal(W.shape).astype(dtype) for W in weights]
+    assert _fast._split_first_layers(random_start[0], Q, X.T) is None
+
+
+def test_split_measures_on_the_device_equal_the_host_ones(xp, monkeypatch):
+    """Layer 1's moving directions decomposed where the arrays live (large layers:
+    eigh on the GPU) give the host's singular values and vectors."""
+    rng = np.random.default_rng(28)
+    widths, n = [20, 24, 3, 2], 6
+    X, Y = rng.standard_normal((20, n)), rng.standard_normal((2, n))
+    weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1)
+    Q = _fast._range_basis(np.concatenate([weights[0] @ X, weights[1].T], axis=1), 1e-12)
+    params = [rng.standard_normal((Q.shape[1], n)) * 0.1, rng.standard_normal((3, Q.shape[1]))]
+    (want1, want2), want_static = _fast._split_first_layers(weights[0], Q, X.T)(params)
+    monkeypatch.setattr(_fast, "HOST_SVD_MAX", 0)                  # every decomposition on xp
+    monkeypatch.setattr(_fast, "HOST_EIGH_MAX", 0)
+    split = _fast._split_first_layers(*(xp.asarray(a) for a in (weights[0], Q, X.T)))
+    (got1, got2), static = split([xp.asarray(p) for p in params])
+    assert (static == want_static).all() and type(got1[0]) is np.ndarray
+    np.testing.assert_allclose(got1[1], want1[1], rtol=1e-12)
+    np.testing.assert_allclose(np.abs((got1[0] * want1[0]).sum(0))[~static], 1.0, atol=1e-10)
+    np.testing.assert_allclose(got2[1], want2[1], rtol=1e-12)
+    np.testing.assert_allclose(np.abs((got2[2] * want2[2]).sum(0)), 1.0, atol=1e-10)
+
+
+@pytest.mark.parametrize("repeated, rtol", [(False, 1e-6), (True, 1e-6), (True, 0.05)])
+def test_training_with_split_measures_records_the_same_values(repeated, rtol, monkeypatch):
+    """Layer 1 split into static and moving directions (static ones left out as exact
+    matches) measures as the dense SVDs do, also when singular values repeat across
+    the two kinds (clusters that mix them)."""
+    rng = np.random.default_rng(26)
+    widths, n = [20, 24, 3, 2], 6
+    X, Y = rng.standard_normal((20, n)), rng.standard_normal((2, n))
+    sigmas = [np.ones(20), rng.uniform(0.5, 1, 3), rng.uniform(0.5, 1, 2)] if repeated else None
+    weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1,
+                                 sigmas=sigmas)
+    split_used, pairs = [], _fast._split_invariance_pairs
+    monkeypatch.setattr(_fast, "_split_invariance_pairs", lambda *a: split_used.append(
+        pairs(*a) is not None) or pairs(*a))
+    (_, fast), (_, slow) = fast_and_reference(monkeypatch, lambda: align.train(
+        weights, X, Y, "mse_mean", lr=0.05, max_steps=300, tol=0.0, measure_every=100,
+        measures={"m": align.tracker(weights, rtol=rtol)}))
+    assert split_used == [True] * 4
+    for key in slow.measurements:       # the matched rule depends on the basis SVD picks
+        if not repeated or key.endswith("paired"):          # inside a repeated value
+            np.testing.assert_allclose(fast.measurements[key], slow.measurements[key], atol=1e-9)
+
+
+def test_a_tracker_of_other_weights_measures_against_its_own_start():
+    """train's split measurement (layer 1 in the row space) is only for a tracker of the
+    run's start: a tracker built on other weights compares with those."""
+    rng = np.random.default_rng(45)
+    widths, n = [20, 24, 3, 2], 6
+    X, Y = rng.standard_normal((20, n)), rng.standard_normal((2, n))
+    weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1)
+    later, _ = align.train(weights, X, Y, "mse_mean", lr=0.05, max_steps=200, tol=0.0)
+    for start in (weights, later):
+        track = align.tracker(start)
+        out, hist = align.train(later, X, Y, "mse_mean", lr=0.05, max_steps=100, tol=0.0,
+                                measures={"m": track})
+        for key, value in track(out).items():
+            assert hist.measurements[key][-1] == pytest.approx(value, abs=1e-9)
+    assert track.starts_at(later) and not track.starts_at(weights)
+
+
+def _run_both(monkeypatch, run):
+    """run() kernel by kernel and in replayed chunks (on NumPy: _StepChunks, the
+    bookkeeping of the CUDA-graph path); returns both results."""
+    monkeypatch.setattr(_fast, "step_runs", lambda *a: None)
+    eager = run()
+    rewinds = []
+
+    class Spy(_fast._StepChunks):
+        def rewind(self, j):
+            rewinds.append(j)
+            super().rewind(j)
+    monkeypatch.setattr(_fast, "step_runs", lambda ps, loss_and_grads, lr: Spy(
+        ps, loss_and_grads, lr, longest=5))                # (the first case stops inside a run)
+    return eager, run(), rewinds
+
+
+@pytest.mark.parametrize("tol, record_every, measure_every, max_steps, widths",
+                         [(1e-3, 1, 11, 10_000, [5, 6, 4]),     # stops by tol inside a chunk
+                          (0.0, 3, 25, 103, [5, 6, 4]),         # step budget, sparse records
+                          (1e-3, 4, 1, 10_000, [5, 6, 4]),      # a measurement at every step
+                          (1e-3, 1, 100, 10_000, [12, 9, 5, 4])])  # n < k0: row-space path
+def test_chunked_steps_give_the_same_run_as_step_by_step(monkeypatch, tol, record_every,
+                                                         measure_every, max_steps, widths):
+    rng = np.random.default_rng(30)
+    weights, X, Y = random_problem(rng, "mse", widths, 5)   # n = 5: interpolable
+    calls = []
+    run = lambda: align.train(weights, X, Y, lr=0.05, max_steps=max_steps, tol=tol,
+                              record_every=record_every, measure_every=measure_every,
+                              measures={"a": lambda w, w0: align.alignment(w)},
+                              callback=lambda s, L, h: calls.append(s))
+    (w1, h1), (w2, h2), rewinds = _run_both(monkeypatch, run)
+    assert h1.final_step == h2.final_step and h1.stop_reason == h2.stop_reason
+    assert (rewinds and rewinds[0] > 0) if tol and measure_every > 1 else not rewinds
+    assert h1.steps == h2.steps and h1.losses == h2.losses
+    assert h1.measure_steps == h2.measure_steps and h1.measurements == h2.measurements
+    assert calls[:len(calls) // 2] == calls[len(calls) // 2:]
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_chunked_steps_on_a_batch_and_on_divergence(monkeypatch):
+    rng = np.random.default_rng(31)
+    batch = [rng.standard_normal((3, 5, 5)) / 2 for _ in range(2)]
+    X, Y = rng.standard_normal((3, 5, 9)), rng.standard_normal((3, 5, 9))
+    run = lambda: align.train(batch, X, Y, lr=0.05, max_steps=500, tol=1e-2)
+    (w1, h1), (w2, h2), _ = _run_both(monkeypatch, run)
+    assert h1.steps == h2.steps and h1.final_step == h2.final_step
+    np.testing.assert_array_equal(np.array(h1.losses), np.array(h2.losses))
+    assert h1.losses[0].shape == (3,) and h1.to_dict()["losses"][0] == h1.losses[0].tolist()
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+    weights, X, Y = random_problem(rng, "mse", [4, 4, 4], 4)
+    steps = []
+    for chunker in (None, _fast._StepChunks):
+        monkeypatch.setattr(_fast, "step_runs", chunker or (lambda *a: None))
+        with pytest.raises(align.DivergenceError) as e:
+            align.train([W * 10 for W in weights], X, Y * 100, lr=100.0, max_steps=1000)
+        steps.append(e.value.history.final_step)
+    assert steps[0] == steps[1] > 0
+
+
+@pytest.mark.parametrize("kind, dtype, widths, record_every, tol",
+                         [("mse", np.float64, [4, 5, 3], 1, 1e-3),          # stops inside a run
+                          ("mse_mean", np.float32, [4, 6, 5, 3], 3, 1e-3),  # sparse records
+                          ("mse", np.float64, [4, 3], 1, 0.0),              # one layer, budget
+                          ("mse_mean", np.float64, [4, 4, 4, 4, 3], 2, 1e-3),
+                          ("mse_mean", np.float64, [5, 5, 5, 5], 1, 1e-3)])   # k x k: stacked
+@pytest.mark.parametrize("residuals_bytes", [0, _fast.RESIDUALS_BYTES])   # losses at each step, after
+def test_in_place_squared_loss_steps_give_the_same_numbers(monkeypatch, kind, dtype, widths,
+                                                           record_every, tol, residuals_bytes):
+    """NumPy's in-place runs of steps (a dense network, squared loss, n >= k0) against
+    the step-by-step path: the same records and stopping step, iterates and losses
+    equal to rounding (lr is applied to dL/dF instead of to each gradient)."""
+    monkeypatch.setattr(_fast, "RESIDUALS_BYTES", residuals_bytes)
+    ran, run = [], _fast._SquaredLossSteps._run
+    monkeypatch.setattr(_fast._SquaredLossSteps, "_run", lambda self, n: ran.append(n) or run(self, n))
+    rng = np.random.default_rng(43)
+    weights, X, _ = random_problem(rng, kind, widths, 7)
+    Y = rng.standard_normal((widths[-1], widths[0])) @ X / 2         # interpolable
+    weights, X, Y = [W.astype(dtype) for W in weights], X.astype(dtype), Y.astype(dtype)
+
+    def train():
+        calls = []
+        out, hist = align.train(weights, X, Y, kind, lr=0.05, max_steps=1234, tol=tol,
+                                record_every=record_every, measure_every=100,
+                                measures={"a": lambda w, w0: align.alignment(w)},
+                                callback=lambda s, L, h: calls.append((s, L)))
+        return out, hist, calls
+    (w1, h1, c1), (w2, h2, c2) = fast_and_reference(monkeypatch, train)
+    assert ran and sum(ran) >= h1.final_step and max(ran) <= 100    # the fast run took runs
+    assert h1.final_step == h2.final_step and h1.stop_reason == h2.stop_reason
+    assert h1.final_step < 1234 if tol else h1.final_step == 1234
+    rtol = 1e-11 if dtype == np.float64 else 1e-4
+    assert h1.steps == h2.steps and [s for s, _ in c1] == [s for s, _ in c2]
+    np.testing.assert_allclose(h1.losses, h2.losses, rtol=rtol)
+    np.testing.assert_allclose([L for _, L in c1], [L for _, L in c2], rtol=rtol)
+    assert h1.measure_steps == h2.measure_steps
+    for key in h2.measurements:
+        np.testing.assert_allclose(h1.measurements[key], h2.measurements[key], rtol=rtol)
+    for a, b in zip(w1, w2):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max())
+
+
+def test_ctrl_c_in_the_callback_stops_a_run_of_steps_where_it_was(monkeypatch):
+    rng = np.random.default_rng(44)
+    weights, X, Y = random_problem(rng, "mse", [4, 5, 3], 6)
+
+    def interrupt(step, L, h):
+        if step == 57:
+            raise KeyboardInterrupt
+    (w1, h1), (w2, h2) = fast_and_reference(monkeypatch, lambda: align.train(
+        weights, X, Y, lr=0.05, max_steps=500, tol=0.0, callback=interrupt,
+        measures={"a": lambda w, w0: align.alignment(w)}))
+    assert h1.stop_reason == h2.stop_reason == "interrupted"
+    assert h1.final_step == h2.final_step == 57 and h1.steps == h2.steps == list(range(58))
+    assert h1.measure_steps == h2.measure_steps == [0, 57]
+    for a, b in zip(w1, w2):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_in_place_steps_refuse_a_run_longer_than_their_buffers():
+    rng = np.random.default_rng(45)
+    weights, X, Y = random_problem(rng, "mse", [3, 4, 2], 5)
+    steps = _fast._SquaredLossSteps(weights, X, Y, "mse", 0.1)
+    assert steps._run(steps.longest).shape == (steps.longest,)
+    with pytest.raises(ValueError, match="longer than"):
+        steps._run(steps.longest + 1)
+
+
+def test_split_measures_fall_back_when_a_static_direction_is_used_at_one_time_only():
+    """A static direction (same vector, same singular value at both times) counts as an
+    exact match only if it is used (sigma > rtol * sigma_max) at both times."""
+    q = np.linalg.qr(np.random.default_rng(42).standard_normal((4, 4)))[0]
+    layer = lambda s, static: (np.where(static, 0.0, q[:, :3]), np.array(s), None)
+    rest = (np.eye(2), np.array([1.0, 0.5]), q[:, :2])          # W_2: U, s, V in Q's coordinates
+    static = np.array([False, True, True])
+    now = [layer([0.5, 0.5, 7e-7], static), rest]               # max 0.5: 7e-7 is used
+    then = [layer([1.0, 0.5, 7e-7], static), rest]              # max 1.0: 7e-7 is not
+    split = lambda: _fast._split_invariance_pairs(align._invariance_pairs(now, then, [3, 4, 2]),
+                                                  now[0], then[0], 4, 1e-6, (static, static))
+    assert split() is None
+    then[0] = layer([0.6, 0.5, 7e-7], static)                   # used at both times
+    pairs = split()
+    assert pairs[-1].exact == 2 and pairs[-1].exact_used == 2 and pairs[-1].A.shape == (4, 1)
+
+
