@@ -21,6 +21,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import numpy as np  # noqa: E402
 
+import _cuda  # noqa: E402
+import _fast  # noqa: E402
 import align  # noqa: E402
 import experiments  # noqa: E402
 import structured as st  # noqa: E402
