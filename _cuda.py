@@ -42,8 +42,8 @@ def _launch_in_thread(launch):
 class _CudaGraphChunks(_fast._StepChunks):
     """n GD steps as one CUDA graph launch (CuPy stream capture), captured once per n.
 
-    A fig1b step is ~20 kernels of a few microseconds each, so launching them from
-    Python costs more than running them.  The captured graph saves the parameters,
+    A step of a large network is ~20 kernels of a few microseconds each, so launching
+    them from Python costs more than running them.  The captured graph saves the parameters,
     then does n steps, writing each loss into a buffer.  Its temporaries come from a
     private memory pool that nothing else allocates from, so their addresses stay
     valid between replays.  Replays run on their own stream, after the work queued
@@ -145,7 +145,7 @@ def _gc_paused():
     """Collect garbage now and not again until the block ends.  A cycle collected during
     a CUDA graph capture could free an earlier run's memory pool or cuBLAS handle
     (cudaFree, cublasDestroy), which synchronize and so invalidate the capture: seen on
-    an H200 as cudaErrorStreamCaptureInvalidated in a second run of one process."""
+    a GPU as cudaErrorStreamCaptureInvalidated in a second run of one process."""
     enabled = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -316,9 +316,8 @@ SMALL_SVD_KERNEL_MAX = 16     # GPU batches of matrices up to this side: _small_
 def _small_svd_kernel(cp, W):
     """Reduced SVDs (U, s, V) of a batch of small matrices on the GPU, float64, s
     descending: one CUDA thread per matrix runs one-sided Jacobi (Hestenes) to
-    convergence, in one launch, in place of CuPy's batched svd (1.8 vs 3.0 ms for the
-    3000 9 x 9 layers of 1000 fig1a networks on an H200; SMALL_SVD_KERNEL_MAX = 0 goes
-    back to it).  One-sided Jacobi rotates the columns of A until every pair is orthogonal to
+    convergence, in one launch, in place of CuPy's batched svd (SMALL_SVD_KERNEL_MAX = 0
+    goes back to it).  One-sided Jacobi rotates the columns of A until every pair is orthogonal to
     rounding relative to their norms, so U is orthonormal and the singular values have
     small relative errors (Demmel and Veselic 1992); exactly zero columns are completed
     with coordinate vectors, as _complete does on the host."""
@@ -423,7 +422,7 @@ GREEDY_KERNEL_MAX = 1 << 22     # p * p * m, one CUDA thread's work for a p x m 
 
 
 def _greedy_kernel(cp, C, room):
-    """_greedy_match on the GPU: one CUDA thread per matrix, in one launch (the rounds
+    """_fast.greedy_match on the GPU: one CUDA thread per matrix, in one launch (the rounds
     take ~30 array operations and a wait for the GPU each)."""
     nb, p, m = C.shape
     C, value = cp.ascontiguousarray(C, dtype=np.float64), cp.empty((nb, p), dtype=np.float64)

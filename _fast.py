@@ -158,8 +158,7 @@ def _chain_costs(shapes, n):
     shapes ((k_1, k_0), ..., (k_d, k_{d-1})) on n samples: (layer by layer, grouped at
     the outputs).  Layer by layer: 3 n sum k_i k_{i-1}; at the outputs 3 k_d k_0 n
     plus products of the weights alone.  So the outputs win when k_d and k_0 are small
-    next to n and the hidden widths: 5x fewer at fig1b's size after the row-space
-    reduction (k_0 = 256, n = 256)."""
+    next to n and the hidden widths (README, Performance)."""
     (_, k0), (kd, _) = shapes[0], shapes[-1]
     by_layer = 3 * n * sum(r * c for r, c in shapes)
     at_outputs = 3 * kd * k0 * n + sum(r * c * k0 + kd * k0 * c for r, c in shapes[1:]) + \
@@ -269,7 +268,7 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
     return weights_of(out), hist
 
 
-ROTATE_BACK_MIN = 8     # see _train_in_row_space, step 2 (prop1's 4 rows: 41 vs 63 us a step)
+ROTATE_BACK_MIN = 8     # see _train_in_row_space, step 2
 
 
 def _first_hidden_basis(weights, X):
@@ -319,7 +318,7 @@ def _split_first_layers(W10, Q, Xt):
     coordinates), ``static`` the mask of static directions; ``split`` gives None
     where W_1 is rank deficient.  Returns None when the condition fails (relative
     tolerance 1000 eps of the dtype: a float32 start is invariant only to its
-    rounding; at fig1b size the measures then agree with direct SVDs to 5e-8).
+    rounding).
     """
     W0, Qh, Xh = (to_numpy(a).astype(np.float64) for a in (W10, Q, Xt))
     G0Q = W0 @ (W0.T @ Qh)
@@ -447,7 +446,7 @@ class _SquaredLossSteps(_StepChunks):
     (so the products give lr dL/dW_i directly: equal to _descend's update to
     rounding), the d updates done as one on a flat copy of the parameters, and when
     every layer is k x k the d gradient products as one batched product.  Small
-    networks (fig1a's 9 x 9 layers) are bound by the number of NumPy calls, not by
+    networks are bound by the number of NumPy calls, not by
     flops: this makes a step about half as many."""
 
     def __init__(self, ps, X, Y, kind, lr):
@@ -490,7 +489,7 @@ class _SquaredLossSteps(_StepChunks):
         losses = np.empty(n, dtype=F.dtype)
         for w, p in zip(W, self.ps):
             w[...] = p
-        for t, R in zip(range(n), self.rows):           # (locals: ~0.1 us a lookup saved)
+        for t, R in zip(range(n), self.rows):           # (all names local: fewer lookups)
             for w, a, out in forward:
                 mm(w, a, out)
             subtract(F, Y, R)
@@ -528,8 +527,7 @@ def step_runs(ps, loss_and_grads, lr):
 # ---------------------------------------------------------------- measures --
 
 HOST_SVD_MAX = 256      # layers whose smaller side is at most this are decomposed on the host
-HOST_EIGH_MAX = 128     # larger Gram matrices of layer 1's split go to the GPU's eigh (cuSOLVER:
-                        # 2.9 ms for 320 x 320 on an H200, LAPACK 7.6 ms on its host)
+HOST_EIGH_MAX = 128     # larger Gram matrices of layer 1's split go to the GPU's eigh
 
 
 def _linalg(fn, A):
@@ -628,11 +626,8 @@ COMPLETION_MIN = 1e-3   # projections smaller than this: the complete QR instead
 
 
 def greedy_match(C, capacity):
-    """The matching of the paired measure (alignment(), Section 6): one-to-one (rows)
-    to capacitated columns, greedy by decreasing C >= 0:
-    the entries in decreasing order, ties in row-major order, each taken when its row
-    is free and its column has room.  C may hold a batch (B x p x m); capacity: (m,)
-    or (B, m).  Returns the matched value of each row (0 where no column had room).
+    """align._greedy_match (the paired rule's matching, the same values) for one matrix or
+    a batch (B x p x m; capacity (m,) or (B, m)).
 
     Small inputs go entry by entry (GREEDY_ONE_BY_ONE_MAX entries at most), batches of
     matrices with few rows by taking every matrix's largest open entry p times; larger
@@ -673,10 +668,10 @@ GREEDY_ONE_BY_ONE_MAX = 1024
 GREEDY_BY_MAXIMA_ROWS = 16      # batches of matrices with at most this many rows: p passes
 
 def _greedy_by_maxima(C, room):
-    """_greedy_match for a batch of matrices with few rows (NumPy, no NaN): p times, every
+    """greedy_match for a batch of matrices with few rows (NumPy, no NaN): p times, every
     matrix takes its largest open entry, the first in row-major order among equal ones,
     which is the entry the one-by-one greedy takes next.  One pass costs a few array
-    operations, where a round of _greedy_rounds costs ~30 (thousands of fig1a networks)."""
+    operations, where a round of _greedy_rounds costs ~30."""
     nb, p, m = C.shape
     open_ = np.ascontiguousarray(np.where(room[:, None, :] > 0, C, -1.0))  # -1: closed entry
     flat = open_.reshape(nb, p * m)                              # (a view of open_)
@@ -698,7 +693,7 @@ def _greedy_by_maxima(C, room):
 
 
 def _greedy_one_by_one(C, room, free=None):
-    """_greedy_match entry by entry, as its docstring states the rule (rows ``free``)."""
+    """greedy_match entry by entry, as align._greedy_match states the rule (rows ``free``)."""
     nb, p, m = C.shape
     flat = C.reshape(nb, -1)
     order = np.argsort(-flat, axis=1, kind="stable")           # decreasing, ties row-major
@@ -718,7 +713,7 @@ def _greedy_one_by_one(C, room, free=None):
 
 
 def _greedy_rounds(C, room):
-    """_greedy_match in vectorised rounds (see there), each on the networks, rows and
+    """greedy_match in vectorised rounds (see there), each on the networks, rows and
     columns left."""
     xp, (nb, p, m) = array_module(C), C.shape
     value, free = xp.zeros((nb, p)), xp.ones((nb, p), dtype=bool)
@@ -766,7 +761,7 @@ def _paired_generic(*pair_lists):
             if M.shape[-2] > M.shape[-1]:
                 M = _T(M)
             p, q = M.shape[-2:]
-            k = pair.k - pair.exact_used          # as _paired_match (here every direction is used)
+            k = pair.k - pair.exact_used          # as align._paired_score (here every direction is used)
             groups.setdefault((p, q, max(0, min(k, pair.positions or k) - q)), []).append((j, M))
             totals[j], counts[j] = totals[j] + pair.exact_used, counts[j] + p + pair.exact_used
     for (p, q, room), members in groups.items():
@@ -783,16 +778,15 @@ def _paired_generic(*pair_lists):
     return [t / c if c else 1.0 for t, c in zip(totals, counts)]
 
 
-
 def tracker(weights_0, rtol=1e-6):
-    """A measure for :func:`train`: ``m(weights, _)`` returns alignment and invariance
-    (Section 6) by both rules, {"alignment_paired", "alignment_matched", "invariance_paired",
-    "invariance_matched"}, with one SVD per layer (those of weights_0 computed once).
+    """align.tracker (the same values): batches measured by the vectorised rule where every
+    singular value is distinct, and where they are (a batch of GPU_BATCH_MIN networks or
+    more on a GPU stays there).
 
     ``m.from_svds(now, then=None, widths=None, static=None)`` measures from reduced
     SVDs (float64, host) instead, e.g. layer 1 split by ``_split_first_layers``;
     it returns None when that split cannot be measured exactly.  ``m.starts_at(ws)``:
-    whether ws are weights_0 (then :func:`train` may measure from the split).
+    whether ws are weights_0 (then train may measure from the split).
     """
     keep = weights_0[0].ndim == 3 and weights_0[0].shape[0] >= GPU_BATCH_MIN   # on a GPU: stays
     start = reduced_svds(weights_0, keep)

@@ -23,12 +23,7 @@ import time
 import numpy as np
 
 LOSSES = ("mse", "mse_mean", "ce", "logistic", "exp")
-DEVICES = ("cpu", "gpu", "auto")
 MEASURE_KEYS = ("alignment_paired", "alignment_matched", "invariance_paired", "invariance_matched")
-
-
-class DeviceError(RuntimeError):
-    """The requested device (GPU through CuPy) cannot be used."""
 
 
 class DivergenceError(FloatingPointError):
@@ -48,34 +43,6 @@ def array_module(*arrays):
             import cupy
             return cupy
     return np
-
-
-def select_device(device="auto", quiet=False):
-    """Array module for ``device`` in {"cpu", "gpu", "auto"}.
-
-    "gpu" raises DeviceError naming what is missing; "auto" falls back to NumPy
-    with a one-line notice on stderr (unless ``quiet``).
-    """
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    if device == "cpu":
-        return np
-    try:
-        import cupy
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise DeviceError("CuPy is installed but sees no CUDA GPU")
-        cupy.zeros(1).sum()  # a kernel really runs
-        return cupy
-    except Exception as exc:  # ImportError, CUDA driver errors, DeviceError
-        reason = ("CuPy is not installed: pip install '.[gpu]' (or cupy-cuda12x / "
-                  "cupy-cuda13x matching your CUDA)") if isinstance(exc, ImportError) \
-            else f"no usable GPU ({exc})"
-        if device == "gpu":
-            raise DeviceError(f"--device gpu needs CuPy and a CUDA GPU: {reason}") from exc
-        if not quiet:
-            print(f"note: running on the CPU with NumPy ({reason.split(':')[0]})",
-                  file=sys.stderr)
-        return np
 
 
 def to_numpy(a):
@@ -187,11 +154,10 @@ def _backward(weights, acts, delta, input_grad=False):
 
 
 def loss_and_gradients(weights, X, Y, kind="mse"):
-    """(L, [dL/dW_1, ..., dL/dW_d]): the forward pass, the loss with its dL/dF, and the
-    backward pass of Eq. (8).  No input checks (see :func:`gradients`)."""
-    acts = _activations(weights, X)
-    L, delta = loss_and_output_gradient(acts[-1], Y, kind)
-    return L, _backward(weights, acts, delta)
+    """(L, [dL/dW_1, ..., dL/dW_d]) for checked inputs (see :func:`gradients`)."""
+    acts = _activations(weights, X)                           # Eq. (1)
+    L, delta = loss_and_output_gradient(acts[-1], Y, kind)    # L and dL/dF
+    return L, _backward(weights, acts, delta)                 # Eq. (8)
 
 
 def loss_and_output_gradient(F, Y, kind):
@@ -234,7 +200,8 @@ def gradients(weights, X, Y, kind="mse"):
     """[dL/dW_1, ..., dL/dW_d], written by hand (Eq. (8) for the squared loss)."""
     check_network(weights, X)
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1])
-    return loss_and_gradients(weights, X, Y, kind)[1]
+    acts = _activations(weights, X)
+    return _backward(weights, acts, loss_and_output_gradient(acts[-1], Y, kind)[1])
 
 
 def layer_gradients(weights, X, dF):
@@ -252,11 +219,9 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
           record_every=1, measure_every=100, measures=None, callback=None, fast=True):
     """Full-batch gradient descent W_i <- W_i - lr dL/dW_i (Eq. (8) for the squared loss).
 
-    Validates the inputs once, then runs :func:`gradient_descent` on the weights
-    (see it for stopping, measures and callback); a batch of networks (3-D weights)
-    trains together, each network frozen once its loss is below ``tol``.  With
-    ``fast`` and _fast.py present, the same iterates in fewer flops (_fast.train).
-    Returns (weights, History); inputs are not modified.
+    Validates the inputs once, then runs :func:`gradient_descent` (stopping, measures,
+    callback); a batch of networks (3-D weights) trains together, each frozen once its
+    loss is below ``tol``.  Returns (weights, History); inputs are not modified.
     """
     check_network(weights, X)
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1]).astype(weights[0].dtype)
@@ -285,17 +250,14 @@ def _frozen_below(loss_and_grads, tol, batched):
 
 def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4,
                      record_every=1, measure_every=100, measures=None, callback=None):
-    """Plain GD p <- p - lr g on a list of arrays, with ``loss_and_grads(params) -> (L, grads)``
-    (Eq. (8) when g is the gradient of the squared loss, Eq. (2)).
+    """Plain GD p <- p - lr g, with ``loss_and_grads(params) -> (L, grads)`` (Eq. (8)).
 
     Stops when the loss (the largest over a batch of networks) is below ``tol``
-    (checked at recorded steps) or after ``max_steps`` steps; Ctrl-C stops it with
-    ``stop_reason = "interrupted"``.  ``measures`` maps names to functions
-    ``m(params, params_0)`` called at step 0, every ``measure_every`` steps and at
-    the end (one returning a dict records each of its keys).  ``callback(step, loss,
-    history)`` runs at every recorded step.  Returns (params, History); a non-finite
-    loss raises DivergenceError.  With _fast.py present the steps between measurements
-    may run in place or from CUDA graphs (_fast.descend_in_runs: the same iterates).
+    (checked at recorded steps), after ``max_steps`` steps, or on Ctrl-C
+    (``stop_reason = "interrupted"``).  ``measures``: {name: m(params, params_0)},
+    called at step 0, every ``measure_every`` steps and at the end (a dict value
+    records each key); ``callback(step, loss, history)`` at every recorded step.
+    Returns (params, History); a non-finite loss raises DivergenceError.
     """
     _check_schedule(lr, max_steps, record_every, measure_every)
     ps = [p.copy() for p in params]
@@ -355,8 +317,7 @@ def _plain(x):
 
 @dataclasses.dataclass
 class _Run:
-    """Where a :func:`gradient_descent` run is (``step``, the parameters' step) and what
-    it recorded (``hist``); its recording, measuring and stopping rules."""
+    """A :func:`gradient_descent` run: its ``step``, what it recorded (``hist``), its rules."""
     lr: float
     max_steps: int
     tol: float
@@ -447,7 +408,6 @@ def ussvd_flip(U, s, V, signs):
     return U, s * signs, V
 
 
-
 # ------------------------------------------------------ measures (Section 6) --
 
 def _reduced_svds(weights):
@@ -478,14 +438,10 @@ def _clusters(s, rtol, scale=None):
 
 
 def _adapt_clusters(M, a_bounds, b_sizes):
-    """Rotate A's directions inside each A-cluster to the basis B's clusters split it into.
-
-    M = A^T B; a_bounds = (starts, sizes) of A's clusters, b_sizes those of B's.  In
-    a cluster of equal singular values any orthonormal basis is a valid set of
-    singular vectors; the eigenvectors of the compression of sum_b w_b P_{F_b}
-    (distinct weights w_b, F_b the B-clusters and the complement of span(B)) lie
-    each in one F_b whenever the cluster splits so.
-    """
+    """M = A^T B with A's directions rotated, inside each A-cluster (a_bounds: starts,
+    sizes), to the basis B's clusters (sizes b_sizes) split it into: the eigenvectors of
+    the compression of sum_b w_b P_{F_b} (distinct w_b; F_b the B-clusters and the
+    complement of span(B)) lie each in one F_b whenever the cluster splits so."""
     M = M.copy()
     weights = np.repeat(1.0 + np.sqrt(2.0) * np.arange(1, b_sizes.size + 1) % 1.0, b_sizes)
     starts, sizes = a_bounds
@@ -515,15 +471,11 @@ def _greedy_match(C, capacity):
 @dataclasses.dataclass
 class _Pair:
     """Two sets of orthonormal directions that a measure compares: the columns of A
-    and of B, singular values sa and sb descending, in a space of dimension k (given
-    in the coordinates of any subspace that holds both: only inner products count).
-
-    ``exact`` directions common to both were left out of A and B, ``exact_used`` of
-    them used; each is a perfect match (layer 1's static directions in training, see
-    ``_split_first_layers``).  scale_a, scale_b: the largest singular values, those
-    left out included (default: sa[0], sb[0]).  The matched rule scores B's
-    directions when ``rows_b``, else A's; ``positions`` as in :func:`alignment`.
-    Arrays may carry a batch axis.
+    and of B, singular values sa and sb descending, in a space of dimension k.  The
+    matched rule scores B's directions when ``rows_b``, else A's; ``positions``: see
+    _paired_score.  ``exact`` directions common to both may be left out of A and B
+    (``exact_used`` of them used; scale_a, scale_b: the largest singular values, those
+    included): _fast.py's split of layer 1.  Arrays may carry a batch axis.
     """
     A: np.ndarray
     sa: np.ndarray
@@ -541,46 +493,77 @@ class _Pair:
         self.product = _T(self.A) @ self.B          # A^T B, shared by both rules
 
 
-def _paired_match(pair, rtol):
-    """Sum of matched cosines for the used directions of the pair's smaller side, and
-    their count (the left-out exact directions count 1 each).
+HOW = ("paired", "matched")
 
-    Used directions have sigma > rtol * sigma_max.  Inside each cluster of
-    singular values equal up to rtol * sigma_max the smaller side's directions are
-    rotated to the basis the other side's clusters split the cluster into; then each
-    direction is matched one to one (greedily by decreasing cosine) to a cluster of
-    the other side or to the complement of its span, each taking at most its
-    dimension of directions; the cosine with a cluster is the norm of the projection
-    onto it.  With ``positions`` (max(k_{i-1}, k_{i+1}) for adjacent layers) the
-    complement takes at most positions - q: directions used by either layer need a
-    position below that in a shared usSVD (Definition 2's rectangular Sigma_i).
+
+def alignment(weights, how="paired", rtol=1e-6):
+    """Alignment of adjacent layers (Section 6), in [0, 1]; 1 for aligned networks.
+
+    Compares U_i with V_{i+1} for each adjacent pair by the rule ``how``:
+    "paired" (the paper's "average |dot| between corresponding columns", made exact;
+    see _paired_score) or "matched" (the authors' code; see _matched_score).  The
+    score is about adjacent pairs: with repeated singular values in a middle layer
+    every pair can be aligned while the chain is not; :func:`is_aligned` decides that.
     """
-    top = lambda scale, s: scale if scale is not None else (s[0] if s.size else 0.0)
-    scale_a, scale_b = top(pair.scale_a, pair.sa), top(pair.scale_b, pair.sb)
-    ua, ub = pair.sa > rtol * scale_a, pair.sb > rtol * scale_b
-    M, sa, sb = pair.product[ua][:, ub], pair.sa[ua], pair.sb[ub]
-    if M.shape[0] > M.shape[1]:
-        M, sa, sb, scale_a, scale_b = M.T, sb, sa, scale_b, scale_a
-    p, q = M.shape
-    if p == 0:
-        return float(pair.exact_used), pair.exact_used
-    starts, sizes = _cluster_bounds(sb, rtol, scale_b)
-    M = _adapt_clusters(M, _cluster_bounds(sa, rtol, scale_a), sizes)
-    sq = M * M
-    in_b = np.add.reduceat(sq, starts, axis=1) if q else np.zeros((p, 0))
-    outside = np.clip(1.0 - sq.sum(axis=1, keepdims=True), 0.0, 1.0)
-    C = np.sqrt(np.clip(np.concatenate([in_b, outside], axis=1), 0.0, 1.0))
-    k = pair.k - pair.exact_used
-    capacity = np.append(sizes, max(0, min(k, pair.positions or k) - q))
-    return float(_greedy_match(C, capacity).sum()) + pair.exact_used, p + pair.exact_used
+    _check_how(how)
+    check_network(weights)
+    svds = _reduced_svds(weights)
+    pairs = _alignment_pairs(svds, _widths(svds))
+    return _paired_score(pairs, rtol) if how == "paired" else _matched_score(pairs)
+
+
+def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
+    """Invariance of the singular vectors (Section 6), in [0, 1]: U_i(t) against U_i(0)
+    for i < d and V_i(t) against V_i(0) for i > 1, by the rule of :func:`alignment`."""
+    _check_how(how)
+    check_network(weights_t)
+    check_network(weights_0)
+    now = _reduced_svds(weights_t)
+    pairs = _invariance_pairs(now, _reduced_svds(weights_0), _widths(now))
+    return _paired_score(pairs, rtol) if how == "paired" else _matched_score(pairs)
+
+
+def _check_how(how):
+    if how not in HOW:
+        raise ValueError(f"how must be one of {HOW}, got {how!r}")
 
 
 def _paired_score(pairs, rtol):
-    """Mean matched cosine over the smaller side of each pair (see _paired_match)."""
+    """The paired rule: the mean matched cosine over the scored directions of all pairs.
+
+    In each pair the directions used (sigma > rtol * sigma_max) of the side with fewer
+    are scored.  Inside each cluster of singular values equal up to rtol * sigma_max
+    they are first rotated to the basis the other side's clusters split the cluster
+    into (any basis of a cluster is a valid set of singular vectors); then each is
+    matched one to one, greedily by decreasing cosine, to a cluster of the other side
+    or to the complement of its span, each taking at most its dimension (the cosine
+    with a cluster: the norm of the projection onto it).  With ``positions``
+    (max(k_{i-1}, k_{i+1}) for adjacent layers) the complement takes at most
+    positions - q: a direction needs a position in a shared usSVD (Definition 2's
+    rectangular Sigma_i).  The score is 1 exactly when W_i W_i^T and W_{i+1}^T W_{i+1}
+    commute (for rectangular layers, with those positions free).
+    """
     total, count = 0.0, 0
     for pair in pairs:
-        t, c = _paired_match(pair, rtol)
-        total, count = total + t, count + c
+        top = lambda scale, s: scale if scale is not None else (s[0] if s.size else 0.0)
+        scale_a, scale_b = top(pair.scale_a, pair.sa), top(pair.scale_b, pair.sb)
+        ua, ub = pair.sa > rtol * scale_a, pair.sb > rtol * scale_b
+        M, sa, sb = pair.product[ua][:, ub], pair.sa[ua], pair.sb[ub]
+        if M.shape[0] > M.shape[1]:                      # score the side with fewer
+            M, sa, sb, scale_a, scale_b = M.T, sb, sa, scale_b, scale_a
+        p, q = M.shape
+        matched = 0.0
+        if p:
+            starts, sizes = _cluster_bounds(sb, rtol, scale_b)
+            M = _adapt_clusters(M, _cluster_bounds(sa, rtol, scale_a), sizes)
+            sq = M * M
+            in_b = np.add.reduceat(sq, starts, axis=1) if q else np.zeros((p, 0))
+            outside = np.clip(1.0 - sq.sum(axis=1, keepdims=True), 0.0, 1.0)
+            C = np.sqrt(np.clip(np.concatenate([in_b, outside], axis=1), 0.0, 1.0))
+            k = pair.k - pair.exact_used
+            capacity = np.append(sizes, max(0, min(k, pair.positions or k) - q))
+            matched = float(_greedy_match(C, capacity).sum())
+        total, count = total + (matched + pair.exact_used), count + p + pair.exact_used
     return total / count if count else 1.0
 
 
@@ -600,40 +583,6 @@ def _matched_score(pairs):
     return total / count if count else 1.0
 
 
-HOW = ("paired", "matched")
-
-
-def _check_how(how):
-    if how not in HOW:
-        raise ValueError(f"how must be one of {HOW}, got {how!r}")
-
-
-def alignment(weights, how="paired", rtol=1e-6):
-    """Alignment of adjacent layers (Section 6), in [0, 1]; 1 for aligned networks.
-
-    how="paired" (the paper's "average |dot| between corresponding columns of
-    U_i and V_{i+1}", made exact): for each adjacent pair take the directions the
-    layers use (left singular vectors of W_i, right singular vectors of W_{i+1},
-    sigma > rtol * sigma_max).  Singular values equal up to rtol form one subspace.
-    The layer with fewer used directions is scored: its directions are matched one
-    to one, greedily by decreasing principal cosine, to the subspaces of the other
-    layer and to the complement of what that layer uses (each subspace takes at
-    most its dimension); the score is the mean matched cosine over all pairs.  It is
-    1 exactly when W_i W_i^T and W_{i+1}^T W_{i+1} commute, i.e. when the pair
-    is aligned for every order, sign and multiplicity of the singular values
-    (for rectangular layers the complement also has only max(k_{i-1}, k_{i+1})
-    minus the other layer's rank positions to offer, see :func:`is_aligned`).  The
-    score is about adjacent pairs: with repeated singular values in a middle layer
-    every pair can be aligned while the chain is not; :func:`is_aligned` decides that.
-
-    how="matched" (the authors' code): reduced SVDs, M = V_{i+1}^T U_i, for each
-    row of M the largest |entry|, summed over all pairs and divided by the rows.
-    """
-    _check_how(how)
-    check_network(weights)
-    return _alignment_of(_reduced_svds(weights), how, rtol)
-
-
 def _widths(svds):
     """[k_0, k_1, ..., k_d] from the layers' reduced SVDs [(U, s, V), ...]."""
     return [svds[0][2].shape[-2]] + [U.shape[-2] for U, _, _ in svds]
@@ -646,24 +595,6 @@ def _alignment_pairs(svds, widths):
             for i in range(len(svds) - 1)]
 
 
-def _alignment_of(svds, how, rtol):
-    """alignment() from the layers' reduced SVDs [(U, s, V), ...]."""
-    pairs = _alignment_pairs(svds, _widths(svds))
-    return _matched_score(pairs) if how == "matched" else _paired_score(pairs, rtol)
-
-
-def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
-    """Invariance of the singular vectors (Section 6), in [0, 1].
-
-    Compares U_i(t) with U_i(0) for i < d and V_i(t) with V_i(0) for i > 1 by the
-    rule of :func:`alignment` (``how`` = "paired" or "matched").
-    """
-    _check_how(how)
-    check_network(weights_t)
-    check_network(weights_0)
-    return _invariance_of(_reduced_svds(weights_t), _reduced_svds(weights_0), how, rtol)
-
-
 def _invariance_pairs(now, then, widths):
     """(U_i(t), U_i(0)) for i < d and (V_i(t), V_i(0)) for i > 1."""
     d = len(now)
@@ -673,19 +604,13 @@ def _invariance_pairs(now, then, widths):
             for i, side in sides]
 
 
-def _invariance_of(now, then, how, rtol):
-    """invariance() from reduced SVDs of the layers now and at the start."""
-    pairs = _invariance_pairs(now, then, _widths(now))
-    return _matched_score(pairs) if how == "matched" else _paired_score(pairs, rtol)
-
-
 def tracker(weights_0, rtol=1e-6):
     """A measure for :func:`train`: ``m(weights, _)`` returns alignment and invariance
     (Section 6) by both rules, a dict with the keys MEASURE_KEYS, with one SVD per layer
     (those of weights_0 computed once).  A batch of networks gives one value each."""
     check_network(weights_0)
     if _fast is not None:
-        return _fast.tracker(weights_0, rtol)   # the same, vectorised over a batch
+        return _fast.tracker(weights_0, rtol)   # _fast: the same, vectorised over a batch
     then = _reduced_svds(weights_0)
 
     def measure(weights, _=None):
@@ -712,12 +637,9 @@ def _measures(now, then, rtol):
 
 @dataclasses.dataclass
 class AlignmentTest:
-    """Result of :func:`is_aligned`: truthy when aligned.
-
-    ``ussvds`` is [(U_1, s_1, V_1), ..., (U_d, s_d, V_d)], usSVDs of the layers with
-    U_i = V_{i+1} (Definition 2), whenever a witness could be built; ``residual``
-    is max_i |off-diagonal of U_i^T W_i V_i| / ||W_i||_2 for that witness.
-    """
+    """Result of :func:`is_aligned`, truthy when aligned.  ``ussvds``: [(U_i, s_i, V_i)]
+    with U_i = V_{i+1} (Definition 2) when a witness was built; ``residual``:
+    max_i |off-diagonal of U_i^T W_i V_i| / ||W_i||_2 for it."""
     aligned: bool
     residual: float
     reason: str
@@ -771,13 +693,10 @@ def _forward_grams(Ws, i):
 
 
 def _strings(Ws, tol):
-    """Decompose the chain of layers into 1-D strings: [(start, end, [vector per space])].
-
-    A string is a unit vector q_a in space a with W_{a+1} q_a = s q_{a+1}, ... up to
-    space ``end``; in an aligned network the spaces split orthogonally into strings
-    (Krull-Schmidt for a chain of maps), which are joint eigenvectors of the
-    forward Gram operators at their start.
-    """
+    """The chain split into 1-D strings [(start, end, [vector per space])]: unit q_a in
+    space a with W_{a+1} q_a = s q_{a+1}, ... up to space ``end``.  An aligned network's
+    spaces split orthogonally into strings (Krull-Schmidt for a chain of maps), joint
+    eigenvectors of the forward Gram operators at their start."""
     widths = [Ws[0].shape[1]] + [W.shape[0] for W in Ws]
     strings, alive = [], []
     for i, k in enumerate(widths):
@@ -810,12 +729,9 @@ def _strings(Ws, tol):
 
 
 def _assign_indices(intervals, widths, max_nodes=200_000):
-    """Positions 0..k_i-1 for strings so that each space's positions are distinct.
-
-    A string spanning spaces a..b needs one position below min(k_a..k_b) in every
-    space it crosses (Sigma_i is rectangular diagonal).  Greedy by capacity, then
-    exhaustive search; None when impossible.
-    """
+    """Positions for the strings, distinct in each space: a string over spaces a..b needs
+    one below min(k_a..k_b) in each (Sigma_i is rectangular diagonal).  Depth-first
+    search, tightest strings first; None when impossible."""
     caps = [min(widths[a:b + 1]) for a, b in intervals]
     order = sorted(range(len(intervals)),
                    key=lambda s: (caps[s], intervals[s][0] - intervals[s][1], intervals[s][0]))
@@ -849,15 +765,12 @@ def _assign_indices(intervals, widths, max_nodes=200_000):
 def is_aligned(weights, tol=1e-8):
     """Exact test of Definition 2: do usSVDs W_i = U_i Sigma_i V_i^T with U_i = V_{i+1} exist?
 
-    Decides up to the relative tolerance ``tol`` (use about 1e-4 for float32
-    weights), for any order, sign and multiplicity of singular values, zero
-    singular values and rectangular widths.  The chain is split into strings of
-    singular vectors (see ``_strings``); the strings must then be given positions
-    so that every Sigma_i is rectangular diagonal: for rectangular layers this is
-    a real constraint (e.g. W_1 = e_1 (3x1), W_2 = e_2^T (1x3): W_1 W_1^T and
-    W_2^T W_2 commute, yet no usSVDs share their first column), so commuting
-    Gram matrices are necessary but not sufficient.  Returns an AlignmentTest
-    (truthy when aligned) holding the witnessing usSVDs.
+    Up to the relative tolerance ``tol`` (about 1e-4 for float32 weights), for any
+    order, sign and multiplicity of singular values and rectangular widths.  The chain
+    splits into strings of singular vectors (_strings), which need positions making
+    every Sigma_i rectangular diagonal (_assign_indices): for rectangular layers a real
+    constraint, so commuting Gram matrices are not enough (W_1 = e_1 (3x1),
+    W_2 = e_2^T (1x3)).  Returns an AlignmentTest holding the witnessing usSVDs.
     """
     check_network(weights)
     if any(W.ndim != 2 for W in weights):
@@ -922,13 +835,10 @@ def aligned_network(bases, sigmas):
 
 @dataclasses.dataclass
 class Certificate:
-    """Result of :func:`invariance_certificate` (Theorem 1 / Theorem 4, Lemma 2).
-
-    When ``ok``: U (kd x kd), V (k0 x k0) orthonormal with U^T Y X^T V and
-    V^T X X^T V block diagonal, their top-left r x r blocks diag(lam_prime) and
-    diag(lam); ``residual`` is the largest off-block entry relative to the norms.
-    ``violation`` measures how far the data are from the condition (0 when ok).
-    """
+    """Result of :func:`invariance_certificate` (Theorems 1 and 4, Lemma 2), truthy when
+    ``ok``: U, V with U^T Y X^T V and V^T X X^T V block diagonal, top-left blocks
+    diag(lam_prime) and diag(lam); ``residual``: the largest off-block entry relative to
+    the norms; ``violation``: how far the data are from the condition (0 when ok)."""
     ok: bool
     r: int
     U: np.ndarray = None
@@ -950,11 +860,8 @@ def _null_basis(A, tol, scale):
 
 
 def _joint_eigenvectors(S, G, tol):
-    """Unit vectors v with S v = lambda v and G v = mu v (S, G symmetric).
-
-    In each eigenspace E of S, the largest G-invariant subspace is found by
-    repeatedly keeping {v in K : G v in K}; G is diagonal on what remains.
-    """
+    """Unit vectors v with S v = lambda v and G v = mu v (S, G symmetric): in each
+    eigenspace K of S, {v in K : G v in K} kept until G-invariant, then diagonalised."""
     w, E = np.linalg.eigh(S)
     scale_g = max(np.linalg.norm(G, 2), np.finfo(float).tiny)
     found = []
@@ -980,14 +887,11 @@ def invariance_certificate(X, Y, widths, tol=1e-9):
 
     Looks for orthonormal U (kd x kd), V (k0 x k0) with
     U^T Y X^T V = [[Lambda', 0], [0, A_1]] and V^T X X^T V = [[Lambda, 0], [0, A_2]],
-    Lambda, Lambda' diagonal r x r, r = min(widths).  (The paper writes A_1 as
-    (k0 - r) x (kd - r); it is (kd - r) x (k0 - r).)  Equivalently r orthonormal
-    v_j that are eigenvectors of both X X^T and (Y X^T)^T (Y X^T), with
-    u_j = Y X^T v_j / lambda'_j and at most kd - rank(Y X^T) of the lambda'_j zero.
-    Works with repeated eigenvalues of X X^T (the basis inside an eigenspace is
-    chosen to diagonalise the other matrix), rank-deficient X and n < k0.
-    Directions are ordered by decreasing lambda'^2 / lambda, zeros last; lambda'
-    is made non-negative.  Returns a Certificate (truthy when the condition holds).
+    Lambda, Lambda' diagonal r x r, r = min(widths); A_1 is (kd - r) x (k0 - r) (the
+    paper prints the transpose).  Equivalently r orthonormal common eigenvectors v_j
+    of X X^T and (Y X^T)^T (Y X^T), u_j = Y X^T v_j / lambda'_j, at most
+    kd - rank(Y X^T) of the lambda'_j zero.  Repeated eigenvalues, rank-deficient X
+    and n < k0 allowed; directions by decreasing lambda'^2 / lambda, zeros last.
     """
     X, Y = to_numpy(X).astype(np.float64), to_numpy(Y).astype(np.float64)
     if X.ndim != 2 or Y.ndim != 2 or X.shape[1] != Y.shape[1]:
@@ -1035,12 +939,9 @@ def _off_block(M, r):
 
 
 def _condition_violation(S, G, r):
-    """How far X X^T and (YX^T)^T YX^T are from sharing r eigenvectors (relative).
-
-    For each eigenvector of X X^T (inside repeated eigenspaces, the basis that
-    diagonalises the compressed G) the residual ||G v - (v^T G v) v|| / ||G||;
-    the r-th smallest of these.
-    """
+    """How far X X^T and (YX^T)^T YX^T are from sharing r eigenvectors: the r-th smallest
+    ||G v - (v^T G v) v|| / ||G|| over the eigenvectors v of X X^T (in a repeated
+    eigenspace, the basis diagonalising the compressed G)."""
     w, E = np.linalg.eigh(S)
     vecs = []
     for idx in _clusters(w[::-1], 1e-9, scale=max(abs(w).max(), 1e-300)):
@@ -1053,13 +954,9 @@ def _condition_violation(S, G, r):
 
 
 def sensing_certificate(Ms, tol=1e-9):
-    """Matrix sensing (Section 4.2): orthonormal U, V with every U^T M_i V diagonal.
-
-    Ms: n x k x k.  Sensing data y_i = Tr(M_i^T X*) are not of the form (X, Y) of
-    Theorem 1, so the condition M_i = U Lambda_i V^T is checked directly: a
-    generic combination sum_i c_i M_i gives U, V by its SVD, then each M_i is
-    tested.  Returns (ok, U, V, residual).
-    """
+    """Matrix sensing (Section 4.2): orthonormal U, V with every U^T M_i V diagonal (the
+    data are not of Theorem 1's (X, Y) form).  Ms: n x k x k.  U, V from the SVD of a
+    generic combination of the M_i, then each M_i tested.  Returns (ok, U, V, residual)."""
     Ms = to_numpy(Ms).astype(np.float64)
     c = np.random.default_rng(12345).standard_normal(Ms.shape[0])
     U, _, Vt = np.linalg.svd(np.tensordot(c, Ms, axes=1))
@@ -1076,10 +973,9 @@ def aligned_init(U, V, widths, sigmas=None, scale=1.0, seed=0, balanced=False,
     """Aligned initialisation of Lemma 2 / Theorem 1: W_1 = Q_1 D_1 V^T, W_i = Q_i D_i Q_{i-1}^T,
     W_d = U D_d Q_{d-1}^T, with Q_i = I unless ``chain`` gives [Q_1, ..., Q_{d-1}].
 
-    D_i is rectangular diagonal: ``sigmas`` (a list of d vectors, min(k_i, k_{i-1})
-    each) or draws from U(0, scale) with ``seed`` (the authors' choice, scale 1).
-    ``balanced`` makes the first r = min(widths) values equal in every layer (the
-    d-th root of the drawn product) and zeroes the rest, so that
+    D_i rectangular diagonal: ``sigmas`` (d vectors) or draws from U(0, scale) with
+    ``seed`` (the authors' choice).  ``balanced``: the first min(widths) values equal in
+    every layer (the d-th root of their product), the rest zero, so that
     W_{i+1}^T W_{i+1} = W_i W_i^T.  U, V: NumPy or CuPy; the result follows them.
     """
     xp = array_module(U, V)
@@ -1116,14 +1012,11 @@ def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", k
                             record_every=1):
     """Corollary 1: GD on the top-r singular values of a strongly aligned network.
 
-    sigma_i(t+1) = sigma_i(t) + (lr/n) prod_{j != i} sigma_j(t) (lam' - lam prod_j sigma_j(t)).
-    The product over j != i is Appendix B's; Eq. (6) as printed in Section 4.3
-    multiplies over all j, which is wrong: differentiating the loss
-    (1/2n) sum_k (lam'_k - ...)  with respect to sigma_i removes sigma_i itself.
-    sigmas0: (..., d, r) (leading axes: independent runs); lam, lam_prime: (r,) or
-    broadcastable.  kind="mse_mean" uses that loss's scale 2/(kd n) for 1/n.
-    Returns the trajectory, shape (steps // record_every + 1, ..., d, r).  O(d r) a
-    step.
+    sigma_i(t+1) = sigma_i(t) + (lr/n) prod_{j != i} sigma_j(t) (lam' - lam prod_j sigma_j(t)),
+    Appendix B's product over j != i (Eq. (6) as printed multiplies over all j: the
+    derivative with respect to sigma_i removes sigma_i).  sigmas0: (..., d, r), leading
+    axes independent runs; lam, lam_prime: (r,).  kind="mse_mean" scales by 2/(kd n).
+    Returns the trajectory, (steps // record_every + 1, ..., d, r).
     """
     xp = array_module(sigmas0)
     coef = lr / n if kind == "mse" else 2.0 * lr / (kd * n)
@@ -1143,16 +1036,11 @@ def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", k
     return xp.stack(out)
 
 
-
 def prop2_learning_rate(sigmas0, lam, lam_prime, n):
-    """Largest learning rate of Proposition 2 (as its proof, Appendix C, needs it).
-
-    gamma <= (n ln 2 / d) min_k [min_i sigma_k(W_i(0))^2 lam_k / lam'_k^2]: the proof
-    bounds prod_{i in T} sigma_i^{-2} by (min_i sigma_i(0))^{-2|T|}, so the minimum
-    runs over layers i as well as over k (the statement leaves i free).
-    Directions with lam_k = lam'_k = 0 are never updated and do not count.
-    sigmas0: (d, r) positive; lam, lam_prime: (r,).
-    """
+    """Largest learning rate of Proposition 2, as its proof (Appendix C) needs it:
+    gamma <= (n ln 2 / d) min_k [min_i sigma_k(W_i(0))^2 lam_k / lam'_k^2], the minimum
+    over layers i too (the statement leaves i free); directions with lam'_k = 0 never
+    move and do not count.  sigmas0: (d, r) positive; lam, lam_prime: (r,)."""
     sig = np.asarray(to_numpy(sigmas0), dtype=np.float64)
     lam, lam_prime = np.asarray(lam, dtype=np.float64), np.asarray(lam_prime, dtype=np.float64)
     d = sig.shape[0]
@@ -1162,13 +1050,10 @@ def prop2_learning_rate(sigmas0, lam, lam_prime, n):
 
 
 def balanced_factorization(P, hidden=None, W=None):
-    """Proposition 3: aligned, balanced W_1, W_2 with W_2 W_1 = P and
-    ||W_1||_F^2 + ||W_2||_F^2 = 2 ||P||_* (the minimum over all factorisations).
-
-    With P = U Sigma V^T: W_1 = W Sigma^{1/2} V^T, W_2 = U Sigma^{1/2} W^T for any
-    orthonormal W (hidden x hidden, default I).  Appendix G prints
-    W_1 = W Sigma^{1/2} U^T and W_2 = U Sigma^{1/2} V^T, whose product is not P.
-    """
+    """Proposition 3: aligned, balanced W_1, W_2 with W_2 W_1 = P and the least
+    ||W_1||_F^2 + ||W_2||_F^2 = 2 ||P||_*: with P = U Sigma V^T, W_1 = W Sigma^{1/2} V^T and
+    W_2 = U Sigma^{1/2} W^T for any orthonormal W (default I).  (Appendix G prints
+    W_1 = W Sigma^{1/2} U^T, W_2 = U Sigma^{1/2} V^T, whose product is not P.)"""
     xp = array_module(P)
     m, n = P.shape
     hidden = min(m, n) if hidden is None else hidden

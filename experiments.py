@@ -11,6 +11,7 @@ steps).  Alignment and invariance are reported by both rules of align.py:
 """
 import argparse
 import csv
+import dataclasses
 import gzip
 import io
 import json
@@ -37,11 +38,43 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081           # of the training pixels scaled
 IDX_NDIM = {2049: 1, 2051: 3}                    # idx magic numbers: labels, images
 QUICK_STEPS, QUICK_MEASURE = 300, 50
 PROGRESS_EVERY = 2.0                             # seconds between progress lines
-MEASURES = ("alignment_paired", "alignment_matched", "invariance_paired", "invariance_matched")
+DEVICES = ("cpu", "gpu", "auto")
 
 
 class ExperimentError(RuntimeError):
     """A problem the user can fix (missing files, bad data); printed without a traceback."""
+
+
+class DeviceError(RuntimeError):
+    """The requested device (GPU through CuPy) cannot be used."""
+
+
+def select_device(device="auto", quiet=False):
+    """Array module for ``device`` in {"cpu", "gpu", "auto"}.
+
+    "gpu" raises DeviceError naming what is missing; "auto" falls back to NumPy
+    with a one-line notice on stderr (unless ``quiet``).
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu":
+        return np
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise DeviceError("CuPy is installed but sees no CUDA GPU")
+        cupy.zeros(1).sum()  # a kernel really runs
+        return cupy
+    except Exception as exc:  # ImportError, CUDA driver errors, DeviceError
+        reason = ("CuPy is not installed: pip install '.[gpu]' (or cupy-cuda12x / "
+                  "cupy-cuda13x matching your CUDA)") if isinstance(exc, ImportError) \
+            else f"no usable GPU ({exc})"
+        if device == "gpu":
+            raise DeviceError(f"--device gpu needs CuPy and a CUDA GPU: {reason}") from exc
+        if not quiet:
+            print(f"note: running on the CPU with NumPy ({reason.split(':')[0]})",
+                  file=sys.stderr)
+        return np
 
 
 # ----------------------------------------------------------------- MNIST --
@@ -377,7 +410,7 @@ def _sensing_run(label, cfg, rng, k):
     xp = cfg.xp
 
     def loss_and_grads(ws):                      # L = 1/(2n) sum_i (y_i - <M_i, W_d..W_1>)^2
-        P = _product(ws)
+        P = align.forward(ws, eye)
         r = y_d - (Ms_d * P).sum((1, 2))
         return (r * r).sum() / (2 * n), align.layer_gradients(ws, eye, -xp.tensordot(r, Ms_d, 1) / n)
     measure = align.tracker(weights, rtol=cfg.rtol)
@@ -392,13 +425,6 @@ def away_from_zero(rng, k, d=3):
     not attracting: near a zero singular value, rounding errors off it grow by orders of
     magnitude (seen with U(0, 1) starts), so the positive cases start away from zero."""
     return [rng.uniform(0.5, 1.0, k) for _ in range(d)]
-
-
-def _product(ws):
-    P = ws[0]
-    for W in ws[1:]:
-        P = W @ P
-    return P
 
 
 def thm1(cfg):
@@ -451,7 +477,7 @@ def cor1(cfg):
         def sigmas(ws, _):
             return {"sigma": [(bases[i + 1].T @ align.to_numpy(W) @ bases[i]).diagonal().tolist()
                               for i, W in enumerate(ws)]}
-        cfg64 = argparse.Namespace(**{**vars(cfg), "dtype": np.float64})
+        cfg64 = dataclasses.replace(cfg, dtype=np.float64)
         out, hist = align.train(to_device(cfg64, *weights), *to_device(cfg64, X, X), kind=kind,
                                 lr=cfg.lr, max_steps=cfg.max_steps, tol=cfg.tol,
                                 measure_every=cfg.measure_every, measures={"s": sigmas},
@@ -507,44 +533,118 @@ def claim_stays_one(runs, cfg, what=("alignment_paired", "invariance_paired")):
             "holds": lowest > 1 - eps}
 
 
-TOLERANCES = {"thm3": 1e-10}                     # defaults other than Appendix L's 1e-4
-# --device auto runs these on the GPU (from this many --seeds on); the others are faster on
-# the CPU, where their small layers cost no kernel launches (README, Performance).
-GPU_FROM_SEEDS = {"fig1a": 100, "fig1b": 1, "fig1c": 1, "fig2b": 1}
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """An experiment: the function that runs it, what of the paper it reproduces, and its
+    defaults.  ``gpu_from_seeds``: --device auto runs it on a GPU from this many --seeds
+    (the others are faster on the CPU, where small layers cost no kernel launches);
+    ``options``: which of --init, --mnist, --loss-scale apply to it."""
+    run: object
+    paper: str
+    dtype: type
+    lr: float = 1e-2                    # Appendix L
+    tol: float = 1e-4                   # Appendix L
+    gpu_from_seeds: float = math.inf
+    options: tuple = ()
+
+
 EXPERIMENTS = {
-    "fig1a": (fig1a, "Fig. 1a, Theorem 1", np.float64, 1e-2),
-    "fig1b": (fig1b, "Fig. 1b, Theorem 4", np.float32, 1e-2),
-    "fig1c": (fig1c, "Fig. 1c, cross-entropy", np.float32, 1e-2),
-    "fig2a": (fig2a, "Fig. 2a, Theorem 2-3", np.float64, 1e-2),
-    "fig2b": (fig2b, "Fig. 2b, Theorem 3", np.float32, 1e-2),
-    "thm1": (thm1, "Theorem 1, Section 4.2", np.float64, 1e-2),
-    "prop1": (prop1, "Proposition 1", np.float64, 1e-3),
-    "cor1": (cor1, "Corollary 1", np.float64, 1e-2),
-    "thm3": (thm3, "Theorem 3, Proposition 5", np.float64, 1e-1),
+    "fig1a": Experiment(fig1a, "Fig. 1a, Theorem 1", np.float64, gpu_from_seeds=100,
+                        options=("init", "loss_scale")),
+    "fig1b": Experiment(fig1b, "Fig. 1b, Theorem 4", np.float32, gpu_from_seeds=1,
+                        options=("init", "mnist", "loss_scale")),
+    "fig1c": Experiment(fig1c, "Fig. 1c, cross-entropy", np.float32, gpu_from_seeds=1,
+                        options=("init", "mnist")),
+    "fig2a": Experiment(fig2a, "Fig. 2a, Theorem 2-3", np.float64, options=("init", "loss_scale")),
+    "fig2b": Experiment(fig2b, "Fig. 2b, Theorem 3", np.float32, gpu_from_seeds=1,
+                        options=("init", "mnist", "loss_scale")),
+    "thm1": Experiment(thm1, "Theorem 1, Section 4.2", np.float64, options=("loss_scale",)),
+    "prop1": Experiment(prop1, "Proposition 1", np.float64, lr=1e-3, options=("mnist",)),
+    "cor1": Experiment(cor1, "Corollary 1", np.float64, options=("loss_scale",)),
+    "thm3": Experiment(thm3, "Theorem 3, Proposition 5", np.float64, lr=1e-1, tol=1e-10),
 }
+OPTION_FLAGS = {"init": "--init", "mnist": "--mnist", "loss_scale": "--loss-scale"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One experiment's settings: the command line with the experiment's defaults filled in."""
+    xp: object
+    device: str
+    dtype: type
+    lr: float
+    tol: float
+    rtol: float
+    seed: int
+    seeds: int
+    max_steps: int
+    measure_every: int
+    loss_every: int
+    loss_scale: str
+    init: str
+    mnist: str
+    out: str
+    quiet: bool
+    quick: bool
+
+    def to_dict(self):
+        """The settings for the JSON record."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "xp"} | \
+            {"dtype": np.dtype(self.dtype).name}
+
+
+def configure(name, args, xp):
+    """The Config of experiment ``name`` from the parsed command line, on the array module xp
+    (NumPy where --device auto finds the CPU faster for it)."""
+    exp = EXPERIMENTS[name]
+    dtype = np.dtype(args.dtype or exp.dtype).type
+    if args.device == "auto" and xp is not np and args.seeds < exp.gpu_from_seeds:
+        xp = np
+        if not args.quiet:
+            print(f"note: {name} runs on the CPU, where its small layers are faster "
+                  "(--device gpu to insist)", file=sys.stderr)
+    return Config(xp=xp, device=args.device, dtype=dtype, lr=args.lr or exp.lr, tol=args.tol or exp.tol,
+                  rtol=1e-6 if dtype == np.float64 else 1e-4, seed=args.seed, seeds=args.seeds,
+                  max_steps=min(args.max_steps, QUICK_STEPS) if args.quick else args.max_steps,
+                  measure_every=min(args.measure_every, QUICK_MEASURE) if args.quick else args.measure_every,
+                  loss_every=args.loss_every, loss_scale=args.loss_scale or "mean",
+                  init=args.init or "aligned", mnist=args.mnist, out=args.out, quiet=args.quiet,
+                  quick=args.quick)
+
+
+def options_not_applying(name, args):
+    """The given options among --init, --mnist, --loss-scale that experiment ``name`` ignores."""
+    return [flag for option, flag in OPTION_FLAGS.items()
+            if getattr(args, option) is not None and option not in EXPERIMENTS[name].options]
 
 
 # ------------------------------------------------------------- outputs --
 
-def write_atomic(path, text):
-    """Write text to path through a temporary file in the same folder (never half-written)."""
+def write_atomic(path, write):
+    """Make ``path`` by ``write(tmp)`` on a temporary file in the same folder, then move it
+    into place with the usual permissions: never half-written; the temporary file is
+    removed if writing fails."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        _publish(tmp, path)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
 
 
-def _publish(tmp, path):
-    """Move a finished temporary file into place with the usual permissions (umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+def write_text(path, text):
+    """write_atomic for text."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+    write_atomic(path, write)
 
 
 def environment(cfg):
@@ -563,13 +663,13 @@ def csv_text(runs):
     """One CSV row per measurement: run, step, loss and the four measures."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["run", "step", "loss", *MEASURES])
+    writer.writerow(["run", "step", "loss", *align.MEASURE_KEYS])
     for name, run in runs.items():
         losses = dict(zip(run["steps"], run["losses"]))
         for j, step in enumerate(run["measure_steps"]):
             loss = losses.get(step, "")
             writer.writerow([name, step, loss if not isinstance(loss, list) else max(loss)] +
-                            [run["measurements"].get(m, [""] * (j + 1))[j] for m in MEASURES])
+                            [run["measurements"].get(m, [""] * (j + 1))[j] for m in align.MEASURE_KEYS])
     return buf.getvalue()
 
 
@@ -605,12 +705,10 @@ def plot(name, title, runs, path):
         axes[0].legend(fontsize=7)
     fig.suptitle(textwrap.fill(f"{name}: {title}", 120), fontsize=10)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    _publish(tmp, path)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    finally:
+        plt.close(fig)
     return None
 
 
@@ -658,7 +756,7 @@ def spread(runs):
     for key in ("final_step", "wall_time"):
         values = [r[key] for r in runs.values()]
         out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
-    for m in MEASURES:
+    for m in align.MEASURE_KEYS:
         values = [r["measurements"][m][-1] for r in runs.values() if m in r["measurements"]]
         if values:
             out[m] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
@@ -667,17 +765,7 @@ def spread(runs):
 
 def run_experiment(name, cfg):
     """Run one experiment and write <out>/<name>.json, .csv and .png; return its claim."""
-    fn, ref, default_dtype, default_lr = EXPERIMENTS[name]
-    cfg = argparse.Namespace(**vars(cfg))
-    cfg.dtype = np.dtype(cfg.dtype_name or default_dtype).type
-    cfg.lr = cfg.lr_given or default_lr
-    cfg.tol = cfg.tol_given or TOLERANCES.get(name, 1e-4)
-    cfg.rtol = 1e-6 if cfg.dtype == np.float64 else 1e-4
-    if cfg.device == "auto" and cfg.xp is not np and cfg.seeds < GPU_FROM_SEEDS.get(name, math.inf):
-        cfg.xp = np
-        if not cfg.quiet:
-            print(f"note: {name} runs on the CPU, where its small layers are faster "
-                  "(--device gpu to insist)", file=sys.stderr)
+    fn = EXPERIMENTS[name].run
     start = time.perf_counter()
     stop = "done"
     try:
@@ -688,16 +776,14 @@ def run_experiment(name, cfg):
     if any(r.get("stop_reason") == "interrupted" for r in runs.values()):
         stop = "interrupted"
     runs = {name: thinned(r, cfg.loss_every) for name, r in runs.items()}
-    result = {"experiment": name, "paper": ref, "title": title(fn),
-              "status": stop, "claim": claim,
-              "config": {k: v for k, v in vars(cfg).items() if k not in ("xp", "dtype", "func")}
-              | {"dtype": np.dtype(cfg.dtype).name, "lr": cfg.lr, "rtol": cfg.rtol},
+    result = {"experiment": name, "paper": EXPERIMENTS[name].paper, "title": title(fn),
+              "status": stop, "claim": claim, "config": cfg.to_dict(),
               "environment": environment(cfg), "wall_time": time.perf_counter() - start,
               "summary": spread(runs) if runs else {}, "runs": runs}
     os.makedirs(cfg.out, exist_ok=True)
     base = os.path.join(cfg.out, name)
-    write_atomic(base + ".json", json.dumps(result, indent=1, allow_nan=True))
-    write_atomic(base + ".csv", csv_text(runs))
+    write_text(base + ".json", json.dumps(result, indent=1, allow_nan=True))
+    write_text(base + ".csv", csv_text(runs))
     note = plot(name, result["title"], runs, base + ".png") if runs else None
     print(summary(name, runs, claim, stop))
     print(f"  wrote {base}.json, {base}.csv" + ("" if note else f", {base}.png"))
@@ -718,9 +804,9 @@ def title(fn):
 
 def parser():
     """The command line (argparse); --help lists every experiment with its paper reference."""
-    listing = "\n".join(textwrap.fill(f"{n:<6} {EXPERIMENTS[n][1]:<25} {title(EXPERIMENTS[n][0])}", 100,
+    listing = "\n".join(textwrap.fill(f"{n:<6} {e.paper:<25} {title(e.run)}", 100,
                                        initial_indent="  ", subsequent_indent=" " * 35)
-                         for n in EXPERIMENTS)
+                         for n, e in EXPERIMENTS.items())
     p = argparse.ArgumentParser(
         prog="experiments.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__, epilog="experiments:\n" + listing + "\n  list   print this table"
@@ -728,18 +814,18 @@ def parser():
         "3 a paper claim did not hold (full runs), 130 interrupted")
     p.add_argument("experiment", choices=["list", *EXPERIMENTS, "all"], metavar="EXPERIMENT",
                    help="one of: list, " + ", ".join(EXPERIMENTS) + ", all")
-    p.add_argument("--device", choices=align.DEVICES, default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="cpu (NumPy), gpu (CuPy; error if unusable) or auto (default: the GPU if "
                         "usable and faster for the experiment: fig1b, fig1c, fig2b, and fig1a "
                         "from 100 --seeds)")
-    p.add_argument("--dtype", dest="dtype_name", metavar="{float32,float64}", choices=["float32", "float64"],
+    p.add_argument("--dtype", metavar="{float32,float64}", choices=["float32", "float64"],
                    default=None,
                    help="default per experiment: float32 for the MNIST figures, float64 otherwise")
     p.add_argument("--seed", type=int, default=0, help="first random seed (default 0)")
     p.add_argument("--seeds", type=_positive_int, default=1, help="number of independent runs (default 1)")
-    p.add_argument("--lr", dest="lr_given", metavar="LR", type=_positive_float, default=None,
+    p.add_argument("--lr", metavar="LR", type=_positive_float, default=None,
                    help="learning rate (default 1e-2 as in Appendix L; 1e-3 for prop1, 1e-1 for thm3)")
-    p.add_argument("--tol", dest="tol_given", metavar="TOL", type=_positive_float, default=None,
+    p.add_argument("--tol", metavar="TOL", type=_positive_float, default=None,
                    help="stop when the loss is below this (default 1e-4 as in Appendix L; 1e-10 for "
                         "thm3, whose claim is about interpolation)")
     p.add_argument("--max-steps", type=_positive_int, default=100_000,
@@ -749,16 +835,17 @@ def parser():
     p.add_argument("--loss-every", type=_positive_int, default=1,
                    help="keep the loss of every K-th step in the JSON (default 1: every step; "
                         "runs still stop at the first step below --tol)")
-    p.add_argument("--loss-scale", choices=["mean", "paper"], default="mean",
+    p.add_argument("--loss-scale", choices=["mean", "paper"], default=None,
                    help="squared loss as the mean over all kd*n entries (the authors' code, with which "
-                        "the published figures were made; default) or Eq. (2)'s 1/(2n) sum")
-    p.add_argument("--init", choices=["aligned", "random"], default="aligned",
+                        "the published figures were made; default) or Eq. (2)'s 1/(2n) sum "
+                        "(fig1a, fig1b, fig2a, fig2b, thm1, cor1)")
+    p.add_argument("--init", choices=["aligned", "random"], default=None,
                    help="fig1a-fig2b: aligned start (default) or PyTorch-style random start")
     p.add_argument("--quick", action="store_true",
                    help=f"{QUICK_STEPS} steps, measuring every {QUICK_MEASURE} (smoke test)")
     p.add_argument("--mnist", default=None, metavar="DIR",
                    help="folder with the full MNIST idx files (raw or .gz); default: the shipped "
-                        "subset of the first 1024 training images")
+                        "subset of the first 1024 training images (fig1b, fig1c, fig2b, prop1)")
     p.add_argument("--out", default="results", help="output folder (default results/)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -799,15 +886,18 @@ def main(argv=None):
     if args.experiment == "list":
         print(parser().epilog)
         return 0
-    if args.quick:
-        args.max_steps = min(args.max_steps, QUICK_STEPS)
-        args.measure_every = min(args.measure_every, QUICK_MEASURE)
+    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    for name in names:
+        ignored = options_not_applying(name, args)
+        if ignored and len(names) == 1:
+            parser().error(f"{', '.join(ignored)} does not apply to {name}")
+        if ignored and not args.quiet:
+            print(f"note: {name} ignores {', '.join(ignored)}", file=sys.stderr)
     try:
         check_output_folder(args.out)
-        args.xp = align.select_device(args.device, quiet=args.quiet)
-        names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
-        claims = {name: run_experiment(name, args) for name in names}
-    except (ExperimentError, align.DeviceError) as exc:
+        xp = select_device(args.device, quiet=args.quiet)
+        claims = {name: run_experiment(name, configure(name, args, xp)) for name in names}
+    except (ExperimentError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -327,7 +327,7 @@ def _t(s):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=align.DEVICES, default="cpu")
+    p.add_argument("--device", choices=experiments.DEVICES, default="cpu")
     p.add_argument("--steps", type=int, default=200,
                    help="steps timed per GD benchmark (200; on a GPU use ~2000, since each "
                         "timed run also captures its CUDA graphs)")
@@ -347,8 +347,8 @@ def main(argv=None):
                 "end-to-end")
     try:
         experiments.check_output_folder(args.out)
-        xp = align.select_device(args.device)
-    except (experiments.ExperimentError, align.DeviceError) as exc:
+        xp = experiments.select_device(args.device)
+    except (experiments.ExperimentError, experiments.DeviceError) as exc:
         sys.exit(f"error: {exc}")
     rows = []
     peak = bench_step(xp, rows, args.steps) if "step" in parts else peak_rate(xp, np.float32)
@@ -365,7 +365,7 @@ def main(argv=None):
                 platform=platform.platform())
     print(table(rows))
     print(f"peak float32 matmul: {peak / 1e9:.0f} GFLOP/s; {info}")
-    experiments.write_atomic(os.path.join(args.out, "bench.json"),
+    experiments.write_text(os.path.join(args.out, "bench.json"),
                              json.dumps({"environment": info, "rows": rows}, indent=1))
 
 

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import _cuda  # noqa: E402
 import _fast  # noqa: E402
 import align  # noqa: E402
+import experiments  # noqa: E402
 from bench import seconds, seeds_problem, trained  # noqa: E402
 
 
@@ -71,12 +72,12 @@ def measure_alone(ws, later, xp, gpu_batch_min):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=align.DEVICES, default="cpu")
+    p.add_argument("--device", choices=experiments.DEVICES, default="cpu")
     p.add_argument("--steps", type=int, default=2000)
     args = p.parse_args(argv)
     try:
-        xp = align.select_device(args.device)
-    except align.DeviceError as exc:
+        xp = experiments.select_device(args.device)
+    except experiments.DeviceError as exc:
         sys.exit(f"error: {exc}")
     print(f"{'seeds':>6} {'thread':>6} {'measuring':>9} {'total ms':>9} {'launch':>7} {'measure':>8}"
           f" {'wait':>7}  {'measure alone':>13} {'on the host':>11}")

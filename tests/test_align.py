@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import align
-from conftest import CUPY, finite_difference, random_orthogonal, random_problem
+from conftest import finite_difference, random_orthogonal, random_problem
 
 pytestmark = pytest.mark.usefixtures("reference")
 
@@ -293,19 +293,10 @@ def test_commuting_grams_are_not_enough_for_rectangular_layers():
      "max_steps must be an integer >= 0, got 2.5"),
     (lambda: align.train([np.ones((3, 4))], np.ones((4, 2)), np.ones((3, 2)), measure_every=0),
      "measure_every must be an integer >= 1"),
-    (lambda: align.select_device("tpu"), "device must be one of"),
 ])
 def test_bad_input_raises_value_error_naming_the_problem(call, message):
     with pytest.raises(ValueError, match=message):
         call()
-
-
-@pytest.mark.skipif(CUPY is not None, reason="a GPU is available here")
-def test_gpu_without_cupy_names_what_is_missing(capsys):
-    with pytest.raises(align.DeviceError, match="CuPy"):
-        align.select_device("gpu")
-    assert align.select_device("auto") is np
-    assert "CPU" in capsys.readouterr().err
 
 
 def test_tracker_equals_the_separate_measures():

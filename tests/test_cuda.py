@@ -12,6 +12,7 @@ import pytest
 import _cuda
 import _fast
 import align
+import structured as st
 from conftest import CUPY, random_problem
 
 
@@ -218,3 +219,29 @@ def test_direct_cublas_without_the_library_says_which_it_tried(monkeypatch):
     with pytest.raises(RuntimeError, match=r"no cuBLAS library .*libcublas\.so\.13"):
         _cuda._DirectCublas(None, None)
 
+
+@pytest.mark.skipif(CUPY is None, reason="CuPy with a CUDA GPU is not available")
+def test_conv_steps_replayed_from_cuda_graphs_equal_kernel_by_kernel_steps(monkeypatch):
+    """On the GPU: a convolutional network's steps are captured (its products go through
+    align.matmul) and give the losses, measures and iterates of launching kernels one by one."""
+    rng = np.random.default_rng(6)
+    S = st.conv2d(6, 3)
+    params = [CUPY.asarray(rng.standard_normal(9) * 0.3) for _ in range(3)]
+    X = CUPY.asarray(rng.standard_normal((36, 4)))
+    captured = []
+    launch = _cuda._CudaGraphChunks.launch
+    monkeypatch.setattr(_cuda._CudaGraphChunks, "launch",
+                        lambda self, k, keep=False: captured.append(launch(self, k, keep)) or captured[-1])
+    track = align.tracker(st.layer_matrices([S] * 3, params))
+    train = lambda: st.train([S] * 3, params, X, X, lr=0.01, max_steps=300, tol=0.0,
+                             measure_every=120, measures={"m": track})
+    p1, h1 = train()
+    assert captured and all(captured)                              # graphs really ran
+    assert h1.losses[-1] < 1e-2 * h1.losses[0]                     # (lr 0.05 diverges here)
+    monkeypatch.setattr(_cuda, "CUDA_GRAPH_STEPS", 0)
+    p2, h2 = train()
+    np.testing.assert_allclose(h1.losses, h2.losses, rtol=1e-10)
+    for key in h2.measurements:
+        np.testing.assert_allclose(h1.measurements[key], h2.measurements[key], atol=1e-10)
+    for a, b in zip(p1, p2):
+        np.testing.assert_allclose(align.to_numpy(a), align.to_numpy(b), rtol=1e-10, atol=1e-12)

@@ -185,7 +185,7 @@ def test_progress_lines_report_step_loss_alignment_rate_and_eta(name, args, tmp_
 def test_auto_device_keeps_small_experiments_on_the_cpu(tmp_path, monkeypatch, capsys):
     """With a GPU usable, --device auto still runs fig2a (4x4 layers) with NumPy; a GPU
     stand-in that cannot compute would fail the run if it were used."""
-    monkeypatch.setattr(experiments.align, "select_device", lambda device, quiet=False: object())
+    monkeypatch.setattr(experiments, "select_device", lambda device, quiet=False: object())
     assert experiments.main(["fig2a", "--quick", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "fig2a.json").read_text())["environment"]["device"] == "cpu"
     assert "fig2a runs on the CPU" in capsys.readouterr().err
@@ -237,3 +237,13 @@ def test_many_seeds_are_told_how_to_thin_their_loss_records(capsys):
     cfg.loss_every = 100
     experiments.batches(cfg, problems)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.skipif(CUPY is not None, reason="a GPU is available here")
+def test_gpu_without_cupy_names_what_is_missing(capsys):
+    with pytest.raises(experiments.DeviceError, match="CuPy"):
+        experiments.select_device("gpu")
+    assert experiments.select_device("auto") is np
+    assert "CPU" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="device must be one of"):
+        experiments.select_device("tpu")

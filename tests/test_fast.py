@@ -1,5 +1,7 @@
 """Each exact speed-up of _fast.py against align.py's reference (align._fast = None): the
 same iterates to rounding in float64, the same measures, the same stopping step."""
+import json
+
 import numpy as np
 import pytest
 
@@ -116,7 +118,9 @@ def test_tracker_on_a_large_batch_measures_where_the_batch_is(xp, monkeypatch):
         w0 = [rng.standard_normal((6, widths[i + 1], widths[i])) for i in range(len(widths) - 1)]
         w1 = [W + 0.3 * rng.standard_normal(W.shape) for W in w0]
         w1[0][2] = np.eye(*w1[0].shape[1:])                      # network 2: repeated values
-        want = align.tracker(w0)(w1)
+        with monkeypatch.context() as patch:                    # align.py's reference
+            patch.setattr(align, "_fast", None)
+            want = align.tracker(w0)(w1)
         monkeypatch.setattr(_fast, "GPU_BATCH_MIN", 4)
         got = align.tracker([xp.asarray(W) for W in w0])([xp.asarray(W) for W in w1])
         monkeypatch.undo()
@@ -232,24 +236,26 @@ def test_measures_split_along_the_invariant_subspace_equal_the_direct_ones(dtype
 
 
 def test_split_measures_on_the_device_equal_the_host_ones(xp, monkeypatch):
-    """Layer 1's moving directions decomposed where the arrays live (large layers:
-    eigh on the GPU) give the host's singular values and vectors."""
+    """Layer 1's moving directions decomposed where the arrays live (every decomposition
+    on xp: on a GPU, eigh there) give the singular values and vectors of LAPACK's SVDs
+    of the dense layers W_1 = W_1(0) + Q C X^T and W_2 = W~_2 Q^T."""
     rng = np.random.default_rng(28)
     widths, n = [20, 24, 3, 2], 6
     X, Y = rng.standard_normal((20, n)), rng.standard_normal((2, n))
     weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1)
     Q = _fast._range_basis(np.concatenate([weights[0] @ X, weights[1].T], axis=1), 1e-12)
     params = [rng.standard_normal((Q.shape[1], n)) * 0.1, rng.standard_normal((3, Q.shape[1]))]
-    (want1, want2), want_static = _fast._split_first_layers(weights[0], Q, X.T)(params)
-    monkeypatch.setattr(_fast, "HOST_SVD_MAX", 0)                  # every decomposition on xp
+    U1, s1, _ = np.linalg.svd(weights[0] + Q @ params[0] @ X.T)
+    _, s2, V2t = np.linalg.svd(params[1] @ Q.T)
+    monkeypatch.setattr(_fast, "HOST_SVD_MAX", 0)
     monkeypatch.setattr(_fast, "HOST_EIGH_MAX", 0)
     split = _fast._split_first_layers(*(xp.asarray(a) for a in (weights[0], Q, X.T)))
     (got1, got2), static = split([xp.asarray(p) for p in params])
-    assert (static == want_static).all() and type(got1[0]) is np.ndarray
-    np.testing.assert_allclose(got1[1], want1[1], rtol=1e-12)
-    np.testing.assert_allclose(np.abs((got1[0] * want1[0]).sum(0))[~static], 1.0, atol=1e-10)
-    np.testing.assert_allclose(got2[1], want2[1], rtol=1e-12)
-    np.testing.assert_allclose(np.abs((got2[2] * want2[2]).sum(0)), 1.0, atol=1e-10)
+    assert type(got1[0]) is np.ndarray and 0 < static.sum() < static.size
+    np.testing.assert_allclose(got1[1], s1[:20], rtol=1e-12)
+    np.testing.assert_allclose(np.abs(((Q @ got1[0]) * U1[:, :20]).sum(0))[~static], 1.0, atol=1e-10)
+    np.testing.assert_allclose(got2[1], s2, rtol=1e-12)
+    np.testing.assert_allclose(np.abs(((Q @ got2[2]) * V2t[:3].T).sum(0)), 1.0, atol=1e-10)
 
 
 @pytest.mark.parametrize("repeated, rtol", [(False, 1e-6), (True, 1e-6), (True, 0.05)])
@@ -439,3 +445,65 @@ def test_split_measures_fall_back_when_a_static_direction_is_used_at_one_time_on
     assert pairs[-1].exact == 2 and pairs[-1].exact_used == 2 and pairs[-1].A.shape == (4, 1)
 
 
+
+
+COPIED_ALONE = r"""
+import json, sys
+sys.modules["_fast"] = sys.modules["_cuda"] = None        # whatever site-packages holds
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import align
+assert align.__file__.startswith(sys.argv[1]) and align._fast is None
+assert not {"structured", "experiments"} & set(sys.modules)
+print(json.dumps(align_numbers(align)))
+"""
+
+
+def align_numbers(align):
+    """Numbers from align's public functions on one problem (n < k0: _fast.py's row space)."""
+    import numpy as np
+    rng = np.random.default_rng(7)
+    X, Y = rng.standard_normal((12, 6)), rng.standard_normal((4, 6))
+    U, V = np.linalg.svd(Y)[0], np.linalg.svd(X)[0]
+    weights = align.aligned_init(U, V, [12, 9, 5, 4], seed=3)
+    out, hist = align.train(weights, X, Y, "mse", lr=0.05, max_steps=300, tol=0.0, measure_every=100,
+                            measures={"m": align.tracker(weights)})
+    cert = align.invariance_certificate(X, X, [12, 12, 12])
+    return {"forward": align.forward(weights, X).tolist(), "loss": float(align.loss(out, X, Y)),
+            "gradients": [g.tolist() for g in align.gradients(out, X, Y)],
+            "weights": [W.tolist() for W in out], "losses": hist.losses,
+            "measurements": hist.measurements,
+            "alignment": [align.alignment(out, how) for how in align.HOW],
+            "invariance": [align.invariance(out, weights, how) for how in align.HOW],
+            "is_aligned": [bool(align.is_aligned(weights)), bool(align.is_aligned(out, tol=1e-6))],
+            "certificate": [bool(cert), cert.lam.tolist(), cert.lam_prime.tolist()]}
+
+
+def test_align_copied_alone_gives_the_full_projects_numbers(tmp_path):
+    """align.py alone in an empty folder, with NumPy only (no _fast.py, _cuda.py or the other
+    modules): the public functions run and give the full project's numbers to rounding."""
+    import inspect
+    import shutil
+    import subprocess
+    import sys
+    shutil.copy(align.__file__, tmp_path / "align.py")
+    script = inspect.getsource(align_numbers) + COPIED_ALONE
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    alone, full = json.loads(run.stdout), align_numbers(align)
+    assert align._fast is not None and alone.keys() == full.keys()
+    assert alone["is_aligned"] == full["is_aligned"] == [True, False]
+    assert alone["certificate"][0] and full["certificate"][0]
+    for key in full:
+        np.testing.assert_allclose(_leaves(alone[key]), _leaves(full[key]), rtol=1e-9, atol=1e-12,
+                                   err_msg=key)
+
+
+def _leaves(value):
+    """The numbers of a nested JSON value (bools as 0 and 1), flat."""
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _leaves(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _leaves(v)]
+    return [float(value)]
