@@ -74,11 +74,30 @@ def check_finite(name, a):
         raise ValueError(f"{name} contains NaN or inf ({fix})")
 
 
+def check_array(name, a):
+    """Raise ValueError unless ``a`` is a NumPy or CuPy array of float32 or float64."""
+    if type(a).__module__.split(".")[0] not in ("numpy", "cupy") or not hasattr(a, "dtype"):
+        raise ValueError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
+    if a.dtype not in (np.float32, np.float64):
+        raise ValueError(f"{name} must hold float32 or float64 numbers, got {a.dtype} "
+                         f"(convert with .astype(float))")
+
+
+def check_tolerance(name, value, below=math.inf):
+    """Raise ValueError unless ``value`` is a number with 0 <= value < below."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not 0 <= value < below:
+        raise ValueError(f"{name} must be a number >= 0{f' and < {below:g}' if below < math.inf else ''}"
+                         f", got {value!r}")
+
+
 def check_network(weights, X=None):
     """Validate widths and finiteness of ``weights`` (and ``X``); return the widths [k0..kd]."""
-    if len(weights) == 0:
-        raise ValueError("weights must be a non-empty list [W_1, ..., W_d]")
+    if not isinstance(weights, (list, tuple)) or len(weights) == 0:
+        raise ValueError(f"weights must be a non-empty list [W_1, ..., W_d] of arrays, got "
+                         f"{type(weights).__name__}")
     for i, W in enumerate(weights, 1):
+        check_array(f"weights[{i - 1}] (W_{i})", W)
         if W.ndim not in (2, 3):
             raise ValueError(f"weights[{i - 1}] (W_{i}) must be k_{i} x k_{i - 1} "
                              f"(or batched), got shape {_shape(W)}")
@@ -89,6 +108,7 @@ def check_network(weights, X=None):
                              f"{_shape(weights[i - 1])}: W_{i + 1} needs "
                              f"{weights[i - 1].shape[-2]} columns")
     if X is not None:
+        check_array("X", X)
         batch = weights[0].shape[:-2]
         if X.ndim not in (2, 3) or X.shape[-2] != weights[0].shape[-1] or \
                 (X.ndim == 3 and X.shape[:1] != batch):
@@ -96,6 +116,8 @@ def check_network(weights, X=None):
                              f"per column; B x k0 x n for a batch of B networks), got shape "
                              f"{_shape(X)}")
         check_finite("X", X)
+        if X.shape[-1] == 0:
+            raise ValueError("X has no examples (n = 0 columns)")
     return [weights[0].shape[-1]] + [W.shape[-2] for W in weights]
 
 
@@ -103,6 +125,8 @@ def prepare_targets(Y, kind, kd, n):
     """Targets as a kd x n float array for loss ``kind``, validated (labels, shapes)."""
     if kind not in LOSSES:
         raise ValueError(f"unknown loss kind {kind!r}; choose one of {LOSSES}")
+    if type(Y).__module__.split(".")[0] not in ("numpy", "cupy"):
+        raise ValueError(f"Y must be a NumPy or CuPy array, got {type(Y).__name__}")
     xp = array_module(Y)
     if kind == "ce" and Y.ndim == 1:
         if Y.shape[0] != n:
@@ -111,6 +135,7 @@ def prepare_targets(Y, kind, kd, n):
             raise ValueError(f"integer class labels must lie in 0..{kd - 1} (kd = {kd}), "
                              f"got range {Y.min()}..{Y.max()} of dtype {Y.dtype}")
         return (xp.arange(kd)[:, None] == Y[None, :]).astype(xp.float64)
+    check_array("Y", Y)
     if Y.ndim not in (2, 3) or Y.shape[-2:] != (kd, n):
         raise ValueError(f"Y must be kd x n = {kd} x {n}, got shape {_shape(Y)}")
     check_finite("Y", Y)
@@ -259,7 +284,7 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     records each key); ``callback(step, loss, history)`` at every recorded step.
     Returns (params, History); a non-finite loss raises DivergenceError.
     """
-    _check_schedule(lr, max_steps, record_every, measure_every)
+    _check_schedule(lr, max_steps, record_every, measure_every, tol)
     ps = [p.copy() for p in params]
     run = _Run(lr, max_steps, tol, record_every, callback, measures or {}, [p.copy() for p in params])
     runs = _fast.step_runs(ps, loss_and_grads, lr) if _fast is not None else None
@@ -281,9 +306,10 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     return ps, run.finish(ps)
 
 
-def _check_schedule(lr, max_steps, record_every, measure_every):
+def _check_schedule(lr, max_steps, record_every, measure_every, tol):
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive finite number, got {lr}")
+    check_tolerance("tol", tol)
     for name, value, least in (("record_every", record_every, 1), ("measure_every", measure_every, 1),
                                ("max_steps", max_steps, 0)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
@@ -507,6 +533,7 @@ def alignment(weights, how="paired", rtol=1e-6):
     """
     _check_how(how)
     check_network(weights)
+    check_tolerance("rtol", rtol, 1)
     svds = _reduced_svds(weights)
     pairs = _alignment_pairs(svds, _widths(svds))
     return _paired_score(pairs, rtol) if how == "paired" else _matched_score(pairs)
@@ -518,6 +545,10 @@ def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
     _check_how(how)
     check_network(weights_t)
     check_network(weights_0)
+    check_tolerance("rtol", rtol, 1)
+    if [W.shape for W in weights_t] != [W.shape for W in weights_0]:
+        raise ValueError(f"weights_t and weights_0 must have the same shapes, got "
+                         f"{[_shape(W) for W in weights_t]} and {[_shape(W) for W in weights_0]}")
     now = _reduced_svds(weights_t)
     pairs = _invariance_pairs(now, _reduced_svds(weights_0), _widths(now))
     return _paired_score(pairs, rtol) if how == "paired" else _matched_score(pairs)
@@ -609,6 +640,7 @@ def tracker(weights_0, rtol=1e-6):
     (Section 6) by both rules, a dict with the keys MEASURE_KEYS, with one SVD per layer
     (those of weights_0 computed once).  A batch of networks gives one value each."""
     check_network(weights_0)
+    check_tolerance("rtol", rtol, 1)
     if _fast is not None:
         return _fast.tracker(weights_0, rtol)   # _fast: the same, vectorised over a batch
     then = _reduced_svds(weights_0)
@@ -656,47 +688,57 @@ def _orth_complement(Q, k):
     return np.linalg.qr(Q, mode="complete")[0][:, Q.shape[1]:]
 
 
-def _nearest_orthonormal(Z):
-    """Polar factor of Z: the orthonormal matrix nearest to Z (columns kept in order)."""
-    if Z.shape[1] == 0:
-        return Z
-    U, _, Vt = np.linalg.svd(Z, full_matrices=False)
-    return U @ Vt
+def _orthonormal_by_size(Z, norms):
+    """Z's columns (unit vectors, nearly orthonormal) made orthonormal by Gram-Schmidt in
+    order of decreasing ``norms``: the images of the larger singular values are the more
+    accurate, so each column is corrected only against those before it."""
+    order = np.argsort(-norms, kind="stable")
+    Q, R = np.linalg.qr(Z[:, order])
+    out = np.empty_like(Q)
+    out[:, order] = Q * np.where(np.diagonal(R) < 0, -1.0, 1.0)
+    return out
 
 
-def _joint_eigenbasis(C, operators, tol):
-    """Split span(C) into joint eigenvectors of symmetric ``operators`` (||op|| = 1)."""
+def _joint_eigenbasis(C, products, tol):
+    """Split span(C) into common right singular vectors of the forward products [(P, m)]
+    (P = W_l ... W_{i+1} / ||.||_2, a product of m layers), i.e. joint eigenvectors of
+    their Gram operators.  Each product's singular values on a group are compared per
+    layer, as m-th roots, equal up to ``tol``; those below its rounding count as zero.
+    SVDs of P B (not eigh of Gram matrices) keep small singular values' vectors accurate,
+    and a group a product does not split is kept as it is."""
     groups = [C]
-    for F in operators:
+    for P, m in products:
+        floor = 100 * np.finfo(float).eps * max(P.shape)
         refined = []
-        for G in groups:
-            if G.shape[1] < 2:
-                refined.append(G)
+        for B in groups:
+            if B.shape[1] < 2:
+                refined.append(B)
                 continue
-            w, E = np.linalg.eigh(G.T @ F @ G)
-            for idx in _clusters(w[::-1], tol, scale=1.0):
-                refined.append(G @ E[:, ::-1][:, idx])
+            _, s, Vt = np.linalg.svd(P @ B)
+            s = np.concatenate([s, np.zeros(B.shape[1] - s.size)])
+            parts = _clusters(np.where(s > floor, s, 0.0) ** (1.0 / m), tol, scale=1.0)
+            refined.extend([B] if len(parts) == 1 else [B @ Vt[idx].T for idx in parts])
         groups = refined
     return [g[:, j] for g in groups for j in range(g.shape[1])]
 
 
-def _forward_grams(Ws, i):
-    """(W_l ... W_{i+1})^T (W_l ... W_{i+1}) / its norm, for l = i+1..d (space i)."""
-    grams, P = [], None
-    for W in Ws[i:]:
+def _forward_products(Ws, i):
+    """[(P, m)]: P = W_l ... W_{i+1} / ||.||_2, a product of m = l - i layers, for
+    l = i+1..d (maps from space i)."""
+    products, P = [], None
+    for m, W in enumerate(Ws[i:], start=1):
         P = W if P is None else W @ P
-        G = P.T @ P
-        scale = np.linalg.norm(G, 2)
+        scale = np.linalg.norm(P, 2)
         if scale > 0:
-            grams.append(G / scale)
-    return grams
+            products.append((P / scale, m))
+    return products
 
 
 def _strings(Ws, tol):
     """The chain split into 1-D strings [(start, end, [vector per space])]: unit q_a in
     space a with W_{a+1} q_a = s q_{a+1}, ... up to space ``end``.  An aligned network's
     spaces split orthogonally into strings (Krull-Schmidt for a chain of maps), joint
-    eigenvectors of the forward Gram operators at their start."""
+    singular vectors of the forward products at their start."""
     widths = [Ws[0].shape[1]] + [W.shape[0] for W in Ws]
     strings, alive = [], []
     for i, k in enumerate(widths):
@@ -708,18 +750,20 @@ def _strings(Ws, tol):
             Z = W @ Q
             norms = np.linalg.norm(Z, axis=0)
             keep = norms > tol * max(np.linalg.norm(W, 2), np.finfo(float).tiny)
+            if keep.sum() > k:                   # not aligned: the k largest go on
+                keep &= norms >= np.sort(norms)[-k]
             for s, kept in zip(alive, keep):
                 if not kept:
                     strings[s][1] = i - 1
             continuing = [s for s, kept in zip(alive, keep) if kept]
-            Qn = _nearest_orthonormal(Z[:, keep] / norms[keep])
+            Qn = _orthonormal_by_size(Z[:, keep] / norms[keep], norms[keep])
             for j, s in enumerate(continuing):
                 strings[s][2].append(Qn[:, j])
             C = _orth_complement(Qn, k)
         else:
             C = np.eye(k)
         fresh = []
-        for q in _joint_eigenbasis(C, _forward_grams(Ws, i), tol):
+        for q in _joint_eigenbasis(C, _forward_products(Ws, i), tol):
             strings.append([i, None, [q]])
             fresh.append(len(strings) - 1)
         alive = continuing + fresh
@@ -765,17 +809,22 @@ def _assign_indices(intervals, widths, max_nodes=200_000):
 def is_aligned(weights, tol=1e-8):
     """Exact test of Definition 2: do usSVDs W_i = U_i Sigma_i V_i^T with U_i = V_{i+1} exist?
 
-    Up to the relative tolerance ``tol`` (about 1e-4 for float32 weights), for any
-    order, sign and multiplicity of singular values and rectangular widths.  The chain
-    splits into strings of singular vectors (_strings), which need positions making
-    every Sigma_i rectangular diagonal (_assign_indices): for rectangular layers a real
-    constraint, so commuting Gram matrices are not enough (W_1 = e_1 (3x1),
+    For any order, sign and multiplicity of singular values and rectangular widths.
+    ``tol`` is relative to each layer's largest singular value (about 1e-4 for float32
+    weights): singular values closer than that are one cluster, images smaller than
+    tol ||W_i|| are zero, and the witness must diagonalise every W_i to tol ||W_i||_2.
+    The chain splits into strings of singular vectors (_strings), which need positions
+    making every Sigma_i rectangular diagonal (_assign_indices): for rectangular layers
+    a real constraint, so commuting Gram matrices are not enough (W_1 = e_1 (3x1),
     W_2 = e_2^T (1x3)).  Returns an AlignmentTest holding the witnessing usSVDs.
     """
     check_network(weights)
+    check_tolerance("tol", tol, 1)
     if any(W.ndim != 2 for W in weights):
         raise ValueError("is_aligned takes one network (2-D weights); loop over a batch")
     Ws = [to_numpy(W).astype(np.float64) for W in weights]
+    scales = [float(np.abs(W).max()) or 1.0 for W in Ws]          # (no overflow at 1e200)
+    Ws = [W / c for W, c in zip(Ws, scales)]
     strings, widths = _strings(Ws, tol)
     index = _assign_indices([(a, b) for a, b, _ in strings], widths)
     if index is None:
@@ -795,7 +844,7 @@ def is_aligned(weights, tol=1e-8):
         res = float(np.abs(S).max() / scale) if scale > 0 and S.size else 0.0
         if res > residual:
             residual, worst = res, i
-        ussvds.append((Q[i], s, Q[i - 1]))
+        ussvds.append((Q[i], s * scales[i - 1], Q[i - 1]))
     ok = residual <= tol
     reason = "" if ok else (f"W_{worst} is off-diagonal by {residual:.3g} (relative) in "
                             f"the best shared singular vectors")

@@ -10,18 +10,24 @@ steps).  Alignment and invariance are reported by both rules of align.py:
 "paired" (the paper's, made exact) and "matched" (the authors' code).
 """
 import argparse
+import configparser
+import contextlib
 import csv
 import dataclasses
 import gzip
+import importlib.metadata
 import io
 import json
 import math
 import os
 import platform
+import shlex
+import signal
 import struct
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -96,6 +102,9 @@ def read_idx(path):
         raise ExperimentError(f"{path} is not an MNIST idx file (magic number {magic}, "
                               f"expected 2051 for images or 2049 for labels)")
     ndim = IDX_NDIM[magic]
+    if len(data) < 4 + 4 * ndim:
+        raise ExperimentError(f"{path} is truncated: its header needs {4 + 4 * ndim} bytes, the "
+                              f"file holds {len(data)}")
     shape = struct.unpack(f">{ndim}i", data[4:4 + 4 * ndim])
     payload = data[4 + 4 * ndim:]
     if len(payload) != math.prod(shape):
@@ -119,17 +128,23 @@ def _find(directory, name):
                           f"the folder holding the original MNIST training files")
 
 
-def load_mnist(directory=None):
-    """(images N x 28 x 28, labels N) from --mnist DIR, or the shipped 1024-example subset."""
+def mnist_paths(directory=None):
+    """{"images": path, "labels": path} in --mnist DIR, or of the shipped subset."""
     if directory is None:
-        paths = {k: os.path.join(DATA_DIR, v) for k, v in SUBSET_FILES.items()}
-    else:
-        if not os.path.isdir(directory):
-            raise ExperimentError(f"--mnist {directory}: no such directory")
-        paths = {k: _find(directory, v) for k, v in MNIST_FILES.items()}
+        return {k: os.path.join(DATA_DIR, v) for k, v in SUBSET_FILES.items()}
+    if not os.path.isdir(directory):
+        raise ExperimentError(f"--mnist {directory}: no such directory")
+    return {k: _find(directory, v) for k, v in MNIST_FILES.items()}
+
+
+def load_mnist(directory=None):
+    """(images N x 28 x 28, labels N in 0..9) from --mnist DIR, or the shipped subset."""
+    paths = mnist_paths(directory)
     images, labels = read_idx(paths["images"]), read_idx(paths["labels"])
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise ExperimentError(f"MNIST images {images.shape} and labels {labels.shape} do not match")
+    if labels.size and labels.max() > 9:
+        raise ExperimentError(f"{paths['labels']}: labels must be digits 0..9, found {labels.max()}")
     return images, labels
 
 
@@ -223,6 +238,14 @@ def record(hist, **extra):
     return out
 
 
+def keep(runs, name, run):
+    """Add a finished run's record to ``runs``; after an interrupted run, stop the experiment
+    (the runs so far are written, marked interrupted)."""
+    runs[name] = run
+    if run["stop_reason"] == "interrupted":
+        raise KeyboardInterrupt
+
+
 def thinned(run, every):
     """A run record keeping the loss of every ``every``-th step (and the last one)."""
     if every == 1 or "steps" not in run:
@@ -238,7 +261,7 @@ def seeds(cfg):
 
 # ---------------------------------------------------------- experiments --
 
-def fig1a(cfg):
+def fig1a(cfg, runs):
     """Figure 1a: 3 layers 9x9, X, Y 9x9 standard normal, aligned start; Theorem 1's
     condition fails, so alignment is not kept.  --seeds N trains the N networks as one batch."""
     problems = []
@@ -252,32 +275,26 @@ def fig1a(cfg):
         problems.append((weights, X, Y))
     if cfg.seeds == 1:
         _, hist = run_dense(f"fig1a seed={cfg.seed}", cfg, *problems[0], loss_kind(cfg))
-        runs = {f"seed={cfg.seed}": record(hist)}
+        keep(runs, f"seed={cfg.seed}", record(hist))
     else:
-        runs = {}
         for part in batches(cfg, problems):
             first = cfg.seed + part.start
             weights = [np.stack([p[0][i] for p in problems[part]]) for i in range(3)]
             X, Y = np.stack([p[1] for p in problems[part]]), np.stack([p[2] for p in problems[part]])
             _, hist = run_dense(f"fig1a seeds {first}..{first + len(weights[0]) - 1}", cfg,
                                 weights, X, Y, loss_kind(cfg))
-            runs |= split_batch(hist.to_dict(), [f"seed={first + b}" for b in range(len(X))], cfg.tol)
-    return runs, claim_leaves_one(runs)
+            for name, run in split_batch(hist.to_dict(), [f"seed={first + b}" for b in range(len(X))],
+                                         cfg.tol).items():
+                keep(runs, name, run)
+    return claim_leaves_one(runs)
 
 
 def batches(cfg, problems):
     """Slices of the problems to train as one batch each: as many networks as fit in half
-    the device's free memory (64 arrays of a layer's size per network, generously).
-    Refuses (ExperimentError) when the per-step loss records of all runs would not fit in
-    the host's available memory."""
+    the device's free memory (64 arrays of a layer's size per network, generously); a
+    notice when the JSON would hold very many losses."""
     count, steps = len(problems), cfg.max_steps + 1
     layer = problems[0][0][0].size * np.dtype(cfg.dtype).itemsize
-    records = count * steps * 40                  # one Python float in a list per step and run
-    host = available_memory(np)
-    if records > 0.8 * host:
-        raise ExperimentError(f"--seeds {count} with --max-steps {cfg.max_steps} needs about "
-                              f"{records / 2**30:.1f} GiB for the per-step loss records, but "
-                              f"{host / 2**30:.1f} GiB are available: use fewer seeds or steps")
     kept = count * steps // cfg.loss_every        # losses in the JSON at most
     if kept > 10 ** 7 and not cfg.quiet:
         print(f"note: the JSON will hold up to {kept:,} losses "
@@ -326,11 +343,10 @@ def split_batch(batch, names, tol):
     return runs
 
 
-def _fig1_mnist(cfg, name, squared):
+def _fig1_mnist(cfg, runs, name, squared):
     X, labels = mnist_data(cfg, 256)
     Y = np.eye(10)[:, labels]
     widths = [784, 1024, 64, 10]
-    runs = {}
     for seed in seeds(cfg):
         if cfg.init == "aligned":      # W1 = D1 U_X^T, W2 = D2, W3 = U_Y D3, D_i ~ U(0, 1)
             weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=seed)
@@ -338,18 +354,18 @@ def _fig1_mnist(cfg, name, squared):
             weights = torch_like_init(np.random.default_rng(seed), widths)
         kind = loss_kind(cfg, squared)
         _, hist = run_dense(f"{name} seed={seed}", cfg, weights, X, Y if squared else labels, kind)
-        runs[f"seed={seed}"] = record(hist)
-    return runs, claim_leaves_one(runs)
+        keep(runs, f"seed={seed}", record(hist))
+    return claim_leaves_one(runs)
 
 
-def fig1b(cfg):
+def fig1b(cfg, runs):
     """Figure 1b: 784-1024-64-10 on 256 MNIST images, squared loss, aligned start."""
-    return _fig1_mnist(cfg, "fig1b", squared=True)
+    return _fig1_mnist(cfg, runs, "fig1b", squared=True)
 
 
-def fig1c(cfg):
+def fig1c(cfg, runs):
     """Figure 1c: as 1b with the cross-entropy loss."""
-    return _fig1_mnist(cfg, "fig1c", squared=False)
+    return _fig1_mnist(cfg, runs, "fig1c", squared=False)
 
 
 def symmetric_toeplitz_coefficients(rng, k):
@@ -358,11 +374,10 @@ def symmetric_toeplitz_coefficients(rng, k):
     return np.concatenate([half[:0:-1], half])
 
 
-def fig2a(cfg):
+def fig2a(cfg, runs):
     """Figure 2a: three 4x4 Toeplitz layers (r = 7) factorising a 4x4 Gaussian matrix (X = I).
     Aligned start: every layer the same symmetric Toeplitz matrix."""
     S = st.toeplitz(4)
-    runs = {}
     for seed in seeds(cfg):
         rng = np.random.default_rng(seed)
         Y = rng.standard_normal((4, 4))
@@ -371,8 +386,8 @@ def fig2a(cfg):
         else:
             params = [rng.uniform(-0.5, 0.5, S.r) for _ in range(3)]
         _, hist = run_structured(f"fig2a seed={seed}", cfg, [S] * 3, params, np.eye(4), Y, loss_kind(cfg))
-        runs[f"seed={seed}"] = record(hist)
-    return runs, claim_leaves_one(runs)
+        keep(runs, f"seed={seed}", record(hist))
+    return claim_leaves_one(runs)
 
 
 def symmetric_filter(rng, s):
@@ -381,12 +396,11 @@ def symmetric_filter(rng, s):
     return ((c + c[::-1, ::-1]) / 2).ravel()
 
 
-def fig2b(cfg):
+def fig2b(cfg, runs):
     """Figure 2b: three 3x3 convolutional layers (28x28, stride 1, padding 1) autoencoding
     one MNIST image.  Aligned start: every layer the same symmetric filter."""
     X, _ = mnist_data(cfg, 1)
     S = st.conv2d(28, 3)
-    runs = {}
     for seed in seeds(cfg):
         rng = np.random.default_rng(seed)
         if cfg.init == "aligned":
@@ -394,8 +408,8 @@ def fig2b(cfg):
         else:                          # PyTorch's Conv2d default: U(-1/3, 1/3)
             params = [rng.uniform(-1, 1, 9) / 3 for _ in range(3)]
         _, hist = run_structured(f"fig2b seed={seed}", cfg, [S] * 3, params, X, X, loss_kind(cfg))
-        runs[f"seed={seed}"] = record(hist)
-    return runs, claim_leaves_one(runs)
+        keep(runs, f"seed={seed}", record(hist))
+    return claim_leaves_one(runs)
 
 
 def _sensing_run(label, cfg, rng, k):
@@ -427,10 +441,10 @@ def away_from_zero(rng, k, d=3):
     return [rng.uniform(0.5, 1.0, k) for _ in range(d)]
 
 
-def thm1(cfg):
+def thm1(cfg, runs):
     """Theorem 1's positive cases: autoencoding, matrix factorisation and matrix sensing
     (9x9, 3 layers) from an aligned start on certified data: alignment and invariance stay 1."""
-    k, runs = 9, {}
+    k = 9
     for seed in seeds(cfg):
         rng = np.random.default_rng(seed)
         data = {"autoencoding": (lambda X: (X, X))(rng.standard_normal((k, 2 * k)) / math.sqrt(2)),
@@ -439,31 +453,30 @@ def thm1(cfg):
             cert = align.invariance_certificate(X, Y, [k] * 4)
             weights = align.aligned_init(cert.U, cert.V, [k] * 4, sigmas=away_from_zero(rng, k))
             _, hist = run_dense(f"thm1 {task} seed={seed}", cfg, weights, X, Y, loss_kind(cfg))
-            runs[f"{task} seed={seed}"] = record(hist, certificate_residual=cert.residual)
-        runs[f"sensing seed={seed}"] = record(_sensing_run(f"thm1 sensing seed={seed}", cfg, rng, k))
-    return runs, claim_stays_one(runs, cfg)
+            keep(runs, f"{task} seed={seed}", record(hist, certificate_residual=cert.residual))
+        keep(runs, f"sensing seed={seed}", record(_sensing_run(f"thm1 sensing seed={seed}", cfg, rng, k)))
+    return claim_stays_one(runs, cfg)
 
 
-def prop1(cfg):
+def prop1(cfg, runs):
     """Proposition 1: binary MNIST (digit < 5 -> +1, else -1), widths 784-4-1, rank-1 aligned
     start; squared and logistic loss keep the network aligned."""
     X, labels = mnist_data(cfg, 256)
     y = np.where(labels < 5, 1.0, -1.0)[None, :]
     v = np.linalg.svd(X)[0][:, 0]
-    runs = {}
     for seed in seeds(cfg):
         sigma = np.random.default_rng(seed).uniform(0.5, 1.0)
         weights = [sigma * np.outer(np.eye(4)[0], v), sigma * np.eye(4)[:1]]
         for kind in ("mse", "logistic"):
             _, hist = run_dense(f"prop1 {kind} seed={seed}", cfg, weights, X, y, kind)
-            runs[f"{kind} seed={seed}"] = record(hist)
-    return runs, claim_stays_one(runs, cfg, what=("alignment_paired",))
+            keep(runs, f"{kind} seed={seed}", record(hist))
+    return claim_stays_one(runs, cfg, what=("alignment_paired",))
 
 
-def cor1(cfg):
+def cor1(cfg, runs):
     """Corollary 1: the per-singular-value recursion against full GD from an aligned start
     on certified data (autoencoder of width 9, 3 layers)."""
-    k, d, runs = 9, 3, {}
+    k, d = 9, 3
     worst = 0.0
     for seed in seeds(cfg):
         rng = np.random.default_rng(seed)
@@ -482,6 +495,8 @@ def cor1(cfg):
                                 lr=cfg.lr, max_steps=cfg.max_steps, tol=cfg.tol,
                                 measure_every=cfg.measure_every, measures={"s": sigmas},
                                 callback=Progress(f"cor1 seed={seed}", cfg))
+        if hist.stop_reason == "interrupted":
+            keep(runs, f"seed={seed}", record(hist))            # (stops the experiment)
         steps = hist.measure_steps
         t0 = time.perf_counter()
         traj = align.singular_value_dynamics(np.array(sig0), cert.lam, cert.lam_prime, cfg.lr,
@@ -491,16 +506,15 @@ def cor1(cfg):
         full = np.array(hist.measurements["sigma"])
         diff = float(np.abs(reduced - full).max() / np.abs(full).max())
         worst = max(worst, diff)
-        runs[f"seed={seed}"] = record(hist, reduced_sigma=reduced.tolist(), max_relative_difference=diff,
-                                      reduced_wall_time=reduced_time)
-    return runs, {"claim": "Corollary 1's recursion gives full GD's singular values",
-                  "value": worst, "holds": worst < 1e-10}
+        keep(runs, f"seed={seed}", record(hist, reduced_sigma=reduced.tolist(),
+                                          max_relative_difference=diff, reduced_wall_time=reduced_time))
+    return verdict("Corollary 1's recursion gives full GD's singular values", worst, worst < 1e-10)
 
 
-def thm3(cfg):
+def thm3(cfg, runs):
     """Theorem 3: a 3x3-convolutional network on 6x6 images (k = 36, r = 9 < k - 1) trained to
     near-zero loss on realisable generic data (n = 40 >= k) ends not aligned."""
-    S, runs = st.conv2d(6, 3), {}
+    S = st.conv2d(6, 3)
     for seed in seeds(cfg):
         rng = np.random.default_rng(seed)
         teacher = [symmetric_filter(rng, 3) + rng.standard_normal(9) * 0.3 + np.eye(9)[4] for _ in range(2)]
@@ -510,27 +524,37 @@ def thm3(cfg):
         start = [t + 0.1 * rng.standard_normal(9) for t in teacher]
         out, hist = run_structured(f"thm3 seed={seed}", cfg, [S, S], start, X, Y, "mse")
         test = align.is_aligned(st.layer_matrices([S, S], [align.to_numpy(p) for p in out]), tol=1e-6)
-        runs[f"seed={seed}"] = record(hist, is_aligned=bool(test), aligned_residual=test.residual)
+        keep(runs, f"seed={seed}", record(hist, is_aligned=bool(test), aligned_residual=test.residual))
     final = max(r["measurements"]["alignment_paired"][-1] for r in runs.values())
     holds = all(not r["is_aligned"] for r in runs.values()) and final < 0.99
-    return runs, {"claim": "the interpolating structured network is not aligned (Theorem 3)",
-                  "value": final, "holds": holds}
+    interpolated = all(r["stop_reason"] == "tol" for r in runs.values())
+    return verdict("the interpolating structured network is not aligned (Theorem 3)", final, holds,
+                   None if interpolated else f"its premise failed: training stopped above the loss "
+                   f"threshold {cfg.tol:g} (raise --max-steps)")
 
 
 def claim_leaves_one(runs):
     """Definition 3 fails: in every run the paired alignment or invariance leaves 1."""
     lowest = max(min(r["measurements"]["alignment_paired"] + r["measurements"]["invariance_paired"])
                  for r in runs.values())
-    return {"claim": "alignment is not an invariant: paired alignment or invariance falls below 0.99",
-            "value": lowest, "holds": lowest < 0.99}
+    return verdict("alignment is not an invariant: paired alignment or invariance falls below 0.99",
+                   lowest, lowest < 0.99)
 
 
 def claim_stays_one(runs, cfg, what=("alignment_paired", "invariance_paired")):
     """Theorem 1 / Proposition 1: the measures stay at 1 to rounding (1e-8 in float64)."""
     eps = 1e-8 if cfg.dtype == np.float64 else 1e-4
     lowest = min(min(r["measurements"][m]) for r in runs.values() for m in what)
-    return {"claim": f"{' and '.join(what)} stay above 1 - {eps:g}", "value": lowest,
-            "holds": lowest > 1 - eps}
+    return verdict(f"{' and '.join(what)} stay above 1 - {eps:g}", lowest, lowest > 1 - eps)
+
+
+def verdict(claim, value, holds, not_shown=None):
+    """A claim's record: "holds", "does not hold", or "not shown" (with why) when the
+    premise of the claim did not happen; ``holds`` is True for "holds" alone."""
+    shown = not_shown is None
+    return {"claim": claim, "value": value, "holds": bool(holds) and shown,
+            "verdict": ("holds" if holds else "does not hold") if shown else "not shown",
+            **({} if shown else {"why": not_shown})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -586,6 +610,7 @@ class Config:
     out: str
     quiet: bool
     quick: bool
+    command: str = ""
 
     def to_dict(self):
         """The settings for the JSON record."""
@@ -609,7 +634,7 @@ def configure(name, args, xp):
                   measure_every=min(args.measure_every, QUICK_MEASURE) if args.quick else args.measure_every,
                   loss_every=args.loss_every, loss_scale=args.loss_scale or "mean",
                   init=args.init or "aligned", mnist=args.mnist, out=args.out, quiet=args.quiet,
-                  quick=args.quick)
+                  quick=args.quick, command=args.command)
 
 
 def options_not_applying(name, args):
@@ -620,31 +645,106 @@ def options_not_applying(name, args):
 
 # ------------------------------------------------------------- outputs --
 
-def write_atomic(path, write):
-    """Make ``path`` by ``write(tmp)`` on a temporary file in the same folder, then move it
-    into place with the usual permissions: never half-written; the temporary file is
-    removed if writing fails."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
+def write_files(writers):
+    """Write the files {path: write(tmp)} together: each into a temporary file beside it,
+    then all moved into place (usual permissions) with Ctrl-C and SIGTERM held until the
+    set is complete.  A write that fails (a full disk) removes every temporary file and
+    raises ExperimentError naming the file and the reason; nothing is replaced then."""
+    temps = {}
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with signals_held():
+            for path, write in writers.items():
+                fd, temps[path] = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                                                   prefix=".tmp-", suffix=os.path.basename(path))
+                os.close(fd)
+                try:
+                    write(temps[path])
+                except OSError as exc:
+                    raise ExperimentError(f"could not write {path}: {exc.strerror or exc}; the "
+                                          "files it belongs with were left as they were") from exc
+            umask = os.umask(0)
+            os.umask(umask)
+            for path, tmp in temps.items():
+                os.chmod(tmp, 0o666 & ~umask)
+            for path, tmp in list(temps.items()):
+                os.replace(tmp, path)
+                del temps[path]
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
-def write_text(path, text):
-    """write_atomic for text."""
+def write_atomic(path, write):
+    """write_files for one file."""
+    write_files({path: write})
+
+
+def text_writer(text):
+    """A writer for write_files: ``text`` into the file."""
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             f.write(text)
-    write_atomic(path, write)
+    return write
+
+
+def write_text(path, text):
+    """Write ``text`` to ``path`` atomically (write_files)."""
+    write_atomic(path, text_writer(text))
+
+
+SIGNALS_RECEIVED = []                       # SIGINT / SIGTERM numbers this process received
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill), handled like Ctrl-C: exit status 143."""
+
+
+def _on_signal(signum, frame):
+    SIGNALS_RECEIVED.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C and SIGTERM until the block ends, then raise as they would have (in the
+    main thread; elsewhere nothing is held)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        SIGNALS_RECEIVED.extend(held)
+        raise Terminated() if signal.SIGTERM in held else KeyboardInterrupt()
+
+
+def strict_json(value):
+    """``value`` with every NaN and infinity replaced by None, for strict JSON (null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def project_version():
+    """This project's version: setup.cfg beside this file, else the installed metadata."""
+    parser_ = configparser.ConfigParser()
+    if parser_.read(os.path.join(HERE, "setup.cfg")) and parser_.has_option("metadata", "version"):
+        return parser_.get("metadata", "version")
+    try:
+        return importlib.metadata.version("deep-linear-alignment")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def environment(cfg):
@@ -673,43 +773,81 @@ def csv_text(runs):
     return buf.getvalue()
 
 
-def plot(name, title, runs, path):
-    """Loss (log) and both rules of alignment and invariance against iteration."""
+BAND_FROM_RUNS = 7                 # plots of more runs show their mean and min-max band
+
+
+def figure_or_note(title, runs):
+    """figure(title, runs), or a note saying why there is none (matplotlib missing)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: pip install '.[plot]' to get the plots"
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for label, run in runs.items():
-        axes[0].semilogy(run["steps"], [max(v) if isinstance(v, list) else v for v in run["losses"]],
-                         label=label)
+    return figure(title, runs)
+
+
+def close_figure(fig):
+    """Free a figure of figure_or_note (a note needs nothing)."""
+    if not isinstance(fig, str):
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+
+
+def figure(title, runs):
+    """Loss (log) and both rules of alignment and invariance against iteration, one colour
+    per run in every panel (its lines carry the run's name as gid); from BAND_FROM_RUNS
+    runs on, each run thin and the mean over runs with its min-max band."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    band = len(runs) >= BAND_FROM_RUNS
+    for j, (label, run) in enumerate(runs.items()):
+        style = dict(color=f"C{j % 10}", gid=label, lw=0.6 if band else 1.2, alpha=0.35 if band else 1.0)
+        axes[0].semilogy(run["steps"], _worst(run["losses"]), label=label, **style)
         if "reduced_sigma" in run:                  # cor1: products of singular values
             _plot_sigma(axes[1:], run)
             continue
         for ax, what in zip(axes[1:], ("alignment", "invariance")):
-            for how, style in (("paired", "-"), ("matched", "--")):
+            for how, dash in (("paired", "-"), ("matched", "--")):
                 values = run["measurements"].get(f"{what}_{how}")
                 if values:
-                    ax.plot(run["measure_steps"], values, style, label=f"{label} {how}")
-    axes[0].set_title("training loss")
+                    ax.plot(run["measure_steps"], values, dash, **style)
+    if band:
+        _plot_band(axes, runs)
+    axes[0].set(title="training loss", ylabel="loss")
     if not any("reduced_sigma" in run for run in runs.values()):
-        axes[1].set_title("alignment (solid: paired, dashed: matched)")
-        axes[2].set_title("invariance (solid: paired, dashed: matched)")
-        axes[1].set_ylim(-0.02, 1.02)
-        axes[2].set_ylim(-0.02, 1.02)
+        for ax, what in zip(axes[1:], ("alignment", "invariance")):
+            ax.set(title=f"{what} (solid: paired, dashed: matched)", ylabel=what, ylim=(-0.02, 1.02))
     for ax in axes:
         ax.set_xlabel("iteration")
     if len(runs) <= 6:
         axes[0].legend(fontsize=7)
-    fig.suptitle(textwrap.fill(f"{name}: {title}", 120), fontsize=10)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=10)
     fig.tight_layout()
-    try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
-    finally:
-        plt.close(fig)
-    return None
+    return fig
+
+
+def _worst(losses):
+    """A loss record's values, the largest of each batch row."""
+    return [max(v) if isinstance(v, list) else v for v in losses]
+
+
+def _plot_band(axes, runs):
+    """The mean over runs (black; the loss's geometric mean) and the min-max band (grey) of
+    the loss and the paired measures, each run held at its last value after it stopped."""
+    end = max(run["final_step"] for run in runs.values())
+    grid = np.linspace(0, end, 200)
+    at = lambda steps, values: np.interp(grid, steps, values)
+    series = [(axes[0], [at(r["steps"], _worst(r["losses"])) for r in runs.values()])]
+    for ax, key in zip(axes[1:], ("alignment_paired", "invariance_paired")):
+        if all(key in r["measurements"] for r in runs.values()):
+            series.append((ax, [at(r["measure_steps"], r["measurements"][key]) for r in runs.values()]))
+    for j, (ax, values) in enumerate(series):
+        values = np.array(values)
+        ax.fill_between(grid, values.min(axis=0), values.max(axis=0), color="0.6", alpha=0.4,
+                        label="min-max over runs")
+        mean = np.exp(np.log(values).mean(axis=0)) if j == 0 else values.mean(axis=0)
+        ax.plot(grid, mean, color="k", lw=1.5,
+                label=f"{'geometric ' if j == 0 else ''}mean of {len(values)} runs")
 
 
 def _plot_sigma(axes, run):
@@ -727,15 +865,18 @@ def _plot_sigma(axes, run):
 
 
 def summary(name, runs, claim, stop):
-    """The terminal table: the claim, then per run the first and last loss, measures, steps, time."""
-    rows = [f"{name}: {claim['claim']}: {'holds' if claim['holds'] else 'DOES NOT HOLD'} "
-            f"(value {claim['value']:.6g}){'  [interrupted]' if stop == 'interrupted' else ''}",
+    """The terminal table: the claim, then per run the first and last loss, measures, steps,
+    time and stop; over several runs how many converged, with statistics over those and
+    over all."""
+    value = "" if claim["value"] is None else f" (value {claim['value']:.6g})"
+    why = f": {claim['why']}" if "why" in claim else ""
+    rows = [f"{name}: {claim['claim']}: {'holds' if claim['holds'] else claim['verdict'].upper()}"
+            f"{why}{value}{'  [interrupted]' if stop == 'interrupted' else ''}",
             f"  {'run':<24}{'loss 0':>11}{'loss end':>11}{'align p/m':>16}{'invar p/m':>16}"
             f"{'steps':>9}{'time s':>9}  stop"]
     for label, run in runs.items():
         m = run["measurements"]
-        first, last = run["losses"][0], run["losses"][-1]
-        first, last = (max(v) if isinstance(v, list) else v for v in (first, last))
+        first, last = _worst([run["losses"][0], run["losses"][-1]])
         pair = lambda what: (f"{m[what + '_paired'][-1]:.4f}/{m[what + '_matched'][-1]:.4f}"
                              if what + "_paired" in m else "-")
         rows.append(f"  {label:<24}{first:>11.3e}{last:>11.3e}{pair('alignment'):>16}"
@@ -743,55 +884,108 @@ def summary(name, runs, claim, stop):
                     f"{run['stop_reason']}")
     if len(runs) > 1:
         stats = spread(runs)
-        rows.append(f"  mean +- std over {len(runs)} runs: steps {stats['final_step']['mean']:,.0f} +- "
-                    f"{stats['final_step']['std']:,.0f}" + "".join(
-                        f", {key.replace('_', ' ')} {stats[key]['mean']:.4f} +- {stats[key]['std']:.4f}"
-                        for key in ("alignment_paired", "invariance_paired") if key in stats))
+        rows.append(f"  converged (loss below --tol): {stats['converged']} of {stats['runs']} runs")
+        for which in ("converged", "all"):
+            part = stats[f"over_{which}"]
+            if part:
+                rows.append(f"  over {which} ({part['runs']}): steps {part['final_step']['mean']:,.0f} +- "
+                            f"{part['final_step']['std']:,.0f}" + "".join(
+                                f", {key.replace('_', ' ')} {part[key]['mean']:.4f} +- {part[key]['std']:.4f}"
+                                for key in ("alignment_paired", "invariance_paired") if key in part))
     return "\n".join(rows)
 
 
 def spread(runs):
-    """Mean and standard deviation over runs of the final values."""
-    out = {}
-    for key in ("final_step", "wall_time"):
-        values = [r[key] for r in runs.values()]
-        out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
-    for m in align.MEASURE_KEYS:
-        values = [r["measurements"][m][-1] for r in runs.values() if m in r["measurements"]]
-        if values:
-            out[m] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
-    return out
+    """How many runs converged (stopped below --tol), and the mean and standard deviation of
+    the final values over the converged runs and over all runs."""
+    def stats(chosen):
+        if not chosen:
+            return {}
+        out = {"runs": len(chosen)}
+        for key in ("final_step", "wall_time"):
+            values = [r[key] for r in chosen]
+            out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+        for m in align.MEASURE_KEYS:
+            values = [r["measurements"][m][-1] for r in chosen if m in r["measurements"]]
+            if values:
+                out[m] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+        return out
+    converged = [r for r in runs.values() if r["stop_reason"] == "tol"]
+    return {"runs": len(runs), "converged": len(converged), "over_converged": stats(converged),
+            "over_all": stats(list(runs.values()))}
 
 
 def run_experiment(name, cfg):
-    """Run one experiment and write <out>/<name>.json, .csv and .png; return its claim."""
-    fn = EXPERIMENTS[name].run
-    start = time.perf_counter()
-    stop = "done"
+    """Run one experiment, print its summary and write <out>/<stem>.json, .csv and .png
+    together (output_stem); return its claim.  Ctrl-C or SIGTERM: what was computed is
+    written, marked interrupted, and the KeyboardInterrupt goes on."""
+    exp = EXPERIMENTS[name]
+    start, runs, stop = time.perf_counter(), {}, "done"
+    check_memory(cfg, runs_per_seed=3 if name == "thm1" else 2 if name == "prop1" else 1)
     try:
-        runs, claim = fn(cfg)
+        claim = exp.run(cfg, runs)
     except KeyboardInterrupt:
-        runs, claim, stop = {}, {"claim": "interrupted before a run finished", "value": float("nan"),
-                                 "holds": False}, "interrupted"
-    if any(r.get("stop_reason") == "interrupted" for r in runs.values()):
         stop = "interrupted"
-    runs = {name: thinned(r, cfg.loss_every) for name, r in runs.items()}
-    result = {"experiment": name, "paper": EXPERIMENTS[name].paper, "title": title(fn),
-              "status": stop, "claim": claim, "config": cfg.to_dict(),
-              "environment": environment(cfg), "wall_time": time.perf_counter() - start,
-              "summary": spread(runs) if runs else {}, "runs": runs}
-    os.makedirs(cfg.out, exist_ok=True)
-    base = os.path.join(cfg.out, name)
-    write_text(base + ".json", json.dumps(result, indent=1, allow_nan=True))
-    write_text(base + ".csv", csv_text(runs))
-    note = plot(name, result["title"], runs, base + ".png") if runs else None
+        claim = verdict(f"{name}'s claim", None, False,
+                        f"interrupted with {len(runs)} run(s) recorded")
+    if not runs:
+        print(f"{name}: interrupted before any run was recorded; nothing written "
+              f"(earlier results in {cfg.out} left as they were)")
+        raise KeyboardInterrupt
+    runs = {label: thinned(r, cfg.loss_every) for label, r in runs.items()}
     print(summary(name, runs, claim, stop))
-    print(f"  wrote {base}.json, {base}.csv" + ("" if note else f", {base}.png"))
-    if note:
-        print(f"  {note}")
+    result = {"experiment": name, "paper": exp.paper, "title": title(exp.run), "status": stop,
+              "claim": claim, "command": cfg.command, "version": project_version(),
+              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "config": cfg.to_dict(), "environment": environment(cfg),
+              "wall_time": time.perf_counter() - start, "summary": spread(runs), "runs": runs}
+    base = os.path.join(cfg.out, output_stem(name, cfg, stop))
+    writers = {base + ".json": text_writer(json.dumps(strict_json(result), indent=1, allow_nan=False)),
+               base + ".csv": text_writer(csv_text(runs))}
+    fig = figure_or_note(result["title"], runs)
+    if not isinstance(fig, str):
+        writers[base + ".png"] = lambda tmp: fig.savefig(tmp, dpi=120, format="png")
+    elif os.path.exists(base + ".png"):
+        writers[base + ".png"] = os.remove            # never an old plot beside new results
+    try:
+        write_files(writers)
+    finally:
+        close_figure(fig)
+    print(f"  wrote {', '.join(p for p, w in writers.items() if w is not os.remove)}")
+    if isinstance(fig, str):
+        print(f"  {fig}")
     if stop == "interrupted":
         raise KeyboardInterrupt
     return claim
+
+
+def output_stem(name, cfg, stop):
+    """The name of a run's files: <name>, <name>-quick for --quick runs, and with
+    "-interrupted" added when an interrupted run would replace a complete one."""
+    stem = name + ("-quick" if cfg.quick else "")
+    if stop == "interrupted":
+        try:
+            with open(os.path.join(cfg.out, stem + ".json")) as f:
+                complete = json.load(f).get("status") == "done"
+        except (OSError, ValueError):
+            complete = False
+        if complete:
+            print(f"  note: {os.path.join(cfg.out, stem)}.json holds a complete run; this "
+                  f"interrupted one goes to {stem}-interrupted.*")
+            stem += "-interrupted"
+    return stem
+
+
+def check_memory(cfg, runs_per_seed=1):
+    """Refuse (ExperimentError), before anything is built, a run whose per-step loss records
+    would not fit in 80% of the host's available memory."""
+    steps, runs = cfg.max_steps + 1, cfg.seeds * runs_per_seed
+    needed, host = runs * steps * 40, available_memory(np)   # a Python float in a list per step
+    if needed > 0.8 * host:
+        raise ExperimentError(f"--seeds {cfg.seeds} with --max-steps {cfg.max_steps} needs about "
+                              f"{needed / 2**30:.1f} GiB for the per-step loss records; a run may use "
+                              f"80% of the {host / 2**30:.1f} GiB available ({0.8 * host / 2**30:.1f} "
+                              "GiB): use fewer seeds or steps")
 
 
 # ------------------------------------------------------------------- CLI --
@@ -802,32 +996,41 @@ def title(fn):
     return doc[:doc.index(". ") + 1] if ". " in doc else doc
 
 
-def parser():
-    """The command line (argparse); --help lists every experiment with its paper reference."""
+def parser(name=None):
+    """The command line (argparse); --help lists every experiment with its paper reference.
+    For one experiment (``EXPERIMENT --help``): only the options that apply to it, with
+    its own defaults."""
+    exp = EXPERIMENTS.get(name)
     listing = "\n".join(textwrap.fill(f"{n:<6} {e.paper:<25} {title(e.run)}", 100,
                                        initial_indent="  ", subsequent_indent=" " * 35)
                          for n, e in EXPERIMENTS.items())
     p = argparse.ArgumentParser(
-        prog="experiments.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__, epilog="experiments:\n" + listing + "\n  list   print this table"
-        "\n  all    every experiment in turn\n\nexit status: 0 done, 1 error, 2 bad usage, "
-        "3 a paper claim did not hold (full runs), 130 interrupted")
+        prog="experiments.py" + (f" {name}" if exp else ""), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"{name}: {title(exp.run)} ({exp.paper})" if exp else __doc__,
+        epilog=("" if exp else "experiments:\n" + listing + "\n  list   print this table"
+                "\n  all    every experiment in turn\n\n") + "exit status: 0 done, 1 error, 2 bad "
+        "usage, 3 a paper claim did not hold or was not shown (full runs), 130 interrupted, "
+        "143 terminated (SIGTERM)")
+    applies = lambda option: argparse.SUPPRESS if exp and option not in exp.options else None
+    default = lambda text, own: f"default {own}" if exp else text
     p.add_argument("experiment", choices=["list", *EXPERIMENTS, "all"], metavar="EXPERIMENT",
                    help="one of: list, " + ", ".join(EXPERIMENTS) + ", all")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="cpu (NumPy), gpu (CuPy; error if unusable) or auto (default: the GPU if "
                         "usable and faster for the experiment: fig1b, fig1c, fig2b, and fig1a "
                         "from 100 --seeds)")
-    p.add_argument("--dtype", metavar="{float32,float64}", choices=["float32", "float64"],
-                   default=None,
-                   help="default per experiment: float32 for the MNIST figures, float64 otherwise")
-    p.add_argument("--seed", type=int, default=0, help="first random seed (default 0)")
+    p.add_argument("--dtype", metavar="{float32,float64}", choices=["float32", "float64"], default=None,
+                   help=default("default per experiment: float32 for the MNIST figures, float64 otherwise",
+                                exp and np.dtype(exp.dtype).name))
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="first random seed (default 0)")
     p.add_argument("--seeds", type=_positive_int, default=1, help="number of independent runs (default 1)")
     p.add_argument("--lr", metavar="LR", type=_positive_float, default=None,
-                   help="learning rate (default 1e-2 as in Appendix L; 1e-3 for prop1, 1e-1 for thm3)")
+                   help="learning rate (" + default("default 1e-2 as in Appendix L; 1e-3 for prop1, "
+                                                    "1e-1 for thm3", exp and f"{exp.lr:g}") + ")")
     p.add_argument("--tol", metavar="TOL", type=_positive_float, default=None,
-                   help="stop when the loss is below this (default 1e-4 as in Appendix L; 1e-10 for "
-                        "thm3, whose claim is about interpolation)")
+                   help="stop when the loss is below this (" + default(
+                       "default 1e-4 as in Appendix L; 1e-10 for thm3, whose claim is about "
+                       "interpolation", exp and f"{exp.tol:g}") + ")")
     p.add_argument("--max-steps", type=_positive_int, default=100_000,
                    help="step budget (default 100000, the authors' cap)")
     p.add_argument("--measure-every", type=_positive_int, default=100,
@@ -836,19 +1039,29 @@ def parser():
                    help="keep the loss of every K-th step in the JSON (default 1: every step; "
                         "runs still stop at the first step below --tol)")
     p.add_argument("--loss-scale", choices=["mean", "paper"], default=None,
-                   help="squared loss as the mean over all kd*n entries (the authors' code, with which "
-                        "the published figures were made; default) or Eq. (2)'s 1/(2n) sum "
-                        "(fig1a, fig1b, fig2a, fig2b, thm1, cor1)")
+                   help=applies("loss_scale") or "squared loss as the mean over all kd*n entries (the "
+                        "authors' code, with which the published figures were made; default) or "
+                        "Eq. (2)'s 1/(2n) sum (fig1a, fig1b, fig2a, fig2b, thm1, cor1)")
     p.add_argument("--init", choices=["aligned", "random"], default=None,
-                   help="fig1a-fig2b: aligned start (default) or PyTorch-style random start")
+                   help=applies("init") or "fig1a-fig2b: aligned start (default) or PyTorch-style "
+                        "random start")
     p.add_argument("--quick", action="store_true",
-                   help=f"{QUICK_STEPS} steps, measuring every {QUICK_MEASURE} (smoke test)")
+                   help=f"{QUICK_STEPS} steps, measuring every {QUICK_MEASURE} (smoke test); files "
+                        "<out>/<experiment>-quick.*, apart from full runs' files")
     p.add_argument("--mnist", default=None, metavar="DIR",
-                   help="folder with the full MNIST idx files (raw or .gz); default: the shipped "
-                        "subset of the first 1024 training images (fig1b, fig1c, fig2b, prop1)")
+                   help=applies("mnist") or "folder with the full MNIST idx files (raw or .gz); "
+                        "default: the shipped subset of the first 1024 training images (fig1b, "
+                        "fig1c, fig2b, prop1)")
     p.add_argument("--out", default="results", help="output folder (default results/)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
+
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
 
 
 def _positive_int(text):
@@ -881,8 +1094,11 @@ def check_output_folder(path):
 
 
 def main(argv=None):
-    """Run the command line; returns the exit status (0, 1 error, 2 usage, 3 claim, 130 Ctrl-C)."""
-    args = parser().parse_args(argv)
+    """Run the command line; returns the exit status (0, 1 error, 2 usage, 3 claim not shown
+    or not holding, 130 Ctrl-C, 143 SIGTERM).  SIGTERM is handled like Ctrl-C."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser(next((a for a in argv if a in EXPERIMENTS), None)).parse_args(argv)
+    args.command = shlex.join(["python", "experiments.py", *argv])
     if args.experiment == "list":
         print(parser().epilog)
         return 0
@@ -890,19 +1106,29 @@ def main(argv=None):
     for name in names:
         ignored = options_not_applying(name, args)
         if ignored and len(names) == 1:
-            parser().error(f"{', '.join(ignored)} does not apply to {name}")
+            parser(name).error(f"{', '.join(ignored)} does not apply to {name}")
         if ignored and not args.quiet:
             print(f"note: {name} ignores {', '.join(ignored)}", file=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _on_signal) \
+        if threading.current_thread() is threading.main_thread() else None
+    del SIGNALS_RECEIVED[:]
     try:
         check_output_folder(args.out)
+        if args.mnist is not None:
+            mnist_paths(args.mnist)                     # before any experiment runs
         xp = select_device(args.device, quiet=args.quiet)
         claims = {name: run_experiment(name, configure(name, args, xp)) for name in names}
     except (ExperimentError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: partial results were written, marked \"interrupted\"", file=sys.stderr)
-        return 130
+        terminated = signal.SIGTERM in SIGNALS_RECEIVED
+        print(f"{'terminated' if terminated else 'interrupted'}: what was computed was written, "
+              "marked \"interrupted\"", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0 if all(c["holds"] for c in claims.values()) or args.quick else 3
 
 

@@ -133,10 +133,14 @@ class Conv2d(Structure):
     """
 
     def __init__(self, p, s):
-        if s < 1 or s % 2 == 0:
+        for name, value in (("image size p", p), ("filter size s", s)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"conv2d needs an {name} that is an integer >= 1, got {value!r}")
+        if s % 2 == 0:
             raise ValueError(f"conv2d needs an odd filter size s (padding (s-1)/2), got s = {s}")
-        if p < 1:
-            raise ValueError(f"conv2d needs an image size p >= 1, got p = {p}")
+        if s > 2 * p - 1:
+            raise ValueError(f"conv2d({p}, {s}): a filter wider than 2p - 1 = {2 * p - 1} has taps "
+                             f"that never meet a {p} x {p} image; use s <= {2 * p - 1}")
         self.p, self.s, self.h = p, s, (s - 1) // 2
         rows, cols, which = [], [], []
         y, x = np.divmod(np.arange(p * p), p)
@@ -353,5 +357,8 @@ def alignment_impossible(r, k, n):
     subspace of k x k matrices form a null set, so a structured network that
     interpolates generic data with n >= k cannot be aligned (Theorem 3).
     """
+    for name, value in (("r", r), ("k", k), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"alignment_impossible needs {name} as an integer >= 0, got {value!r}")
     m = k - n
     return r < k - 1 - (math.comb(m, 2) if m >= 2 else 0)

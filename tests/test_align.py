@@ -355,3 +355,75 @@ def test_every_pair_aligned_is_weaker_than_definition2_for_the_chain():
     assert not align.is_aligned(weights)
 
 
+
+
+def chain_by_construction(rng, dtype=np.float64, smallest=1e-6):
+    """An aligned chain W_i = Q_i Sigma_i Q_{i-1}^T (Definition 2 by construction): depth 2-4,
+    widths 1-6, singular values log-uniform in [smallest, 1] with repeats, zeros and signs."""
+    d = int(rng.integers(2, 5))
+    widths = [int(k) for k in rng.integers(1, 7, d + 1)]
+    bases = [random_orthogonal(rng, k) for k in widths]
+    sigmas = []
+    for a, b in zip(widths, widths[1:]):
+        s = np.exp(rng.uniform(np.log(smallest), 0, min(a, b)))
+        kind = rng.integers(4)
+        if kind == 1 and s.size > 1:
+            s[rng.integers(s.size)] = s[0]                               # a repeated value
+        if kind == 2:
+            s[rng.integers(s.size)] = 0.0                                 # a zero
+        sigmas.append(s * rng.choice([-1.0, 1.0], s.size))
+    return [W.astype(dtype) for W in align.aligned_network(bases, sigmas)]
+
+
+def assert_witness(test, weights, tol):
+    """The usSVDs of an AlignmentTest share U_i = V_{i+1} and reproduce each layer."""
+    assert test, test.reason
+    for i, (W, (U, s, V)) in enumerate(zip(weights, test.ussvds)):
+        np.testing.assert_allclose(U.T @ U, np.eye(U.shape[0]), atol=1e-10)
+        np.testing.assert_allclose(V.T @ V, np.eye(V.shape[0]), atol=1e-10)
+        scale = max(np.linalg.norm(W, 2), 1e-300)
+        assert np.abs(U @ align.rect_diag(s, *W.shape) @ V.T - W).max() <= 10 * tol * scale
+        if i:
+            assert test.ussvds[i - 1][0] is V or np.array_equal(test.ussvds[i - 1][0], V)
+
+
+def test_definition2_accepts_aligned_chains_with_small_repeated_and_zero_singular_values():
+    """Hundreds of aligned chains (small singular values down to 1e-6, repeated, zero,
+    signed, any order, rectangular) are accepted, with witnesses that verify; float32
+    chains (values down to 1e-3) at tol 1e-4."""
+    rng = np.random.default_rng(180)
+    for _ in range(300):
+        weights = chain_by_construction(rng)
+        assert_witness(align.is_aligned(weights), weights, 1e-8)
+    for _ in range(100):
+        weights = chain_by_construction(rng, np.float32, smallest=1e-3)
+        assert_witness(align.is_aligned(weights, tol=1e-4), [W.astype(float) for W in weights], 1e-4)
+
+
+def test_definition2_rejects_chains_with_a_non_commuting_gram_pair():
+    """The same chains with one layer's input basis turned: where W_i W_i^T and
+    W_{i+1}^T W_{i+1} do not commute, no usSVDs can share U_i = V_{i+1}."""
+    rng, rejected = np.random.default_rng(181), 0
+    while rejected < 200:
+        weights = chain_by_construction(rng)
+        i = int(rng.integers(1, len(weights)))
+        k = weights[i].shape[1]
+        turn = np.linalg.qr(np.eye(k) + 0.3 * rng.standard_normal((k, k)))[0]
+        weights[i] = weights[i] @ turn
+        A, B = weights[i - 1] @ weights[i - 1].T, weights[i].T @ weights[i]
+        if np.linalg.norm(A @ B - B @ A) <= 1e-3 * np.linalg.norm(A) * np.linalg.norm(B):
+            continue                                     # (this turn left them commuting)
+        assert not align.is_aligned(weights)
+        rejected += 1
+
+
+def test_definition2_small_singular_values_are_not_merged_with_zero():
+    """The issue's example: Q^T W Q diagonal to 1e-15 with singular values (1, 1e-2, 0) over
+    four layers, and (1, 1e-5, 0) over two."""
+    rng = np.random.default_rng(2)
+    Q = [np.linalg.qr(rng.standard_normal((3, 3)))[0] for _ in range(5)]
+    for values, d, tol in (([1.0, 1e-2, 0.0], 4, 1e-4), ([1.0, 1e-5, 0.0], 2, 1e-8)):
+        weights = [Q[i + 1] @ np.diag(values) @ Q[i].T for i in range(d)]
+        test = align.is_aligned(weights, tol=tol)
+        assert_witness(test, weights, tol)
+        assert test.residual < 1e-10

@@ -19,22 +19,34 @@ def run(tmp_path, *args):
 @pytest.mark.parametrize("name", QUICK_CLAIMS)
 def test_experiment_quick_run_shows_its_claim(name, tmp_path, capsys):
     assert run(tmp_path, name, "--quick") == 0
-    result = json.loads((tmp_path / f"{name}.json").read_text())
-    assert result["claim"]["holds"], result["claim"]
+    result = json.loads((tmp_path / f"{name}-quick.json").read_text())
+    if name == "thm3":                    # 300 steps do not interpolate: the premise fails
+        assert result["claim"]["verdict"] == "not shown" and not result["claim"]["holds"]
+    else:
+        assert result["claim"]["holds"] and result["claim"]["verdict"] == "holds", result["claim"]
     assert result["status"] == "done"
-    assert (tmp_path / f"{name}.csv").read_text().startswith("run,step,loss,alignment_paired")
+    assert (tmp_path / f"{name}-quick.csv").read_text().startswith("run,step,loss,alignment_paired")
     assert result["environment"]["numpy"] == np.__version__
     for record in result["runs"].values():
         assert record["final_step"] <= experiments.QUICK_STEPS
     assert name in capsys.readouterr().out
 
 
+def test_theorem3_holds_once_the_network_interpolates(tmp_path, capsys):
+    """thm3 to its threshold (1e-10, about 2,000 steps): the claim holds; stopped at 300
+    steps it is reported as not shown, with exit status 3 for a full run."""
+    assert run(tmp_path, "thm3") == 0
+    assert json.loads((tmp_path / "thm3.json").read_text())["claim"]["verdict"] == "holds"
+    assert run(tmp_path, "thm3", "--max-steps", "300") == 3
+    assert "NOT SHOWN: its premise failed" in capsys.readouterr().out
+
+
 def test_fig1a_loses_alignment_while_thm1_keeps_it_over_the_same_budget(tmp_path):
     run(tmp_path, "fig1a", "--quick", "--seeds", "2")
     run(tmp_path, "thm1", "--quick")
-    fig = json.loads((tmp_path / "fig1a.json").read_text())
-    thm = json.loads((tmp_path / "thm1.json").read_text())
-    assert len(fig["runs"]) == 2 and "alignment_paired" in fig["summary"]
+    fig = json.loads((tmp_path / "fig1a-quick.json").read_text())
+    thm = json.loads((tmp_path / "thm1-quick.json").read_text())
+    assert len(fig["runs"]) == 2 and "alignment_paired" in fig["summary"]["over_all"]
     assert all(min(r["measurements"]["alignment_paired"]) < 0.99 for r in fig["runs"].values())
     for r in thm["runs"].values():
         assert min(r["measurements"]["alignment_paired"]) > 1 - 1e-8
@@ -45,8 +57,8 @@ def test_same_seed_gives_same_results(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run(a, "fig1a", "--quick")
     run(b, "fig1a", "--quick")
-    ra = json.loads((a / "fig1a.json").read_text())["runs"]
-    rb = json.loads((b / "fig1a.json").read_text())["runs"]
+    ra = json.loads((a / "fig1a-quick.json").read_text())["runs"]
+    rb = json.loads((b / "fig1a-quick.json").read_text())["runs"]
     assert ra["seed=0"]["losses"] == rb["seed=0"]["losses"]
     assert ra["seed=0"]["measurements"] == rb["seed=0"]["measurements"]
 
@@ -149,7 +161,7 @@ def test_interrupted_run_writes_partial_results(tmp_path, monkeypatch):
             raise KeyboardInterrupt
     monkeypatch.setattr(experiments.Progress, "__call__", interrupt)
     assert run(tmp_path, "fig1a", "--quick") == 130
-    result = json.loads((tmp_path / "fig1a.json").read_text())
+    result = json.loads((tmp_path / "fig1a-quick.json").read_text())
     assert result["status"] == "interrupted"
     assert result["runs"]["seed=0"]["stop_reason"] == "interrupted"
     assert result["runs"]["seed=0"]["final_step"] == 40
@@ -157,11 +169,11 @@ def test_interrupted_run_writes_partial_results(tmp_path, monkeypatch):
 
 def test_batched_seeds_equal_separate_runs(tmp_path):
     run(tmp_path / "batch", "fig1a", "--quick", "--seeds", "3", "--tol", "0.7")
-    batch = json.loads((tmp_path / "batch" / "fig1a.json").read_text())["runs"]
+    batch = json.loads((tmp_path / "batch" / "fig1a-quick.json").read_text())["runs"]
     stops = set()
     for seed in range(3):
         run(tmp_path / str(seed), "fig1a", "--quick", "--seed", str(seed), "--tol", "0.7")
-        alone = json.loads((tmp_path / str(seed) / "fig1a.json").read_text())["runs"][f"seed={seed}"]
+        alone = json.loads((tmp_path / str(seed) / "fig1a-quick.json").read_text())["runs"][f"seed={seed}"]
         together = batch[f"seed={seed}"]
         stops.add(alone["final_step"])
         assert together["final_step"] == alone["final_step"]
@@ -187,7 +199,7 @@ def test_auto_device_keeps_small_experiments_on_the_cpu(tmp_path, monkeypatch, c
     stand-in that cannot compute would fail the run if it were used."""
     monkeypatch.setattr(experiments, "select_device", lambda device, quiet=False: object())
     assert experiments.main(["fig2a", "--quick", "--out", str(tmp_path)]) == 0
-    assert json.loads((tmp_path / "fig2a.json").read_text())["environment"]["device"] == "cpu"
+    assert json.loads((tmp_path / "fig2a-quick.json").read_text())["environment"]["device"] == "cpu"
     assert "fig2a runs on the CPU" in capsys.readouterr().err
     with pytest.raises(AttributeError):                   # --device gpu insists
         experiments.main(["fig2a", "--quick", "--device", "gpu", "--out", str(tmp_path), "-q"])
@@ -203,7 +215,7 @@ def test_seeds_beyond_device_memory_run_in_batches_with_the_same_records(tmp_pat
                         labels.append(label) or run_dense(label, *a))
     run(tmp_path / "three", "fig1a", "--quick", "--seeds", "5")
     assert labels == ["fig1a seeds 0..1", "fig1a seeds 2..3", "fig1a seeds 4..4"]
-    one, three = (json.loads((tmp_path / d / "fig1a.json").read_text())["runs"] for d in ("one", "three"))
+    one, three = (json.loads((tmp_path / d / "fig1a-quick.json").read_text())["runs"] for d in ("one", "three"))
     assert one.keys() == three.keys()
     for name in one:
         assert one[name]["losses"] == three[name]["losses"]
@@ -220,7 +232,7 @@ def test_seeds_whose_records_exceed_host_memory_are_refused(tmp_path, monkeypatc
 def test_loss_every_thins_the_records_but_not_the_run(tmp_path):
     run(tmp_path / "all", "fig2a", "--quick")
     run(tmp_path / "some", "fig2a", "--quick", "--loss-every", "7")
-    full, thin = (next(iter(json.loads((tmp_path / d / "fig2a.json").read_text())["runs"].values()))
+    full, thin = (next(iter(json.loads((tmp_path / d / "fig2a-quick.json").read_text())["runs"].values()))
                   for d in ("all", "some"))
     assert thin["final_step"] == full["final_step"] and thin["measurements"] == full["measurements"]
     assert thin["steps"] == [t for t in full["steps"] if t % 7 == 0] + [full["steps"][-1]]
@@ -247,3 +259,56 @@ def test_gpu_without_cupy_names_what_is_missing(capsys):
     assert "CPU" in capsys.readouterr().err
     with pytest.raises(ValueError, match="device must be one of"):
         experiments.select_device("tpu")
+
+
+def fake_run(stop_reason, final_step, alignment):
+    """A run record with a stop, a final step and a paired alignment that falls linearly."""
+    steps = list(range(0, final_step + 1, 100)) + ([final_step] if final_step % 100 else [])
+    values = list(np.linspace(1.0, alignment, len(steps)))
+    return {"steps": steps, "losses": list(np.geomspace(1.0, 1e-5, len(steps))), "measure_steps": steps,
+            "measurements": {key: values for key in experiments.align.MEASURE_KEYS},
+            "stop_reason": stop_reason, "final_step": final_step, "wall_time": 1.0}
+
+
+def test_summary_counts_runs_that_did_not_converge_apart():
+    """Two of five runs hit the step cap: the summary says 3 of 5 converged and gives the
+    statistics over those three and, separately, over all five."""
+    runs = {f"seed={j}": fake_run("tol", 1000 * (j + 1), 0.9) for j in range(3)}
+    runs |= {f"seed={j}": fake_run("max_steps", 100_000, 0.3) for j in (3, 4)}
+    stats = experiments.spread(runs)
+    assert (stats["runs"], stats["converged"]) == (5, 3)
+    assert stats["over_converged"]["final_step"]["mean"] == 2000
+    assert stats["over_all"]["final_step"]["mean"] == (6000 + 200_000) / 5
+    assert stats["over_converged"]["alignment_paired"]["mean"] == pytest.approx(0.9)
+    assert stats["over_all"]["alignment_paired"]["mean"] == pytest.approx((2.7 + 0.6) / 5)
+    text = experiments.summary("fig1a", runs, {"claim": "c", "value": 0.3, "holds": True}, "done")
+    assert "converged (loss below --tol): 3 of 5 runs" in text
+    assert "over converged (3): steps 2,000" in text and "over all (5): steps 41,200" in text
+
+
+@pytest.mark.parametrize("count", [3, 8])
+def test_plot_gives_each_run_one_colour_in_every_panel(count):
+    """Every line of a run (loss, paired and matched measures) has that run's colour; no two
+    runs share one; from BAND_FROM_RUNS runs a mean and a min-max band; labelled axes."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = {f"seed={j}": fake_run("tol", 500 + 300 * j, 0.5 + 0.05 * j) for j in range(count)}
+    fig = experiments.figure("Figure 1a: a title", runs)
+    colours = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if line.get_gid():
+                colours.setdefault(line.get_gid(), set()).add(matplotlib.colors.to_hex(line.get_color()))
+    assert set(colours) == set(runs) and all(len(c) == 1 for c in colours.values())
+    assert len({c.pop() for c in colours.values()}) == count
+    lines_per_run = [sum(line.get_gid() == name for ax in fig.axes for line in ax.get_lines())
+                     for name in runs]
+    assert lines_per_run == [5] * count                       # loss, 2 x (paired, matched)
+    means = [line for ax in fig.axes for line in ax.get_lines() if "mean of" in line.get_label()]
+    assert len(means) == (3 if count >= experiments.BAND_FROM_RUNS else 0)
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "alignment", "invariance"]
+    assert fig._suptitle.get_text() == "Figure 1a: a title"
+    plt.close(fig)
+
