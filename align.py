@@ -1,17 +1,11 @@
 """Deep linear networks and alignment (Radhakrishnan, Nichani, Bernstein, Uhler).
 
-Notation (the paper's): ``X`` is k0 x n with one example per column, ``Y`` is
-kd x n, ``weights`` is the list [W_1, ..., W_d] with W_i of shape
-(k_i, k_{i-1}) and f(X) = W_d ... W_1 X (Eq. (1)).  ``lr`` is gamma.
-
-This file is the reference: it reads top to bottom in the paper's order (Eq. (1),
-(2), (8); gradient descent; Definition 1's usSVD; Section 6's measures; Definition 2;
-Sections 3-4) and is complete when copied alone, with NumPy as its only dependency.
-Every function takes NumPy or CuPy arrays and computes with the array module of its
-inputs; the weights may carry a leading batch axis (B, k_i, k_{i-1}) for independent
-networks trained together.  Where the optional private modules _fast.py and _cuda.py
-are importable (the end of this file), a few marked lines hand the same computation
-to them: same iterates and measures, fewer flops and calls (tests/test_fast.py).
+The paper's notation: ``X`` is k0 x n (one example per column), ``Y`` is kd x n,
+``weights`` is [W_1, ..., W_d] with W_i of shape (k_i, k_{i-1}), f(X) = W_d ... W_1 X
+(Eq. (1)), ``lr`` is gamma.  The reference, in the paper's order and complete when
+copied alone (NumPy only).  Functions take NumPy or CuPy arrays; weights may carry a
+leading batch axis (B, k_i, k_{i-1}) for networks trained together.  Lines marked
+``_fast`` hand the same computation to the optional _fast.py (the end of this file).
 """
 import dataclasses
 import json
@@ -242,12 +236,9 @@ def layer_gradients(weights, X, dF):
 
 def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
           record_every=1, measure_every=100, measures=None, callback=None, fast=True):
-    """Full-batch gradient descent W_i <- W_i - lr dL/dW_i (Eq. (8) for the squared loss).
-
-    Validates the inputs once, then runs :func:`gradient_descent` (stopping, measures,
-    callback); a batch of networks (3-D weights) trains together, each frozen once its
-    loss is below ``tol``.  Returns (weights, History); inputs are not modified.
-    """
+    """Full-batch gradient descent W_i <- W_i - lr dL/dW_i (Eq. (8)): checks the inputs, then
+    :func:`gradient_descent`; a batch (3-D weights) trains together, each network frozen
+    below ``tol``.  Returns (weights, History); inputs are not modified."""
     check_network(weights, X)
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1]).astype(weights[0].dtype)
     if fast and _fast is not None:
@@ -277,12 +268,10 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
                      record_every=1, measure_every=100, measures=None, callback=None):
     """Plain GD p <- p - lr g, with ``loss_and_grads(params) -> (L, grads)`` (Eq. (8)).
 
-    Stops when the loss (the largest over a batch of networks) is below ``tol``
-    (checked at recorded steps), after ``max_steps`` steps, or on Ctrl-C
-    (``stop_reason = "interrupted"``).  ``measures``: {name: m(params, params_0)},
-    called at step 0, every ``measure_every`` steps and at the end (a dict value
-    records each key); ``callback(step, loss, history)`` at every recorded step.
-    Returns (params, History); a non-finite loss raises DivergenceError.
+    Stops when the loss (the largest over a batch) is below ``tol`` at a recorded step,
+    after ``max_steps``, or on Ctrl-C ("interrupted").  ``measures``: {name: m(params,
+    params_0)} at step 0, every ``measure_every`` steps and at the end; ``callback(step,
+    loss, history)`` at recorded steps.  Returns (params, History); DivergenceError on NaN.
     """
     _check_schedule(lr, max_steps, record_every, measure_every, tol)
     ps = [p.copy() for p in params]
@@ -395,7 +384,10 @@ class _Run:
         """The final measurement (unless one was taken at this step); the History."""
         self.hist.final_step = self.step
         if not self.hist.measure_steps or self.hist.measure_steps[-1] != self.step:
-            self.measure(ps)
+            try:
+                self.measure(ps)
+            except KeyboardInterrupt:            # a second Ctrl-C: the run ends without it
+                self.hist.stop_reason = "interrupted"
         self.hist.wall_time = time.perf_counter() - self.start
         return self.hist
 
@@ -496,13 +488,9 @@ def _greedy_match(C, capacity):
 
 @dataclasses.dataclass
 class _Pair:
-    """Two sets of orthonormal directions that a measure compares: the columns of A
-    and of B, singular values sa and sb descending, in a space of dimension k.  The
-    matched rule scores B's directions when ``rows_b``, else A's; ``positions``: see
-    _paired_score.  ``exact`` directions common to both may be left out of A and B
-    (``exact_used`` of them used; scale_a, scale_b: the largest singular values, those
-    included): _fast.py's split of layer 1.  Arrays may carry a batch axis.
-    """
+    """Two sets of orthonormal directions (columns of A, B; singular values sa, sb
+    descending) in a space of dimension k.  ``exact``, ``exact_used``, ``scale_a``,
+    ``scale_b``: directions common to both left out (_fast.py's split of layer 1)."""
     A: np.ndarray
     sa: np.ndarray
     B: np.ndarray
@@ -523,14 +511,10 @@ HOW = ("paired", "matched")
 
 
 def alignment(weights, how="paired", rtol=1e-6):
-    """Alignment of adjacent layers (Section 6), in [0, 1]; 1 for aligned networks.
-
-    Compares U_i with V_{i+1} for each adjacent pair by the rule ``how``:
-    "paired" (the paper's "average |dot| between corresponding columns", made exact;
-    see _paired_score) or "matched" (the authors' code; see _matched_score).  The
-    score is about adjacent pairs: with repeated singular values in a middle layer
-    every pair can be aligned while the chain is not; :func:`is_aligned` decides that.
-    """
+    """Alignment of adjacent layers (Section 6), in [0, 1]: U_i against V_{i+1} by the rule
+    ``how``, "paired" (the paper's "average |dot| between corresponding columns", made
+    exact) or "matched" (the authors' code).  About pairs: the chain can still fail
+    Definition 2 (repeated values in a middle layer); :func:`is_aligned` decides that."""
     _check_how(how)
     check_network(weights)
     check_tolerance("rtol", rtol, 1)
@@ -562,17 +546,12 @@ def _check_how(how):
 def _paired_score(pairs, rtol):
     """The paired rule: the mean matched cosine over the scored directions of all pairs.
 
-    In each pair the directions used (sigma > rtol * sigma_max) of the side with fewer
-    are scored.  Inside each cluster of singular values equal up to rtol * sigma_max
-    they are first rotated to the basis the other side's clusters split the cluster
-    into (any basis of a cluster is a valid set of singular vectors); then each is
-    matched one to one, greedily by decreasing cosine, to a cluster of the other side
-    or to the complement of its span, each taking at most its dimension (the cosine
-    with a cluster: the norm of the projection onto it).  With ``positions``
-    (max(k_{i-1}, k_{i+1}) for adjacent layers) the complement takes at most
-    positions - q: a direction needs a position in a shared usSVD (Definition 2's
-    rectangular Sigma_i).  The score is 1 exactly when W_i W_i^T and W_{i+1}^T W_{i+1}
-    commute (for rectangular layers, with those positions free).
+    Per pair, the used directions (sigma > rtol sigma_max) of the side with fewer, rotated
+    inside each cluster of equal singular values to the basis the other side's clusters
+    split it into, are matched one to one, greedily by decreasing cosine, to the other
+    side's clusters or the complement of its span (each taking its dimension; for
+    adjacent layers the complement only max(k_{i-1}, k_{i+1}) - q positions, Definition
+    2's rectangular Sigma_i).  1 exactly when W_i W_i^T and W_{i+1}^T W_{i+1} commute.
     """
     total, count = 0.0, 0
     for pair in pairs:
@@ -701,11 +680,9 @@ def _orthonormal_by_size(Z, norms):
 
 def _joint_eigenbasis(C, products, tol):
     """Split span(C) into common right singular vectors of the forward products [(P, m)]
-    (P = W_l ... W_{i+1} / ||.||_2, a product of m layers), i.e. joint eigenvectors of
-    their Gram operators.  Each product's singular values on a group are compared per
-    layer, as m-th roots, equal up to ``tol``; those below its rounding count as zero.
-    SVDs of P B (not eigh of Gram matrices) keep small singular values' vectors accurate,
-    and a group a product does not split is kept as it is."""
+    (P = W_l ... W_{i+1} / ||.||_2, m layers): SVDs of P on each group (accurate for small
+    values, unlike eigh of P^T P), values compared per layer (m-th roots) up to ``tol``,
+    below rounding as zero; a group that a product does not split is left as it is."""
     groups = [C]
     for P, m in products:
         floor = 100 * np.finfo(float).eps * max(P.shape)
@@ -862,11 +839,8 @@ def rect_diag(s, m, n):
 
 
 def aligned_network(bases, sigmas):
-    """W_i = Q_i Sigma_i Q_{i-1}^T: an aligned network (Definition 2) by construction.
-
-    bases: orthonormal [Q_0 (k0 x k0), ..., Q_d (kd x kd)]; sigmas[i-1]: the
-    min(k_i, k_{i-1}) signed singular values of W_i, in any order.
-    """
+    """W_i = Q_i Sigma_i Q_{i-1}^T, aligned (Definition 2) by construction: bases orthonormal
+    [Q_0, ..., Q_d]; sigmas[i-1]: the min(k_i, k_{i-1}) signed singular values of W_i."""
     if len(sigmas) != len(bases) - 1:
         raise ValueError(f"need one singular-value vector per layer: {len(bases) - 1}, "
                          f"got {len(sigmas)}")
@@ -1117,12 +1091,9 @@ def balanced_factorization(P, hidden=None, W=None):
 
 
 def proposition4(weights, X, Y, tol=1e-8):
-    """Proposition 4: for an aligned network with Y = f(X) (n >= k0, X full rank),
-    W_d^T aligns with M = Y X^T (X X^T)^{-1}, which aligns with W_1^T.
-
-    "A aligns with B" (Definition 2's parenthetical) is the two-layer network
-    [B, A] being aligned.  Returns (test of [M, W_d^T], test of [W_1^T, M]).
-    """
+    """Proposition 4: for an aligned network with Y = f(X) (n >= k0, X full rank), W_d^T
+    aligns with M = Y X^T (X X^T)^{-1}, which aligns with W_1^T ("A aligns with B": [B, A]
+    is aligned).  Returns (test of [M, W_d^T], test of [W_1^T, M])."""
     X, Y = to_numpy(X).astype(np.float64), to_numpy(Y).astype(np.float64)
     if X.shape[1] < X.shape[0] or np.linalg.matrix_rank(X) < X.shape[0]:
         raise ValueError(f"Proposition 4 needs n >= k0 and X of full rank; X is {_shape(X)} "

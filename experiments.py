@@ -34,6 +34,7 @@ import numpy as np
 
 import align
 import structured as st
+import verify
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "data")
@@ -587,7 +588,7 @@ EXPERIMENTS = {
     "cor1": Experiment(cor1, "Corollary 1", np.float64, options=("loss_scale",)),
     "thm3": Experiment(thm3, "Theorem 3, Proposition 5", np.float64, lr=1e-1, tol=1e-10),
 }
-OPTION_FLAGS = {"init": "--init", "mnist": "--mnist", "loss_scale": "--loss-scale"}
+OPTION_FLAGS = {"init": "--init", "mnist": "--mnist", "loss_scale": "--loss-scale", "run": "--run"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1008,13 +1009,19 @@ def parser(name=None):
         prog="experiments.py" + (f" {name}" if exp else ""), formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"{name}: {title(exp.run)} ({exp.paper})" if exp else __doc__,
         epilog=("" if exp else "experiments:\n" + listing + "\n  list   print this table"
-                "\n  all    every experiment in turn\n\n") + "exit status: 0 done, 1 error, 2 bad "
+                "\n  all    every experiment in turn\n  verify every numbered statement of Sections 3-5 "
+                "checked numerically\n  report results/report.md and .html from what is in results/"
+                "\n\n") + "exit status: 0 done, 1 error, 2 bad "
         "usage, 3 a paper claim did not hold or was not shown (full runs), 130 interrupted, "
         "143 terminated (SIGTERM)")
     applies = lambda option: argparse.SUPPRESS if exp and option not in exp.options else None
     default = lambda text, own: f"default {own}" if exp else text
-    p.add_argument("experiment", choices=["list", *EXPERIMENTS, "all"], metavar="EXPERIMENT",
-                   help="one of: list, " + ", ".join(EXPERIMENTS) + ", all")
+    p.add_argument("experiment", choices=["list", *EXPERIMENTS, "all", "verify", "report"],
+                   metavar="EXPERIMENT", help="one of: list, " + ", ".join(EXPERIMENTS) + ", all, verify "
+                   "(every numbered statement checked; --quick: one seed), report (results/report.md "
+                   "and .html from the results folder)")
+    p.add_argument("--run", action="store_true", default=None,
+                   help="report: first run the experiments (--quick) and verify whose results are missing")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="cpu (NumPy), gpu (CuPy; error if unusable) or auto (default: the GPU if "
                         "usable and faster for the experiment: fig1b, fig1c, fig2b, and fig1a "
@@ -1078,6 +1085,46 @@ def _positive_float(text):
     return value
 
 
+def verify_or_report(args):
+    """``verify``: the table of every numbered statement, <out>/verify.json; exit status 3
+    if one fails.  ``report``: <out>/report.md and report.html (with --run, the missing
+    quick runs and verify made first)."""
+    try:
+        check_output_folder(args.out)
+        xp = select_device(args.device, quiet=args.quiet)
+        if args.experiment == "verify":
+            start = time.perf_counter()
+            rows = verify.verify(xp, quick=args.quick, progress=None if args.quiet else lambda row: print(
+                f"  {row.statement}: {'holds' if row.holds else 'FAILS'}", file=sys.stderr))
+            print(verify.table(rows))
+            print(f"{sum(r.holds for r in rows)} of {len(rows)} hold ({time.perf_counter() - start:.1f} s, "
+                  f"{'GPU' if xp is not np else 'CPU'})")
+            write_text(os.path.join(args.out, "verify.json"), json.dumps(strict_json(
+                {"command": args.command, "version": project_version(), "quick": args.quick,
+                 "device": "gpu" if xp is not np else "cpu", "rows": verify.rows_json(rows)}), indent=1))
+            return 0 if all(r.holds for r in rows) else 3
+        if args.run:
+            for name in EXPERIMENTS:
+                if not any(os.path.exists(os.path.join(args.out, f"{name}{s}.json")) for s in ("", "-quick")):
+                    main([name, "--quick", "--out", args.out, "-q"])
+            if not os.path.exists(os.path.join(args.out, "verify.json")):
+                main(["verify", "--quick", "--out", args.out, "-q"])
+        try:
+            with open(os.path.join(args.out, "verify.json")) as f:
+                rows = verify.rows_from_json(json.load(f)["rows"])
+        except (OSError, ValueError, KeyError):
+            rows = None
+        md, page = verify.report(args.out, EXPERIMENTS, rows)
+        paths = [os.path.join(args.out, "report.md"), os.path.join(args.out, "report.html")]
+        write_files(dict(zip(paths, map(text_writer, (md, page)))))
+        print(f"wrote {paths[0]} and {paths[1]}" + ("" if rows else " (no verify.json: run "
+                                                     "python experiments.py verify)"))
+        return 0
+    except (ExperimentError, DeviceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 def check_output_folder(path):
     """Create --out before any run, so that a folder that cannot hold the results fails at
     once instead of after the run."""
@@ -1102,6 +1149,8 @@ def main(argv=None):
     if args.experiment == "list":
         print(parser().epilog)
         return 0
+    if args.experiment in ("verify", "report"):
+        return verify_or_report(args)
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     for name in names:
         ignored = options_not_applying(name, args)

@@ -1,0 +1,241 @@
+"""Faults a user meets: bad input (CLI and library) gives a message naming the problem and
+leaves earlier results alone; Ctrl-C, a second Ctrl-C, SIGTERM and a full disk leave a
+consistent set of files (or the earlier one)."""
+import errno
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import align
+import experiments
+import structured as st
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def snapshot(folder):
+    """{name: bytes} of every file in folder."""
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory):
+    """A results folder holding a complete fig2a --quick run and a complete full fig1a run."""
+    out = tmp_path_factory.mktemp("results")
+    assert experiments.main(["fig2a", "--quick", "--out", str(out), "-q"]) == 0
+    assert experiments.main(["thm3", "--out", str(out), "-q"]) == 0
+    return out
+
+
+def mnist_folder(tmp_path, images=None, labels=None):
+    """A --mnist folder with the given idx bytes (valid two-image files by default)."""
+    good_images = experiments.idx_bytes(np.zeros((2, 28, 28), np.uint8))
+    good_labels = experiments.idx_bytes(np.array([3, 7], np.uint8))
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(good_images if images is None else images)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(good_labels if labels is None else labels)
+    return str(tmp_path)
+
+
+CLI_CASES = [   # (arguments, exit status, message on stderr)
+    (["fig1a", "--seed", "-1"], 2, "must be an integer >= 0"),
+    (["fig1a", "--mnist", "MNIST"], 2, "--mnist does not apply to fig1a"),
+    (["thm1", "--init", "random"], 2, "--init does not apply to thm1"),
+    (["fig2a", "--loss-scale", "paper", "--init", "random", "--mnist", "MNIST"], 2, "--mnist does not apply"),
+    (["all", "--quick", "--mnist", "/nonexistent"], 1, "--mnist /nonexistent: no such directory"),
+    (["prop1", "--quick", "--mnist", "SHORT"], 1, "truncated: its header needs 16 bytes"),
+    (["prop1", "--quick", "--mnist", "LABELS"], 1, "labels must be digits 0..9, found 12"),
+    (["fig1a", "--seeds", "10000000"], 1, "a run may use 80% of the"),
+    (["fig1a", "--quick", "--lr", "50"], 1, "smaller learning rate"),
+    (["fig1a", "--max-steps", "0"], 2, "must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("args, status, message", CLI_CASES)
+def test_bad_command_lines_are_refused_and_leave_results_alone(args, status, message, earlier, tmp_path,
+                                                               capsys):
+    for name in ("good", "short", "labels"):
+        (tmp_path / name).mkdir()
+    folders = {"MNIST": mnist_folder(tmp_path / "good"),
+               "SHORT": mnist_folder(tmp_path / "short", images=b"\x00\x00\x08\x03\x00\x00\x00\x02"),
+               "LABELS": mnist_folder(tmp_path / "labels",
+                                      labels=experiments.idx_bytes(np.array([3, 12], np.uint8)))}
+    args = [folders.get(a, a) for a in args]
+    before = snapshot(earlier)
+    try:
+        code = experiments.main([*args, "--out", str(earlier), "-q"])
+    except SystemExit as exc:                                  # argparse's usage errors
+        code = exc.code
+    assert code == status
+    assert message in capsys.readouterr().err
+    assert snapshot(earlier) == before
+
+
+def test_experiment_help_shows_its_options_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        experiments.main(["thm3", "--help"])
+    text = capsys.readouterr().out
+    assert "learning rate (default 0.1)" in text and "(default 1e-10)" in text
+    assert "--mnist" not in text and "--init" not in text and "--loss-scale" not in text
+    with pytest.raises(SystemExit):
+        experiments.main(["fig1b", "--help"])
+    text = capsys.readouterr().out
+    assert "--mnist" in text and "--init" in text and "default float32" in text
+
+
+def network(rng, widths=(4, 5, 3)):
+    return [rng.standard_normal((widths[i + 1], widths[i])) for i in range(len(widths) - 1)]
+
+
+LIBRARY_CASES = [   # (call on a fresh network ws, X, Y, message)
+    (lambda ws, X, Y: align.alignment(ws, rtol=math.nan), "rtol must be a number >= 0 and < 1"),
+    (lambda ws, X, Y: align.alignment(ws, rtol=10), "rtol must be a number >= 0 and < 1, got 10"),
+    (lambda ws, X, Y: align.is_aligned(ws, tol=math.nan), "tol must be a number >= 0 and < 1"),
+    (lambda ws, X, Y: align.is_aligned(ws, tol=-1), "tol must be a number >= 0 and < 1, got -1"),
+    (lambda ws, X, Y: align.train(ws, X, Y, tol=math.nan), "tol must be a number >= 0, got nan"),
+    (lambda ws, X, Y: align.train([W.astype(complex) for W in ws], X, Y), "W_1.*float32 or float64.*complex128"),
+    (lambda ws, X, Y: align.train(ws, X > 0, Y), "X must hold float32 or float64 numbers, got bool"),
+    (lambda ws, X, Y: align.loss(ws, X.astype(np.float16), Y), "got float16"),
+    (lambda ws, X, Y: align.train([W.tolist() for W in ws], X, Y), "W_1.*must be a NumPy or CuPy array, got list"),
+    (lambda ws, X, Y: align.alignment(np.ones((2, 3, 3))), "weights must be a non-empty list.*got ndarray"),
+    (lambda ws, X, Y: align.invariance(ws, network(np.random.default_rng(1), (4, 6, 3))),
+     "weights_t and weights_0 must have the same shapes"),
+    (lambda ws, X, Y: align.train(ws, X[:, :0], Y[:, :0]), r"X has no examples \(n = 0"),
+    (lambda ws, X, Y: align.train(ws, X, Y.tolist()), "Y must be a NumPy or CuPy array, got list"),
+    (lambda ws, X, Y: st.conv2d(3, 29), "wider than 2p - 1 = 5"),
+    (lambda ws, X, Y: st.conv2d(28, 3.0), "filter size s that is an integer >= 1, got 3.0"),
+    (lambda ws, X, Y: st.alignment_impossible(-1, 4, 2), "needs r as an integer >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("call, message", LIBRARY_CASES)
+def test_bad_library_input_raises_value_error_naming_it(call, message):
+    rng = np.random.default_rng(5)
+    with pytest.raises(ValueError, match=message):
+        call(network(rng), rng.standard_normal((4, 6)), rng.standard_normal((3, 6)))
+
+
+def test_is_aligned_at_extreme_scales_answers_instead_of_overflowing():
+    rng = np.random.default_rng(6)
+    Q = [np.linalg.qr(rng.standard_normal((4, 4)))[0] for _ in range(4)]
+    weights = [Q[i + 1] @ np.diag(rng.uniform(0.5, 2, 4)) @ Q[i].T for i in range(3)]
+    for scale in (1e200, 1e-200):
+        test = align.is_aligned([scale * W for W in weights])
+        assert test and test.residual < 1e-12
+        np.testing.assert_allclose(np.abs(test.ussvds[0][1]), scale * np.linalg.svd(weights[0])[1])
+    assert not align.is_aligned([1e200 * W for W in weights[:2]] + [1e200 * rng.standard_normal((4, 4))])
+
+
+SIGNAL_SCRIPT = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+import align, experiments
+tracker, calls, at = align.tracker, [], {at!r}
+
+def slow_tracker(weights_0, rtol=1e-6):
+    measure = tracker(weights_0, rtol)
+    def m(weights, w0=None):
+        calls.append(1)
+        if len(calls) in at:
+            os.kill(os.getpid(), signal.{sig})
+            time.sleep(2)                            # the signal arrives inside the measurement
+        return measure(weights, w0)
+    return m
+align.tracker = slow_tracker
+sys.exit(experiments.main(sys.argv[1:]))
+"""
+
+
+def consistent(folder, stem):
+    """The three files of an interrupted run agree: strict JSON, one CSV row per measurement
+    step, every measure recorded at every measurement step."""
+    def no_constants(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+    result = json.loads((folder / f"{stem}.json").read_text(), parse_constant=no_constants)
+    rows = (folder / f"{stem}.csv").read_text().strip().splitlines()[1:]
+    assert result["status"] == "interrupted" and result["claim"]["verdict"] == "not shown"
+    assert (folder / f"{stem}.png").exists() or "matplotlib" not in sys.modules
+    count = 0
+    for run in result["runs"].values():
+        assert all(len(v) == len(run["measure_steps"]) for v in run["measurements"].values())
+        count += len(run["measure_steps"])
+    assert len(rows) == count
+    return result
+
+
+@pytest.mark.parametrize("sig, at, status", [("SIGINT", (3,), 130), ("SIGINT", (3, 4), 130),
+                                             ("SIGTERM", (2,), 143)])
+def test_signals_during_a_measurement_leave_consistent_files(sig, at, status, tmp_path):
+    """Ctrl-C inside a measurement, a second Ctrl-C inside the final one, SIGTERM: exit
+    130/143 and the JSON, CSV and PNG of what was computed, marked interrupted."""
+    script = SIGNAL_SCRIPT.format(repo=REPO, at=at, sig=sig)
+    run = subprocess.run([sys.executable, "-c", script, "fig1a", "--out", str(tmp_path), "-q"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == status, run.stderr[-2000:]
+    result = consistent(tmp_path, "fig1a")
+    assert result["runs"]["seed=0"]["measure_steps"] == ([0, 100, 200] if at == (3,) else [0, 100])
+    assert ("terminated" if sig == "SIGTERM" else "interrupted") in run.stderr
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
+
+
+def test_interrupted_run_does_not_replace_a_complete_one(tmp_path, monkeypatch, capsys):
+    assert experiments.main(["fig2a", "--quick", "--out", str(tmp_path), "-q"]) == 0
+    before = snapshot(tmp_path)
+
+    def interrupt(self, step, loss, hist):
+        if step == 120:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(experiments.Progress, "__call__", interrupt)
+    assert experiments.main(["fig2a", "--quick", "--out", str(tmp_path), "-q"]) == 130
+    assert {k: v for k, v in snapshot(tmp_path).items() if k in before} == before
+    result = consistent(tmp_path, "fig2a-quick-interrupted")
+    assert result["runs"]["seed=0"]["final_step"] == 120
+    assert "holds a complete run" in capsys.readouterr().out
+
+
+def test_ctrl_c_before_any_run_writes_nothing(earlier, monkeypatch, capsys):
+    before = snapshot(earlier)
+    monkeypatch.setattr(experiments.st, "toeplitz", lambda k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert experiments.main(["fig2a", "--quick", "--out", str(earlier), "-q"]) == 130
+    assert snapshot(earlier) == before
+    assert "nothing written" in capsys.readouterr().out
+
+
+def test_a_full_disk_keeps_the_previous_files_and_says_which_failed(earlier, monkeypatch, capsys):
+    before = snapshot(earlier)
+    text_writer = experiments.text_writer
+
+    def full_disk(text):
+        if text.startswith("run,step"):                            # the CSV
+            def write(tmp):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write
+        return text_writer(text)
+    monkeypatch.setattr(experiments, "text_writer", full_disk)
+    assert experiments.main(["fig2a", "--quick", "--out", str(earlier), "-q"]) == 1
+    captured = capsys.readouterr()
+    assert "fig2a-quick.csv: No space left on device" in captured.err
+    assert "fig2a: alignment is not an invariant" in captured.out        # the summary came first
+    assert snapshot(earlier) == before
+
+
+def test_results_are_strict_json_with_command_version_and_time(earlier):
+    result = json.loads((earlier / "fig2a-quick.json").read_text(),
+                        parse_constant=lambda name: pytest.fail(f"non-strict JSON: {name}"))
+    assert result["command"] == "python experiments.py fig2a --quick --out " + str(earlier) + " -q"
+    assert result["version"] == "0.1.0" and result["timestamp"].endswith("Z")
+    assert result["claim"]["verdict"] == "holds"
+    assert experiments.strict_json({"a": [math.nan, 1.0, math.inf]}) == {"a": [None, 1.0, None]}
+
+
+def test_quick_runs_never_replace_a_full_runs_files(earlier, capsys):
+    before = snapshot(earlier)
+    assert experiments.main(["thm3", "--quick", "--out", str(earlier), "-q"]) == 0
+    after = snapshot(earlier)
+    assert {k: after[k] for k in before} == before
+    assert {"thm3-quick.json", "thm3-quick.csv"} <= set(after)
+    assert "thm3-quick.json" in capsys.readouterr().out

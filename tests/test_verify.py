@@ -1,0 +1,69 @@
+"""python experiments.py verify: every numbered statement holds, and a statement broken on
+purpose fails with its row named; report: one page from a results folder, saying what is
+missing or interrupted."""
+import json
+
+import pytest
+
+import align
+import experiments
+
+
+def test_verify_quick_every_statement_holds(tmp_path, capsys):
+    assert experiments.main(["verify", "--quick", "--out", str(tmp_path), "-q"]) == 0
+    rows = json.loads((tmp_path / "verify.json").read_text())["rows"]
+    names = " ".join(r["statement"] for r in rows)
+    for statement in ("Definition 2", "Lemma 1", "Lemma 2", "Theorem 1 (if)", "Theorem 1 (only if)",
+                      "Theorem 4", "Corollary 1", "Eq. (6)", "Proposition 1", "Proposition 2",
+                      "Proposition 3", "Appendix G", "Proposition 4", "Proposition 5", "Theorem 2",
+                      "Theorem 3"):
+        assert statement in names
+    assert all(r["holds"] for r in rows) and len(rows) >= 20
+    assert f"{len(rows)} of {len(rows)} hold" in capsys.readouterr().out
+
+
+def test_verify_names_a_statement_broken_on_purpose(tmp_path, monkeypatch, capsys):
+    """Corollary 1 with Eq. (6) as printed (the product over all j): its row fails, exit 3."""
+    def over_all_j(sig):
+        xp = align.array_module(sig)
+        return xp.broadcast_to(sig.prod(axis=-2, keepdims=True), sig.shape)
+    monkeypatch.setattr(align, "_others_product", over_all_j)
+    assert experiments.main(["verify", "--quick", "--out", str(tmp_path), "-q"]) == 3
+    rows = {r["statement"]: r for r in json.loads((tmp_path / "verify.json").read_text())["rows"]}
+    assert not rows["Corollary 1 (Appendix B's product over j != i)"]["holds"]
+    assert rows["Theorem 2"]["holds"]
+    assert "FAILS" in capsys.readouterr().out
+
+
+def test_report_says_what_is_missing_and_what_was_interrupted(tmp_path, monkeypatch):
+    assert experiments.main(["fig2a", "--quick", "--out", str(tmp_path), "-q"]) == 0
+    assert experiments.main(["verify", "--quick", "--out", str(tmp_path), "-q"]) == 0
+
+    def interrupt(self, step, loss, hist):
+        if step == 50:
+            raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(experiments.Progress, "__call__", interrupt)
+        assert experiments.main(["thm3", "--quick", "--out", str(tmp_path), "-q"]) == 130
+    assert experiments.main(["report", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "### fig1a" in md and "**Missing**: no fig1a.json" in md
+    assert "status: **interrupted**" in md and "thm3's claim: **not shown**" in md
+    assert "fig2a" in md and "**holds**" in md and "Corollary 1" in md
+    assert "Missing: no fig1a.json" in page and "class='interrupted'" in page
+    assert "http" not in page.replace("http-equiv", "") and "<script" not in page
+    if (tmp_path / "fig2a-quick.png").exists():
+        assert "data:image/png;base64," in page
+
+
+def test_report_run_fills_in_the_missing_quick_runs(tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(experiments, "EXPERIMENTS", {k: experiments.EXPERIMENTS[k] for k in ("fig2a", "thm1")})
+    main = experiments.main
+    monkeypatch.setattr(experiments, "main", lambda argv: made.append(argv[0]) or main(argv))
+    assert main(["report", "--run", "--out", str(tmp_path), "-q"]) == 0
+    assert made == ["fig2a", "thm1", "verify"]
+    assert "Missing" not in (tmp_path / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["fig1a", "--run"])

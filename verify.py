@@ -1,0 +1,467 @@
+"""Every numbered statement of Sections 3-5 checked on small float64 instances, and a report
+of the experiments' results.
+
+    python experiments.py verify [--quick] [--device gpu]   # the table; exit 0 if all hold
+    python experiments.py report [--run]                    # results/report.md and .html
+
+Each check returns one row: the statement, what was checked, the measured value, the
+tolerance it is held to, and whether it holds.  A statement "holds" when the value lies
+on the right side of the tolerance ("<=" or ">="); negative halves (generic data leave
+the aligned set) are rows of their own.
+"""
+import base64
+import dataclasses
+import html
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+import align
+import structured as st
+
+
+@dataclasses.dataclass
+class Row:
+    """One verified statement: ``value`` compared with ``tol`` by ``op`` ("<=" or ">=")."""
+    statement: str
+    checked: str
+    value: float
+    op: str
+    tol: float
+    seconds: float = 0.0
+
+    @property
+    def holds(self):
+        ok = self.value <= self.tol if self.op == "<=" else self.value >= self.tol
+        return bool(ok) and math.isfinite(self.value)
+
+
+def orthogonal(rng, k):
+    Q, R = np.linalg.qr(rng.standard_normal((k, k)))
+    return Q * np.sign(np.diag(R))
+
+
+def off_diagonal(U, W, V):
+    """Largest |off-diagonal| of U^T W V relative to ||W||_2."""
+    S = U.T @ W @ V
+    r = min(S.shape)
+    S[np.arange(r), np.arange(r)] = 0
+    return float(np.abs(S).max() / np.linalg.norm(W, 2))
+
+
+def aligned_chain(rng, widths, smallest=1e-4):
+    """W_i = Q_i Sigma_i Q_{i-1}^T with signed singular values in [smallest, 1], some repeated."""
+    bases = [orthogonal(rng, k) for k in widths]
+    sigmas = []
+    for a, b in zip(widths, widths[1:]):
+        s = np.exp(rng.uniform(np.log(smallest), 0, min(a, b))) * rng.choice([-1.0, 1.0], min(a, b))
+        s[-1] = s[0]
+        sigmas.append(s)
+    return align.aligned_network(bases, sigmas)
+
+
+def drift_run(xp, X, Y, widths, steps, seed, lr=0.05):
+    """GD from Lemma 2's aligned start for the data's certificate; (largest off-diagonal of
+    U_i^T W_i(t) V_i over the measured steps, final loss, final weights on the host)."""
+    cert = align.invariance_certificate(X, Y, widths)
+    rng = np.random.default_rng(seed)
+    sigmas = [rng.uniform(0.5, 1.0, min(a, b)) for a, b in zip(widths, widths[1:])]
+    weights = align.aligned_init(cert.U, cert.V, widths, sigmas=sigmas)
+    bases = [cert.V] + [np.eye(k) for k in widths[1:-1]] + [cert.U]
+    worst = [0.0]
+
+    def drift(ws, _):
+        ws = [align.to_numpy(W) for W in ws]
+        worst[0] = max([worst[0]] + [off_diagonal(bases[i + 1], W, bases[i]) for i, W in enumerate(ws)])
+        return worst[0]
+    out, hist = align.train([xp.asarray(W) for W in weights], xp.asarray(X), xp.asarray(Y), lr=lr,
+                            max_steps=steps, tol=0.0, measure_every=max(steps // 10, 1),
+                            measures={"drift": drift}, record_every=100)
+    return worst[0], hist.losses[-1], [align.to_numpy(W) for W in out]
+
+
+def normalised(X, Y):
+    s = np.linalg.norm(X, 2) / math.sqrt(X.shape[1])
+    return X / s, Y / s
+
+
+# ------------------------------------------------------------------ the checks --
+
+def definition2(xp, seeds, steps):
+    rng = np.random.default_rng(0)
+    accepted, rejected = 0.0, math.inf
+    for _ in range(10 * len(seeds)):
+        widths = [int(k) for k in rng.integers(2, 6, int(rng.integers(3, 5)))]
+        weights = aligned_chain(rng, widths)
+        accepted = max(accepted, align.is_aligned(weights).residual)
+        turn = np.linalg.qr(np.eye(widths[1]) + 0.3 * rng.standard_normal((widths[1],) * 2))[0]
+        turned = [weights[0], weights[1] @ turn] + weights[2:]
+        A, B = turned[0] @ turned[0].T, turned[1].T @ turned[1]
+        if np.linalg.norm(A @ B - B @ A) > 1e-3 * np.linalg.norm(A) * np.linalg.norm(B):
+            rejected = min(rejected, align.is_aligned(turned).residual)   # (a non-commuting pair)
+    n = 10 * len(seeds)
+    return [Row("Definition 2 (is_aligned accepts)", f"{n} chains aligned by construction: largest "
+                "off-diagonal of the witness U_i^T W_i V_i", accepted, "<=", 1e-8),
+            Row("Definition 2 (is_aligned rejects)", "the same with one layer turned so that W_1 W_1^T "
+                "and W_2^T W_2 do not commute: smallest residual", rejected, ">=", 1e-4)]
+
+
+def lemma1_lemma2_theorem1(xp, seeds, steps):
+    worst, worst_rect, last = 0.0, 0.0, 0.0
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        k = 4 + seed % 3
+        tasks = {"autoencoding": (lambda X: (X, X))(rng.standard_normal((k, k + 3))),
+                 "factorisation": (np.eye(k), rng.standard_normal((k, k))),
+                 "inversion": (orthogonal(rng, k) @ np.diag(rng.uniform(1, 2, k)) @ orthogonal(rng, k),
+                               np.eye(k))}
+        for X, Y in tasks.values():
+            drift, loss, _ = drift_run(xp, *normalised(X, Y), [k] * 4, steps, seed)
+            worst, last = max(worst, drift), max(last, loss)
+        X = rng.standard_normal((6, 20))
+        X /= np.linalg.norm(X, 2) / math.sqrt(20)
+        E = np.linalg.eigh(X @ X.T)[1]
+        A = orthogonal(rng, 3) @ align.rect_diag(rng.uniform(0.5, 1.5, 3), 3, 6) @ E.T
+        worst_rect = max(worst_rect, drift_run(xp, X, A @ X, [6, 8, 4, 3], steps, seed)[0])
+    return [Row("Theorem 1 (if) and Lemma 1", f"autoencoding, factorisation, inversion, d = 3 square: "
+                f"largest off-diagonal of U_i^T W_i V_i over {steps:,} steps (strong alignment kept)",
+                worst, "<=", 1e-10),
+            Row("Lemma 2 / Theorem 4", f"widths 6-8-4-3 on data meeting Theorem 4's condition: the "
+                f"same over {steps:,} steps", worst_rect, "<=", 1e-10)]
+
+
+def theorem1_only_if(xp, seeds, steps):
+    violation, residual = math.inf, math.inf
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        X, Y = normalised(rng.standard_normal((5, 5)), rng.standard_normal((5, 5)))
+        violation = min(violation, align.invariance_certificate(X, Y, [5] * 4).violation)
+        weights = align.aligned_init(orthogonal(rng, 5), orthogonal(rng, 5), [5] * 4, seed=seed)
+        out, _ = align.train([xp.asarray(W) for W in weights], xp.asarray(X), xp.asarray(Y), lr=0.05,
+                             max_steps=steps, tol=0.0, measure_every=steps)
+        residual = min(residual, align.is_aligned([align.to_numpy(W) for W in out], tol=1e-6).residual)
+    return [Row("Theorem 1 (only if): the condition", "generic 5x5 data: distance of X X^T and "
+                "(YX^T)^T YX^T from sharing eigenvectors", violation, ">=", 1e-3),
+            Row("Theorem 1 (only if): alignment lost", f"aligned start on that data: is_aligned "
+                f"residual after {steps:,} steps (grown from 1e-16)", residual, ">=", 1e-4)]
+
+
+def theorem4_block_shape(xp, seeds, steps):
+    worst = 0.0
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        X = rng.standard_normal((6, 20))
+        E = np.linalg.eigh(X @ X.T)[1]
+        Y = orthogonal(rng, 4) @ align.rect_diag(rng.uniform(0.5, 1.5, 3), 4, 6) @ E.T @ X
+        cert = align.invariance_certificate(X, Y, [6, 5, 3, 4])
+        A, r = cert.U.T @ Y @ X.T @ cert.V, cert.r
+        off = max(np.abs(A[:r, r:]).max(), np.abs(A[r:, :r]).max(),
+                  np.abs(A[:r, :r] - np.diag(np.diagonal(A)[:r])).max()) / np.linalg.norm(A, 2)
+        worst = max(worst, off if A[r:, r:].shape == (4 - r, 6 - r) else math.inf)
+    return [Row("Theorem 4: A_1 is (kd - r) x (k0 - r)", "k0 = 6, kd = 4, r = 3: U^T Y X^T V = "
+                "[[Lambda', 0], [0, A_1]] with A_1 1 x 3 (printed: 3 x 1); off-block size", worst, "<=", 1e-10)]
+
+
+def corollary1_and_eq6(xp, seeds, steps):
+    gap, printed = 0.0, math.inf
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        k, d, n, lr = 5, 3 + seed % 2, 9, 0.05
+        X = rng.standard_normal((k, n))
+        X, _ = normalised(X, X)
+        cert = align.invariance_certificate(X, X, [k] * (d + 1))
+        sig0 = np.array([rng.uniform(0.3, 1.0, k) for _ in range(d)])
+        ws = align.aligned_init(cert.U, cert.V, [k] * (d + 1), sigmas=list(sig0))
+        bases = [cert.V] + [np.eye(k)] * (d - 1) + [cert.U]
+        traj = align.singular_value_dynamics(xp.asarray(sig0), cert.lam, cert.lam_prime, lr, n, steps)
+        traj = align.to_numpy(traj)
+        for _ in range(steps):
+            ws = [W - lr * G for W, G in zip(ws, align.gradients(ws, X, X))]
+        full = np.array([np.diagonal(bases[i + 1].T @ W @ bases[i]) for i, W in enumerate(ws)])
+        gap = max(gap, float(np.abs(traj[-1] - full).max() / np.abs(full).max()))
+        S = sig0.prod(axis=0)                                     # Eq. (6) as printed: all j
+        wrong = sig0 + (lr / n) * S * (cert.lam_prime - cert.lam * S)
+        printed = min(printed, float(np.abs(wrong - traj[1]).max() / np.abs(traj[1]).max()))
+    return [Row("Corollary 1 (Appendix B's product over j != i)", f"the recursion against full GD "
+                f"after {steps:,} steps: relative gap of the singular values", gap, "<=", 1e-10),
+            Row("Eq. (6) as printed (product over all j) is wrong", "one step of the printed rule "
+                "against GD's: relative gap", printed, ">=", 1e-3)]
+
+
+def proposition1(xp, seeds, steps):
+    worst = 0.0
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        widths = [8, 5, 4, 1]
+        X = rng.standard_normal((8, 6)) / math.sqrt(8)
+        for kind in ("mse", "logistic", "exp"):
+            Y = rng.choice([-1.0, 1.0], (1, 6)) if kind != "mse" else rng.standard_normal((1, 6))
+            sigmas = [np.array([0.8] + [0.0] * (min(a, b) - 1)) for a, b in zip(widths, widths[1:])]
+            weights = align.aligned_network([orthogonal(rng, k) for k in widths], sigmas)
+            out, hist = align.train([xp.asarray(W) for W in weights], xp.asarray(X), xp.asarray(Y),
+                                    kind=kind, lr=0.2, max_steps=steps, tol=1e-3, measure_every=steps,
+                                    measures={"r": lambda w, _: align.is_aligned(
+                                        [align.to_numpy(W) for W in w], tol=1e-9).residual})
+            worst = max(worst, max(hist.measurements["r"]))
+    return [Row("Proposition 1", "one output, squared, logistic and exponential loss: is_aligned "
+                "residual at the start and the end", worst, "<=", 1e-9)]
+
+
+def proposition2(xp, seeds, steps):
+    excess = -math.inf
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        d, r, n = 3 + seed % 2, 4, 10
+        lam, lamp = rng.uniform(0.5, 2, r), rng.uniform(0.5, 2, r)
+        sig0 = rng.uniform(0.2, 0.6, (d, r))
+        lr = align.prop2_learning_rate(sig0, lam, lamp, n)
+        S = align.to_numpy(align.singular_value_dynamics(xp.asarray(sig0), lam, lamp, lr, n, steps)).prod(axis=1)
+        target = lamp / lam
+        rate = 1 - d * (lr * lam / n) * S[0] ** (2 - 2 / d)
+        bound = (target - S[0]) * rate ** np.arange(steps + 1)[:, None]
+        excess = max(excess, float(((target - S) - bound).max()))
+    # as printed, i is free: with i the layer of largest sigma (sigma = (0.2, 1, 1), lambda = 4,
+    # lambda' = 1, n = 10) the step lets S overshoot lambda'/lambda, which Lemma 3 excludes
+    sig, lam1, lamp1 = np.array([[0.2], [1.0], [1.0]]), np.array([4.0]), np.array([1.0])
+    lr_free = 10 * math.log(2) / 3 * 1.0 ** 2 * lam1[0] / lamp1[0] ** 2
+    S1 = align.singular_value_dynamics(sig, lam1, lamp1, lr_free, 10, 200).prod(axis=1)
+    overshoot = float(S1.max() / (lamp1[0] / lam1[0]) - 1)
+    return [Row("Proposition 2 (min over layers i too)", f"lr of prop2_learning_rate: target - S(t) "
+                f"above the linear bound, over {steps:,} steps (<= 0: inside)", excess, "<=", 1e-12),
+            Row("Proposition 2 as printed (i free) is too weak", "lr from the layer of largest sigma: "
+                "max S(t) / (lambda'/lambda) - 1 (Lemma 3 needs <= 0)", overshoot, ">=", 1e-3)]
+
+
+def proposition3_and_appendix_g(xp, seeds, steps):
+    excess, below, printed = 0.0, math.inf, math.inf
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        P = rng.standard_normal((4 + seed % 2, 5))
+        W1, W2 = align.balanced_factorization(P)
+        nuclear = np.linalg.svd(P, compute_uv=False).sum()
+        excess = max(excess, abs((W1 ** 2).sum() + (W2 ** 2).sum() - 2 * nuclear) / nuclear,
+                     float(np.abs(W2 @ W1 - P).max()))
+        for _ in range(100):
+            G = rng.standard_normal((W1.shape[0],) * 2)
+            A, B = G @ W1, W2 @ np.linalg.inv(G)
+            below = min(below, ((A ** 2).sum() + (B ** 2).sum()) / (2 * nuclear))
+        Q = rng.standard_normal((4, 4))                           # printed: W = I, square P
+        U, sv, Vt = np.linalg.svd(Q)
+        R = np.diag(np.sqrt(sv))
+        printed = min(printed, float(np.abs((U @ R @ Vt) @ (R @ U.T) - Q).max() / np.abs(Q).max()))
+    return [Row("Proposition 3", "balanced aligned factorisation: |norms - 2 ||P||_*| and "
+                "|W_2 W_1 - P|", excess, "<=", 1e-12),
+            Row("Proposition 3 (the minimum)", "100 other factorisations per P: smallest "
+                "(||A||^2 + ||B||^2) / 2 ||P||_*", below, ">=", 1 - 1e-12),
+            Row("Appendix G as printed is wrong", "W_1 = W S^(1/2) U^T, W_2 = U S^(1/2) V^T: "
+                "relative error of W_2 W_1 against P", printed, ">=", 1e-2)]
+
+
+def proposition4(xp, seeds, steps):
+    worst, other = 0.0, math.inf
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        widths = [4, 6, 5, 3]
+        weights = align.aligned_network([orthogonal(rng, k) for k in widths],
+                                        [rng.uniform(0.5, 2, min(a, b)) for a, b in zip(widths, widths[1:])])
+        X = rng.standard_normal((4, 9))
+        last, first = align.proposition4(weights, X, align.forward(weights, X))
+        worst = max(worst, last.residual, first.residual)
+        rand = [rng.standard_normal(W.shape) for W in weights]
+        last, first = align.proposition4(rand, X, align.forward(rand, X))
+        other = min(other, max(last.residual, first.residual))
+    return [Row("Proposition 4", "interpolating aligned network: residuals of W_d^T with M and M "
+                "with W_1^T", worst, "<=", 1e-8),
+            Row("Proposition 4 (contrast)", "a random network interpolating its own outputs: the "
+                "larger residual", other, ">=", 1e-3)]
+
+
+def proposition5(xp, seeds, steps):
+    margin = min(m * m - 1 - 9 for m in range(4, 12))          # r = 9 < k - 1 - C(k - n, 2), n >= k
+    assert all(st.alignment_impossible(9, m * m, m * m) for m in range(4, 12))
+    return [Row("Proposition 5 (the paper's example)", "3x3 convolutions on m x m images, m = 4..11, "
+                "n >= m^2: k - 1 - C(k - n, 2) - r", float(margin), ">=", 1)]
+
+
+def theorem2(xp, seeds, steps):
+    worst = 0.0
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        S = st.toeplitz(5) if seed % 2 else st.conv2d(3, 3)
+        k = S.shape[0]
+        structures = [S, None, S]
+        coeffs = [rng.standard_normal(S.r) * 0.3, rng.standard_normal((k, k)) / k, rng.standard_normal(S.r) * 0.3]
+        X, Y = rng.standard_normal((k, 6)), rng.standard_normal((k, 6))
+        mats = st.layer_matrices(structures, coeffs)
+        for _ in range(20):
+            _, g = st.loss_and_gradients(structures, coeffs, X, Y)
+            coeffs = [p - 0.01 * gi for p, gi in zip(coeffs, g)]
+            dense = align.gradients(mats, X, Y)
+            mats = [W - 0.01 * (S_.pi(G) if S_ is not None else G) for S_, W, G in zip(structures, mats, dense)]
+        got = st.layer_matrices(structures, coeffs)
+        worst = max(worst, max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(got, mats)))
+    return [Row("Theorem 2", "GD on coefficients against projected GD W - lr pi_S(dL/dW), 20 steps "
+                "(Toeplitz, convolution)", worst, "<=", 1e-12)]
+
+
+def theorem3(xp, seeds, steps):
+    residual, loss = math.inf, 0.0
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        S = st.conv2d(4, 3)
+        teacher = [rng.standard_normal(9) * 0.5 + np.eye(9)[4] for _ in range(2)]
+        X = rng.standard_normal((16, 20)) / 4
+        Y = st.layer_matrices([S, S], teacher)[1] @ st.layer_matrices([S, S], teacher)[0] @ X
+        start = [t + 0.1 * rng.standard_normal(9) for t in teacher]
+        out, hist = st.train([S, S], [xp.asarray(p) for p in start], xp.asarray(X), xp.asarray(Y), lr=0.1,
+                             max_steps=20_000, tol=1e-12, record_every=10)
+        loss = max(loss, hist.losses[-1])
+        weights = st.layer_matrices([S, S], [align.to_numpy(p) for p in out])
+        residual = min(residual, align.is_aligned(weights, tol=1e-6).residual)
+    return [Row("Theorem 3 (premise)", "3x3 convolutions, 4x4 images, n = 20 generic: training loss "
+                "reached", loss, "<=", 1e-10),
+            Row("Theorem 3", "the interpolating network: is_aligned residual", residual, ">=", 1e-3)]
+
+
+CHECKS = [definition2, lemma1_lemma2_theorem1, theorem1_only_if, theorem4_block_shape,
+          corollary1_and_eq6, proposition1, proposition2, proposition3_and_appendix_g, proposition4,
+          proposition5, theorem2, theorem3]
+
+
+def verify(xp=np, quick=False, progress=None):
+    """Run every check; the rows.  ``quick``: one seed and fewer steps."""
+    seeds, steps = ([0], 300) if quick else ([0, 1, 2], 3000)
+    rows = []
+    for check in CHECKS:
+        start = time.perf_counter()
+        made = check(xp, seeds, steps)
+        for row in made:
+            row.seconds = (time.perf_counter() - start) / len(made)
+            if progress:
+                progress(row)
+        rows.extend(made)
+    return rows
+
+
+def table(rows):
+    """The rows as a text table."""
+    lines = [f"{'statement':<46} {'value':>10} {'':2} {'tol':>8}  verdict  checked"]
+    for r in rows:
+        lines.append(f"{r.statement:<46} {r.value:>10.2e} {r.op:2} {r.tol:>8.0e}  "
+                     f"{'holds' if r.holds else 'FAILS':<7}  {r.checked}")
+    return "\n".join(lines)
+
+
+def rows_json(rows):
+    """The rows as plain JSON values."""
+    return [dataclasses.asdict(r) | {"holds": r.holds} for r in rows]
+
+
+def rows_from_json(items):
+    """Rows back from rows_json's values."""
+    fields = {f.name for f in dataclasses.fields(Row)}
+    return [Row(**{k: v for k, v in item.items() if k in fields}) for item in items]
+
+
+# ------------------------------------------------------------------- report --
+
+def report(out, experiments, verify_rows=None):
+    """results/report.md and a self-contained report.html from the JSON files in ``out``:
+    the verify table first, then per experiment its figure, claim, verdict, steps, time,
+    device, seeds and the command that reproduces it; missing and interrupted runs said."""
+    sections = []
+    for name, exp in experiments.items():
+        path = next((os.path.join(out, f"{name}{s}.json") for s in ("", "-quick", "-interrupted")
+                     if os.path.exists(os.path.join(out, f"{name}{s}.json"))), None)
+        result = json.load(open(path)) if path else None
+        sections.append((name, exp, path, result))
+    md = _markdown(sections, verify_rows)
+    page = _html(sections, verify_rows)
+    return md, page
+
+
+def _experiment_facts(result):
+    runs = list(result["runs"].values())
+    summary = result.get("summary", {})
+    env = result.get("environment", {})
+    return {"status": result.get("status", "?"), "claim": result["claim"].get("claim", ""),
+            "verdict": result["claim"].get("verdict", "holds" if result["claim"].get("holds") else "?"),
+            "why": result["claim"].get("why", ""),
+            "steps": ", ".join(f"{r['final_step']:,}" for r in runs[:6]) + (" ..." if len(runs) > 6 else ""),
+            "converged": f"{summary.get('converged', '?')} of {summary.get('runs', len(runs))}",
+            "time": f"{result.get('wall_time', 0):.1f} s",
+            "device": env.get("gpu", env.get("device", "?")),
+            "command": result.get("command", ""),
+            "alignment": _spread(summary.get("over_all", {}), "alignment_paired"),
+            "invariance": _spread(summary.get("over_all", {}), "invariance_paired")}
+
+
+def _spread(stats, key):
+    s = stats.get(key)
+    return "-" if not s else f"{s['mean']:.3f} +- {s['std']:.3f}"
+
+
+def _markdown(sections, rows):
+    lines = ["# Reproduction report", ""]
+    if rows:
+        lines += ["## Every numbered statement, checked", "", "| statement | checked | value | tol | verdict |",
+                  "| --- | --- | ---: | ---: | --- |"]
+        lines += [f"| {r.statement} | {r.checked} | {r.value:.2e} | {r.op} {r.tol:.0e} | "
+                  f"{'holds' if r.holds else '**FAILS**'} |" for r in rows]
+        lines.append("")
+    lines += ["## Experiments", ""]
+    for name, exp, path, result in sections:
+        lines.append(f"### {name}: {exp.paper}")
+        if result is None:
+            lines += ["", f"**Missing**: no {name}.json in the results folder "
+                      f"(`python experiments.py {name}` makes it).", ""]
+            continue
+        f = _experiment_facts(result)
+        png = path[:-5] + ".png"
+        lines += ["", f"![{name}]({os.path.basename(png)})" if os.path.exists(png) else "(no plot)", "",
+                  f"- status: **{f['status']}**" + (" (the run was stopped before the end)"
+                                                    if f["status"] == "interrupted" else ""),
+                  f"- claim: {f['claim']}: **{f['verdict']}** {f['why']}",
+                  f"- steps: {f['steps']}; converged {f['converged']}; time {f['time']}; device {f['device']}",
+                  f"- alignment (paired) {f['alignment']}; invariance (paired) {f['invariance']}",
+                  f"- reproduce: `{f['command']}`", ""]
+    return "\n".join(lines)
+
+
+def _html(sections, rows):
+    e = html.escape
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Reproduction report</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:3px 6px}"
+             ".holds{color:#070}.fails,.missing,.interrupted{color:#b00;font-weight:bold}"
+             "img{max-width:100%}</style></head><body><h1>Reproduction report</h1>"]
+    if rows:
+        parts.append("<h2>Every numbered statement, checked</h2><table><tr><th>statement</th>"
+                     "<th>checked</th><th>value</th><th>tol</th><th>verdict</th></tr>")
+        parts += [f"<tr><td>{e(r.statement)}</td><td>{e(r.checked)}</td><td>{r.value:.2e}</td>"
+                  f"<td>{e(r.op)} {r.tol:.0e}</td><td class='{'holds' if r.holds else 'fails'}'>"
+                  f"{'holds' if r.holds else 'FAILS'}</td></tr>" for r in rows]
+        parts.append("</table>")
+    parts.append("<h2>Experiments</h2>")
+    for name, exp, path, result in sections:
+        parts.append(f"<h3>{e(name)}: {e(exp.paper)}</h3>")
+        if result is None:
+            parts.append(f"<p class='missing'>Missing: no {e(name)}.json in the results folder "
+                         f"(<code>python experiments.py {e(name)}</code> makes it).</p>")
+            continue
+        f = _experiment_facts(result)
+        png = path[:-5] + ".png"
+        if os.path.exists(png):
+            data = base64.b64encode(open(png, "rb").read()).decode()
+            parts.append(f"<img alt='{e(name)}' src='data:image/png;base64,{data}'>")
+        status = f"<span class='interrupted'>{e(f['status'])}</span>" if f["status"] != "done" else "done"
+        parts.append(f"<ul><li>status: {status}</li><li>claim: {e(f['claim'])}: <b>{e(f['verdict'])}</b> "
+                     f"{e(f['why'])}</li><li>steps {e(f['steps'])}; converged {e(f['converged'])}; "
+                     f"time {e(f['time'])}; device {e(f['device'])}</li><li>alignment (paired) "
+                     f"{e(f['alignment'])}; invariance (paired) {e(f['invariance'])}</li>"
+                     f"<li>reproduce: <code>{e(f['command'])}</code></li></ul>")
+    parts.append("</body></html>")
+    return "".join(parts)
