@@ -423,7 +423,8 @@ def _markdown(sections, rows):
         png = path[:-5] + ".png"
         lines += ["", f"![{name}]({os.path.basename(png)})" if os.path.exists(png) else "(no plot)", "",
                   f"- status: **{f['status']}**" + (" (the run was stopped before the end)"
-                                                    if f["status"] == "interrupted" else ""),
+                                                    if f["status"] == "interrupted" else "")
+                  + (" (a --quick run)" if path.endswith("-quick.json") else ""),
                   f"- claim: {f['claim']}: **{f['verdict']}** {f['why']}",
                   f"- steps: {f['steps']}; converged {f['converged']}; time {f['time']}; device {f['device']}",
                   f"- alignment (paired) {f['alignment']}; invariance (paired) {f['invariance']}",
@@ -458,6 +459,8 @@ def _html(sections, rows):
             data = base64.b64encode(open(png, "rb").read()).decode()
             parts.append(f"<img alt='{e(name)}' src='data:image/png;base64,{data}'>")
         status = f"<span class='interrupted'>{e(f['status'])}</span>" if f["status"] != "done" else "done"
+        if path.endswith("-quick.json"):
+            status += " (a --quick run)"
         parts.append(f"<ul><li>status: {status}</li><li>claim: {e(f['claim'])}: <b>{e(f['verdict'])}</b> "
                      f"{e(f['why'])}</li><li>steps {e(f['steps'])}; converged {e(f['converged'])}; "
                      f"time {e(f['time'])}; device {e(f['device'])}</li><li>alignment (paired) "

@@ -2,6 +2,9 @@
 purpose fails with its row named; report: one page from a results folder, saying what is
 missing or interrupted."""
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -67,3 +70,16 @@ def test_report_run_fills_in_the_missing_quick_runs(tmp_path, monkeypatch):
     assert "Missing" not in (tmp_path / "report.md").read_text()
     with pytest.raises(SystemExit):
         main(["fig1a", "--run"])
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed")
+def test_report_renders_in_headless_chromium(tmp_path):
+    assert experiments.main(["fig2a", "--quick", "--out", str(tmp_path), "-q"]) == 0
+    assert experiments.main(["report", "--out", str(tmp_path)]) == 0
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                          "render_report.sh")
+    run = subprocess.run(["bash", script, str(tmp_path / "report.html"), str(tmp_path / "page.png")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    png = (tmp_path / "page.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000       # a page, not a blank
