@@ -8,6 +8,7 @@ leading batch axis (B, k_i, k_{i-1}) for networks trained together.  Lines marke
 ``_fast`` hand the same computation to the optional _fast.py (the end of this file).
 """
 import dataclasses
+import functools
 import json
 import math
 import operator
@@ -503,8 +504,10 @@ class _Pair:
     scale_a: np.ndarray = None
     scale_b: np.ndarray = None
 
-    def __post_init__(self):
-        self.product = _T(self.A) @ self.B          # A^T B, shared by both rules
+    @functools.cached_property
+    def product(self):
+        """A^T B, shared by both rules (computed when first needed)."""
+        return _T(self.A) @ self.B
 
 
 HOW = ("paired", "matched")
