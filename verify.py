@@ -64,8 +64,8 @@ def aligned_chain(rng, widths, smallest=1e-4):
 
 
 def drift_run(xp, X, Y, widths, steps, seed, lr=0.05):
-    """GD from Lemma 2's aligned start for the data's certificate; (largest off-diagonal of
-    U_i^T W_i(t) V_i over the measured steps, final loss, final weights on the host)."""
+    """GD from Lemma 2's aligned start for the data's certificate: (largest off-diagonal of
+    U_i^T W_i(t) V_i over the measured steps, History, final weights on the host, certificate)."""
     cert = align.invariance_certificate(X, Y, widths)
     rng = np.random.default_rng(seed)
     sigmas = [rng.uniform(0.5, 1.0, min(a, b)) for a, b in zip(widths, widths[1:])]
@@ -80,7 +80,7 @@ def drift_run(xp, X, Y, widths, steps, seed, lr=0.05):
     out, hist = align.train([xp.asarray(W) for W in weights], xp.asarray(X), xp.asarray(Y), lr=lr,
                             max_steps=steps, tol=0.0, measure_every=max(steps // 10, 1),
                             measures={"drift": drift}, record_every=100)
-    return worst[0], hist.losses[-1], [align.to_numpy(W) for W in out]
+    return worst[0], hist, [align.to_numpy(W) for W in out], cert
 
 
 def normalised(X, Y):
@@ -119,8 +119,8 @@ def lemma1_lemma2_theorem1(xp, seeds, steps):
                  "inversion": (orthogonal(rng, k) @ np.diag(rng.uniform(1, 2, k)) @ orthogonal(rng, k),
                                np.eye(k))}
         for X, Y in tasks.values():
-            drift, loss, _ = drift_run(xp, *normalised(X, Y), [k] * 4, steps, seed)
-            worst, last = max(worst, drift), max(last, loss)
+            drift, hist, _, _ = drift_run(xp, *normalised(X, Y), [k] * 4, steps, seed)
+            worst, last = max(worst, drift), max(last, hist.losses[-1])
         X = rng.standard_normal((6, 20))
         X /= np.linalg.norm(X, 2) / math.sqrt(20)
         E = np.linalg.eigh(X @ X.T)[1]

@@ -7,6 +7,7 @@ import pytest
 
 import align
 from conftest import random_orthogonal
+from verify import drift_run
 
 pytestmark = pytest.mark.usefixtures("reference")
 
@@ -30,29 +31,12 @@ def normalise(X, Y):
     return X / s, Y / s
 
 
-def off_diagonal(U, W, V):
-    """Largest |off-diagonal| of U^T W V relative to ||W||: 0 when U, V stay singular vectors."""
-    S = U.T @ W @ V
-    r = min(S.shape)
-    S[np.arange(r), np.arange(r)] = 0
-    return np.abs(S).max() / np.linalg.norm(W, 2)
-
-
-def run_aligned(X, Y, widths, steps, seed, lr=0.05, tol=0.0):
-    cert = align.invariance_certificate(X, Y, widths)
+def run_aligned(X, Y, widths, steps, seed):
+    """verify.drift_run, with the certificate required: (weights, History, certificate,
+    largest off-diagonal of U_i^T W_i(t) V_i)."""
+    drift, hist, out, cert = drift_run(np, X, Y, widths, steps, seed)
     assert cert, f"certificate expected, violation {cert.violation}"
-    rng = np.random.default_rng(seed)
-    sigmas = [rng.uniform(0.5, 1.0, min(a, b)) for a, b in zip(widths, widths[1:])]
-    weights = align.aligned_init(cert.U, cert.V, widths, sigmas=sigmas)
-    bases = [cert.V] + [np.eye(k) for k in widths[1:-1]] + [cert.U]
-    worst = [0.0]
-
-    def drift(ws, _):
-        worst[0] = max(worst[0], max(off_diagonal(bases[i + 1], W, bases[i]) for i, W in enumerate(ws)))
-        return worst[0]
-    out, hist = align.train(weights, X, Y, lr=lr, max_steps=steps, tol=tol, measure_every=500,
-                            measures={"drift": drift}, record_every=100)
-    return out, hist, cert, bases, worst[0]
+    return out, hist, cert, drift
 
 
 @pytest.mark.parametrize("task", ["autoencoding", "factorisation", "inversion"])
@@ -61,7 +45,7 @@ def test_theorem1_alignment_is_invariant_on_certified_data(task, seed):
     rng = np.random.default_rng(seed)
     k = 4 + seed
     X, Y = normalise(*certified_data(rng, task, k))
-    out, hist, cert, bases, drift = run_aligned(X, Y, [k] * 4, steps=10_000, seed=seed)
+    out, hist, cert, drift = run_aligned(X, Y, [k] * 4, steps=10_000, seed=seed)
     assert drift < 1e-10                       # U_i, V_i (and V_1, U_d: strong) never move
     assert align.is_aligned(out)
     assert align.alignment(out) == pytest.approx(1.0, abs=1e-10)
@@ -77,7 +61,7 @@ def test_theorem4_rectangular_network_stays_aligned(seed):
     A = random_orthogonal(rng, 3) @ align.rect_diag(rng.uniform(0.5, 1.5, 3), 3, 6) @ E.T
     Y = A @ X                                   # U^T Y X^T V diagonal for V = E, U = Q
     widths = [6, 8, 4, 3]
-    out, hist, cert, _, drift = run_aligned(X, Y, widths, steps=10_000, seed=seed)
+    out, hist, cert, drift = run_aligned(X, Y, widths, steps=10_000, seed=seed)
     assert cert.r == 3 and drift < 1e-10
     assert align.is_aligned(out)
     assert hist.losses[-1] < 1e-8
