@@ -5,7 +5,7 @@
 # fig1a/1b/1c/2b end to end, and every experiment quickly on the GPU.
 # Logs and bench JSONs land in ${OUT:-results}/ as each part ends; experiment outputs in a
 # scratch folder.  Parts may be named to run only those, in the order below:
-#     bash benchmarks/gpu.sh [gpu-seeds gpu-overlap gpu-tests gpu-bench gpu-quick]
+#     bash benchmarks/gpu.sh [gpu-seeds gpu-overlap gpu-tests gpu-bench gpu-quick gpu-verify]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -15,10 +15,10 @@ mkdir -p "$out"
 nvidia-smi -L
 python3 -c "import cupy, numpy; print('CuPy', cupy.__version__, 'NumPy', numpy.__version__, \
 cupy.cuda.runtime.getDeviceProperties(0)['name'].decode())"
-wanted=" ${*:-gpu-seeds gpu-overlap gpu-tests gpu-bench gpu-quick} "
+wanted=" ${*:-gpu-seeds gpu-overlap gpu-tests gpu-bench gpu-quick gpu-verify} "
 for name in $wanted; do
-    case $name in gpu-seeds|gpu-overlap|gpu-tests|gpu-bench|gpu-quick) ;;
-    *) echo "unknown part $name; choose from gpu-seeds gpu-overlap gpu-tests gpu-bench gpu-quick" >&2
+    case $name in gpu-seeds|gpu-overlap|gpu-tests|gpu-bench|gpu-quick|gpu-verify) ;;
+    *) echo "unknown part $name; choose from gpu-seeds gpu-overlap gpu-tests gpu-bench gpu-quick gpu-verify" >&2
        exit 2 ;;
     esac
 done
@@ -37,3 +37,4 @@ part gpu-bench 180 python3 benchmarks/bench.py --device gpu --steps 2000 \
     --parts step,measure,cor1,end-to-end --out "$scratch"
 cp "$scratch/bench.json" "$out/gpu-bench.json" 2>/dev/null
 part gpu-quick 90 python3 experiments.py all --quick --device gpu --out "$scratch/quick" -q
+part gpu-verify 60 python3 experiments.py verify --device gpu --out "$scratch/verify" -q
