@@ -32,9 +32,9 @@ part() {  # part NAME SECONDS COMMAND...: run it under a time limit, its output 
 part gpu-seeds 100 python3 benchmarks/bench.py --device gpu --parts seeds --out "$scratch/seeds"
 cp "$scratch/seeds/bench.json" "$out/gpu-bench-seeds.json" 2>/dev/null
 part gpu-overlap 80 python3 benchmarks/overlap.py --device gpu
-part gpu-tests 120 python3 -m pytest -q -p no:cacheprovider -k "cupy or cuda" tests
-part gpu-bench 180 python3 benchmarks/bench.py --device gpu --steps 2000 \
+part gpu-tests 110 python3 -m pytest -q -p no:cacheprovider -k "cupy or cuda" tests
+part gpu-bench 160 python3 benchmarks/bench.py --device gpu --steps 2000 \
     --parts step,measure,cor1,end-to-end --out "$scratch"
 cp "$scratch/bench.json" "$out/gpu-bench.json" 2>/dev/null
 part gpu-quick 90 python3 experiments.py all --quick --device gpu --out "$scratch/quick" -q
-part gpu-verify 60 python3 experiments.py verify --device gpu --out "$scratch/verify" -q
+part gpu-verify 40 python3 experiments.py verify --device gpu --out "$scratch/verify" -q
