@@ -239,3 +239,15 @@ def test_quick_runs_never_replace_a_full_runs_files(earlier, capsys):
     assert {k: after[k] for k in before} == before
     assert {"thm3-quick.json", "thm3-quick.csv"} <= set(after)
     assert "thm3-quick.json" in capsys.readouterr().out
+
+
+def test_no_old_plot_is_left_beside_new_results(tmp_path, monkeypatch, capsys):
+    """A rerun that cannot plot (matplotlib missing) removes the earlier PNG instead of
+    leaving it beside the new JSON, and does not claim to have written one."""
+    stale = tmp_path / "fig2a-quick.png"
+    stale.write_bytes(b"an earlier run's plot")
+    monkeypatch.setattr(experiments, "figure_or_note", lambda title, runs: "matplotlib is not installed")
+    assert experiments.main(["fig2a", "--quick", "--out", str(tmp_path), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert not stale.exists() and "fig2a-quick.png" not in out and "matplotlib is not installed" in out
+    assert (tmp_path / "fig2a-quick.json").exists() and (tmp_path / "fig2a-quick.csv").exists()
