@@ -646,11 +646,12 @@ def options_not_applying(name, args):
 
 # ------------------------------------------------------------- outputs --
 
-def write_files(writers):
+def write_files(writers, remove=()):
     """Write the files {path: write(tmp)} together: each into a temporary file beside it,
-    then all moved into place (usual permissions) with Ctrl-C and SIGTERM held until the
-    set is complete.  A write that fails (a full disk) removes every temporary file and
-    raises ExperimentError naming the file and the reason; nothing is replaced then."""
+    then all moved into place (usual permissions), and the files ``remove`` deleted, with
+    Ctrl-C and SIGTERM held until the set is complete.  A write that fails (a full disk)
+    removes every temporary file and raises ExperimentError naming the file and the
+    reason; nothing is replaced then."""
     temps = {}
     try:
         with signals_held():
@@ -670,6 +671,9 @@ def write_files(writers):
             for path, tmp in list(temps.items()):
                 os.replace(tmp, path)
                 del temps[path]
+            for path in remove:
+                if os.path.exists(path):
+                    os.remove(path)
     finally:
         for tmp in temps.values():
             if os.path.exists(tmp):
@@ -946,13 +950,11 @@ def run_experiment(name, cfg):
     fig = figure_or_note(result["title"], runs)
     if not isinstance(fig, str):
         writers[base + ".png"] = lambda tmp: fig.savefig(tmp, dpi=120, format="png")
-    elif os.path.exists(base + ".png"):
-        writers[base + ".png"] = os.remove            # never an old plot beside new results
-    try:
-        write_files(writers)
+    try:                                               # (never an old plot beside new results)
+        write_files(writers, remove=[base + ".png"] if isinstance(fig, str) else [])
     finally:
         close_figure(fig)
-    print(f"  wrote {', '.join(p for p, w in writers.items() if w is not os.remove)}")
+    print(f"  wrote {', '.join(writers)}")
     if isinstance(fig, str):
         print(f"  {fig}")
     if stop == "interrupted":
