@@ -174,14 +174,16 @@ def _backward(weights, acts, delta, input_grad=False):
 
 
 def loss_and_gradients(weights, X, Y, kind="mse"):
-    """(L, [dL/dW_1, ..., dL/dW_d]) for checked inputs (see :func:`gradients`)."""
+    """(L, [dL/dW_1, ..., dL/dW_d]) by Eq. (8)'s backward pass, for checked inputs (see
+    :func:`gradients`)."""
     acts = _activations(weights, X)                           # Eq. (1)
     L, delta = loss_and_output_gradient(acts[-1], Y, kind)    # L and dL/dF
     return L, _backward(weights, acts, delta)                 # Eq. (8)
 
 
 def loss_and_output_gradient(F, Y, kind):
-    """Loss (one value per batch entry) and dL/dF for outputs F (kd x n)."""
+    """Loss (one value per batch entry) and dL/dF for outputs F (kd x n): Eq. (2) ("mse"), the
+    authors' mean ("mse_mean"), cross-entropy, logistic and exponential losses."""
     kd, n = F.shape[-2], F.shape[-1]
     if kind == "mse":                       # Eq. (2): 1/(2n) sum_i ||y_i - f(x_i)||^2
         R = F - Y
@@ -557,8 +559,8 @@ def _paired_score(pairs, rtol):
     2's rectangular Sigma_i).  1 exactly when W_i W_i^T and W_{i+1}^T W_{i+1} commute.
     """
     total, count = 0.0, 0
+    top = lambda scale, s: scale if scale is not None else (s[0] if s.size else 0.0)
     for pair in pairs:
-        top = lambda scale, s: scale if scale is not None else (s[0] if s.size else 0.0)
         scale_a, scale_b = top(pair.scale_a, pair.sa), top(pair.scale_b, pair.sb)
         ua, ub = pair.sa > rtol * scale_a, pair.sb > rtol * scale_b
         M, sa, sb = pair.product[ua][:, ub], pair.sa[ua], pair.sb[ub]

@@ -680,11 +680,6 @@ def write_files(writers, remove=()):
                 os.unlink(tmp)
 
 
-def write_atomic(path, write):
-    """write_files for one file."""
-    write_files({path: write})
-
-
 def text_writer(text):
     """A writer for write_files: ``text`` into the file."""
     def write(tmp):
@@ -695,7 +690,7 @@ def text_writer(text):
 
 def write_text(path, text):
     """Write ``text`` to ``path`` atomically (write_files)."""
-    write_atomic(path, text_writer(text))
+    write_files({path: text_writer(text)})
 
 
 SIGNALS_RECEIVED = []                       # SIGINT / SIGTERM numbers this process received

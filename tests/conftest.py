@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import align
+import verify
 
 
 def _cupy_or_none():
@@ -67,10 +68,7 @@ def finite_difference(weights, X, Y, kind, i, h=1e-6):
     return G
 
 
-def random_orthogonal(rng, k):
-    """A Haar-random k x k orthogonal matrix."""
-    Q, R = np.linalg.qr(rng.standard_normal((k, k)))
-    return Q * np.sign(np.diag(R))
+random_orthogonal = verify.orthogonal          # a Haar-random k x k orthogonal matrix
 
 
 def sequential_greedy(C, capacity):
