@@ -1,12 +1,11 @@
 """Deep linear networks and alignment (Radhakrishnan, Nichani, Bernstein, Uhler).
 
-The paper's notation: ``X`` is k0 x n (one example per column), ``Y`` is kd x n,
-``weights`` is [W_1, ..., W_d] with W_i of shape (k_i, k_{i-1}), f(X) = W_d ... W_1 X
-(Eq. (1)), ``lr`` is gamma.  The reference, in the paper's order and complete when
-copied alone (NumPy only).  Functions take NumPy or CuPy arrays; weights may carry a
-leading batch axis (B, k_i, k_{i-1}) for networks trained together.  Lines marked
-``_fast`` hand the same computation to the optional _fast.py (the end of this file).
-"""
+The paper's notation: ``X`` is k0 x n (one example per column), ``Y`` is kd x n, ``weights``
+is [W_1, ..., W_d] with W_i of shape (k_i, k_{i-1}), f(X) = W_d ... W_1 X (Eq. (1)), ``lr``
+is gamma.  The reference, in the paper's order and complete when copied alone (NumPy only).
+Functions take NumPy or CuPy arrays; weights may carry a leading batch axis (B, k_i, k_{i-1})
+for networks trained together.  Lines marked ``_fast`` hand the same computation to the
+optional _fast.py (the end of this file)."""
 import dataclasses
 import functools
 import json
@@ -19,30 +18,33 @@ import numpy as np
 
 LOSSES = ("mse", "mse_mean", "ce", "logistic", "exp")
 MEASURE_KEYS = ("alignment_paired", "alignment_matched", "invariance_paired", "invariance_matched")
+HOW = ("paired", "matched")
 
 
 class DivergenceError(FloatingPointError):
     """Gradient descent produced a non-finite loss; ``history`` holds the run so far."""
-
     def __init__(self, message, history):
         super().__init__(message)
         self.history = history
 
 
 # ----------------------------------------------------------------- backends --
+def _library(a):
+    """The top-level module ``a`` comes from: "numpy", "cupy", ..."""
+    return type(a).__module__.split(".")[0]
+
 
 def array_module(*arrays):
     """NumPy or CuPy, whichever the arrays live in (CuPy is never imported otherwise)."""
-    for a in arrays:
-        if type(a).__module__.split(".")[0] == "cupy":
-            import cupy
-            return cupy
+    if any(_library(a) == "cupy" for a in arrays):
+        import cupy
+        return cupy
     return np
 
 
 def to_numpy(a):
-    """A host NumPy copy of a NumPy or CuPy array (CuPy's recognised as in array_module)."""
-    return a.get() if type(a).__module__.split(".")[0] == "cupy" else np.asarray(a)
+    """A host NumPy copy of a NumPy or CuPy array."""
+    return a.get() if _library(a) == "cupy" else np.asarray(a)
 
 
 def _T(A):
@@ -55,23 +57,21 @@ matmul = operator.matmul
 
 
 # --------------------------------------------------------------- validation --
-
 def _shape(a):
     return "x".join(str(s) for s in a.shape)
 
 
 def check_finite(name, a):
     """Raise ValueError if ``a`` holds NaN or inf, with the likely fix for ``name``."""
-    xp = array_module(a)
-    if not bool(xp.isfinite(a).all()):
-        weights = name.startswith(("W", "params"))
-        fix = "weights from a diverged run? lower the learning rate" if weights else "clean the data"
+    if not bool(array_module(a).isfinite(a).all()):
+        fix = ("weights from a diverged run? lower the learning rate"
+               if name.startswith(("W", "params")) else "clean the data")
         raise ValueError(f"{name} contains NaN or inf ({fix})")
 
 
 def check_array(name, a):
     """Raise ValueError unless ``a`` is a NumPy or CuPy array of float32 or float64."""
-    if type(a).__module__.split(".")[0] not in ("numpy", "cupy") or not hasattr(a, "dtype"):
+    if _library(a) not in ("numpy", "cupy") or not hasattr(a, "dtype"):
         raise ValueError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
     if a.dtype not in (np.float32, np.float64):
         raise ValueError(f"{name} must hold float32 or float64 numbers, got {a.dtype} "
@@ -82,12 +82,12 @@ def check_tolerance(name, value, below=math.inf):
     """Raise ValueError unless ``value`` is a number with 0 <= value < below."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not 0 <= value < below:
-        raise ValueError(f"{name} must be a number >= 0{f' and < {below:g}' if below < math.inf else ''}"
-                         f", got {value!r}")
+        bound = f" and < {below:g}" if below < math.inf else ""
+        raise ValueError(f"{name} must be a number >= 0{bound}, got {value!r}")
 
 
 def check_network(weights, X=None):
-    """Validate widths and finiteness of ``weights`` (and ``X``); return the widths [k0..kd]."""
+    """Raise ValueError unless ``weights`` (and ``X``) are finite arrays of matching shapes."""
     if not isinstance(weights, (list, tuple)) or len(weights) == 0:
         raise ValueError(f"weights must be a non-empty list [W_1, ..., W_d] of arrays, got "
                          f"{type(weights).__name__}")
@@ -97,30 +97,25 @@ def check_network(weights, X=None):
             raise ValueError(f"weights[{i - 1}] (W_{i}) must be k_{i} x k_{i - 1} "
                              f"(or batched), got shape {_shape(W)}")
         check_finite(f"W_{i}", W)
-    for i in range(1, len(weights)):
-        if weights[i].shape[-1] != weights[i - 1].shape[-2]:
-            raise ValueError(f"W_{i + 1} has shape {_shape(weights[i])} but W_{i} has "
-                             f"{_shape(weights[i - 1])}: W_{i + 1} needs "
-                             f"{weights[i - 1].shape[-2]} columns")
+        if i > 1 and W.shape[-1] != weights[i - 2].shape[-2]:
+            raise ValueError(f"W_{i} is {_shape(W)} but W_{i - 1} is {_shape(weights[i - 2])}: "
+                             f"W_{i} needs {weights[i - 2].shape[-2]} columns")
     if X is not None:
         check_array("X", X)
-        batch = weights[0].shape[:-2]
-        if X.ndim not in (2, 3) or X.shape[-2] != weights[0].shape[-1] or \
-                (X.ndim == 3 and X.shape[:1] != batch):
-            raise ValueError(f"X must be k0 x n = {weights[0].shape[-1]} x n (one example "
-                             f"per column; B x k0 x n for a batch of B networks), got shape "
-                             f"{_shape(X)}")
+        k0, batch = weights[0].shape[-1], weights[0].shape[:-2]
+        if X.ndim not in (2, 3) or X.shape[-2] != k0 or X.shape[:-2] not in ((), batch):
+            raise ValueError(f"X must be k0 x n = {k0} x n (one example per column; B x k0 x n "
+                             f"for a batch of B networks), got shape {_shape(X)}")
         check_finite("X", X)
         if X.shape[-1] == 0:
             raise ValueError("X has no examples (n = 0 columns)")
-    return [weights[0].shape[-1]] + [W.shape[-2] for W in weights]
 
 
 def prepare_targets(Y, kind, kd, n):
     """Targets as a kd x n float array for loss ``kind``, validated (labels, shapes)."""
     if kind not in LOSSES:
         raise ValueError(f"unknown loss kind {kind!r}; choose one of {LOSSES}")
-    if type(Y).__module__.split(".")[0] not in ("numpy", "cupy"):
+    if _library(Y) not in ("numpy", "cupy"):
         raise ValueError(f"Y must be a NumPy or CuPy array, got {type(Y).__name__}")
     xp = array_module(Y)
     if kind == "ce" and Y.ndim == 1:
@@ -134,20 +129,17 @@ def prepare_targets(Y, kind, kd, n):
     if Y.ndim not in (2, 3) or Y.shape[-2:] != (kd, n):
         raise ValueError(f"Y must be kd x n = {kd} x {n}, got shape {_shape(Y)}")
     check_finite("Y", Y)
-    if kind == "ce" and (bool((Y < 0).any()) or
-                         not bool(xp.allclose(Y.sum(-2), 1.0))):
+    if kind == "ce" and (bool((Y < 0).any()) or not bool(xp.allclose(Y.sum(-2), 1.0))):
         raise ValueError("cross-entropy targets must be one-hot (or probability) columns "
                          "summing to 1, or integer labels of shape (n,)")
-    if kind in ("logistic", "exp"):
-        if kd != 1:
-            raise ValueError(f"the {kind} loss needs kd = 1 output, got kd = {kd}")
-        if not bool((xp.abs(Y) == 1).all()):
-            raise ValueError(f"{kind} loss labels must be -1 or +1")
+    if kind in ("logistic", "exp") and kd != 1:
+        raise ValueError(f"the {kind} loss needs kd = 1 output, got kd = {kd}")
+    if kind in ("logistic", "exp") and not bool((xp.abs(Y) == 1).all()):
+        raise ValueError(f"{kind} loss labels must be -1 or +1")
     return Y
 
 
 # ------------------------------------------- Eq. (1), (2), (8): network, loss, gradients --
-
 def forward(weights, X):
     """f(X) = W_d ... W_1 X, Eq. (1).  X: k0 x n; returns kd x n."""
     check_network(weights, X)
@@ -174,8 +166,7 @@ def _backward(weights, acts, delta, input_grad=False):
 
 
 def loss_and_gradients(weights, X, Y, kind="mse"):
-    """(L, [dL/dW_1, ..., dL/dW_d]) by Eq. (8)'s backward pass, for checked inputs (see
-    :func:`gradients`)."""
+    """(L, [dL/dW_1, ..., dL/dW_d]) by Eq. (8)'s backward pass, for checked inputs."""
     acts = _activations(weights, X)                           # Eq. (1)
     L, delta = loss_and_output_gradient(acts[-1], Y, kind)    # L and dL/dF
     return L, _backward(weights, acts, delta)                 # Eq. (8)
@@ -215,36 +206,31 @@ def loss(weights, X, Y, kind="mse"):
     """Training loss of kind in {"mse" (Eq. (2)), "mse_mean", "ce", "logistic", "exp"}."""
     check_network(weights, X)
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1])
-    return loss_and_output_gradient(forward(weights, X), Y, kind)[0]
+    return loss_and_output_gradient(_activations(weights, X)[-1], Y, kind)[0]
 
 
 def gradients(weights, X, Y, kind="mse"):
     """[dL/dW_1, ..., dL/dW_d], written by hand (Eq. (8) for the squared loss)."""
     check_network(weights, X)
-    Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1])
-    acts = _activations(weights, X)
-    return _backward(weights, acts, loss_and_output_gradient(acts[-1], Y, kind)[1])
+    return loss_and_gradients(weights, X, prepare_targets(Y, kind, weights[-1].shape[-2],
+                                                          X.shape[-1]), kind)[1]
 
 
 def layer_gradients(weights, X, dF):
-    """[dL/dW_1, ..., dL/dW_d] for any loss, given dL/dF at the outputs F = f(X) (Eq. (8)).
-
-    With X = I this differentiates a loss of the end-to-end matrix W_d ... W_1
-    (matrix sensing, Section 4.2)."""
+    """[dL/dW_1, ..., dL/dW_d] given dL/dF at F = f(X) (Eq. (8)); with X = I, for a loss of
+    the end-to-end matrix W_d ... W_1 (matrix sensing, Section 4.2)."""
     check_network(weights, X)
     return _backward(weights, _activations(weights, X), dF)
 
 
 # --------------------------------------------------------- gradient descent --
-
 def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
-          record_every=1, measure_every=100, measures=None, callback=None, fast=True):
-    """Full-batch gradient descent W_i <- W_i - lr dL/dW_i (Eq. (8)): checks the inputs, then
-    :func:`gradient_descent`; a batch (3-D weights) trains together, each network frozen
-    below ``tol``.  Returns (weights, History); inputs are not modified."""
+          record_every=1, measure_every=100, measures=None, callback=None):
+    """Full-batch GD W_i <- W_i - lr dL/dW_i (Eq. (8)) by :func:`gradient_descent`; a batch (3-D
+    weights) trains together, each network frozen below ``tol``.  Returns (weights, History)."""
     check_network(weights, X)
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1]).astype(weights[0].dtype)
-    if fast and _fast is not None:
+    if _fast is not None:
         return _fast.train(weights, X, Y, kind, lr, max_steps, tol, record_every, measure_every,
                            measures, callback)
     per_network = _frozen_below(lambda ws: loss_and_gradients(ws, X, Y, kind), tol,
@@ -258,27 +244,23 @@ def _frozen_below(loss_and_grads, tol, batched):
     each stops where its own run would (the batch stops when all are below)."""
     def wrapped(ps):
         L, grads = loss_and_grads(ps)
-        if L.shape[0] == 1:
-            return L, grads                  # one network stops with the run
-        active = L >= tol
-        if array_module(L) is np and active.all():
-            return L, grads                  # (on the host the check costs less than the products)
-        return L, [g * active[:, None, None] for g in grads]
+        if L.shape[0] == 1 or (array_module(L) is np and bool((L >= tol).all())):
+            return L, grads          # one network stops with the run; all active (a host check)
+        active = (L >= tol)[:, None, None]
+        return L, [g * active for g in grads]
     return wrapped if batched else loss_and_grads
 
 
 def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4,
                      record_every=1, measure_every=100, measures=None, callback=None):
-    """Plain GD p <- p - lr g, with ``loss_and_grads(params) -> (L, grads)`` (Eq. (8)).
-
-    Stops when the loss (the largest over a batch) is below ``tol`` at a recorded step,
-    after ``max_steps``, or on Ctrl-C ("interrupted").  ``measures``: {name: m(params,
-    params_0)} at step 0, every ``measure_every`` steps and at the end; ``callback(step,
-    loss, history)`` at recorded steps.  Returns (params, History); DivergenceError on NaN.
-    """
+    """Plain GD p <- p - lr g, with ``loss_and_grads(params) -> (L, grads)`` (Eq. (8)).  Stops
+    when the loss (the largest over a batch) is below ``tol`` at a recorded step, after
+    ``max_steps``, or on Ctrl-C.  ``measures``: {name: m(params, params_0)} at step 0, every
+    ``measure_every`` steps and at the end; ``callback(step, loss, history)`` at recorded
+    steps.  Returns (params, History); DivergenceError on NaN."""
     _check_schedule(lr, max_steps, record_every, measure_every, tol)
-    ps = [p.copy() for p in params]
-    run = _Run(lr, max_steps, tol, record_every, callback, measures or {}, [p.copy() for p in params])
+    ps, params0 = [p.copy() for p in params], [p.copy() for p in params]
+    run = _Run(lr, max_steps, tol, record_every, callback, measures or {}, params0)
     runs = _fast.step_runs(ps, loss_and_grads, lr) if _fast is not None else None
     if runs is not None:
         return _fast.descend_in_runs(ps, loss_and_grads, run, runs, measure_every)
@@ -302,8 +284,8 @@ def _check_schedule(lr, max_steps, record_every, measure_every, tol):
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive finite number, got {lr}")
     check_tolerance("tol", tol)
-    for name, value, least in (("record_every", record_every, 1), ("measure_every", measure_every, 1),
-                               ("max_steps", max_steps, 0)):
+    for name, value, least in (("record_every", record_every, 1),
+                               ("measure_every", measure_every, 1), ("max_steps", max_steps, 0)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
@@ -348,8 +330,7 @@ class _Run:
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
     def measure(self, at):
-        """Record every measure of the parameters ``at`` (all computed before any is kept,
-        so an interrupted measurement leaves no partial record)."""
+        """Record every measure of ``at``, all computed before any is kept (no partial record)."""
         values = {}
         for name, fn in self.measures.items():
             value = fn(at, self.params0)
@@ -368,20 +349,17 @@ class _Run:
             if not math.isfinite(worst):
                 hist.stop_reason, hist.final_step = "diverged", step
                 hist.wall_time = time.perf_counter() - self.start
-                raise DivergenceError(
-                    f"loss became {worst} at step {step} with lr = {self.lr}; "
-                    f"try a smaller learning rate (e.g. lr = {self.lr / 10:g})", hist)
+                raise DivergenceError(f"loss became {worst} at step {step} with lr = {self.lr}; "
+                                      f"try a smaller learning rate (e.g. {self.lr / 10:g})", hist)
             hist.steps.append(step)
             hist.losses.append(value)
             if self.callback:
                 self.callback(step, worst, hist)
             if worst < self.tol:
                 hist.stop_reason = "tol"
-                return True
-        if step >= self.max_steps:
+        if step >= self.max_steps and not hist.stop_reason:
             hist.stop_reason = "max_steps"
-            return True
-        return False
+        return bool(hist.stop_reason)
 
     def finish(self, ps):
         """The final measurement (unless one was taken at this step); the History."""
@@ -396,11 +374,9 @@ class _Run:
 
 
 # ------------------------------------------------------------------- usSVD --
-
 def ussvd(A):
     """A usSVD (Definition 1): U (m x m), s (min(m, n)), V (n x n) with A = U Sigma V^T."""
-    xp = array_module(A)
-    U, s, Vt = xp.linalg.svd(A, full_matrices=True)
+    U, s, Vt = array_module(A).linalg.svd(A, full_matrices=True)
     return U, s, _T(Vt)
 
 
@@ -410,37 +386,24 @@ def ussvd_matrix(U, s, V):
     return (U[..., :, :r] * s[..., None, :]) @ _T(V[..., :, :r])
 
 
-def ussvd_permute(U, s, V, perm):
-    """The usSVD with singular triples reordered by ``perm`` (a permutation of range(r)):
-    Definition 1 leaves the order free."""
+def ussvd_reorder(U, s, V, perm, signs):
+    """Another usSVD of the same matrix (Definition 1 leaves order and signs free): the
+    triples reordered by ``perm``, then u_j and sigma_j multiplied by signs[j] = +-1."""
     r = s.shape[-1]
     U, V = U.copy(), V.copy()
-    U[..., :, :r] = U[..., :, perm]
+    U[..., :, :r] = U[..., :, perm] * signs
     V[..., :, :r] = V[..., :, perm]
-    return U, s[..., perm], V
-
-
-def ussvd_flip(U, s, V, signs):
-    """The usSVD with u_j and sigma_j multiplied by signs[j] in {-1, +1}: Definition 1
-    leaves the signs free."""
-    r = s.shape[-1]
-    U = U.copy()
-    U[..., :, :r] = U[..., :, :r] * signs
-    return U, s * signs, V
+    return U, s[..., perm] * signs, V
 
 
 # ------------------------------------------------------ measures (Section 6) --
-
 def _reduced_svds(weights):
     """Reduced SVDs [(U_i, s_i, V_i), ...] of the layers, float64 host arrays, s descending
     (a batch of networks keeps its leading axis)."""
     if _fast is not None:
         return _fast.reduced_svds(weights)      # the same, batched and threaded
-    svds = []
-    for W in weights:
-        U, s, Vt = np.linalg.svd(to_numpy(W).astype(np.float64), full_matrices=False)
-        svds.append((U, s, _T(Vt)))
-    return svds
+    svds = [np.linalg.svd(to_numpy(W).astype(np.float64), full_matrices=False) for W in weights]
+    return [(U, s, _T(Vt)) for U, s, Vt in svds]
 
 
 def _cluster_bounds(s, rtol, scale):
@@ -450,19 +413,15 @@ def _cluster_bounds(s, rtol, scale):
     return starts, np.diff(np.append(starts, s.size))
 
 
-def _clusters(s, rtol, scale=None):
-    """Index groups of descending values equal up to rtol * scale (default: the largest)."""
-    if s.size == 0:
-        return []
-    starts, _ = _cluster_bounds(s, rtol, s[0] if scale is None else scale)
-    return np.split(np.arange(s.size), starts[1:])
+def _clusters(s, rtol, scale):
+    """Index groups of descending values s equal up to rtol * scale."""
+    return np.split(np.arange(s.size), _cluster_bounds(s, rtol, scale)[0][1:])
 
 
 def _adapt_clusters(M, a_bounds, b_sizes):
-    """M = A^T B with A's directions rotated, inside each A-cluster (a_bounds: starts,
-    sizes), to the basis B's clusters (sizes b_sizes) split it into: the eigenvectors of
-    the compression of sum_b w_b P_{F_b} (distinct w_b; F_b the B-clusters and the
-    complement of span(B)) lie each in one F_b whenever the cluster splits so."""
+    """M = A^T B with A's directions rotated, in each A-cluster (a_bounds: starts, sizes), to
+    the basis B's clusters (sizes b_sizes) split it into: the eigenvectors of the compression
+    of sum_b w_b P_{F_b} (distinct w_b; F_b the B-clusters and span(B)^perp)."""
     M = M.copy()
     weights = np.repeat(1.0 + np.sqrt(2.0) * np.arange(1, b_sizes.size + 1) % 1.0, b_sizes)
     starts, sizes = a_bounds
@@ -475,10 +434,9 @@ def _adapt_clusters(M, a_bounds, b_sizes):
 
 
 def _greedy_match(C, capacity):
-    """The matching of the paired rule (:func:`alignment`): rows one to one to columns of
-    capacity ``capacity`` (m,), greedy by decreasing C >= 0: the entries in decreasing
-    order (ties in row-major order, NaN last), each taken when its row is free and its
-    column has room.  C: p x m.  Returns the matched value of each row (0: none)."""
+    """The paired rule's matching: rows of C >= 0 (p x m) one to one to columns of capacity
+    ``capacity`` (m,), entries taken in decreasing order (ties row-major, NaN last) when the
+    row is free and the column has room.  Returns each row's matched value (0: none)."""
     if _fast is not None:
         return _fast.greedy_match(C, capacity)  # the same, for batches and large C
     value, room, free = np.zeros(C.shape[0]), list(capacity), [True] * C.shape[0]
@@ -491,9 +449,8 @@ def _greedy_match(C, capacity):
 
 @dataclasses.dataclass
 class _Pair:
-    """Two sets of orthonormal directions (columns of A, B; singular values sa, sb
-    descending) in a space of dimension k.  ``exact``, ``exact_used``, ``scale_a``,
-    ``scale_b``: directions common to both left out (_fast.py's split of layer 1)."""
+    """Orthonormal directions A, B (singular values sa, sb descending) in R^k; ``exact*`` and
+    ``scale_*``: directions common to both left out (_fast.py's split of layer 1)."""
     A: np.ndarray
     sa: np.ndarray
     B: np.ndarray
@@ -512,52 +469,44 @@ class _Pair:
         return _T(self.A) @ self.B
 
 
-HOW = ("paired", "matched")
-
-
 def alignment(weights, how="paired", rtol=1e-6):
     """Alignment of adjacent layers (Section 6), in [0, 1]: U_i against V_{i+1} by the rule
     ``how``, "paired" (the paper's "average |dot| between corresponding columns", made
-    exact) or "matched" (the authors' code).  About pairs: the chain can still fail
-    Definition 2 (repeated values in a middle layer); :func:`is_aligned` decides that."""
-    _check_how(how)
+    exact) or "matched" (the authors' code).  Pairwise only: :func:`is_aligned` decides
+    Definition 2 for the whole chain."""
     check_network(weights)
-    check_tolerance("rtol", rtol, 1)
     svds = _reduced_svds(weights)
-    pairs = _alignment_pairs(svds, _widths(svds))
-    return _paired_score(pairs, rtol) if how == "paired" else _matched_score(pairs)
+    return _score(_alignment_pairs(svds, _widths(svds)), how, rtol)
 
 
 def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
     """Invariance of the singular vectors (Section 6), in [0, 1]: U_i(t) against U_i(0)
     for i < d and V_i(t) against V_i(0) for i > 1, by the rule of :func:`alignment`."""
-    _check_how(how)
     check_network(weights_t)
     check_network(weights_0)
-    check_tolerance("rtol", rtol, 1)
     if [W.shape for W in weights_t] != [W.shape for W in weights_0]:
         raise ValueError(f"weights_t and weights_0 must have the same shapes, got "
                          f"{[_shape(W) for W in weights_t]} and {[_shape(W) for W in weights_0]}")
     now = _reduced_svds(weights_t)
-    pairs = _invariance_pairs(now, _reduced_svds(weights_0), _widths(now))
+    return _score(_invariance_pairs(now, _reduced_svds(weights_0), _widths(now)), how, rtol)
+
+
+def _score(pairs, how, rtol):
+    """The measure of ``pairs`` by the rule ``how`` (checked here, with ``rtol``)."""
+    if how not in HOW:
+        raise ValueError(f"how must be one of {HOW}, got {how!r}")
+    check_tolerance("rtol", rtol, 1)
     return _paired_score(pairs, rtol) if how == "paired" else _matched_score(pairs)
 
 
-def _check_how(how):
-    if how not in HOW:
-        raise ValueError(f"how must be one of {HOW}, got {how!r}")
-
-
 def _paired_score(pairs, rtol):
-    """The paired rule: the mean matched cosine over the scored directions of all pairs.
-
-    Per pair, the used directions (sigma > rtol sigma_max) of the side with fewer, rotated
+    """The paired rule: the mean matched cosine over the scored directions of all pairs.  Per
+    pair, the used directions (sigma > rtol sigma_max) of the side with fewer, rotated
     inside each cluster of equal singular values to the basis the other side's clusters
     split it into, are matched one to one, greedily by decreasing cosine, to the other
     side's clusters or the complement of its span (each taking its dimension; for
     adjacent layers the complement only max(k_{i-1}, k_{i+1}) - q positions, Definition
-    2's rectangular Sigma_i).  1 exactly when W_i W_i^T and W_{i+1}^T W_{i+1} commute.
-    """
+    2's rectangular Sigma_i).  1 exactly when W_i W_i^T and W_{i+1}^T W_{i+1} commute."""
     total, count = 0.0, 0
     top = lambda scale, s: scale if scale is not None else (s[0] if s.size else 0.0)
     for pair in pairs:
@@ -612,35 +561,29 @@ def _alignment_pairs(svds, widths):
 
 def _invariance_pairs(now, then, widths):
     """(U_i(t), U_i(0)) for i < d and (V_i(t), V_i(0)) for i > 1."""
-    d = len(now)
-    sides = [(i, 0) for i in range(d - 1)] + [(i, 2) for i in range(1, d)]
+    sides = [(i, 0) for i in range(len(now) - 1)] + [(i, 2) for i in range(1, len(now))]
     return [_Pair(now[i][side], now[i][1], then[i][side], then[i][1],
                   widths[i + 1] if side == 0 else widths[i], rows_b=False)
             for i, side in sides]
 
 
 def tracker(weights_0, rtol=1e-6):
-    """A measure for :func:`train`: ``m(weights, _)`` returns alignment and invariance
-    (Section 6) by both rules, a dict with the keys MEASURE_KEYS, with one SVD per layer
-    (those of weights_0 computed once).  A batch of networks gives one value each."""
+    """A measure for :func:`train`: ``m(weights, _)`` -> {MEASURE_KEYS: alignment and
+    invariance by both rules} (Section 6), one value per network of a batch."""
     check_network(weights_0)
     check_tolerance("rtol", rtol, 1)
     if _fast is not None:
         return _fast.tracker(weights_0, rtol)   # _fast: the same, vectorised over a batch
     then = _reduced_svds(weights_0)
-
-    def measure(weights, _=None):
-        now = _reduced_svds(weights)
-        if now[0][1].ndim == 1:
-            return _measures(now, then, rtol)
-        one = lambda svds, b: [tuple(a[b] for a in svd) for svd in svds]
-        rows = [_measures(one(now, b), one(then, b), rtol) for b in range(now[0][1].shape[0])]
-        return {key: np.array([row[key] for row in rows]) for key in MEASURE_KEYS}
-    return measure
+    return lambda weights, _=None: _measures(_reduced_svds(weights), then, rtol)
 
 
 def _measures(now, then, rtol):
-    """The four measures of one network from reduced SVDs now and at the start."""
+    """The four measures from reduced SVDs now and at the start (a batch: one at a time)."""
+    if now[0][1].ndim == 2:
+        one = lambda svds, b: [tuple(a[b] for a in svd) for svd in svds]
+        rows = [_measures(one(now, b), one(then, b), rtol) for b in range(now[0][1].shape[0])]
+        return {key: np.array([row[key] for row in rows]) for key in MEASURE_KEYS}
     widths = _widths(now)
     aligned, invariant = _alignment_pairs(now, widths), _invariance_pairs(now, then, widths)
     return {"alignment_paired": _paired_score(aligned, rtol),
@@ -650,12 +593,10 @@ def _measures(now, then, rtol):
 
 
 # -------------------------------------------------- exact test of Def. 2 --
-
 @dataclasses.dataclass
 class AlignmentTest:
-    """Result of :func:`is_aligned`, truthy when aligned.  ``ussvds``: [(U_i, s_i, V_i)]
-    with U_i = V_{i+1} (Definition 2) when a witness was built; ``residual``:
-    max_i |off-diagonal of U_i^T W_i V_i| / ||W_i||_2 for it."""
+    """Result of :func:`is_aligned`, truthy when aligned: ``ussvds`` [(U_i, s_i, V_i)], U_i =
+    V_{i+1}, with ``residual`` max_i |off-diagonal of U_i^T W_i V_i| / ||W_i||_2."""
     aligned: bool
     residual: float
     reason: str
@@ -667,9 +608,7 @@ class AlignmentTest:
 
 def _orth_complement(Q, k):
     """Orthonormal basis of span(Q)^perp in R^k (Q with orthonormal columns)."""
-    if Q.shape[1] == 0:
-        return np.eye(k)
-    return np.linalg.qr(Q, mode="complete")[0][:, Q.shape[1]:]
+    return np.linalg.qr(Q, mode="complete")[0][:, Q.shape[1]:] if Q.shape[1] else np.eye(k)
 
 
 def _orthonormal_by_size(Z, norms):
@@ -678,16 +617,13 @@ def _orthonormal_by_size(Z, norms):
     accurate, so each column is corrected only against those before it."""
     order = np.argsort(-norms, kind="stable")
     Q, R = np.linalg.qr(Z[:, order])
-    out = np.empty_like(Q)
-    out[:, order] = Q * np.where(np.diagonal(R) < 0, -1.0, 1.0)
-    return out
+    return (Q * np.where(np.diagonal(R) < 0, -1.0, 1.0))[:, np.argsort(order)]
 
 
 def _joint_eigenbasis(C, products, tol):
-    """Split span(C) into common right singular vectors of the forward products [(P, m)]
-    (P = W_l ... W_{i+1} / ||.||_2, m layers): SVDs of P on each group (accurate for small
-    values, unlike eigh of P^T P), values compared per layer (m-th roots) up to ``tol``,
-    below rounding as zero; a group that a product does not split is left as it is."""
+    """span(C) split into common right singular vectors of the forward products [(P, m)]:
+    SVDs of P on each group (accurate for small values, unlike eigh of P^T P), values compared
+    per layer (m-th roots) up to ``tol``, below rounding as zero; unsplit groups kept as is."""
     groups = [C]
     for P, m in products:
         floor = 100 * np.finfo(float).eps * max(P.shape)
@@ -705,8 +641,7 @@ def _joint_eigenbasis(C, products, tol):
 
 
 def _forward_products(Ws, i):
-    """[(P, m)]: P = W_l ... W_{i+1} / ||.||_2, a product of m = l - i layers, for
-    l = i+1..d (maps from space i)."""
+    """[(P, m)]: P = W_l ... W_{i+1} / ||.||_2, the m = l - i layers after space i (l > i)."""
     products, P = [], None
     for m, W in enumerate(Ws[i:], start=1):
         P = W if P is None else W @ P
@@ -717,40 +652,28 @@ def _forward_products(Ws, i):
 
 
 def _strings(Ws, tol):
-    """The chain split into 1-D strings [(start, end, [vector per space])]: unit q_a in
-    space a with W_{a+1} q_a = s q_{a+1}, ... up to space ``end``.  An aligned network's
-    spaces split orthogonally into strings (Krull-Schmidt for a chain of maps), joint
-    singular vectors of the forward products at their start."""
+    """The chain split into strings [(a, [q_a, q_{a+1}, ...])], W_{i+1} q_i = s q_{i+1} while
+    nonzero, orthogonal in each space for an aligned network (Krull-Schmidt for a chain of
+    maps), starting at joint singular vectors of the forward products."""
     widths = [Ws[0].shape[1]] + [W.shape[0] for W in Ws]
     strings, alive = [], []
     for i, k in enumerate(widths):
-        continuing = []
+        C = np.eye(k)
         if i:
             W = Ws[i - 1]
-            Q = np.stack([strings[s][2][-1] for s in alive], axis=1) if alive \
-                else np.zeros((W.shape[1], 0))
-            Z = W @ Q
+            Z = W @ np.array([strings[s][1][-1] for s in alive]).reshape(len(alive), W.shape[1]).T
             norms = np.linalg.norm(Z, axis=0)
             keep = norms > tol * max(np.linalg.norm(W, 2), np.finfo(float).tiny)
             if keep.sum() > k:                   # not aligned: the k largest go on
                 keep &= norms >= np.sort(norms)[-k]
-            for s, kept in zip(alive, keep):
-                if not kept:
-                    strings[s][1] = i - 1
-            continuing = [s for s, kept in zip(alive, keep) if kept]
+            alive = [s for s, kept in zip(alive, keep) if kept]
             Qn = _orthonormal_by_size(Z[:, keep] / norms[keep], norms[keep])
-            for j, s in enumerate(continuing):
-                strings[s][2].append(Qn[:, j])
+            for j, s in enumerate(alive):
+                strings[s][1].append(Qn[:, j])
             C = _orth_complement(Qn, k)
-        else:
-            C = np.eye(k)
-        fresh = []
-        for q in _joint_eigenbasis(C, _forward_products(Ws, i), tol):
-            strings.append([i, None, [q]])
-            fresh.append(len(strings) - 1)
-        alive = continuing + fresh
-    for s in alive:
-        strings[s][1] = len(widths) - 1
+        fresh = _joint_eigenbasis(C, _forward_products(Ws, i), tol)
+        alive += range(len(strings), len(strings) + len(fresh))
+        strings += [(i, [q]) for q in fresh]
     return strings, widths
 
 
@@ -761,9 +684,7 @@ def _assign_indices(intervals, widths, max_nodes=200_000):
     caps = [min(widths[a:b + 1]) for a, b in intervals]
     order = sorted(range(len(intervals)),
                    key=lambda s: (caps[s], intervals[s][0] - intervals[s][1], intervals[s][0]))
-    taken = [set() for _ in widths]
-    index = [None] * len(intervals)
-    nodes = [0]
+    taken, index, nodes = [set() for _ in widths], [None] * len(intervals), [0]
 
     def place(pos):
         if pos == len(order):
@@ -772,16 +693,16 @@ def _assign_indices(intervals, widths, max_nodes=200_000):
         if nodes[0] > max_nodes:
             raise RuntimeError("is_aligned: position assignment search too large to decide")
         s = order[pos]
-        a, b = intervals[s]
+        spaces = taken[intervals[s][0]:intervals[s][1] + 1]
         for j in range(caps[s]):
-            if all(j not in taken[i] for i in range(a, b + 1)):
-                for i in range(a, b + 1):
-                    taken[i].add(j)
+            if all(j not in t for t in spaces):
+                for t in spaces:
+                    t.add(j)
                 index[s] = j
                 if place(pos + 1):
                     return True
-                for i in range(a, b + 1):
-                    taken[i].discard(j)
+                for t in spaces:
+                    t.discard(j)
         return False
 
     sys.setrecursionlimit(max(sys.getrecursionlimit(), len(order) + 100))
@@ -790,16 +711,12 @@ def _assign_indices(intervals, widths, max_nodes=200_000):
 
 def is_aligned(weights, tol=1e-8):
     """Exact test of Definition 2: do usSVDs W_i = U_i Sigma_i V_i^T with U_i = V_{i+1} exist?
-
-    For any order, sign and multiplicity of singular values and rectangular widths.
-    ``tol`` is relative to each layer's largest singular value (about 1e-4 for float32
-    weights): singular values closer than that are one cluster, images smaller than
-    tol ||W_i|| are zero, and the witness must diagonalise every W_i to tol ||W_i||_2.
-    The chain splits into strings of singular vectors (_strings), which need positions
-    making every Sigma_i rectangular diagonal (_assign_indices): for rectangular layers
-    a real constraint, so commuting Gram matrices are not enough (W_1 = e_1 (3x1),
-    W_2 = e_2^T (1x3)).  Returns an AlignmentTest holding the witnessing usSVDs.
-    """
+    Any order, sign and multiplicity of singular values, any widths.  ``tol``, relative to
+    ||W_i||_2 (about 1e-4 for float32): closer singular values are one cluster, smaller
+    images are zero, and the witness must diagonalise every W_i to it.  The strings of
+    singular vectors (_strings) need positions making every Sigma_i rectangular diagonal
+    (_assign_indices), so commuting Gram matrices are not enough (W_1 = e_1 (3x1),
+    W_2 = e_2^T (1x3)).  Returns an AlignmentTest holding the witnessing usSVDs."""
     check_network(weights)
     check_tolerance("tol", tol, 1)
     if any(W.ndim != 2 for W in weights):
@@ -808,25 +725,22 @@ def is_aligned(weights, tol=1e-8):
     scales = [float(np.abs(W).max()) or 1.0 for W in Ws]          # (no overflow at 1e200)
     Ws = [W / c for W, c in zip(Ws, scales)]
     strings, widths = _strings(Ws, tol)
-    index = _assign_indices([(a, b) for a, b, _ in strings], widths)
+    index = _assign_indices([(a, a + len(vectors) - 1) for a, vectors in strings], widths)
     if index is None:
         return AlignmentTest(False, math.inf, "no positions make every Sigma_i "
                              "rectangular diagonal (rectangular widths)")
     Q = [np.zeros((k, k)) for k in widths]
-    for (a, _, vectors), j in zip(strings, index):
+    for (a, vectors), j in zip(strings, index):
         for i, q in enumerate(vectors, start=a):
             Q[i][:, j] = q
-    ussvds, residual, worst = [], 0.0, 0
+    ussvds, residuals = [], []
     for i, W in enumerate(Ws, start=1):
         S = Q[i].T @ W @ Q[i - 1]
-        r = min(S.shape)
-        s = np.diagonal(S)[:r].copy()
-        S[np.arange(r), np.arange(r)] = 0.0
+        ussvds.append((Q[i], np.diagonal(S) * scales[i - 1], Q[i - 1]))
+        np.fill_diagonal(S, 0.0)
         scale = np.linalg.norm(W, 2)
-        res = float(np.abs(S).max() / scale) if scale > 0 and S.size else 0.0
-        if res > residual:
-            residual, worst = res, i
-        ussvds.append((Q[i], s * scales[i - 1], Q[i - 1]))
+        residuals.append(float(np.abs(S).max() / scale) if scale > 0 and S.size else 0.0)
+    residual, worst = max(residuals), 1 + int(np.argmax(residuals))
     ok = residual <= tol
     reason = "" if ok else (f"W_{worst} is off-diagonal by {residual:.3g} (relative) in "
                             f"the best shared singular vectors")
@@ -834,12 +748,10 @@ def is_aligned(weights, tol=1e-8):
 
 
 def rect_diag(s, m, n):
-    """The m x n rectangular diagonal matrix with diagonal s (len(s) <= min(m, n)): the
-    Sigma_i of Definition 1 and Eq. (3)."""
+    """The m x n rectangular diagonal matrix with diagonal s: Sigma_i of Definition 1, Eq. (3)."""
     xp = array_module(s)
     S = xp.zeros((m, n), dtype=s.dtype)
-    r = s.shape[-1]
-    S[xp.arange(r), xp.arange(r)] = s
+    S[xp.arange(s.shape[-1]), xp.arange(s.shape[-1])] = s
     return S
 
 
@@ -859,14 +771,12 @@ def aligned_network(bases, sigmas):
     return weights
 
 
-# ====================================================== theory, Sections 4 ==
-
+# ------------------------------------------------------- theory (Section 4) --
 @dataclasses.dataclass
 class Certificate:
-    """Result of :func:`invariance_certificate` (Theorems 1 and 4, Lemma 2), truthy when
-    ``ok``: U, V with U^T Y X^T V and V^T X X^T V block diagonal, top-left blocks
-    diag(lam_prime) and diag(lam); ``residual``: the largest off-block entry relative to
-    the norms; ``violation``: how far the data are from the condition (0 when ok)."""
+    """Result of :func:`invariance_certificate` (Theorems 1, 4, Lemma 2), truthy when ``ok``:
+    U^T Y X^T V, V^T X X^T V block diagonal with top-left blocks diag(lam_prime), diag(lam);
+    ``residual``: the largest relative off-block entry; ``violation``: 0 when ok."""
     ok: bool
     r: int
     U: np.ndarray = None
@@ -880,50 +790,46 @@ class Certificate:
         return bool(self.ok)
 
 
-def _null_basis(A, tol, scale):
-    """Orthonormal basis of the null space of A (singular values <= tol * scale)."""
-    _, s, Vt = np.linalg.svd(A, full_matrices=True)
-    rank = int((s > tol * scale).sum())
-    return Vt[rank:].T
+def _eigenspaces(S, tol):
+    """Orthonormal bases of symmetric S's eigenspaces (eigenvalues decreasing, equal to tol)."""
+    w, E = np.linalg.eigh(S)
+    scale = max(abs(w).max(), np.finfo(float).tiny)
+    return [E[:, ::-1][:, idx] for idx in _clusters(w[::-1], tol, scale)]
 
 
 def _joint_eigenvectors(S, G, tol):
     """Unit vectors v with S v = lambda v and G v = mu v (S, G symmetric): in each
     eigenspace K of S, {v in K : G v in K} kept until G-invariant, then diagonalised."""
-    w, E = np.linalg.eigh(S)
     scale_g = max(np.linalg.norm(G, 2), np.finfo(float).tiny)
     found = []
-    for idx in _clusters(w[::-1], tol, scale=max(abs(w).max(), np.finfo(float).tiny)):
-        K = E[:, ::-1][:, idx]
+    for K in _eigenspaces(S, tol):
         while K.shape[1]:
             GK = G @ K
             outside = GK - K @ (K.T @ GK)
             if np.linalg.norm(outside, 2) <= tol * scale_g:
                 break
-            N = _null_basis(outside, tol, scale_g)
+            _, s, Vt = np.linalg.svd(outside, full_matrices=True)
+            N = Vt[int((s > tol * scale_g).sum()):].T              # the null space of outside
             if N.shape[1] == K.shape[1]:
                 break
             K = K @ N
         if K.shape[1]:
-            mu, R = np.linalg.eigh(K.T @ G @ K)
-            found.extend((K @ R).T)
+            found.extend((K @ np.linalg.eigh(K.T @ G @ K)[1]).T)
     return np.array(found).reshape(-1, S.shape[0]).T
 
 
 def invariance_certificate(X, Y, widths, tol=1e-9):
-    """Decide Theorem 4's data condition (Theorem 1 when all widths are equal).
-
-    Looks for orthonormal U (kd x kd), V (k0 x k0) with
-    U^T Y X^T V = [[Lambda', 0], [0, A_1]] and V^T X X^T V = [[Lambda, 0], [0, A_2]],
-    Lambda, Lambda' diagonal r x r, r = min(widths); A_1 is (kd - r) x (k0 - r) (the
-    paper prints the transpose).  Equivalently r orthonormal common eigenvectors v_j
-    of X X^T and (Y X^T)^T (Y X^T), u_j = Y X^T v_j / lambda'_j, at most
-    kd - rank(Y X^T) of the lambda'_j zero.  Repeated eigenvalues, rank-deficient X
-    and n < k0 allowed; directions by decreasing lambda'^2 / lambda, zeros last.
-    """
+    """Decide Theorem 4's data condition (Theorem 1 when all widths are equal): orthonormal
+    U (kd x kd), V (k0 x k0) with U^T Y X^T V = [[Lambda', 0], [0, A_1]] and
+    V^T X X^T V = [[Lambda, 0], [0, A_2]], Lambda, Lambda' diagonal r x r, r = min(widths)
+    (A_1 is (kd - r) x (k0 - r); the paper prints the transpose).  Equivalently r
+    orthonormal common eigenvectors v_j of X X^T and (Y X^T)^T Y X^T, u_j = Y X^T v_j /
+    lambda'_j, at most kd - rank(Y X^T) of the lambda'_j zero; chosen by decreasing
+    lambda'^2 / lambda, zeros last.  Repeated eigenvalues, rank-deficient X, n < k0 allowed."""
     X, Y = to_numpy(X).astype(np.float64), to_numpy(Y).astype(np.float64)
     if X.ndim != 2 or Y.ndim != 2 or X.shape[1] != Y.shape[1]:
-        raise ValueError(f"X (k0 x n) and Y (kd x n) need the same n; got {_shape(X)} and {_shape(Y)}")
+        raise ValueError(f"X (k0 x n) and Y (kd x n) need the same n; got {_shape(X)} and "
+                         f"{_shape(Y)}")
     if widths[0] != X.shape[0] or widths[-1] != Y.shape[0]:
         raise ValueError(f"widths {list(widths)} must start with k0 = {X.shape[0]} and end "
                          f"with kd = {Y.shape[0]}")
@@ -959,39 +865,27 @@ def invariance_certificate(X, Y, widths, tol=1e-9):
 
 def _off_block(M, r):
     """Largest |entry| of M outside diag(top-left r x r) and the bottom-right block."""
-    M = np.abs(M.copy())
+    M = np.abs(M) * (1.0 - np.eye(*M.shape))
     M[r:, r:] = 0.0
-    idx = np.arange(min(r, *M.shape))
-    M[idx, idx] = 0.0
     return float(M.max()) if M.size else 0.0
 
 
 def _condition_violation(S, G, r):
-    """How far X X^T and (YX^T)^T YX^T are from sharing r eigenvectors: the r-th smallest
-    ||G v - (v^T G v) v|| / ||G|| over the eigenvectors v of X X^T (in a repeated
-    eigenspace, the basis diagonalising the compressed G)."""
-    w, E = np.linalg.eigh(S)
-    vecs = []
-    for idx in _clusters(w[::-1], 1e-9, scale=max(abs(w).max(), 1e-300)):
-        K = E[:, ::-1][:, idx]
-        vecs.append(K @ np.linalg.eigh(K.T @ G @ K)[1])
-    V = np.concatenate(vecs, axis=1)
+    """How far S = X X^T and G = (YX^T)^T YX^T are from sharing r eigenvectors: the r-th smallest
+    ||G v - (v^T G v) v|| / ||G||, v eigenvectors of S diagonalising G on S's eigenspaces."""
+    V = np.concatenate([K @ np.linalg.eigh(K.T @ G @ K)[1] for K in _eigenspaces(S, 1e-9)], axis=1)
     GV = G @ V
     res = np.linalg.norm(GV - V * np.einsum("ij,ij->j", V, GV), axis=0)
     return float(np.sort(res)[r - 1] / max(np.linalg.norm(G, 2), 1e-300))
 
 
 def sensing_certificate(Ms, tol=1e-9):
-    """Matrix sensing (Section 4.2): orthonormal U, V with every U^T M_i V diagonal (the
-    data are not of Theorem 1's (X, Y) form).  Ms: n x k x k.  U, V from the SVD of a
-    generic combination of the M_i, then each M_i tested.  Returns (ok, U, V, residual)."""
+    """Matrix sensing (Section 4.2): orthonormal U, V with every U^T M_i V diagonal (Ms: n x k x
+    k), from the SVD of a generic combination of the M_i.  Returns (ok, U, V, residual)."""
     Ms = to_numpy(Ms).astype(np.float64)
     c = np.random.default_rng(12345).standard_normal(Ms.shape[0])
     U, _, Vt = np.linalg.svd(np.tensordot(c, Ms, axes=1))
-    D = U.T @ Ms @ Vt.T
-    off = D.copy()
-    idx = np.arange(min(D.shape[1:]))
-    off[:, idx, idx] = 0.0
+    off = (U.T @ Ms @ Vt.T) * (1.0 - np.eye(*Ms.shape[1:]))
     residual = float(np.abs(off).max() / max(np.abs(Ms).max(), 1e-300))
     return residual <= 1e3 * tol, U, Vt.T, residual
 
@@ -999,13 +893,10 @@ def sensing_certificate(Ms, tol=1e-9):
 def aligned_init(U, V, widths, sigmas=None, scale=1.0, seed=0, balanced=False,
                  chain=None, dtype=np.float64):
     """Aligned initialisation of Lemma 2 / Theorem 1: W_1 = Q_1 D_1 V^T, W_i = Q_i D_i Q_{i-1}^T,
-    W_d = U D_d Q_{d-1}^T, with Q_i = I unless ``chain`` gives [Q_1, ..., Q_{d-1}].
-
-    D_i rectangular diagonal: ``sigmas`` (d vectors) or draws from U(0, scale) with
-    ``seed`` (the authors' choice).  ``balanced``: the first min(widths) values equal in
-    every layer (the d-th root of their product), the rest zero, so that
-    W_{i+1}^T W_{i+1} = W_i W_i^T.  U, V: NumPy or CuPy; the result follows them.
-    """
+    W_d = U D_d Q_{d-1}^T, with Q_i = I unless ``chain`` gives [Q_1, ..., Q_{d-1}].  D_i
+    rectangular diagonal: ``sigmas`` (d vectors) or draws from U(0, scale) with ``seed``
+    (the authors' choice); ``balanced``: the first min(widths) values of every layer the
+    d-th root of their product, the rest zero (W_{i+1}^T W_{i+1} = W_i W_i^T)."""
     xp = array_module(U, V)
     widths = [int(k) for k in widths]
     d = len(widths) - 1
@@ -1021,8 +912,7 @@ def aligned_init(U, V, widths, sigmas=None, scale=1.0, seed=0, balanced=False,
         common = np.abs(np.prod([s[:r] for s in sigmas], axis=0)) ** (1.0 / d)
         sigmas = [np.concatenate([common, np.zeros(s.size - r)]) for s in sigmas]
     inner = chain if chain is not None else [xp.eye(k, dtype=dtype) for k in widths[1:-1]]
-    bases = [xp.asarray(V, dtype=dtype)] + [xp.asarray(Q, dtype=dtype) for Q in inner] + \
-        [xp.asarray(U, dtype=dtype)]
+    bases = [xp.asarray(Q, dtype=dtype) for Q in [V, *inner, U]]
     return aligned_network(bases, [xp.asarray(s, dtype=dtype) for s in sigmas])
 
 
@@ -1031,21 +921,18 @@ def _others_product(sig):
     xp = array_module(sig)
     ones = xp.ones_like(sig[..., :1, :])
     prefix = xp.cumprod(xp.concatenate([ones, sig[..., :-1, :]], axis=-2), axis=-2)
-    suffix = xp.flip(xp.cumprod(xp.flip(xp.concatenate([sig[..., 1:, :], ones], axis=-2),
-                                        axis=-2), axis=-2), axis=-2)
+    suffix = xp.cumprod(xp.concatenate([ones, sig[..., :0:-1, :]], axis=-2), axis=-2)[..., ::-1, :]
     return prefix * suffix
 
 
 def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", kd=None,
                             record_every=1):
-    """Corollary 1: GD on the top-r singular values of a strongly aligned network.
-
+    """Corollary 1: GD on the top-r singular values of a strongly aligned network,
     sigma_i(t+1) = sigma_i(t) + (lr/n) prod_{j != i} sigma_j(t) (lam' - lam prod_j sigma_j(t)),
     Appendix B's product over j != i (Eq. (6) as printed multiplies over all j: the
     derivative with respect to sigma_i removes sigma_i).  sigmas0: (..., d, r), leading
     axes independent runs; lam, lam_prime: (r,).  kind="mse_mean" scales by 2/(kd n).
-    Returns the trajectory, (steps // record_every + 1, ..., d, r).
-    """
+    Returns the trajectory, (steps // record_every + 1, ..., d, r)."""
     xp = array_module(sigmas0)
     coef = lr / n if kind == "mse" else 2.0 * lr / (kd * n)
     sig = xp.array(sigmas0, dtype=xp.float64)
@@ -1065,23 +952,20 @@ def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", k
 
 
 def prop2_learning_rate(sigmas0, lam, lam_prime, n):
-    """Largest learning rate of Proposition 2, as its proof (Appendix C) needs it:
-    gamma <= (n ln 2 / d) min_k [min_i sigma_k(W_i(0))^2 lam_k / lam'_k^2], the minimum
-    over layers i too (the statement leaves i free); directions with lam'_k = 0 never
-    move and do not count.  sigmas0: (d, r) positive; lam, lam_prime: (r,)."""
+    """Proposition 2's largest learning rate as its proof (Appendix C) needs it: gamma <=
+    (n ln 2 / d) min_k [min_i sigma_k(W_i(0))^2 lam_k / lam'_k^2], min over layers i too (the
+    statement leaves i free), lam'_k = 0 not counted.  sigmas0: (d, r) > 0; lam, lam_prime: (r,)."""
     sig = np.asarray(to_numpy(sigmas0), dtype=np.float64)
     lam, lam_prime = np.asarray(lam, dtype=np.float64), np.asarray(lam_prime, dtype=np.float64)
-    d = sig.shape[0]
     live = lam_prime != 0
-    return float(n * math.log(2) / d *
+    return float(n * math.log(2) / sig.shape[0] *
                  np.min(sig.min(axis=0)[live] ** 2 * lam[live] / lam_prime[live] ** 2))
 
 
 def balanced_factorization(P, hidden=None, W=None):
-    """Proposition 3: aligned, balanced W_1, W_2 with W_2 W_1 = P and the least
-    ||W_1||_F^2 + ||W_2||_F^2 = 2 ||P||_*: with P = U Sigma V^T, W_1 = W Sigma^{1/2} V^T and
-    W_2 = U Sigma^{1/2} W^T for any orthonormal W (default I).  (Appendix G prints
-    W_1 = W Sigma^{1/2} U^T, W_2 = U Sigma^{1/2} V^T, whose product is not P.)"""
+    """Proposition 3: aligned, balanced W_1 = W Sigma^{1/2} V^T, W_2 = U Sigma^{1/2} W^T (W
+    orthonormal, default I) with W_2 W_1 = P = U Sigma V^T and the least ||W_1||_F^2 + ||W_2||_F^2
+    = 2 ||P||_*.  (Appendix G's W_1 = W Sigma^{1/2} U^T, W_2 = U Sigma^{1/2} V^T miss P.)"""
     xp = array_module(P)
     m, n = P.shape
     hidden = min(m, n) if hidden is None else hidden
@@ -1090,9 +974,7 @@ def balanced_factorization(P, hidden=None, W=None):
     U, s, Vt = xp.linalg.svd(P, full_matrices=True)
     root = xp.sqrt(s[:min(hidden, s.size)])
     W = xp.eye(hidden, dtype=P.dtype) if W is None else W
-    W1 = W @ rect_diag(root, hidden, n) @ Vt
-    W2 = U @ rect_diag(root, m, hidden) @ _T(W)
-    return W1, W2
+    return W @ rect_diag(root, hidden, n) @ Vt, U @ rect_diag(root, m, hidden) @ _T(W)
 
 
 def proposition4(weights, X, Y, tol=1e-8):
@@ -1104,8 +986,8 @@ def proposition4(weights, X, Y, tol=1e-8):
         raise ValueError(f"Proposition 4 needs n >= k0 and X of full rank; X is {_shape(X)} "
                          f"of rank {np.linalg.matrix_rank(X)}")
     M = Y @ X.T @ np.linalg.inv(X @ X.T)
-    first, last = to_numpy(weights[0]), to_numpy(weights[-1])
-    return is_aligned([M, last.T], tol), is_aligned([first.T, M], tol)
+    return (is_aligned([M, to_numpy(weights[-1]).T], tol),
+            is_aligned([to_numpy(weights[0]).T, M], tol))
 
 
 # ------------------------------------------------------------ optional speed --

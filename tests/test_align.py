@@ -122,7 +122,7 @@ def test_gradient_descent_divergence_names_step_and_lr():
     assert all(math.isfinite(L) for L in e.value.history.losses)
 
 
-def test_ussvd_definition1_and_its_permutations_and_flips():
+def test_ussvd_definition1_and_its_reorderings_and_sign_flips():
     rng = np.random.default_rng(8)
     for m, n in [(4, 6), (6, 4), (5, 5)]:
         A = rng.standard_normal((m, n))
@@ -133,7 +133,7 @@ def test_ussvd_definition1_and_its_permutations_and_flips():
         np.testing.assert_allclose(align.ussvd_matrix(U, s, V), A, atol=1e-13)
         perm = rng.permutation(min(m, n))
         signs = rng.choice([-1.0, 1.0], min(m, n))
-        U2, s2, V2 = align.ussvd_flip(*align.ussvd_permute(U, s, V, perm), signs)
+        U2, s2, V2 = align.ussvd_reorder(U, s, V, perm, signs)
         assert (s2 < 0).any() or (signs > 0).all()
         np.testing.assert_allclose(align.ussvd_matrix(U2, s2, V2), A, atol=1e-13)
         np.testing.assert_allclose(U2.T @ U2, np.eye(m), atol=1e-13)
