@@ -244,10 +244,10 @@ def _frozen_below(loss_and_grads, tol, batched):
     each stops where its own run would (the batch stops when all are below)."""
     def wrapped(ps):
         L, grads = loss_and_grads(ps)
-        if L.shape[0] == 1 or (array_module(L) is np and bool((L >= tol).all())):
-            return L, grads          # one network stops with the run; all active (a host check)
-        active = (L >= tol)[:, None, None]
-        return L, [g * active for g in grads]
+        active = None if L.shape[0] == 1 else L >= tol     # (one network stops with the run)
+        if active is None or (array_module(L) is np and bool(active.all())):
+            return L, grads                                   # (a host check: cheaper)
+        return L, [g * active[:, None, None] for g in grads]
     return wrapped if batched else loss_and_grads
 
 
@@ -595,8 +595,8 @@ def _measures(now, then, rtol):
 # -------------------------------------------------- exact test of Def. 2 --
 @dataclasses.dataclass
 class AlignmentTest:
-    """Result of :func:`is_aligned`, truthy when aligned: ``ussvds`` [(U_i, s_i, V_i)], U_i =
-    V_{i+1}, with ``residual`` max_i |off-diagonal of U_i^T W_i V_i| / ||W_i||_2."""
+    """Result of :func:`is_aligned`, truthy when aligned: the witness ``ussvds`` [(U_i, s_i,
+    V_i)] with U_i = V_{i+1}, ``residual`` max_i |off-diagonal of U_i^T W_i V_i| / ||W_i||_2."""
     aligned: bool
     residual: float
     reason: str
@@ -791,7 +791,7 @@ class Certificate:
 
 
 def _eigenspaces(S, tol):
-    """Orthonormal bases of symmetric S's eigenspaces (eigenvalues decreasing, equal to tol)."""
+    """Orthonormal bases of symmetric S's eigenspaces, eigenvalues decreasing, equal to tol."""
     w, E = np.linalg.eigh(S)
     scale = max(abs(w).max(), np.finfo(float).tiny)
     return [E[:, ::-1][:, idx] for idx in _clusters(w[::-1], tol, scale)]
@@ -880,8 +880,8 @@ def _condition_violation(S, G, r):
 
 
 def sensing_certificate(Ms, tol=1e-9):
-    """Matrix sensing (Section 4.2): orthonormal U, V with every U^T M_i V diagonal (Ms: n x k x
-    k), from the SVD of a generic combination of the M_i.  Returns (ok, U, V, residual)."""
+    """Matrix sensing (Section 4.2): orthonormal U, V with every U^T M_i V diagonal, Ms (n, k, k),
+    from the SVD of a generic combination of the M_i.  Returns (ok, U, V, residual)."""
     Ms = to_numpy(Ms).astype(np.float64)
     c = np.random.default_rng(12345).standard_normal(Ms.shape[0])
     U, _, Vt = np.linalg.svd(np.tensordot(c, Ms, axes=1))
@@ -964,8 +964,8 @@ def prop2_learning_rate(sigmas0, lam, lam_prime, n):
 
 def balanced_factorization(P, hidden=None, W=None):
     """Proposition 3: aligned, balanced W_1 = W Sigma^{1/2} V^T, W_2 = U Sigma^{1/2} W^T (W
-    orthonormal, default I) with W_2 W_1 = P = U Sigma V^T and the least ||W_1||_F^2 + ||W_2||_F^2
-    = 2 ||P||_*.  (Appendix G's W_1 = W Sigma^{1/2} U^T, W_2 = U Sigma^{1/2} V^T miss P.)"""
+    orthonormal, default I), W_2 W_1 = P = U Sigma V^T, least ||W_1||_F^2 + ||W_2||_F^2 =
+    2 ||P||_*.  (Appendix G prints W_1 = W Sigma^{1/2} U^T, W_2 = U Sigma^{1/2} V^T: not P.)"""
     xp = array_module(P)
     m, n = P.shape
     hidden = min(m, n) if hidden is None else hidden

@@ -118,10 +118,18 @@ def ratios(m):
     return rows
 
 
+def answer(side, w):
+    """The next line a worker writes; a clear error if it stopped (its traceback is above)."""
+    line = w.stdout.readline()
+    if not line:
+        sys.exit(f"error: a worker of the {side} tree stopped (see its traceback above)")
+    return line
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("before", help="the first tree (a checkout of the project)")
-    p.add_argument("after", help="the second tree")
+    p.add_argument("before", nargs="?", help="the first tree (a checkout of the project)")
+    p.add_argument("after", nargs="?", help="the second tree")
     p.add_argument("--rounds", type=int, default=6, help="times each task is asked of each worker (6)")
     p.add_argument("--workers", type=int, default=2, help="processes per tree (2)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
@@ -131,18 +139,19 @@ def main(argv=None):
     parts = args.parts.split(",")
     if args.worker:
         return worker(args.worker, parts)
-    unknown = set(parts) - set(PARTS)
+    if args.after is None:
+        sys.exit("error: give two checkouts: python benchmarks/compare.py BEFORE AFTER")
     for tree in (args.before, args.after):
         if not os.path.isfile(os.path.join(tree, "benchmarks", "bench.py")):
             sys.exit(f"error: {tree} is not a checkout of this project (no benchmarks/bench.py)")
-    if unknown or args.rounds < 1 or args.workers < 1:
+    if set(parts) - set(PARTS) or args.rounds < 1 or args.workers < 1:
         sys.exit(f"error: --parts takes {', '.join(PARTS)}; --rounds and --workers at least 1")
     os.makedirs(args.out, exist_ok=True)
     workers = [(side, subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), tree, tree, "--worker", os.path.abspath(tree),
+        [sys.executable, os.path.abspath(__file__), "--worker", os.path.abspath(tree),
          "--parts", args.parts], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
         for _ in range(args.workers) for side, tree in (("before", args.before), ("after", args.after))]
-    names = [w.stdout.readline().split() for _, w in workers][0]
+    names = [answer(side, w).split() for side, w in workers][0]     # (all ready, one task list)
     times = {side: {name: [] for name in names} for side in ("before", "after")}
     order = random.Random(0)
     for r in range(args.rounds):
@@ -150,7 +159,7 @@ def main(argv=None):
             for side, w in order.sample(workers, len(workers)):
                 w.stdin.write(name + "\n")
                 w.stdin.flush()
-                times[side][name].append(float(w.stdout.readline()))
+                times[side][name].append(float(answer(side, w)))
         print(f"round {r + 1} of {args.rounds} done", flush=True)
     for _, w in workers:
         w.stdin.close()
