@@ -849,7 +849,7 @@ def _split_invariance_pairs(pairs, now, then, k, rtol, static):
     used, used0 = int((s[mask] > rtol * s[0]).sum()), int((s0[mask0] > rtol * s0[0]).sum())
     if used != used0:
         return None
-    return pairs[1:] + [align._Pair(U[:, ~mask], s[~mask], U0[:, ~mask0], s0[~mask0], k, rows_b=False,
+    return pairs[1:] + [align._Pair(U[:, ~mask], s[~mask], U0[:, ~mask0], s0[~mask0], k,
                                     exact=int(mask.sum()), exact_used=used, scale_a=s[0], scale_b=s0[0])]
 
 

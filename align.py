@@ -11,7 +11,6 @@ import functools
 import json
 import math
 import operator
-import sys
 import time
 
 import numpy as np
@@ -449,14 +448,14 @@ def _greedy_match(C, capacity):
 
 @dataclasses.dataclass
 class _Pair:
-    """Orthonormal directions A, B (singular values sa, sb descending) in R^k; ``exact*`` and
-    ``scale_*``: directions common to both left out (_fast.py's split of layer 1)."""
+    """Orthonormal directions A, B (singular values sa, sb descending) in R^k, B the side the
+    matched rule scores; ``exact*`` and ``scale_*``: directions common to both left out
+    (_fast.py's split of layer 1)."""
     A: np.ndarray
     sa: np.ndarray
     B: np.ndarray
     sb: np.ndarray
     k: int
-    rows_b: bool
     positions: int = None
     exact: int = 0
     exact_used: int = 0
@@ -532,11 +531,11 @@ def _paired_score(pairs, rtol):
 
 
 def _matched_score(pairs):
-    """The authors' rule: for each scored direction the largest |cosine| with the
-    other side, summed over all pairs / the directions (one value per network)."""
+    """The authors' rule: each direction of B (V_{i+1}; for invariance the initial network's)
+    scored by its largest |cosine| with A's, summed over all pairs / B's directions."""
     total, count, groups = 0.0, 0, {}
-    for pair in pairs:                       # pairs of one shape and side: one reduction
-        M = pair.product if pair.rows_b else _T(pair.product)     # scored directions: columns
+    for pair in pairs:                       # pairs of one shape: one reduction
+        M = pair.product                     # A^T B: B's directions are its columns
         if M.size:
             groups.setdefault(M.shape, []).append(M)
             count += M.shape[-1]
@@ -555,7 +554,7 @@ def _widths(svds):
 def _alignment_pairs(svds, widths):
     """(U_i, V_{i+1}) for the adjacent layers, from reduced SVDs [(U, s, V), ...]."""
     return [_Pair(svds[i][0], svds[i][1], svds[i + 1][2], svds[i + 1][1], widths[i + 1],
-                  rows_b=True, positions=max(widths[i], widths[i + 2]))
+                  positions=max(widths[i], widths[i + 2]))
             for i in range(len(svds) - 1)]
 
 
@@ -563,7 +562,7 @@ def _invariance_pairs(now, then, widths):
     """(U_i(t), U_i(0)) for i < d and (V_i(t), V_i(0)) for i > 1."""
     sides = [(i, 0) for i in range(len(now) - 1)] + [(i, 2) for i in range(1, len(now))]
     return [_Pair(now[i][side], now[i][1], then[i][side], then[i][1],
-                  widths[i + 1] if side == 0 else widths[i], rows_b=False)
+                  widths[i + 1] if side == 0 else widths[i])
             for i, side in sides]
 
 
@@ -600,7 +599,7 @@ class AlignmentTest:
     aligned: bool
     residual: float
     reason: str
-    ussvds: list = None
+    ussvds: list = dataclasses.field(default=None, repr=False)
 
     def __bool__(self):
         return bool(self.aligned)
@@ -623,10 +622,12 @@ def _orthonormal_by_size(Z, norms):
 def _joint_eigenbasis(C, products, tol):
     """span(C) split into common right singular vectors of the forward products [(P, m)]:
     SVDs of P on each group (accurate for small values, unlike eigh of P^T P), values compared
-    per layer (m-th roots) up to ``tol``, below rounding as zero; unsplit groups kept as is."""
+    per layer (m-th roots) up to ``tol``, below tol (and rounding) as zero; unsplit groups
+    kept as is.  Each group is last turned to the singular vectors of the next layer on it:
+    its values, equal up to tol but not to rounding (float32), then do not mix."""
     groups = [C]
     for P, m in products:
-        floor = 100 * np.finfo(float).eps * max(P.shape)
+        floor = max(100 * np.finfo(float).eps * max(P.shape), tol)
         refined = []
         for B in groups:
             if B.shape[1] < 2:
@@ -637,6 +638,9 @@ def _joint_eigenbasis(C, products, tol):
             parts = _clusters(np.where(s > floor, s, 0.0) ** (1.0 / m), tol, scale=1.0)
             refined.extend([B] if len(parts) == 1 else [B @ Vt[idx].T for idx in parts])
         groups = refined
+    if products and products[0][1] == 1:
+        P = products[0][0]
+        groups = [g if g.shape[1] < 2 else g @ np.linalg.svd(P @ g)[2].T for g in groups]
     return [g[:, j] for g in groups for j in range(g.shape[1])]
 
 
@@ -677,36 +681,128 @@ def _strings(Ws, tol):
     return strings, widths
 
 
-def _assign_indices(intervals, widths, max_nodes=200_000):
-    """Positions for the strings, distinct in each space: a string over spaces a..b needs
-    one below min(k_a..k_b) in each (Sigma_i is rectangular diagonal).  Depth-first
-    search, tightest strings first; None when impossible."""
-    caps = [min(widths[a:b + 1]) for a, b in intervals]
-    order = sorted(range(len(intervals)),
-                   key=lambda s: (caps[s], intervals[s][0] - intervals[s][1], intervals[s][0]))
-    taken, index, nodes = [set() for _ in widths], [None] * len(intervals), [0]
+def _track_ends(widths):
+    """ends[i][j]: the last space of the run i, i+1, ... of spaces that have a position j
+    (k > j): position j of space i can hold one string from i to at most there."""
+    ends = [[i] * k for i, k in enumerate(widths)]
+    for i in range(len(widths) - 2, -1, -1):
+        for j in range(min(widths[i], widths[i + 1])):
+            ends[i][j] = ends[i + 1][j]
+    return ends
 
-    def place(pos):
-        if pos == len(order):
-            return True
-        nodes[0] += 1
-        if nodes[0] > max_nodes:
-            raise RuntimeError("is_aligned: position assignment search too large to decide")
-        s = order[pos]
-        spaces = taken[intervals[s][0]:intervals[s][1] + 1]
-        for j in range(caps[s]):
-            if all(j not in t for t in spaces):
-                for t in spaces:
-                    t.add(j)
-                index[s] = j
-                if place(pos + 1):
-                    return True
-                for t in spaces:
-                    t.discard(j)
+
+def _pairings(tracks, strings):
+    """Every one-to-one pairing of free positions (multiset {track end R: count}) with the
+    strings starting here ({string end b: count}) with b <= R: dicts {(R, b): count}.  The
+    tracks that end soonest choose first, best fit first; a choice that leaves the rest
+    unpairable is not followed."""
+    if not tracks:
+        yield {}
+        return
+    R = min(tracks)
+    rest = {r: n for r, n in tracks.items() if r != R}
+    fits = sorted((b for b in strings if b <= R and strings[b]), reverse=True)
+
+    def take(o, need, left):
+        if need == 0:
+            if _pairable(rest, left):
+                yield from _pairings(rest, {b: n for b, n in left.items() if n})
+        elif o < len(fits) and sum(left[b] for b in fits[o:]) >= need:
+            b = fits[o]
+            for n in range(min(need, left[b]), -1, -1):
+                for more in take(o + 1, need - n, {**left, b: left[b] - n}):
+                    yield {**more, (R, b): n} if n else more
+    yield from take(0, tracks[R], strings)
+
+
+def _pairable(tracks, strings):
+    """Whether {R: count} and {b: count} pair one to one with b <= R (Hall's condition for
+    nested choices: at every t, no more strings end after t than tracks do)."""
+    if sum(tracks.values()) != sum(strings.values()):
         return False
+    return all(sum(n for b, n in strings.items() if b > t) <= sum(n for R, n in tracks.items()
+                                                                if R > t) for t in strings)
 
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), len(order) + 100))
-    return index if place(0) else None
+
+def _assign_positions(intervals, widths):
+    """Positions for the strings (a, b) over spaces a..b, distinct in each space: a string
+    needs one position j below every k_a..k_b (Sigma_i is rectangular diagonal).  Position
+    j of space i is a track lasting while k > j (_track_ends); tracks ending at the same
+    space are interchangeable, so the search runs over counts: the state after space i is
+    the multiset of (track end, string end) pairs going on, and states that fail are
+    remembered.  Exact; None when no positions exist."""
+    ends, d = _track_ends(widths), len(widths) - 1
+    starting = [{} for _ in widths]
+    for a, b in intervals:
+        starting[a][b] = starting[a].get(b, 0) + 1
+    failed = set()
+
+    def search(i, state):                     # state: ((R, e), count) pairs alive into space i
+        if i > d:
+            return []
+        if (i, state) in failed:
+            return None
+        free, going = {}, {}
+        for (R, e), n in state:
+            target = free if e < i else going
+            key = R if e < i else (R, e)
+            target[key] = target.get(key, 0) + n
+        for j in range(widths[i - 1] if i else 0, widths[i]):        # positions new at space i
+            free[ends[i][j]] = free.get(ends[i][j], 0) + 1
+        if _pairable(free, starting[i]):
+            for pairing in _pairings(free, starting[i]):
+                after = dict(going)
+                for (R, b), n in pairing.items():
+                    after[(R, b)] = after.get((R, b), 0) + n
+                rest = search(i + 1, tuple(sorted((k, n) for k, n in after.items() if k[0] > i)))
+                if rest is not None:
+                    return [pairing] + rest
+        failed.add((i, state))
+        return None
+
+    plan = search(0, ())
+    return None if plan is None else _positions_from_plan(plan, intervals, widths, ends)
+
+
+def _positions_from_plan(plan, intervals, widths, ends):
+    """Concrete positions from the search's pairings, space by space."""
+    index, held = [None] * len(intervals), {}            # held: position -> string end
+    for i, pairing in enumerate(plan):
+        free = [j for j in range(widths[i]) if held.get(j, -1) < i]
+        by_end = {}
+        for s, (a, b) in enumerate(intervals):
+            if a == i:
+                by_end.setdefault(b, []).append(s)
+        for (R, b), n in pairing.items():
+            for _ in range(n):
+                j = next(j for j in free if ends[i][j] == R)
+                free.remove(j)
+                s = by_end[b].pop()
+                index[s], held[j] = j, b
+    return index
+
+
+def _gram_commutators(Ws, tol):
+    """Necessary condition of Definition 2: U_i = V_{i+1} diagonalises W_i W_i^T and
+    W_{i+1}^T W_{i+1}, so they commute.  Returns (the largest relative commutator
+    ||[A, B]||_F / (||A||_2 ||B||_2), its layer, whether it is too large for any witness to
+    be off-diagonal by at most tol): an off-diagonal part E_i with entries <= tol ||W_i||_2
+    has ||E_i||_F <= e_i = tol sqrt(k_i k_{i-1}), and then (expanding [A, B] around the
+    diagonal parts, which commute) the commutator is below 12 (e_i + e_{i+1}) for e <= 0.1,
+    plus rounding."""
+    worst, layer, impossible = 0.0, 0, False
+    norms = [np.linalg.norm(W, 2) if W.size else 0.0 for W in Ws]
+    for i in range(len(Ws) - 1):
+        if norms[i] == 0 or norms[i + 1] == 0:
+            continue
+        A, B = Ws[i] @ Ws[i].T / norms[i] ** 2, Ws[i + 1].T @ Ws[i + 1] / norms[i + 1] ** 2
+        value = float(np.linalg.norm(A @ B - B @ A))
+        e = [tol * math.sqrt(W.size) for W in Ws[i:i + 2]]
+        bound = 12 * (e[0] + e[1]) + 10 * np.finfo(float).eps * A.shape[0] ** 2
+        if value > worst:
+            worst, layer = value, i + 1
+        impossible |= max(e) <= 0.1 and value > bound
+    return worst, layer, impossible
 
 
 def is_aligned(weights, tol=1e-8):
@@ -722,10 +818,15 @@ def is_aligned(weights, tol=1e-8):
     if any(W.ndim != 2 for W in weights):
         raise ValueError("is_aligned takes one network (2-D weights); loop over a batch")
     Ws = [to_numpy(W).astype(np.float64) for W in weights]
-    scales = [float(np.abs(W).max()) or 1.0 for W in Ws]          # (no overflow at 1e200)
-    Ws = [W / c for W, c in zip(Ws, scales)]
+    scales = [float(np.abs(W).max()) if W.size else 0.0 for W in Ws]
+    Ws = [W / (c or 1.0) for W, c in zip(Ws, scales)]              # (no overflow at 1e200)
+    commutator, layer, impossible = _gram_commutators(Ws, tol)
+    if impossible:
+        return AlignmentTest(False, commutator, f"W_{layer} W_{layer}^T and W_{layer + 1}^T "
+                             f"W_{layer + 1} do not commute (relative commutator "
+                             f"{commutator:.3g}): no shared singular vectors")
     strings, widths = _strings(Ws, tol)
-    index = _assign_indices([(a, a + len(vectors) - 1) for a, vectors in strings], widths)
+    index = _assign_positions([(a, a + len(vectors) - 1) for a, vectors in strings], widths)
     if index is None:
         return AlignmentTest(False, math.inf, "no positions make every Sigma_i "
                              "rectangular diagonal (rectangular widths)")

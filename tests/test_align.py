@@ -427,3 +427,108 @@ def test_definition2_small_singular_values_are_not_merged_with_zero():
         test = align.is_aligned(weights, tol=tol)
         assert_witness(test, weights, tol)
         assert test.residual < 1e-10
+
+
+def authors_matched_invariance(weights_t, weights_0):
+    """The authors' code, written out: per layer res = U_i(0)^T U_i(t) (i < d) and
+    V_i(0)^T V_i(t) (i > 1) from plain reduced SVDs, sum of max(|res|, dim=1), over the count."""
+    total, count, d = 0.0, 0, len(weights_t)
+    for i, (Wt, W0) in enumerate(zip(weights_t, weights_0)):
+        (Ut, _, Vtt), (U0, _, Vt0) = (np.linalg.svd(W, full_matrices=False) for W in (Wt, W0))
+        for res in ([U0.T @ Ut] if i < d - 1 else []) + ([Vt0 @ Vtt.T] if i > 0 else []):
+            total, count = total + np.abs(res).max(axis=1).sum(), count + res.shape[0]
+    return total / count
+
+
+@pytest.mark.parametrize("widths", [[20, 30, 8, 3], [12, 16, 6, 4], [9, 9, 9, 9], [3, 7, 2]])
+def test_matched_invariance_scores_each_initial_direction_as_the_authors_code(widths):
+    rng = np.random.default_rng(5)
+    W0 = [rng.standard_normal((widths[i + 1], widths[i])) for i in range(len(widths) - 1)]
+    Wt = [W + 0.3 * rng.standard_normal(W.shape) for W in W0]
+    want = authors_matched_invariance(Wt, W0)
+    assert align.invariance(Wt, W0, "matched") == pytest.approx(want, abs=1e-12)
+    batch_t, batch_0 = ([np.stack([W, W]) for W in ws] for ws in (Wt, W0))
+    got = align.tracker(batch_0)(batch_t)["invariance_matched"]
+    np.testing.assert_allclose(got, [want, want], atol=1e-12)
+
+
+def test_matched_invariance_of_the_issues_network_is_0_78744():
+    """Issue #28's first row: 20-30-8-3, W_t = W_0 + 0.3 G, default_rng(5)."""
+    rng = np.random.default_rng(5)
+    widths = [20, 30, 8, 3]
+    W0 = [rng.standard_normal((widths[i + 1], widths[i])) for i in range(3)]
+    Wt = [W + 0.3 * rng.standard_normal(W.shape) for W in W0]
+    assert align.invariance(Wt, W0, "matched") == pytest.approx(0.7874411632294943, abs=1e-12)
+
+
+def test_definition2_decides_a_random_30_40_20_network():
+    """Issue #23: the search for positions used to give up ("too large to decide") on
+    ordinary networks; non-commuting Gram pairs are now rejected before any search."""
+    rng = np.random.default_rng(0)
+    for dtype in (np.float64, np.float32):
+        weights = [rng.standard_normal((40, 30)).astype(dtype),
+                   rng.standard_normal((20, 40)).astype(dtype)]
+        test = align.is_aligned(weights, tol=1e-6)
+        assert not test and test.residual > 0.1 and "do not commute" in test.reason
+        assert "array(" not in repr(test) and "residual=" in repr(test)
+
+
+def test_definition2_gram_check_never_rejects_a_network_within_tol():
+    """An aligned chain with every off-diagonal entry of Q_i^T W_i Q_{i-1} up to tol ||W_i||
+    has a witness within tol: the commutator bound must let it through."""
+    rng = np.random.default_rng(7)
+    for tol in (1e-8, 1e-6, 1e-4):
+        for _ in range(20):
+            widths = list(rng.integers(1, 9, int(rng.integers(3, 6))))
+            Q = [random_orthogonal(rng, k) for k in widths]
+            weights = []
+            for i in range(1, len(widths)):
+                S = align.rect_diag(rng.uniform(0.5, 1.0, min(widths[i], widths[i - 1])),
+                                    widths[i], widths[i - 1])
+                E = rng.uniform(-1, 1, S.shape) * (1 - align.rect_diag(
+                    np.ones(min(S.shape)), *S.shape))
+                weights.append(Q[i] @ (S + 0.9 * tol * E / np.sqrt(S.size)) @ Q[i - 1].T)
+            assert not align._gram_commutators(weights, tol)[2]
+
+
+def _positions_by_brute_force(intervals, widths):
+    """Whether positions exist, trying every assignment (small cases only)."""
+    import itertools
+    caps = [min(widths[a:b + 1]) for a, b in intervals]
+    for index in itertools.product(*[range(c) for c in caps]):
+        if all(len({j for j, (a, b) in zip(index, intervals) if a <= i <= b}) ==
+               sum(a <= i <= b for a, b in intervals) for i in range(len(widths))):
+            return True
+    return False
+
+
+def test_definition2_positions_exist_exactly_when_some_assignment_works():
+    """The search over counts of (track end, string end) agrees with trying every
+    assignment, on random strings of random widths, and its positions are valid."""
+    rng = np.random.default_rng(23)
+    found = 0
+    for _ in range(400):
+        widths = [int(k) for k in rng.integers(1, 4, int(rng.integers(2, 5)))]
+        alive, intervals = [], []
+        for i, k in enumerate(widths):               # random strings, k_i through space i
+            keep = [s for s in alive if rng.random() < 0.6][:k]
+            for s in set(alive) - set(keep):
+                intervals[s][1] = i - 1
+            alive = keep + list(range(len(intervals), len(intervals) + k - len(keep)))
+            intervals += [[i, None] for _ in range(k - len(keep))]
+        for s in alive:
+            intervals[s][1] = len(widths) - 1
+        intervals = [tuple(iv) for iv in intervals]
+        index = align._assign_positions(intervals, widths)
+        assert (index is not None) == _positions_by_brute_force(intervals, widths)
+        if index is not None:
+            found += 1
+            for i in range(len(widths)):
+                here = [j for j, (a, b) in zip(index, intervals) if a <= i <= b]
+                assert sorted(here) == list(range(widths[i]))
+    assert 50 < found < 400                          # both answers were exercised
+
+
+def test_definition2_on_empty_layers():
+    assert align.is_aligned([np.zeros((0, 0)), np.zeros((0, 0))])
+    assert align.is_aligned([np.zeros((3, 2)), np.zeros((2, 3))])

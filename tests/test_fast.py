@@ -507,3 +507,21 @@ def _leaves(value):
     if isinstance(value, list):
         return [x for v in value for x in _leaves(v)]
     return [float(value)]
+
+
+@pytest.mark.parametrize("widths, n", [([6, 9, 4, 3], 12), ([20, 24, 3, 2], 6)])
+def test_tracker_during_training_scores_invariance_as_the_authors_code(widths, n):
+    """The fast tracker (row-space split where n < k0, batched where B > 1) measures the
+    matched invariance of every recorded iterate as the authors' formula does."""
+    from test_align import authors_matched_invariance
+    rng = np.random.default_rng(46)
+    X, Y = rng.standard_normal((widths[0], n)), rng.standard_normal((widths[-1], n))
+    W0 = [rng.standard_normal((widths[i + 1], widths[i])) / 3 for i in range(len(widths) - 1)]
+    for start in (W0, [np.stack([W, 1.1 * W]) for W in W0]):
+        out, hist = align.train(start, X, Y, "mse", lr=0.05, max_steps=100, tol=0.0,
+                                measures={"m": align.tracker(start)})
+        got = np.atleast_1d(hist.measurements["invariance_matched"][-1])
+        nets = [(out, start)] if out[0].ndim == 2 else \
+            [([W[b] for W in out], [W[b] for W in start]) for b in range(2)]
+        want = [authors_matched_invariance(wt, w0) for wt, w0 in nets]
+        np.testing.assert_allclose(got, want, atol=1e-10)
