@@ -57,6 +57,7 @@ def descend_in_runs(ps, loss_and_grads, run, chunks, measure_every):
     ``chunks`` (see step_runs): on a GPU the measurement due at a run's start is taken
     from a copy while the run goes on.  A stop inside a run is replayed step by step, so
     the history is the step-by-step loop's.  Returns (params, History)."""
+    before = None
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by run.stops
         try:
             while True:
@@ -73,11 +74,14 @@ def descend_in_runs(ps, loss_and_grads, run, chunks, measure_every):
                 L, grads = loss_and_grads(ps)           # one step, kernel by kernel
                 if run.stops(run.step, L):
                     break
+                before = [p.copy() for p in ps]
                 _descend(ps, grads, run.lr)
-                run.step += 1
+                before, run.step = None, run.step + 1
         except KeyboardInterrupt:
             run.hist.stop_reason = "interrupted"
             chunks.cancel()                             # back to the state at run.step
+            for p, b in zip(ps, before or ()):          # (a step cut short: undone)
+                p[...] = b
     return ps, run.finish(ps)
 
 

@@ -263,6 +263,7 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     runs = _fast.step_runs(ps, loss_and_grads, lr) if _fast is not None else None
     if runs is not None:
         return _fast.descend_in_runs(ps, loss_and_grads, run, runs, measure_every)
+    spare = [p.copy() for p in ps]
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by run.stops
         try:
             while True:
@@ -271,9 +272,9 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
                 L, grads = loss_and_grads(ps)
                 if run.stops(run.step, L):
                     break
-                for p, g in zip(ps, grads):
-                    p -= lr * g                         # the step
-                run.step += 1
+                for p, g, new in zip(ps, grads, spare):
+                    array_module(p).subtract(p, lr * g, out=new)     # the step, into spare
+                ps, spare, run.step = spare, ps, run.step + 1   # (Ctrl-C: a whole step or none)
         except KeyboardInterrupt:
             run.hist.stop_reason = "interrupted"
     return ps, run.finish(ps)

@@ -241,8 +241,10 @@ def record(hist, **extra):
 
 def keep(runs, name, run):
     """Add a finished run's record to ``runs``; after an interrupted run, stop the experiment
-    (the runs so far are written, marked interrupted)."""
-    runs[name] = run
+    (the runs so far are written, marked interrupted).  A run interrupted before its first
+    loss was recorded (in the measurement of step 0) has nothing to show and is left out."""
+    if run["losses"]:
+        runs[name] = run
     if run["stop_reason"] == "interrupted":
         raise KeyboardInterrupt
 
@@ -655,9 +657,12 @@ def write_files(writers, remove=()):
     temps = {}
     try:
         with signals_held():
+            for folder in {os.path.dirname(os.path.abspath(path)) for path in writers}:
+                remove_stale_temporaries(folder)
             for path, write in writers.items():
                 fd, temps[path] = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                                   prefix=".tmp-", suffix=os.path.basename(path))
+                                                   prefix=f".tmp-{os.getpid()}-",
+                                                   suffix=os.path.basename(path))
                 os.close(fd)
                 try:
                     write(temps[path])
@@ -671,6 +676,7 @@ def write_files(writers, remove=()):
             for path, tmp in list(temps.items()):
                 os.replace(tmp, path)
                 del temps[path]
+                FILES_WRITTEN.append(path)
             for path in remove:
                 if os.path.exists(path):
                     os.remove(path)
@@ -678,6 +684,26 @@ def write_files(writers, remove=()):
         for tmp in temps.values():
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files (.tmp-<pid>-*) that a killed earlier run left in ``folder``;
+    those of a process still running (another run writing there) stay."""
+    for name in os.listdir(folder):
+        pid = name[5:].split("-", 1)[0] if name.startswith(".tmp-") else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                          # (another user's process)
+        return True
+    return True
 
 
 def text_writer(text):
@@ -694,6 +720,7 @@ def write_text(path, text):
 
 
 SIGNALS_RECEIVED = []                       # SIGINT / SIGTERM numbers this process received
+FILES_WRITTEN = []                          # paths write_files put in place (this command)
 
 
 class Terminated(KeyboardInterrupt):
@@ -932,6 +959,15 @@ def run_experiment(name, cfg):
         print(f"{name}: interrupted before any run was recorded; nothing written "
               f"(earlier results in {cfg.out} left as they were)")
         raise KeyboardInterrupt
+    with signals_held():                     # (a signal now: the results are written first)
+        claim = _report(name, cfg, exp, runs, claim, stop, start)
+    if stop == "interrupted":
+        raise KeyboardInterrupt
+    return claim
+
+
+def _report(name, cfg, exp, runs, claim, stop, start):
+    """Print the summary and write the JSON, CSV and PNG of an experiment's runs."""
     runs = {label: thinned(r, cfg.loss_every) for label, r in runs.items()}
     print(summary(name, runs, claim, stop))
     result = {"experiment": name, "paper": exp.paper, "title": title(exp.run), "status": stop,
@@ -952,8 +988,6 @@ def run_experiment(name, cfg):
     print(f"  wrote {', '.join(writers)}")
     if isinstance(fig, str):
         print(f"  {fig}")
-    if stop == "interrupted":
-        raise KeyboardInterrupt
     return claim
 
 
@@ -1157,7 +1191,7 @@ def main(argv=None):
             print(f"note: {name} ignores {', '.join(ignored)}", file=sys.stderr)
     previous = signal.signal(signal.SIGTERM, _on_signal) \
         if threading.current_thread() is threading.main_thread() else None
-    del SIGNALS_RECEIVED[:]
+    del SIGNALS_RECEIVED[:], FILES_WRITTEN[:]
     try:
         check_output_folder(args.out)
         if args.mnist is not None:
@@ -1169,8 +1203,9 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         terminated = signal.SIGTERM in SIGNALS_RECEIVED
-        print(f"{'terminated' if terminated else 'interrupted'}: what was computed was written, "
-              "marked \"interrupted\"", file=sys.stderr)
+        print(f"{'terminated' if terminated else 'interrupted'}: " + (
+            "what was computed was written, marked \"interrupted\"" if FILES_WRITTEN else
+            "nothing was written"), file=sys.stderr)
         return 143 if terminated else 130
     finally:
         if previous is not None:

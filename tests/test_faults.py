@@ -5,6 +5,7 @@ import errno
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -126,7 +127,8 @@ def test_is_aligned_at_extreme_scales_answers_instead_of_overflowing():
     for scale in (1e200, 1e-200):
         test = align.is_aligned([scale * W for W in weights])
         assert test and test.residual < 1e-12
-        np.testing.assert_allclose(np.abs(test.ussvds[0][1]), scale * np.linalg.svd(weights[0])[1])
+        np.testing.assert_allclose(np.sort(np.abs(test.ussvds[0][1]))[::-1],      # (unsorted: Def. 1)
+                                   scale * np.linalg.svd(weights[0])[1])
     assert not align.is_aligned([1e200 * W for W in weights[:2]] + [1e200 * rng.standard_normal((4, 4))])
 
 
@@ -150,14 +152,17 @@ sys.exit(experiments.main(sys.argv[1:]))
 """
 
 
-def consistent(folder, stem):
-    """The three files of an interrupted run agree: strict JSON, one CSV row per measurement
-    step, every measure recorded at every measurement step."""
+def consistent(folder, stem, complete=False):
+    """The three files of an interrupted run (or a ``complete`` one) agree: strict JSON, one
+    CSV row per measurement step, every measure recorded at every measurement step."""
     def no_constants(name):
         raise ValueError(f"non-strict JSON constant {name}")
     result = json.loads((folder / f"{stem}.json").read_text(), parse_constant=no_constants)
     rows = (folder / f"{stem}.csv").read_text().strip().splitlines()[1:]
-    assert result["status"] == "interrupted" and result["claim"]["verdict"] == "not shown"
+    if complete:
+        assert result["status"] == "done" and result["claim"]["verdict"] != "not shown"
+    else:
+        assert result["status"] == "interrupted" and result["claim"]["verdict"] == "not shown"
     assert (folder / f"{stem}.png").exists() or "matplotlib" not in sys.modules
     count = 0
     for run in result["runs"].values():
@@ -251,3 +256,95 @@ def test_no_old_plot_is_left_beside_new_results(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert not stale.exists() and "fig2a-quick.png" not in out and "matplotlib is not installed" in out
     assert (tmp_path / "fig2a-quick.json").exists() and (tmp_path / "fig2a-quick.csv").exists()
+
+
+SWEEP_SCRIPT = """
+import contextlib, io, json, os, signal, sys, tempfile, time
+sys.path.insert(0, {repo!r})
+import experiments
+args, points = {args!r}, {points!r}
+signal.signal(signal.SIGALRM, lambda *a: os.kill(os.getpid(), signal.SIGINT))
+
+def once(delay):
+    out, err = tempfile.mkdtemp(), io.StringIO()
+    start = time.perf_counter()
+    signal.setitimer(signal.ITIMER_REAL, delay)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        status = experiments.main(args + ["--out", out, "-q"])
+    took = time.perf_counter() - start
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    return dict(delay=delay, status=status, took=took, out=out, stderr=err.getvalue())
+
+whole = min(once(0)["took"] for _ in range(2))        # (0: no signal; the first warms up)
+for k in range(points):
+    print(json.dumps(once(0.02 + whole * k / (points - 1))), flush=True)
+"""
+
+
+@pytest.mark.parametrize("args, points", [(["fig1a", "--seeds", "2", "--max-steps", "5000"], 24),
+                                          (["fig1b", "--max-steps", "100"], 10)])
+def test_ctrl_c_at_any_moment_stops_within_a_second_with_consistent_files(args, points):
+    """Ctrl-C swept across a whole run (the set-up, the measurement of step 0, the steps, the
+    final measurement, the summary and the writes): exit 130 with a consistent set of files
+    or none ('nothing was written'), never a traceback or a temporary file, stopped within
+    about a second (a run that ended first: exit 0)."""
+    script = SWEEP_SCRIPT.format(repo=REPO, args=args, points=points)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(results) == points and sum(r["status"] == 130 for r in results) >= points // 2
+    for r in results:
+        folder, files = r["out"], sorted(os.listdir(r["out"]))
+        assert r["status"] in (0, 130), r
+        assert not [f for f in files if f.startswith(".tmp-")], r
+        if r["status"] == 130:
+            assert r["took"] - r["delay"] < 1.0, r
+            if files:                            # (a signal in the writes: held till done)
+                stem = files[0].rsplit(".", 1)[0]
+                consistent(pathlib.Path(folder), stem, complete="interrupted" not in stem and
+                           json.loads(open(os.path.join(folder, stem + ".json")).read())[
+                               "status"] == "done")
+                assert "what was computed was written" in r["stderr"]
+            else:
+                assert "nothing was written" in r["stderr"], r
+
+
+def test_a_later_run_removes_the_temporary_files_a_killed_run_left(tmp_path):
+    """SIGKILL during the writes leaves .tmp-<pid>-* files; the next run into the folder
+    deletes those of processes no longer running (never those of a live one)."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".tmp-{dead}-xyzfig1a.json"
+    live = tmp_path / f".tmp-{os.getppid()}-xyzfig1a.json"
+    for path in (stale, live):
+        path.write_text("partial")
+    assert experiments.main(["thm3", "--quick", "--out", str(tmp_path), "-q"]) == 0
+    assert not stale.exists() and live.exists()
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_ctrl_c_during_the_steps_leaves_a_whole_step(path, monkeypatch):
+    """A signal at random moments of a run: the weights returned are those of the recorded
+    final step exactly (no step half applied to the layers)."""
+    import signal
+    if path == "reference":
+        monkeypatch.setattr(align, "_fast", None)
+    rng = np.random.default_rng(3)
+    weights = [rng.standard_normal((12, 12)) / 4 for _ in range(6)]
+    X, Y = rng.standard_normal((12, 30)), rng.standard_normal((12, 30))
+    measure = lambda ws, _: float(ws[0][0, 0])
+    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+    try:
+        for delay in np.linspace(0.01, 0.2, 12):
+            signal.setitimer(signal.ITIMER_REAL, delay)
+            out, hist = align.train(weights, X, Y, lr=1e-3, max_steps=10 ** 6, tol=0.0,
+                                    measure_every=7, measures={"m": measure})
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            assert hist.stop_reason == "interrupted"
+            again, _ = align.train(weights, X, Y, lr=1e-3, max_steps=hist.final_step, tol=0.0)
+            for a, b in zip(out, again):
+                np.testing.assert_array_equal(a, b)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
