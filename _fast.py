@@ -90,7 +90,11 @@ def _advance(run, losses, chunks):
     max_steps); moves run.step to where the parameters are.  True when the run ends
     inside the chunk (then rewound to there), also on Ctrl-C in the callback."""
     hist, step = run.hist, run.step
-    worst = losses if losses.ndim == 1 else losses.max(axis=-1)
+    if losses.ndim == 1:
+        worst = losses
+    else:                                  # the largest finite loss of each row (align._worst)
+        worst = np.where(np.isfinite(losses), losses, -np.inf).max(axis=-1)
+        worst[worst == -np.inf] = np.nan
     at = np.arange(len(losses))
     recorded = (step + at) % run.record_every == 0
     ends = np.flatnonzero(recorded & (~np.isfinite(worst) | (worst < run.tol)))

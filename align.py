@@ -226,9 +226,13 @@ def layer_gradients(weights, X, dF):
 def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
           record_every=1, measure_every=100, measures=None, callback=None):
     """Full-batch GD W_i <- W_i - lr dL/dW_i (Eq. (8)) by :func:`gradient_descent`; a batch (3-D
-    weights) trains together, each network frozen below ``tol``.  Returns (weights, History)."""
+    weights) trains together, each network frozen below ``tol`` (or where it diverged).
+    ``measures``: {name: m(weights, weights_0)} or one such m, e.g. ``tracker(weights)``
+    (alignment and invariance), taken at step 0, every ``measure_every`` steps and at the
+    end into History.measurements.  Returns (weights, History)."""
     check_network(weights, X)
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1]).astype(weights[0].dtype)
+    measures = _as_measures(measures)
     if _fast is not None:
         return _fast.train(weights, X, Y, kind, lr, max_steps, tol, record_every, measure_every,
                            measures, callback)
@@ -240,13 +244,16 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
 
 def _frozen_below(loss_and_grads, tol, batched):
     """For a batch of networks: zero the gradients of those whose loss is below tol, so
-    each stops where its own run would (the batch stops when all are below)."""
+    each stops where its own run would (the batch stops when all are below), and of those
+    whose loss is no longer finite (diverged: they stay where they diverged, the others
+    go on as they would alone)."""
     def wrapped(ps):
         L, grads = loss_and_grads(ps)
-        active = None if L.shape[0] == 1 else L >= tol     # (one network stops with the run)
-        if active is None or (array_module(L) is np and bool(active.all())):
+        xp = array_module(L)
+        active = None if L.shape[0] == 1 else (L >= tol) & xp.isfinite(L)   # (one: the run)
+        if active is None or (xp is np and bool(active.all())):
             return L, grads                                   # (a host check: cheaper)
-        return L, [g * active[:, None, None] for g in grads]
+        return L, [xp.where(active[:, None, None], g, 0.0) for g in grads]
     return wrapped if batched else loss_and_grads
 
 
@@ -259,7 +266,7 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     steps.  Returns (params, History); DivergenceError on NaN."""
     _check_schedule(lr, max_steps, record_every, measure_every, tol)
     ps, params0 = [p.copy() for p in params], [p.copy() for p in params]
-    run = _Run(lr, max_steps, tol, record_every, callback, measures or {}, params0)
+    run = _Run(lr, max_steps, tol, record_every, callback, _as_measures(measures), params0)
     runs = _fast.step_runs(ps, loss_and_grads, lr) if _fast is not None else None
     if runs is not None:
         return _fast.descend_in_runs(ps, loss_and_grads, run, runs, measure_every)
@@ -278,6 +285,16 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
         except KeyboardInterrupt:
             run.hist.stop_reason = "interrupted"
     return ps, run.finish(ps)
+
+
+def _as_measures(measures):
+    """{name: m} from None, a dict of measures or one measure (named "measure")."""
+    if measures is None or isinstance(measures, dict):
+        return measures or {}
+    if callable(measures):
+        return {"measure": measures}
+    raise ValueError(f"measures must be a dict {{name: m(params, params_0)}} or one such "
+                     f"function (e.g. align.tracker(weights)), got {type(measures).__name__}")
 
 
 def _check_schedule(lr, max_steps, record_every, measure_every, tol):
@@ -315,6 +332,23 @@ def _plain(x):
     return x.tolist() if x.ndim else x.item()
 
 
+def _worst(losses):
+    """The largest finite loss of a batch's row (diverged networks are frozen); NaN when none
+    is finite (every network diverged)."""
+    finite = losses[np.isfinite(losses)]
+    return float(finite.max()) if finite.size else math.nan
+
+
+def _diverged(params):
+    """For a batch (3-D parameters): a mask of the networks with a non-finite entry, or None
+    when there are none (or no batch)."""
+    if params[0].ndim != 3:
+        return None
+    xp = array_module(*params)
+    bad = ~functools.reduce(operator.and_, [xp.isfinite(p).all(axis=(1, 2)) for p in params])
+    return bad if bool(bad.any()) else None
+
+
 @dataclasses.dataclass
 class _Run:
     """A :func:`gradient_descent` run: its ``step``, what it recorded (``hist``), its rules."""
@@ -330,11 +364,16 @@ class _Run:
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
     def measure(self, at):
-        """Record every measure of ``at``, all computed before any is kept (no partial record)."""
-        values = {}
+        """Record every measure of ``at``, all computed before any is kept (no partial record).
+        Networks of a batch that diverged are measured at their start and recorded as NaN."""
+        values, bad = {}, _diverged(at)
+        if bad is not None:
+            at = [array_module(p).where(bad[:, None, None], p0, p) for p, p0 in zip(at, self.params0)]
         for name, fn in self.measures.items():
             value = fn(at, self.params0)
             for key, v in (value.items() if isinstance(value, dict) else [(name, value)]):
+                if bad is not None and getattr(v, "shape", ())[:1] == bad.shape:
+                    v = array_module(v).where(bad, math.nan, v.astype(float))
                 values[key] = _plain(v)
         self.hist.measure_steps.append(self.step)
         for key, v in values.items():
@@ -345,7 +384,7 @@ class _Run:
         hist = self.hist
         if step % self.record_every == 0 or step == self.max_steps:
             value = to_numpy(L).copy() if getattr(L, "ndim", 0) else float(L)   # a batch: a row
-            worst = value if isinstance(value, float) else float(value.max())   # NaN: NaN
+            worst = value if isinstance(value, float) else _worst(value)
             if not math.isfinite(worst):
                 hist.stop_reason, hist.final_step = "diverged", step
                 hist.wall_time = time.perf_counter() - self.start
@@ -376,6 +415,8 @@ class _Run:
 # ------------------------------------------------------------------- usSVD --
 def ussvd(A):
     """A usSVD (Definition 1): U (m x m), s (min(m, n)), V (n x n) with A = U Sigma V^T."""
+    check_array("A", A)
+    check_finite("A", A)
     U, s, Vt = array_module(A).linalg.svd(A, full_matrices=True)
     return U, s, _T(Vt)
 
@@ -929,6 +970,8 @@ def invariance_certificate(X, Y, widths, tol=1e-9):
     lambda'_j, at most kd - rank(Y X^T) of the lambda'_j zero; chosen by decreasing
     lambda'^2 / lambda, zeros last.  Repeated eigenvalues, rank-deficient X, n < k0 allowed."""
     X, Y = to_numpy(X).astype(np.float64), to_numpy(Y).astype(np.float64)
+    check_finite("X", X)
+    check_finite("Y", Y)
     if X.ndim != 2 or Y.ndim != 2 or X.shape[1] != Y.shape[1]:
         raise ValueError(f"X (k0 x n) and Y (kd x n) need the same n; got {_shape(X)} and "
                          f"{_shape(Y)}")
@@ -1005,6 +1048,12 @@ def aligned_init(U, V, widths, sigmas=None, scale=1.0, seed=0, balanced=False,
     if U.shape != (widths[-1],) * 2 or V.shape != (widths[0],) * 2:
         raise ValueError(f"U must be kd x kd = {widths[-1]} x {widths[-1]} and V k0 x k0 = "
                          f"{widths[0]} x {widths[0]}; got {_shape(U)} and {_shape(V)}")
+    for name, Q in [("U", U), ("V", V)] + [(f"chain[{i}]", Q) for i, Q in enumerate(chain or [])]:
+        Q = to_numpy(Q).astype(np.float64)
+        if not np.all(np.isfinite(Q)) or Q.ndim != 2 or Q.shape[0] != Q.shape[1] or \
+                np.abs(Q.T @ Q - np.eye(Q.shape[1])).max() > 1e-6:
+            raise ValueError(f"{name} must be an orthogonal matrix (Q^T Q = I), e.g. the left "
+                             f"singular vectors of Y or the right ones of X from np.linalg.svd")
     if sigmas is None:
         rng = np.random.default_rng(seed)
         sigmas = [rng.uniform(0, scale, min(widths[i], widths[i + 1])) for i in range(d)]

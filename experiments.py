@@ -327,21 +327,26 @@ def split_batch(batch, names, tol):
 
     Each network stopped updating at its first step below tol (align.train freezes it),
     so its record ends there, exactly as its own run would; the measurement at that step
-    is the batch's next one (the network no longer moved).
+    is the batch's next one (the network no longer moved).  A network whose loss stopped
+    being finite is recorded as diverged there, without that loss (as a run alone).
     """
     runs = {}
     for b, name in enumerate(names):
         losses = [row[b] for row in batch["losses"]]
         below = [t for t, L in zip(batch["steps"], losses) if L < tol]
-        stop = below[0] if below else batch["final_step"]
+        bad = [t for t, L in zip(batch["steps"], losses) if L is None or not math.isfinite(L)]
+        stop = min(below[:1] + bad[:1] + [batch["final_step"]])
         keep = [j for j, t in enumerate(batch["measure_steps"]) if t < stop]
-        after = next(j for j, t in enumerate(batch["measure_steps"]) if t >= stop)
+        diverged = bool(bad) and stop == bad[0]         # (its loss at stop is not finite)
+        after = [] if diverged else [next(j for j, t in enumerate(batch["measure_steps"]) if t >= stop)]
+        upto = lambda t: t < stop or (t == stop and not diverged)
         runs[name] = {
-            "steps": [t for t in batch["steps"] if t <= stop],
-            "losses": [L for t, L in zip(batch["steps"], losses) if t <= stop],
-            "measure_steps": [batch["measure_steps"][j] for j in keep] + [stop],
-            "measurements": {k: [v[j][b] for j in keep + [after]] for k, v in batch["measurements"].items()},
-            "stop_reason": "tol" if below else batch["stop_reason"],
+            "steps": [t for t in batch["steps"] if upto(t)],
+            "losses": [L for t, L in zip(batch["steps"], losses) if upto(t)],
+            "measure_steps": [batch["measure_steps"][j] for j in keep] + [stop] * len(after),
+            "measurements": {k: [v[j][b] for j in keep + after] for k, v in batch["measurements"].items()},
+            "stop_reason": "diverged" if diverged else "tol" if below and stop == below[0]
+            else batch["stop_reason"],
             "final_step": stop, "wall_time": batch["wall_time"] / len(names), "batched": len(names)}
     return runs
 
@@ -590,7 +595,9 @@ EXPERIMENTS = {
     "cor1": Experiment(cor1, "Corollary 1", np.float64, options=("loss_scale",)),
     "thm3": Experiment(thm3, "Theorem 3, Proposition 5", np.float64, lr=1e-1, tol=1e-10),
 }
-OPTION_FLAGS = {"init": "--init", "mnist": "--mnist", "loss_scale": "--loss-scale", "run": "--run"}
+PER_EXPERIMENT_OPTIONS = ("init", "mnist", "loss_scale")   # each experiment lists its own
+COMMAND_OPTIONS = {"verify": {"device", "quick", "out", "quiet"},     # what verify and report take
+                   "report": {"device", "run", "out", "quiet"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -640,10 +647,29 @@ def configure(name, args, xp):
                   quick=args.quick, command=args.command)
 
 
-def options_not_applying(name, args):
-    """The given options among --init, --mnist, --loss-scale that experiment ``name`` ignores."""
-    return [flag for option, flag in OPTION_FLAGS.items()
-            if getattr(args, option) is not None and option not in EXPERIMENTS[name].options]
+COMMAND_HELP = {
+    "verify": "verify: every numbered statement of Sections 3-5 checked numerically on float64 "
+              "instances (three seeds); the table, <out>/verify.json; exit status 3 if one fails.",
+    "report": "report: <out>/report.md and a self-contained report.html from the results in "
+              "<out> (and verify.json, or verify-quick.json)."}
+
+
+def applies(option, name):
+    """Whether the option (its argparse dest) applies to the command ``name`` (an experiment,
+    verify, report, or None for the general --help, where all do)."""
+    if name in COMMAND_OPTIONS:
+        return option in COMMAND_OPTIONS[name]
+    if name in EXPERIMENTS:
+        return option != "run" and (option not in PER_EXPERIMENT_OPTIONS
+                                    or option in EXPERIMENTS[name].options)
+    return True
+
+
+def options_not_applying(name, argv):
+    """The options given in ``argv`` (as typed) that the command ``name`` does not take."""
+    actions = parser()._option_string_actions
+    given = [actions[a.split("=")[0]] for a in argv if a.split("=")[0] in actions]
+    return [a.option_strings[-1] for a in given if a.dest != "help" and not applies(a.dest, name)]
 
 
 # ------------------------------------------------------------- outputs --
@@ -1033,61 +1059,69 @@ def parser(name=None):
     For one experiment (``EXPERIMENT --help``): only the options that apply to it, with
     its own defaults."""
     exp = EXPERIMENTS.get(name)
+    shown = lambda option: argparse.SUPPRESS if not applies(option, name) else None
     listing = "\n".join(textwrap.fill(f"{n:<6} {e.paper:<25} {title(e.run)}", 100,
                                        initial_indent="  ", subsequent_indent=" " * 35)
                          for n, e in EXPERIMENTS.items())
     p = argparse.ArgumentParser(
-        prog="experiments.py" + (f" {name}" if exp else ""), formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=f"{name}: {title(exp.run)} ({exp.paper})" if exp else __doc__,
-        epilog=("" if exp else "experiments:\n" + listing + "\n  list   print this table"
+        prog="experiments.py" + (f" {name}" if name else ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"{name}: {title(exp.run)} ({exp.paper})" if exp else COMMAND_HELP.get(name, __doc__),
+        epilog=("" if name else "experiments:\n" + listing + "\n  list   print this table"
                 "\n  all    every experiment in turn\n  verify every numbered statement of Sections 3-5 "
                 "checked numerically\n  report results/report.md and .html from what is in results/"
                 "\n\n") + "exit status: 0 done, 1 error, 2 bad "
         "usage, 3 a paper claim did not hold or was not shown (full runs), 130 interrupted, "
         "143 terminated (SIGTERM)")
-    applies = lambda option: argparse.SUPPRESS if exp and option not in exp.options else None
     default = lambda text, own: f"default {own}" if exp else text
     p.add_argument("experiment", choices=["list", *EXPERIMENTS, "all", "verify", "report"],
-                   metavar="EXPERIMENT", help="one of: list, " + ", ".join(EXPERIMENTS) + ", all, verify "
-                   "(every numbered statement checked; --quick: one seed), report (results/report.md "
-                   "and .html from the results folder)")
+                   metavar="EXPERIMENT", help=argparse.SUPPRESS if name else "one of: list, " +
+                   ", ".join(EXPERIMENTS) + ", all, verify (every numbered statement checked; "
+                   "--quick: one seed), report (results/report.md and .html from the results folder)")
     p.add_argument("--run", action="store_true", default=None,
-                   help="report: first run the experiments (--quick) and verify whose results are missing")
+                   help=shown("run") or "report: first run the experiments (--quick) and verify "
+                   "whose results are missing")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="cpu (NumPy), gpu (CuPy; error if unusable) or auto (default: the GPU if "
                         "usable and faster for the experiment: fig1b, fig1c, fig2b, and fig1a "
                         "from 100 --seeds)")
     p.add_argument("--dtype", metavar="{float32,float64}", choices=["float32", "float64"], default=None,
-                   help=default("default per experiment: float32 for the MNIST figures, float64 otherwise",
-                                exp and np.dtype(exp.dtype).name))
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="first random seed (default 0)")
-    p.add_argument("--seeds", type=_positive_int, default=1, help="number of independent runs (default 1)")
+                   help=shown("dtype") or default("default per experiment: float32 for the MNIST "
+                                                  "figures, float64 otherwise",
+                                                  exp and np.dtype(exp.dtype).name))
+    p.add_argument("--seed", type=_non_negative_int, default=0,
+                   help=shown("seed") or "first random seed (default 0)")
+    p.add_argument("--seeds", type=_positive_int, default=1,
+                   help=shown("seeds") or "number of independent runs (default 1)")
     p.add_argument("--lr", metavar="LR", type=_positive_float, default=None,
-                   help="learning rate (" + default("default 1e-2 as in Appendix L; 1e-3 for prop1, "
-                                                    "1e-1 for thm3", exp and f"{exp.lr:g}") + ")")
+                   help=shown("lr") or "learning rate (" + default(
+                       "default 1e-2 as in Appendix L; 1e-3 for prop1, 1e-1 for thm3",
+                       exp and f"{exp.lr:g}") + ")")
     p.add_argument("--tol", metavar="TOL", type=_positive_float, default=None,
-                   help="stop when the loss is below this (" + default(
+                   help=shown("tol") or "stop when the loss is below this (" + default(
                        "default 1e-4 as in Appendix L; 1e-10 for thm3, whose claim is about "
                        "interpolation", exp and f"{exp.tol:g}") + ")")
     p.add_argument("--max-steps", type=_positive_int, default=100_000,
-                   help="step budget (default 100000, the authors' cap)")
+                   help=shown("max_steps") or "step budget (default 100000, the authors' cap)")
     p.add_argument("--measure-every", type=_positive_int, default=100,
-                   help="steps between measurements of alignment and invariance (100)")
+                   help=shown("measure_every") or "steps between measurements of alignment and "
+                   "invariance (100)")
     p.add_argument("--loss-every", type=_positive_int, default=1,
-                   help="keep the loss of every K-th step in the JSON (default 1: every step; "
-                        "runs still stop at the first step below --tol)")
+                   help=shown("loss_every") or "keep the loss of every K-th step in the JSON "
+                   "(default 1: every step; runs still stop at the first step below --tol)")
     p.add_argument("--loss-scale", choices=["mean", "paper"], default=None,
-                   help=applies("loss_scale") or "squared loss as the mean over all kd*n entries (the "
+                   help=shown("loss_scale") or "squared loss as the mean over all kd*n entries (the "
                         "authors' code, with which the published figures were made; default) or "
                         "Eq. (2)'s 1/(2n) sum (fig1a, fig1b, fig2a, fig2b, thm1, cor1)")
     p.add_argument("--init", choices=["aligned", "random"], default=None,
-                   help=applies("init") or "fig1a-fig2b: aligned start (default) or PyTorch-style "
+                   help=shown("init") or "fig1a-fig2b: aligned start (default) or PyTorch-style "
                         "random start")
     p.add_argument("--quick", action="store_true",
-                   help=f"{QUICK_STEPS} steps, measuring every {QUICK_MEASURE} (smoke test); files "
+                   help=shown("quick") or ("one seed instead of three; <out>/verify-quick.json"
+                                           if name == "verify" else None) or f"{QUICK_STEPS} steps, measuring every {QUICK_MEASURE} (smoke test); files "
                         "<out>/<experiment>-quick.*, apart from full runs' files")
     p.add_argument("--mnist", default=None, metavar="DIR",
-                   help=applies("mnist") or "folder with the full MNIST idx files (raw or .gz); "
+                   help=shown("mnist") or "folder with the full MNIST idx files (raw or .gz); "
                         "default: the shipped subset of the first 1024 training images (fig1b, "
                         "fig1c, fig2b, prop1)")
     p.add_argument("--out", default="results", help="output folder (default results/)")
@@ -1130,22 +1164,22 @@ def verify_or_report(args):
             print(verify.table(rows))
             print(f"{sum(r.holds for r in rows)} of {len(rows)} hold ({time.perf_counter() - start:.1f} s, "
                   f"{'GPU' if xp is not np else 'CPU'})")
-            write_text(os.path.join(args.out, "verify.json"), json.dumps(strict_json(
+            write_text(os.path.join(args.out, "verify-quick.json" if args.quick else "verify.json"),
+                       json.dumps(strict_json(
                 {"command": args.command, "version": project_version(), "quick": args.quick,
                  "device": "gpu" if xp is not np else "cpu", "rows": verify.rows_json(rows)}), indent=1))
             return 0 if all(r.holds for r in rows) else 3
         if args.run:
             for name in EXPERIMENTS:
                 if not any(os.path.exists(os.path.join(args.out, f"{name}{s}.json")) for s in ("", "-quick")):
-                    main([name, "--quick", "--out", args.out, "-q"])
-            if not os.path.exists(os.path.join(args.out, "verify.json")):
-                main(["verify", "--quick", "--out", args.out, "-q"])
-        try:
-            with open(os.path.join(args.out, "verify.json")) as f:
-                rows = verify.rows_from_json(json.load(f)["rows"])
-        except (OSError, ValueError, KeyError):
-            rows = None
-        md, page = verify.report(args.out, EXPERIMENTS, rows)
+                    main([name, "--quick", "--out", args.out, "-q", "--device", args.device])
+            if not any(os.path.exists(os.path.join(args.out, f"verify{s}.json")) for s in ("", "-quick")):
+                main(["verify", "--quick", "--out", args.out, "-q", "--device", args.device])
+        rows, quick = read_verify_rows(args.out)
+        md, page, unreadable = verify.report(args.out, EXPERIMENTS, rows, quick)
+        for path, problem in unreadable:
+            print(f"warning: {path} cannot be read ({problem}); the report marks it unreadable "
+                  f"(rerun that experiment to replace it)", file=sys.stderr)
         paths = [os.path.join(args.out, "report.md"), os.path.join(args.out, "report.html")]
         write_files(dict(zip(paths, map(text_writer, (md, page)))))
         print(f"wrote {paths[0]} and {paths[1]}" + ("" if rows else " (no verify.json: run "
@@ -1154,6 +1188,18 @@ def verify_or_report(args):
     except (ExperimentError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def read_verify_rows(out):
+    """verify's rows from <out>/verify.json, else verify-quick.json: (rows, quick); (None,
+    False) when neither can be read."""
+    for name, quick in (("verify.json", False), ("verify-quick.json", True)):
+        try:
+            with open(os.path.join(out, name)) as f:
+                return verify.rows_from_json(json.load(f)["rows"]), quick
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None, False
 
 
 def check_output_folder(path):
@@ -1175,16 +1221,21 @@ def main(argv=None):
     """Run the command line; returns the exit status (0, 1 error, 2 usage, 3 claim not shown
     or not holding, 130 Ctrl-C, 143 SIGTERM).  SIGTERM is handled like Ctrl-C."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser(next((a for a in argv if a in EXPERIMENTS), None)).parse_args(argv)
+    args = parser(next((a for a in argv if a in EXPERIMENTS or a in COMMAND_OPTIONS),
+                       None)).parse_args(argv)
     args.command = shlex.join(["python", "experiments.py", *argv])
     if args.experiment == "list":
         print(parser().epilog)
         return 0
-    if args.experiment in ("verify", "report"):
+    if args.experiment in COMMAND_OPTIONS:
+        ignored = options_not_applying(args.experiment, argv)
+        if ignored:
+            parser(args.experiment).error(f"{', '.join(ignored)} does not apply to "
+                                          f"{args.experiment}")
         return verify_or_report(args)
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     for name in names:
-        ignored = options_not_applying(name, args)
+        ignored = options_not_applying(name, argv)
         if ignored and len(names) == 1:
             parser(name).error(f"{', '.join(ignored)} does not apply to {name}")
         if ignored and not args.quiet:

@@ -388,19 +388,37 @@ def rows_from_json(items):
 
 # ------------------------------------------------------------------- report --
 
-def report(out, experiments, verify_rows=None):
+def report(out, experiments, verify_rows=None, verify_quick=False):
     """results/report.md and a self-contained report.html from the JSON files in ``out``:
-    the verify table first, then per experiment its figure, claim, verdict, steps, time,
-    device, seeds and the command that reproduces it; missing and interrupted runs said."""
-    sections = []
+    the verify table first (marked when from verify --quick), then per experiment its
+    figure, claim, verdict, steps, time, device, seeds and the command that reproduces it;
+    missing, interrupted and unreadable results said.  Returns (markdown, html,
+    [(path, problem) of each unreadable file])."""
+    sections, unreadable = [], []
     for name, exp in experiments.items():
         path = next((os.path.join(out, f"{name}{s}.json") for s in ("", "-quick", "-interrupted")
                      if os.path.exists(os.path.join(out, f"{name}{s}.json"))), None)
-        result = json.load(open(path)) if path else None
+        result, problem = _read_result(path) if path else (None, None)
+        if problem:
+            unreadable.append((path, problem))
+            result = {"unreadable": problem}
         sections.append((name, exp, path, result))
-    md = _markdown(sections, verify_rows)
-    page = _html(sections, verify_rows)
-    return md, page
+    heading = "Every numbered statement, checked" + (" (verify --quick: one seed)" if verify_quick else "")
+    return _markdown(sections, verify_rows, heading), _html(sections, verify_rows, heading), unreadable
+
+
+def _read_result(path):
+    """(an experiment's JSON record, None), or (None, what is wrong with the file)."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    if not isinstance(result, dict) or not isinstance(result.get("runs"), dict) or \
+            not isinstance(result.get("claim"), dict) or \
+            not all(isinstance(r, dict) and "final_step" in r for r in result["runs"].values()):
+        return None, "not an experiment's record (no runs or claim)"
+    return result, None
 
 
 def _experiment_facts(result):
@@ -424,10 +442,10 @@ def _spread(stats, key):
     return "-" if not s else f"{s['mean']:.3f} +- {s['std']:.3f}"
 
 
-def _markdown(sections, rows):
+def _markdown(sections, rows, heading):
     lines = ["# Reproduction report", ""]
     if rows:
-        lines += ["## Every numbered statement, checked", "", "| statement | checked | value | tol | verdict |",
+        lines += [f"## {heading}", "", "| statement | checked | value | tol | verdict |",
                   "| --- | --- | ---: | ---: | --- |"]
         lines += [f"| {r.statement} | {r.checked} | {r.value:.2e} | {r.op} {r.tol:.0e} | "
                   f"{'holds' if r.holds else '**FAILS**'} |" for r in rows]
@@ -438,6 +456,10 @@ def _markdown(sections, rows):
         if result is None:
             lines += ["", f"**Missing**: no {name}.json in the results folder "
                       f"(`python experiments.py {name}` makes it).", ""]
+            continue
+        if "unreadable" in result:
+            lines += ["", f"**Unreadable**: {os.path.basename(path)} ({result['unreadable']}); "
+                      f"`python experiments.py {name}` replaces it.", ""]
             continue
         f = _experiment_facts(result)
         png = path[:-5] + ".png"
@@ -452,7 +474,7 @@ def _markdown(sections, rows):
     return "\n".join(lines)
 
 
-def _html(sections, rows):
+def _html(sections, rows, heading):
     e = html.escape
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Reproduction report</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
@@ -460,7 +482,7 @@ def _html(sections, rows):
              ".holds{color:#070}.fails,.missing,.interrupted{color:#b00;font-weight:bold}"
              "img{max-width:100%}</style></head><body><h1>Reproduction report</h1>"]
     if rows:
-        parts.append("<h2>Every numbered statement, checked</h2><table><tr><th>statement</th>"
+        parts.append(f"<h2>{e(heading)}</h2><table><tr><th>statement</th>"
                      "<th>checked</th><th>value</th><th>tol</th><th>verdict</th></tr>")
         parts += [f"<tr><td>{e(r.statement)}</td><td>{e(r.checked)}</td><td>{r.value:.2e}</td>"
                   f"<td>{e(r.op)} {r.tol:.0e}</td><td class='{'holds' if r.holds else 'fails'}'>"
@@ -472,6 +494,11 @@ def _html(sections, rows):
         if result is None:
             parts.append(f"<p class='missing'>Missing: no {e(name)}.json in the results folder "
                          f"(<code>python experiments.py {e(name)}</code> makes it).</p>")
+            continue
+        if "unreadable" in result:
+            parts.append(f"<p class='missing'>Unreadable: {e(os.path.basename(path))} "
+                         f"({e(result['unreadable'])}); <code>python experiments.py {e(name)}</code> "
+                         f"replaces it.</p>")
             continue
         f = _experiment_facts(result)
         png = path[:-5] + ".png"

@@ -532,3 +532,36 @@ def test_definition2_positions_exist_exactly_when_some_assignment_works():
 def test_definition2_on_empty_layers():
     assert align.is_aligned([np.zeros((0, 0)), np.zeros((0, 0))])
     assert align.is_aligned([np.zeros((3, 2)), np.zeros((2, 3))])
+
+
+def test_a_network_diverging_in_a_batch_stops_and_the_others_go_on_as_alone():
+    """Issue #23: one network of a batch diverges (its data 30 times larger); it is frozen
+    where it diverged and measured as NaN, and the others end exactly as their own runs."""
+    rng = np.random.default_rng(8)
+    nets = [[rng.standard_normal((4, 4)) / 2 for _ in range(3)] for _ in range(3)]
+    Xs = [rng.standard_normal((4, 6)) * (30 if b == 1 else 1) for b in range(3)]
+    Ys = [rng.standard_normal((4, 6)) for _ in range(3)]
+    batch = [np.stack([net[i] for net in nets]) for i in range(3)]
+    out, hist = align.train(batch, np.stack(Xs), np.stack(Ys), lr=0.05, max_steps=400, tol=0.0,
+                            measure_every=50, measures={"m": align.tracker(batch)})
+    rows = np.array(hist.losses)
+    assert not np.isfinite(rows[-1, 1]) and np.isfinite(rows[:, [0, 2]]).all()
+    last = hist.measurements["alignment_paired"][-1][1]        # (frozen: NaN if not finite)
+    assert np.isnan(last) or 0 <= last <= 1
+    for b in (0, 2):
+        alone, own = align.train(nets[b], Xs[b], Ys[b], lr=0.05, max_steps=400, tol=0.0,
+                                 measure_every=50, measures={"m": align.tracker(nets[b])})
+        np.testing.assert_allclose(rows[:, b], own.losses, rtol=1e-10)
+        for W, A in zip(out, alone):
+            np.testing.assert_allclose(W[b], A, rtol=1e-9, atol=1e-12)
+
+
+def test_networks_of_a_batch_with_non_finite_weights_are_measured_as_nan():
+    rng = np.random.default_rng(9)
+    ps = [rng.standard_normal((2, 3, 3))]
+    ps[0][1, 0, 0] = np.inf
+    measure = lambda ws, w0: {"size": np.abs(ws[0]).sum(axis=(1, 2))}
+    _, hist = align.gradient_descent(ps, lambda ws: (np.array([1.0, np.nan]), [0 * ws[0]]),
+                                     max_steps=2, tol=0.0, measures={"m": measure})
+    sizes = np.array(hist.measurements["size"])
+    assert np.isnan(sizes[:, 1]).all() and np.allclose(sizes[:, 0], np.abs(ps[0][0]).sum())

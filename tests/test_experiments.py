@@ -312,3 +312,15 @@ def test_plot_gives_each_run_one_colour_in_every_panel(count):
     assert fig._suptitle.get_text() == "Figure 1a: a title"
     plt.close(fig)
 
+
+
+def test_a_diverged_network_of_a_batch_is_recorded_as_diverged_where_it_diverged():
+    batch = {"steps": [0, 1, 2, 3], "losses": [[1.0, 1.0], [0.5, 2.0], [0.2, float("inf")],
+                                              [0.1, float("nan")]],
+             "measure_steps": [0, 2, 3], "measurements": {"a": [[1.0, 1.0], [0.9, 0.8], [0.8, 0.7]]},
+             "stop_reason": "max_steps", "final_step": 3, "wall_time": 2.0}
+    runs = experiments.split_batch(batch, ["ok", "bad"], tol=1e-4)
+    assert runs["bad"]["stop_reason"] == "diverged" and runs["bad"]["final_step"] == 2
+    assert runs["bad"]["losses"] == [1.0, 2.0] and runs["bad"]["measure_steps"] == [0]
+    assert runs["ok"]["stop_reason"] == "max_steps" and runs["ok"]["losses"][-1] == 0.1
+    assert runs["ok"]["measure_steps"] == [0, 2, 3]

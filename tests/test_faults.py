@@ -110,6 +110,12 @@ LIBRARY_CASES = [   # (call on a fresh network ws, X, Y, message)
     (lambda ws, X, Y: st.conv2d(3, 29), "wider than 2p - 1 = 5"),
     (lambda ws, X, Y: st.conv2d(28, 3.0), "filter size s that is an integer >= 1, got 3.0"),
     (lambda ws, X, Y: st.alignment_impossible(-1, 4, 2), "needs r as an integer >= 0, got -1"),
+    (lambda ws, X, Y: align.ussvd(np.full((2, 2), np.nan)), "A contains NaN or inf"),
+    (lambda ws, X, Y: align.invariance_certificate(X * np.nan, Y, [4, 6, 3]), "X contains NaN"),
+    (lambda ws, X, Y: align.aligned_init(np.eye(3) * 2, np.eye(4), [4, 6, 3]),
+     "U must be an orthogonal matrix"),
+    (lambda ws, X, Y: align.train(ws, X, Y, measures=[align.tracker(ws)]),
+     "measures must be a dict .* or one such function"),
 ]
 
 
@@ -348,3 +354,12 @@ def test_ctrl_c_during_the_steps_leaves_a_whole_step(path, monkeypatch):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_train_takes_a_tracker_as_its_measures():
+    rng = np.random.default_rng(6)
+    ws = network(rng)
+    X, Y = rng.standard_normal((4, 6)), rng.standard_normal((3, 6))
+    _, hist = align.train(ws, X, Y, max_steps=10, measure_every=5, measures=align.tracker(ws))
+    assert sorted(hist.measurements) == sorted(align.MEASURE_KEYS)
+    assert hist.measure_steps == [0, 5, 10]

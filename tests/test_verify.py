@@ -14,7 +14,7 @@ import experiments
 
 def test_verify_quick_every_statement_holds(tmp_path, capsys):
     assert experiments.main(["verify", "--quick", "--out", str(tmp_path), "-q"]) == 0
-    rows = json.loads((tmp_path / "verify.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "verify-quick.json").read_text())["rows"]
     names = " ".join(r["statement"] for r in rows)
     for statement in ("Definition 2", "Lemma 1", "Lemma 2", "Theorem 1 (if)", "Theorem 1 (only if)",
                       "Theorem 4", "Corollary 1", "Eq. (6)", "Proposition 1", "Proposition 2",
@@ -32,7 +32,7 @@ def test_verify_names_a_statement_broken_on_purpose(tmp_path, monkeypatch, capsy
         return xp.broadcast_to(sig.prod(axis=-2, keepdims=True), sig.shape)
     monkeypatch.setattr(align, "_others_product", over_all_j)
     assert experiments.main(["verify", "--quick", "--out", str(tmp_path), "-q"]) == 3
-    rows = {r["statement"]: r for r in json.loads((tmp_path / "verify.json").read_text())["rows"]}
+    rows = {r["statement"]: r for r in json.loads((tmp_path / "verify-quick.json").read_text())["rows"]}
     assert not rows["Corollary 1 (Appendix B's product over j != i)"]["holds"]
     assert rows["Theorem 2"]["holds"]
     assert "FAILS" in capsys.readouterr().out
@@ -91,3 +91,42 @@ def test_verify_runs_on_the_array_backend(xp):
     import verify
     rows = verify.verify(xp, quick=True)
     assert all(row.holds for row in rows), [row.statement for row in rows if not row.holds]
+
+
+@pytest.mark.parametrize("content", ["", "{", "{}", "[]", '{"runs": [], "claim": {}}'])
+def test_report_names_an_unreadable_result_and_writes_the_rest(content, tmp_path, capsys):
+    assert experiments.main(["fig2a", "--quick", "--out", str(tmp_path), "-q"]) == 0
+    (tmp_path / "thm3.json").write_text(content)
+    assert experiments.main(["report", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'thm3.json'} cannot be read" in err
+    md = (tmp_path / "report.md").read_text()
+    assert "**Unreadable**: thm3.json" in md and "### fig2a" in md and "**holds**" in md
+    assert "Unreadable: thm3.json" in (tmp_path / "report.html").read_text()
+
+
+def test_verify_quick_keeps_a_full_verify_and_the_report_says_which_it_shows(tmp_path):
+    full = tmp_path / "verify.json"
+    full.write_text('{"rows": []}')
+    assert experiments.main(["verify", "--quick", "--out", str(tmp_path), "-q"]) == 0
+    assert full.read_text() == '{"rows": []}' and (tmp_path / "verify-quick.json").exists()
+    full.unlink()
+    assert experiments.main(["report", "--out", str(tmp_path), "-q"]) == 0
+    assert "checked (verify --quick: one seed)" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv", [["verify", "--lr", "5"], ["verify", "--dtype", "float32"],
+                                  ["report", "--seeds", "3"], ["report", "--mnist", "/nonexistent"],
+                                  ["fig1b", "--run"]])
+def test_options_that_do_not_apply_are_errors(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        experiments.main(argv)
+    assert stop.value.code == 2
+    assert f"{argv[1]} does not apply to {argv[0]}" in capsys.readouterr().err
+
+
+def test_an_experiments_help_shows_only_its_own_options(capsys):
+    with pytest.raises(SystemExit):
+        experiments.main(["fig1b", "--help"])
+    out = capsys.readouterr().out
+    assert "--run" not in out and "EXPERIMENT" not in out and "--mnist" in out
