@@ -596,8 +596,8 @@ EXPERIMENTS = {
     "thm3": Experiment(thm3, "Theorem 3, Proposition 5", np.float64, lr=1e-1, tol=1e-10),
 }
 PER_EXPERIMENT_OPTIONS = ("init", "mnist", "loss_scale")   # each experiment lists its own
-COMMAND_OPTIONS = {"verify": {"device", "quick", "out", "quiet"},     # what verify and report take
-                   "report": {"device", "run", "out", "quiet"}}
+COMMAND_OPTIONS = {"verify": {"device", "quick", "out", "quiet", "threads"},   # verify, report
+                   "report": {"device", "run", "out", "quiet", "threads"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -621,6 +621,7 @@ class Config:
     quiet: bool
     quick: bool
     command: str = ""
+    threads: int = 1
 
     def to_dict(self):
         """The settings for the JSON record."""
@@ -644,7 +645,7 @@ def configure(name, args, xp):
                   measure_every=min(args.measure_every, QUICK_MEASURE) if args.quick else args.measure_every,
                   loss_every=args.loss_every, loss_scale=args.loss_scale or "mean",
                   init=args.init or "aligned", mnist=args.mnist, out=args.out, quiet=args.quiet,
-                  quick=args.quick, command=args.command)
+                  quick=args.quick, command=args.command, threads=blas_threads(args.threads))
 
 
 COMMAND_HELP = {
@@ -670,6 +671,70 @@ def options_not_applying(name, argv):
     actions = parser()._option_string_actions
     given = [actions[a.split("=")[0]] for a in argv if a.split("=")[0] in actions]
     return [a.option_strings[-1] for a in given if a.dest != "help" and not applies(a.dest, name)]
+
+
+# -------------------------------------------------------------- threads --
+# BLAS threads spin while they wait for work: where processes together ask for more threads
+# than there are cores (seeds run as parallel jobs), every small product of a step waits
+# for a scheduler slice, and four fig1b runs on 2 cores took 68 times one run's time.  The
+# layers here are small (a fig1b step is 0.2 ms), so one thread is as fast alone as two
+# (README, "Many runs at once") and never collapses beside other processes.
+SMALL_LAYER_MAX = 1024 * 1024          # layers up to this many entries: one BLAS thread
+
+
+def usable_cores():
+    """The CPUs this process may use: its affinity mask, capped by the cgroup's CPU quota
+    (a container or a job's share of a node), not the machine's count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, int(quota))) if quota else cores
+
+
+def cgroup_cpu_quota(root="/sys/fs/cgroup"):
+    """CPUs the cgroup allows (quota / period; cgroup v2 cpu.max or v1's cfs files), or None."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period = int(f.read())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def blas_threads(requested=None, largest_layer=SMALL_LAYER_MAX):
+    """BLAS threads for a run: ``requested`` (--threads) if given, else one for small layers
+    and the usable cores for larger ones."""
+    if requested:
+        return requested
+    return 1 if largest_layer <= SMALL_LAYER_MAX else usable_cores()
+
+
+def blas_pools():
+    """threadpoolctl's description of the BLAS libraries loaded (empty without it)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    return [pool for pool in threadpool_info() if pool.get("user_api") == "blas"]
+
+
+@contextlib.contextmanager
+def threads_limited(threads):
+    """Run the block with ``threads`` BLAS threads (threadpoolctl), then restore them."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:                 # (installed with the project; a copied file may lack it)
+        yield
+        return
+    with threadpool_limits(limits=threads, user_api="blas"):
+        yield
 
 
 # ------------------------------------------------------------- outputs --
@@ -804,7 +869,9 @@ def environment(cfg):
     """Library versions, machine and device (with the GPU's name) for the JSON record."""
     info = {"python": platform.python_version(), "numpy": np.__version__,
             "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "device": "gpu" if cfg.xp is not np else "cpu"}
+            "device": "gpu" if cfg.xp is not np else "cpu", "usable_cores": usable_cores(),
+            "blas": [{k: pool[k] for k in ("internal_api", "num_threads", "version")}
+                     for pool in blas_pools()]}
     if cfg.xp is not np:
         import cupy
         info["cupy"] = cupy.__version__
@@ -1124,6 +1191,9 @@ def parser(name=None):
                    help=shown("mnist") or "folder with the full MNIST idx files (raw or .gz); "
                         "default: the shipped subset of the first 1024 training images (fig1b, "
                         "fig1c, fig2b, prop1)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help=shown("threads") or "BLAS threads (default: 1, as fast for these small "
+                   "layers and safe beside other runs; see README, 'Many runs at once')")
     p.add_argument("--out", default="results", help="output folder (default results/)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -1232,7 +1302,8 @@ def main(argv=None):
         if ignored:
             parser(args.experiment).error(f"{', '.join(ignored)} does not apply to "
                                           f"{args.experiment}")
-        return verify_or_report(args)
+        with threads_limited(blas_threads(args.threads)):
+            return verify_or_report(args)
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     for name in names:
         ignored = options_not_applying(name, argv)
@@ -1248,7 +1319,11 @@ def main(argv=None):
         if args.mnist is not None:
             mnist_paths(args.mnist)                     # before any experiment runs
         xp = select_device(args.device, quiet=args.quiet)
-        claims = {name: run_experiment(name, configure(name, args, xp)) for name in names}
+        claims = {}
+        for name in names:
+            cfg = configure(name, args, xp)
+            with threads_limited(cfg.threads):
+                claims[name] = run_experiment(name, cfg)
     except (ExperimentError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -301,6 +301,28 @@ def bench_end_to_end(device, rows, out):
                          f"measured every 100 steps; no time goal; claim exit status {status}"})
 
 
+def bench_parallel(rows, out, count=4):
+    """Seeds as parallel jobs: ``count`` `experiments.py fig1b --quick` processes started
+    together against one alone (wall clock, start-up included; best of 2)."""
+    import subprocess
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments.py")
+
+    def started_together(n):
+        start = time.perf_counter()
+        jobs = [subprocess.Popen([sys.executable, script, "fig1b", "--quick", "--seed", str(i),
+                                  "--out", os.path.join(out, f"parallel-{i}"), "-q"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for i in range(n)]
+        if any(job.wait() for job in jobs):
+            sys.exit("error: a fig1b --quick process failed")
+        return time.perf_counter() - start
+    alone = min(started_together(1) for _ in range(2))
+    together = min(started_together(count) for _ in range(2))
+    rows.append(row(f"{count} fig1b --quick processes together vs one alone", together,
+                    "one alone", alone, None, f"together / alone = {together / alone:.2f} "
+                    f"(goal <= 3 on 2 cores; 68 before BLAS threads were set)"))
+
+
 def row(name, ours, baseline_name, baseline, floor, note):
     return {"name": name, "ours_s": ours, "baseline": baseline_name, "baseline_s": baseline,
             "ratio": baseline / ours, "floor_s": floor,
@@ -335,16 +357,16 @@ def main(argv=None):
                    help="steps of the batched-seeds benchmark (2000)")
     p.add_argument("--end-to-end", action="store_true",
                    help="also run fig1a, fig1b, fig1c and fig2b to their thresholds (minutes)")
-    p.add_argument("--parts", default="step,measure,cor1,seeds",
-                   help="comma-separated benchmarks to run (default step,measure,cor1,seeds; "
-                        "end-to-end is --end-to-end)")
+    p.add_argument("--parts", default="step,measure,cor1,seeds,parallel",
+                   help="comma-separated benchmarks to run (default step,measure,cor1,seeds,"
+                        "parallel; end-to-end is --end-to-end)")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
     parts = set(args.parts.split(",")) | ({"end-to-end"} if args.end_to_end else set())
-    unknown = parts - {"step", "measure", "cor1", "seeds", "end-to-end"}
+    unknown = parts - {"step", "measure", "cor1", "seeds", "parallel", "end-to-end"}
     if unknown:
         p.error(f"unknown --parts {sorted(unknown)}; choose from step, measure, cor1, seeds, "
-                "end-to-end")
+                "parallel, end-to-end")
     try:
         experiments.check_output_folder(args.out)
         xp = experiments.select_device(args.device)
@@ -358,6 +380,8 @@ def main(argv=None):
         bench_cor1(xp, rows, args.steps)
     if "seeds" in parts:
         bench_seeds(xp, rows, args.seed_steps)
+    if "parallel" in parts and xp is np:
+        bench_parallel(rows, args.out)
     if "end-to-end" in parts:
         bench_end_to_end("cpu" if xp is np else "gpu", rows, args.out)
     info = experiments.environment(argparse.Namespace(xp=xp))

@@ -2,12 +2,16 @@
 import gzip
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import experiments
 from conftest import CUPY
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 QUICK_CLAIMS = ["fig1a", "fig1b", "fig1c", "fig2a", "fig2b", "thm1", "prop1", "cor1", "thm3"]
 
@@ -324,3 +328,45 @@ def test_a_diverged_network_of_a_batch_is_recorded_as_diverged_where_it_diverged
     assert runs["bad"]["losses"] == [1.0, 2.0] and runs["bad"]["measure_steps"] == [0]
     assert runs["ok"]["stop_reason"] == "max_steps" and runs["ok"]["losses"][-1] == 0.1
     assert runs["ok"]["measure_steps"] == [0, 2, 3]
+
+
+THREADS_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}})        # one CPU, as a job's share
+import experiments
+print(json.dumps([experiments.usable_cores(), experiments.blas_threads(None, 10 ** 8)]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_thread_count_honours_the_affinity_mask():
+    script = THREADS_SCRIPT.format(repo=REPO)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert json.loads(run.stdout) == [1, 1], run.stderr           # (large layers: all usable cores)
+
+
+def test_cgroup_quota_caps_the_usable_cores(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert experiments.cgroup_cpu_quota(str(tmp_path)) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert experiments.cgroup_cpu_quota(str(tmp_path)) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert experiments.cgroup_cpu_quota(str(tmp_path)) == 3.0
+
+
+@pytest.mark.parametrize("given, want", [([], 1), (["--threads", "2"], 2)])
+def test_threads_are_set_for_the_run_and_recorded(given, want, tmp_path, monkeypatch):
+    pytest.importorskip("threadpoolctl")
+    seen = []
+    run_experiment = experiments.run_experiment
+    monkeypatch.setattr(experiments, "run_experiment", lambda name, cfg: seen.append(
+        [p["num_threads"] for p in experiments.blas_pools()]) or run_experiment(name, cfg))
+    assert experiments.main(["fig1a", "--quick", "--out", str(tmp_path), "-q"] + given) == 0
+    result = json.loads((tmp_path / "fig1a-quick.json").read_text())
+    assert result["config"]["threads"] == want
+    assert all(n == want for n in seen[0]) and seen[0]
+    assert [p["num_threads"] for p in result["environment"]["blas"]] == seen[0]
