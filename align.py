@@ -4,8 +4,9 @@ The paper's notation: ``X`` is k0 x n (one example per column), ``Y`` is kd x n,
 is [W_1, ..., W_d] with W_i of shape (k_i, k_{i-1}), f(X) = W_d ... W_1 X (Eq. (1)), ``lr``
 is gamma.  The reference, in the paper's order and complete when copied alone (NumPy only).
 Functions take NumPy or CuPy arrays; weights may carry a leading batch axis (B, k_i, k_{i-1})
-for networks trained together.  Lines marked ``_fast`` hand the same computation to the
-optional _fast.py (the end of this file)."""
+for networks trained together.  This file runs exactly the code in it and imports no other
+module of the project: the same results, faster, come from align_fast.py, which a caller
+chooses explicitly (README, "How the code is laid out")."""
 import dataclasses
 import functools
 import json
@@ -14,6 +15,25 @@ import operator
 import time
 
 import numpy as np
+
+__all__ = [
+    # the network, its loss and gradients (Eq. (1), (2), (8)) and gradient descent
+    "forward", "loss", "gradients", "layer_gradients", "loss_and_gradients",
+    "loss_and_output_gradient", "activations", "backward", "train", "gradient_descent",
+    "frozen_below", "History", "Run", "DivergenceError",
+    # usSVD (Definition 1), the measures of Section 6 and the exact test of Definition 2
+    "ussvd", "ussvd_matrix", "ussvd_reorder", "alignment", "invariance", "tracker",
+    "is_aligned", "AlignmentTest", "Pair", "alignment_pairs", "invariance_pairs",
+    "paired_score", "pair_matches", "matched_score", "matched_sums", "reduced_svds",
+    "greedy_match", "layer_widths",
+    # the theory of Sections 3-4
+    "rect_diag", "aligned_network", "aligned_init", "invariance_certificate", "Certificate",
+    "sensing_certificate", "singular_value_dynamics", "prop2_learning_rate",
+    "balanced_factorization", "proposition4",
+    # arrays and checks
+    "array_module", "to_numpy", "check_array", "check_finite", "check_network",
+    "check_tolerance", "check_schedule", "prepare_targets", "as_measures", "worst_loss",
+    "LOSSES", "MEASURE_KEYS", "HOW"]
 
 LOSSES = ("mse", "mse_mean", "ce", "logistic", "exp")
 MEASURE_KEYS = ("alignment_paired", "alignment_matched", "invariance_paired", "invariance_matched")
@@ -48,11 +68,6 @@ def to_numpy(a):
 
 def _T(A):
     return A.swapaxes(-1, -2)
-
-
-# The matrix product of the forward and backward passes: A @ B.  A hook, so that a CUDA
-# graph capture (_cuda.py) can swap in cuBLAS called directly while it records steps.
-matmul = operator.matmul
 
 
 # --------------------------------------------------------------- validation --
@@ -142,33 +157,34 @@ def prepare_targets(Y, kind, kd, n):
 def forward(weights, X):
     """f(X) = W_d ... W_1 X, Eq. (1).  X: k0 x n; returns kd x n."""
     check_network(weights, X)
-    return _activations(weights, X)[-1]
+    return activations(weights, X)[-1]
 
 
-def _activations(weights, X):
-    """[X, W_1 X, W_2 W_1 X, ..., f(X)]: the forward pass."""
+def activations(weights, X, product=operator.matmul):
+    """[X, W_1 X, W_2 W_1 X, ..., f(X)]: the forward pass of Eq. (1), for checked inputs;
+    ``product(A, B)``: the matrix product (A @ B)."""
     acts = [X]
     for W in weights:
-        acts.append(matmul(W, acts[-1]))
+        acts.append(product(W, acts[-1]))
     return acts
 
 
-def _backward(weights, acts, delta, input_grad=False):
+def backward(weights, acts, delta, input_grad=False, product=operator.matmul):
     """Eq. (8) layer by layer: dL/dW_i = delta_i a_{i-1}^T with delta_d = dL/dF and
     delta_{i-1} = W_i^T delta_i; with ``input_grad`` also dL/dX = W_1^T delta_1."""
     grads = [None] * len(weights)
     for i in range(len(weights) - 1, -1, -1):
-        grads[i] = matmul(delta, _T(acts[i]))
+        grads[i] = product(delta, _T(acts[i]))
         if i or input_grad:
-            delta = matmul(_T(weights[i]), delta)
+            delta = product(_T(weights[i]), delta)
     return (grads, delta) if input_grad else grads
 
 
 def loss_and_gradients(weights, X, Y, kind="mse"):
     """(L, [dL/dW_1, ..., dL/dW_d]) by Eq. (8)'s backward pass, for checked inputs."""
-    acts = _activations(weights, X)                           # Eq. (1)
+    acts = activations(weights, X)                           # Eq. (1)
     L, delta = loss_and_output_gradient(acts[-1], Y, kind)    # L and dL/dF
-    return L, _backward(weights, acts, delta)                 # Eq. (8)
+    return L, backward(weights, acts, delta)                 # Eq. (8)
 
 
 def loss_and_output_gradient(F, Y, kind):
@@ -205,7 +221,7 @@ def loss(weights, X, Y, kind="mse"):
     """Training loss of kind in {"mse" (Eq. (2)), "mse_mean", "ce", "logistic", "exp"}."""
     check_network(weights, X)
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1])
-    return loss_and_output_gradient(_activations(weights, X)[-1], Y, kind)[0]
+    return loss_and_output_gradient(activations(weights, X)[-1], Y, kind)[0]
 
 
 def gradients(weights, X, Y, kind="mse"):
@@ -219,7 +235,7 @@ def layer_gradients(weights, X, dF):
     """[dL/dW_1, ..., dL/dW_d] given dL/dF at F = f(X) (Eq. (8)); with X = I, for a loss of
     the end-to-end matrix W_d ... W_1 (matrix sensing, Section 4.2)."""
     check_network(weights, X)
-    return _backward(weights, _activations(weights, X), dF)
+    return backward(weights, activations(weights, X), dF)
 
 
 # --------------------------------------------------------- gradient descent --
@@ -232,17 +248,13 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
     end into History.measurements.  Returns (weights, History)."""
     check_network(weights, X)
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1]).astype(weights[0].dtype)
-    measures = _as_measures(measures)
-    if _fast is not None:
-        return _fast.train(weights, X, Y, kind, lr, max_steps, tol, record_every, measure_every,
-                           measures, callback)
-    per_network = _frozen_below(lambda ws: loss_and_gradients(ws, X, Y, kind), tol,
+    per_network = frozen_below(lambda ws: loss_and_gradients(ws, X, Y, kind), tol,
                                 weights[0].ndim == 3)
     return gradient_descent(weights, per_network, lr, max_steps, tol, record_every, measure_every,
                             measures, callback)
 
 
-def _frozen_below(loss_and_grads, tol, batched):
+def frozen_below(loss_and_grads, tol, batched):
     """For a batch of networks: zero the gradients of those whose loss is below tol, so
     each stops where its own run would (the batch stops when all are below), and of those
     whose loss is no longer finite (diverged: they stay where they diverged, the others
@@ -264,13 +276,10 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     ``max_steps``, or on Ctrl-C.  ``measures``: {name: m(params, params_0)} at step 0, every
     ``measure_every`` steps and at the end; ``callback(step, loss, history)`` at recorded
     steps.  Returns (params, History); DivergenceError on NaN."""
-    _check_schedule(lr, max_steps, record_every, measure_every, tol)
+    check_schedule(lr, max_steps, record_every, measure_every, tol)
     ps, params0 = [p.copy() for p in params], [p.copy() for p in params]
-    run = _Run(lr, max_steps, tol, record_every, callback, _as_measures(measures), params0)
-    runs = _fast.step_runs(ps, loss_and_grads, lr) if _fast is not None else None
-    if runs is not None:
-        return _fast.descend_in_runs(ps, loss_and_grads, run, runs, measure_every)
-    spare = [p.copy() for p in ps]
+    run = Run(lr, max_steps, tol, record_every, callback, as_measures(measures), params0)
+    spare, xp = [p.copy() for p in ps], array_module(*ps)
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by run.stops
         try:
             while True:
@@ -280,14 +289,14 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
                 if run.stops(run.step, L):
                     break
                 for p, g, new in zip(ps, grads, spare):
-                    array_module(p).subtract(p, lr * g, out=new)     # the step, into spare
+                    xp.subtract(p, lr * g, out=new)                  # the step, into spare
                 ps, spare, run.step = spare, ps, run.step + 1   # (Ctrl-C: a whole step or none)
         except KeyboardInterrupt:
             run.hist.stop_reason = "interrupted"
     return ps, run.finish(ps)
 
 
-def _as_measures(measures):
+def as_measures(measures):
     """{name: m} from None, a dict of measures or one measure (named "measure")."""
     if measures is None or isinstance(measures, dict):
         return measures or {}
@@ -297,7 +306,7 @@ def _as_measures(measures):
                      f"function (e.g. align.tracker(weights)), got {type(measures).__name__}")
 
 
-def _check_schedule(lr, max_steps, record_every, measure_every, tol):
+def check_schedule(lr, max_steps, record_every, measure_every, tol):
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive finite number, got {lr}")
     check_tolerance("tol", tol)
@@ -332,7 +341,7 @@ def _plain(x):
     return x.tolist() if x.ndim else x.item()
 
 
-def _worst(losses):
+def worst_loss(losses):
     """The largest finite loss of a batch's row (diverged networks are frozen); NaN when none
     is finite (every network diverged)."""
     finite = losses[np.isfinite(losses)]
@@ -350,8 +359,8 @@ def _diverged(params):
 
 
 @dataclasses.dataclass
-class _Run:
-    """A :func:`gradient_descent` run: its ``step``, what it recorded (``hist``), its rules."""
+class Run:
+    """A :func:`gradient_descent` run's bookkeeping: its ``step``, what it recorded (``hist``), its rules."""
     lr: float
     max_steps: int
     tol: float
@@ -384,7 +393,7 @@ class _Run:
         hist = self.hist
         if step % self.record_every == 0 or step == self.max_steps:
             value = to_numpy(L).copy() if getattr(L, "ndim", 0) else float(L)   # a batch: a row
-            worst = value if isinstance(value, float) else _worst(value)
+            worst = value if isinstance(value, float) else worst_loss(value)
             if not math.isfinite(worst):
                 hist.stop_reason, hist.final_step = "diverged", step
                 hist.wall_time = time.perf_counter() - self.start
@@ -438,11 +447,9 @@ def ussvd_reorder(U, s, V, perm, signs):
 
 
 # ------------------------------------------------------ measures (Section 6) --
-def _reduced_svds(weights):
+def reduced_svds(weights):
     """Reduced SVDs [(U_i, s_i, V_i), ...] of the layers, float64 host arrays, s descending
     (a batch of networks keeps its leading axis)."""
-    if _fast is not None:
-        return _fast.reduced_svds(weights)      # the same, batched and threaded
     svds = [np.linalg.svd(to_numpy(W).astype(np.float64), full_matrices=False) for W in weights]
     return [(U, s, _T(Vt)) for U, s, Vt in svds]
 
@@ -464,6 +471,9 @@ def _adapt_clusters(M, a_bounds, b_sizes):
     the basis B's clusters (sizes b_sizes) split it into: the eigenvectors of the compression
     of sum_b w_b P_{F_b} (distinct w_b; F_b the B-clusters and span(B)^perp)."""
     M = M.copy()
+    # Any distinct w_b work (they only tell the B-clusters apart in the eigenvalues); the
+    # fractional parts of multiples of sqrt(2) are distinct and in [0, 1), so w_b in [1, 2),
+    # away from the 0.5 that the complement of span(B) gets.
     weights = np.repeat(1.0 + np.sqrt(2.0) * np.arange(1, b_sizes.size + 1) % 1.0, b_sizes)
     starts, sizes = a_bounds
     for size in np.unique(sizes[sizes > 1]):          # clusters of one size in one batched eigh
@@ -474,12 +484,10 @@ def _adapt_clusters(M, a_bounds, b_sizes):
     return M
 
 
-def _greedy_match(C, capacity):
+def greedy_match(C, capacity):
     """The paired rule's matching: rows of C >= 0 (p x m) one to one to columns of capacity
     ``capacity`` (m,), entries taken in decreasing order (ties row-major, NaN last) when the
     row is free and the column has room.  Returns each row's matched value (0: none)."""
-    if _fast is not None:
-        return _fast.greedy_match(C, capacity)  # the same, for batches and large C
     value, room, free = np.zeros(C.shape[0]), list(capacity), [True] * C.shape[0]
     for e in np.argsort(-C, axis=None, kind="stable"):
         r, c = divmod(int(e), C.shape[1])
@@ -489,20 +497,16 @@ def _greedy_match(C, capacity):
 
 
 @dataclasses.dataclass
-class _Pair:
-    """Orthonormal directions A, B (singular values sa, sb descending) in R^k, B the side the
-    matched rule scores; ``exact*`` and ``scale_*``: directions common to both left out
-    (_fast.py's split of layer 1)."""
+class Pair:
+    """Orthonormal directions A, B (columns; singular values sa, sb descending) in R^k, B the
+    side the matched rule scores; ``positions``: for adjacent layers, how many positions
+    the complement of span(B) may take (Definition 2's rectangular Sigma_i)."""
     A: np.ndarray
     sa: np.ndarray
     B: np.ndarray
     sb: np.ndarray
     k: int
     positions: int = None
-    exact: int = 0
-    exact_used: int = 0
-    scale_a: np.ndarray = None
-    scale_b: np.ndarray = None
 
     @functools.cached_property
     def product(self):
@@ -516,8 +520,8 @@ def alignment(weights, how="paired", rtol=1e-6):
     exact) or "matched" (the authors' code).  Pairwise only: :func:`is_aligned` decides
     Definition 2 for the whole chain."""
     check_network(weights)
-    svds = _reduced_svds(weights)
-    return _score(_alignment_pairs(svds, _widths(svds)), how, rtol)
+    svds = reduced_svds(weights)
+    return _score(alignment_pairs(svds, layer_widths(svds)), how, rtol)
 
 
 def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
@@ -528,8 +532,8 @@ def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
     if [W.shape for W in weights_t] != [W.shape for W in weights_0]:
         raise ValueError(f"weights_t and weights_0 must have the same shapes, got "
                          f"{[_shape(W) for W in weights_t]} and {[_shape(W) for W in weights_0]}")
-    now = _reduced_svds(weights_t)
-    return _score(_invariance_pairs(now, _reduced_svds(weights_0), _widths(now)), how, rtol)
+    now = reduced_svds(weights_t)
+    return _score(invariance_pairs(now, reduced_svds(weights_0), layer_widths(now)), how, rtol)
 
 
 def _score(pairs, how, rtol):
@@ -537,74 +541,93 @@ def _score(pairs, how, rtol):
     if how not in HOW:
         raise ValueError(f"how must be one of {HOW}, got {how!r}")
     check_tolerance("rtol", rtol, 1)
-    return _paired_score(pairs, rtol) if how == "paired" else _matched_score(pairs)
+    return paired_score(pairs, rtol) if how == "paired" else matched_score(pairs)
 
 
-def _paired_score(pairs, rtol):
-    """The paired rule: the mean matched cosine over the scored directions of all pairs.  Per
-    pair, the used directions (sigma > rtol sigma_max) of the side with fewer, rotated
-    inside each cluster of equal singular values to the basis the other side's clusters
-    split it into, are matched one to one, greedily by decreasing cosine, to the other
-    side's clusters or the complement of its span (each taking its dimension; for
-    adjacent layers the complement only max(k_{i-1}, k_{i+1}) - q positions, Definition
-    2's rectangular Sigma_i).  1 exactly when W_i W_i^T and W_{i+1}^T W_{i+1} commute."""
+def paired_score(pairs, rtol):
+    """The paired rule, the paper's "average dot product between corresponding columns":
+    the mean matched |cosine| over the scored directions of all pairs (pair_matches).
+    1 exactly when W_i W_i^T and W_{i+1}^T W_{i+1} commute."""
     total, count = 0.0, 0
-    top = lambda scale, s: scale if scale is not None else (s[0] if s.size else 0.0)
     for pair in pairs:
-        scale_a, scale_b = top(pair.scale_a, pair.sa), top(pair.scale_b, pair.sb)
-        ua, ub = pair.sa > rtol * scale_a, pair.sb > rtol * scale_b
-        M, sa, sb = pair.product[ua][:, ub], pair.sa[ua], pair.sb[ub]
-        if M.shape[0] > M.shape[1]:                      # score the side with fewer
-            M, sa, sb, scale_a, scale_b = M.T, sb, sa, scale_b, scale_a
-        p, q = M.shape
-        matched = 0.0
-        if p:
-            starts, sizes = _cluster_bounds(sb, rtol, scale_b)
-            M = _adapt_clusters(M, _cluster_bounds(sa, rtol, scale_a), sizes)
-            sq = M * M
-            in_b = np.add.reduceat(sq, starts, axis=1) if q else np.zeros((p, 0))
-            outside = np.clip(1.0 - sq.sum(axis=1, keepdims=True), 0.0, 1.0)
-            C = np.sqrt(np.clip(np.concatenate([in_b, outside], axis=1), 0.0, 1.0))
-            k = pair.k - pair.exact_used
-            capacity = np.append(sizes, max(0, min(k, pair.positions or k) - q))
-            matched = float(_greedy_match(C, capacity).sum())
-        total, count = total + (matched + pair.exact_used), count + p + pair.exact_used
+        matched, scored = pair_matches(pair, rtol)
+        total, count = total + matched, count + scored
     return total / count if count else 1.0
 
 
-def _matched_score(pairs):
+def pair_matches(pair, rtol, top_a=None, top_b=None, k=None):
+    """One pair by the paired rule: (the sum of matched |cosines|, the directions scored).
+
+    With distinct singular values this is the paper's rule: each used direction (sigma >
+    rtol sigma_max; ``top_a``, ``top_b``: the sigma_max, by default the pair's own) of the
+    side with fewer is matched one to one, greedily by decreasing |cosine|, to a direction
+    of the other side or to the complement of its span.  Singular vectors of equal values
+    are defined only up to a rotation inside their cluster, so the scored side's clusters
+    are first turned to the basis the other side's clusters split them into
+    (_adapt_clusters), and a cluster (or the complement: ``k`` - q dimensions, for adjacent
+    layers at most max(k_{i-1}, k_{i+1}) - q, the positions of Definition 2's rectangular
+    Sigma_i) takes as many matches as its dimension."""
+    top = lambda given, s: given if given is not None else (s[0] if s.size else 0.0)
+    scale_a, scale_b = top(top_a, pair.sa), top(top_b, pair.sb)
+    ua, ub = pair.sa > rtol * scale_a, pair.sb > rtol * scale_b
+    M, sa, sb = pair.product[ua][:, ub], pair.sa[ua], pair.sb[ub]
+    if M.shape[0] > M.shape[1]:                      # score the side with fewer
+        M, sa, sb, scale_a, scale_b = M.T, sb, sa, scale_b, scale_a
+    p, q = M.shape
+    if not p:
+        return 0.0, 0
+    starts, sizes = _cluster_bounds(sb, rtol, scale_b)
+    M = _adapt_clusters(M, _cluster_bounds(sa, rtol, scale_a), sizes)
+    sq = M * M
+    in_b = np.add.reduceat(sq, starts, axis=1) if q else np.zeros((p, 0))
+    outside = np.clip(1.0 - sq.sum(axis=1, keepdims=True), 0.0, 1.0)
+    C = np.sqrt(np.clip(np.concatenate([in_b, outside], axis=1), 0.0, 1.0))
+    k = pair.k if k is None else k
+    capacity = np.append(sizes, max(0, min(k, pair.positions or k) - q))
+    return float(greedy_match(C, capacity).sum()), p
+
+
+def matched_score(pairs):
     """The authors' rule: each direction of B (V_{i+1}; for invariance the initial network's)
     scored by its largest |cosine| with A's, summed over all pairs / B's directions."""
-    total, count, groups = 0.0, 0, {}
-    for pair in pairs:                       # pairs of one shape: one reduction
+    sums, count = matched_sums(pairs)
+    total = 0.0
+    for s in sums:
+        total = total + s
+    return total / count if count else 1.0
+
+
+def matched_sums(pairs):
+    """The matched rule's parts: ([the sum of the best |cosines| of each group of pairs of
+    one shape (one reduction each)], the number of B's directions)."""
+    count, groups = 0, {}
+    for pair in pairs:
         M = pair.product                     # A^T B: B's directions are its columns
         if M.size:
             groups.setdefault(M.shape, []).append(M)
             count += M.shape[-1]
-        total, count = total + pair.exact, count + pair.exact
-    for Ms in groups.values():
-        xp = array_module(*Ms)
-        total = total + abs(xp.stack(Ms)).max(axis=-2).sum(axis=(0, -1))
-    return total / count if count else 1.0
+    sums = [abs(array_module(*Ms).stack(Ms)).max(axis=-2).sum(axis=(0, -1))
+            for Ms in groups.values()]
+    return sums, count
 
 
-def _widths(svds):
+def layer_widths(svds):
     """[k_0, k_1, ..., k_d] from the layers' reduced SVDs [(U, s, V), ...]."""
     return [svds[0][2].shape[-2]] + [U.shape[-2] for U, _, _ in svds]
 
 
-def _alignment_pairs(svds, widths):
-    """(U_i, V_{i+1}) for the adjacent layers, from reduced SVDs [(U, s, V), ...]."""
-    return [_Pair(svds[i][0], svds[i][1], svds[i + 1][2], svds[i + 1][1], widths[i + 1],
-                  positions=max(widths[i], widths[i + 2]))
+def alignment_pairs(svds, widths):
+    """Pairs (U_i, V_{i+1}) of the adjacent layers, from reduced SVDs [(U, s, V), ...]."""
+    return [Pair(svds[i][0], svds[i][1], svds[i + 1][2], svds[i + 1][1], widths[i + 1],
+                 positions=max(widths[i], widths[i + 2]))
             for i in range(len(svds) - 1)]
 
 
-def _invariance_pairs(now, then, widths):
-    """(U_i(t), U_i(0)) for i < d and (V_i(t), V_i(0)) for i > 1."""
+def invariance_pairs(now, then, widths):
+    """Pairs (U_i(t), U_i(0)) for i < d and (V_i(t), V_i(0)) for i > 1."""
     sides = [(i, 0) for i in range(len(now) - 1)] + [(i, 2) for i in range(1, len(now))]
-    return [_Pair(now[i][side], now[i][1], then[i][side], then[i][1],
-                  widths[i + 1] if side == 0 else widths[i])
+    return [Pair(now[i][side], now[i][1], then[i][side], then[i][1],
+                 widths[i + 1] if side == 0 else widths[i])
             for i, side in sides]
 
 
@@ -613,10 +636,8 @@ def tracker(weights_0, rtol=1e-6):
     invariance by both rules} (Section 6), one value per network of a batch."""
     check_network(weights_0)
     check_tolerance("rtol", rtol, 1)
-    if _fast is not None:
-        return _fast.tracker(weights_0, rtol)   # _fast: the same, vectorised over a batch
-    then = _reduced_svds(weights_0)
-    return lambda weights, _=None: _measures(_reduced_svds(weights), then, rtol)
+    then = reduced_svds(weights_0)
+    return lambda weights, _=None: _measures(reduced_svds(weights), then, rtol)
 
 
 def _measures(now, then, rtol):
@@ -625,12 +646,12 @@ def _measures(now, then, rtol):
         one = lambda svds, b: [tuple(a[b] for a in svd) for svd in svds]
         rows = [_measures(one(now, b), one(then, b), rtol) for b in range(now[0][1].shape[0])]
         return {key: np.array([row[key] for row in rows]) for key in MEASURE_KEYS}
-    widths = _widths(now)
-    aligned, invariant = _alignment_pairs(now, widths), _invariance_pairs(now, then, widths)
-    return {"alignment_paired": _paired_score(aligned, rtol),
-            "alignment_matched": float(_matched_score(aligned)),
-            "invariance_paired": _paired_score(invariant, rtol),
-            "invariance_matched": float(_matched_score(invariant))}
+    widths = layer_widths(now)
+    aligned, invariant = alignment_pairs(now, widths), invariance_pairs(now, then, widths)
+    return {"alignment_paired": paired_score(aligned, rtol),
+            "alignment_matched": float(matched_score(aligned)),
+            "invariance_paired": paired_score(invariant, rtol),
+            "invariance_matched": float(matched_score(invariant))}
 
 
 # -------------------------------------------------- exact test of Def. 2 --
@@ -1088,10 +1109,6 @@ def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", k
     coef = lr / n if kind == "mse" else 2.0 * lr / (kd * n)
     sig = xp.array(sigmas0, dtype=xp.float64)
     lam, lam_prime = xp.asarray(lam, dtype=sig.dtype), xp.asarray(lam_prime, dtype=sig.dtype)
-    if _fast is not None and xp is not np:      # one CUDA thread per direction
-        out = _fast.singular_value_dynamics(sig, lam, lam_prime, coef, steps, record_every)
-        if out is not None:
-            return out
     out = [sig.copy()]
     for t in range(1, steps + 1):
         others = _others_product(sig)
@@ -1140,12 +1157,3 @@ def proposition4(weights, X, Y, tol=1e-8):
     return (is_aligned([M, to_numpy(weights[-1]).T], tol),
             is_aligned([to_numpy(weights[0]).T, M], tol))
 
-
-# ------------------------------------------------------------ optional speed --
-# _fast.py (and through it _cuda.py, for CuPy arrays) computes what the functions above
-# compute, in fewer flops and calls; the lines marked "_fast" above hand work to it.
-# Without it (this file copied alone) everything above runs as written.
-try:
-    import _fast
-except ImportError:
-    _fast = None

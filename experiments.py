@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 import align
+import align_fast
 import structured as st
 import verify
 
@@ -209,9 +210,9 @@ def run_dense(label, cfg, weights, X, Y, kind):
     weights = to_device(cfg, *weights)
     X = to_device(cfg, X)[0]
     Y = cfg.xp.asarray(Y) if kind == "ce" else to_device(cfg, Y)[0]
-    measure = align.tracker(weights, rtol=cfg.rtol)
+    measure = cfg.lib.tracker(weights, rtol=cfg.rtol)
     try:
-        out, hist = align.train(weights, X, Y, kind=kind, lr=cfg.lr, max_steps=cfg.max_steps,
+        out, hist = cfg.lib.train(weights, X, Y, kind=kind, lr=cfg.lr, max_steps=cfg.max_steps,
                                 tol=cfg.tol, measure_every=cfg.measure_every,
                                 measures={"m": measure}, callback=Progress(label, cfg))
     except align.DivergenceError as exc:
@@ -223,11 +224,11 @@ def run_structured(label, cfg, structures, params, X, Y, kind):
     """Gradient descent on the coefficients of a structured network, both measures tracked."""
     params = to_device(cfg, *params)
     X, Y = to_device(cfg, X, Y)
-    measure = align.tracker(st.layer_matrices(structures, params), rtol=cfg.rtol)
+    measure = cfg.lib.tracker(st.layer_matrices(structures, params), rtol=cfg.rtol)
     try:
         return st.train(structures, params, X, Y, kind=kind, lr=cfg.lr, max_steps=cfg.max_steps,
                         tol=cfg.tol, measure_every=cfg.measure_every, measures={"m": measure},
-                        callback=Progress(label, cfg))
+                        callback=Progress(label, cfg), descend=cfg.lib.gradient_descent)
     except align.DivergenceError as exc:
         raise ExperimentError(f"{label}: {exc}") from exc
 
@@ -435,10 +436,10 @@ def _sensing_run(label, cfg, rng, k):
         P = align.forward(ws, eye)
         r = y_d - (Ms_d * P).sum((1, 2))
         return (r * r).sum() / (2 * n), align.layer_gradients(ws, eye, -xp.tensordot(r, Ms_d, 1) / n)
-    measure = align.tracker(weights, rtol=cfg.rtol)
-    _, hist = align.gradient_descent(weights, loss_and_grads, cfg.lr, cfg.max_steps, cfg.tol,
-                                     measure_every=cfg.measure_every, measures={"m": measure},
-                                     callback=Progress(label, cfg))
+    measure = cfg.lib.tracker(weights, rtol=cfg.rtol)
+    _, hist = cfg.lib.gradient_descent(weights, loss_and_grads, cfg.lr, cfg.max_steps, cfg.tol,
+                                       measure_every=cfg.measure_every, measures={"m": measure},
+                                       callback=Progress(label, cfg))
     return hist
 
 
@@ -499,16 +500,16 @@ def cor1(cfg, runs):
             return {"sigma": [(bases[i + 1].T @ align.to_numpy(W) @ bases[i]).diagonal().tolist()
                               for i, W in enumerate(ws)]}
         cfg64 = dataclasses.replace(cfg, dtype=np.float64)
-        out, hist = align.train(to_device(cfg64, *weights), *to_device(cfg64, X, X), kind=kind,
-                                lr=cfg.lr, max_steps=cfg.max_steps, tol=cfg.tol,
-                                measure_every=cfg.measure_every, measures={"s": sigmas},
-                                callback=Progress(f"cor1 seed={seed}", cfg))
+        out, hist = cfg.lib.train(to_device(cfg64, *weights), *to_device(cfg64, X, X), kind=kind,
+                                  lr=cfg.lr, max_steps=cfg.max_steps, tol=cfg.tol,
+                                  measure_every=cfg.measure_every, measures={"s": sigmas},
+                                  callback=Progress(f"cor1 seed={seed}", cfg))
         if hist.stop_reason == "interrupted":
             keep(runs, f"seed={seed}", record(hist))            # (stops the experiment)
         steps = hist.measure_steps
         t0 = time.perf_counter()
-        traj = align.singular_value_dynamics(np.array(sig0), cert.lam, cert.lam_prime, cfg.lr,
-                                             X.shape[1], steps[-1], kind=kind, kd=k)
+        traj = cfg.lib.singular_value_dynamics(np.array(sig0), cert.lam, cert.lam_prime, cfg.lr,
+                                               X.shape[1], steps[-1], kind=kind, kd=k)
         reduced_time = time.perf_counter() - t0
         reduced = traj[steps]
         full = np.array(hist.measurements["sigma"])
@@ -622,11 +623,17 @@ class Config:
     quick: bool
     command: str = ""
     threads: int = 1
+    reference: bool = False
+
+    @property
+    def lib(self):
+        """The code that trains and measures: align.py with --reference, else align_fast.py."""
+        return align if self.reference else align_fast
 
     def to_dict(self):
         """The settings for the JSON record."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "xp"} | \
-            {"dtype": np.dtype(self.dtype).name}
+            {"dtype": np.dtype(self.dtype).name, "implementation": self.lib.__name__}
 
 
 def configure(name, args, xp):
@@ -645,7 +652,8 @@ def configure(name, args, xp):
                   measure_every=min(args.measure_every, QUICK_MEASURE) if args.quick else args.measure_every,
                   loss_every=args.loss_every, loss_scale=args.loss_scale or "mean",
                   init=args.init or "aligned", mnist=args.mnist, out=args.out, quiet=args.quiet,
-                  quick=args.quick, command=args.command, threads=blas_threads(args.threads))
+                  quick=args.quick, command=args.command, threads=blas_threads(args.threads),
+                  reference=bool(args.reference))
 
 
 COMMAND_HELP = {
@@ -1191,6 +1199,9 @@ def parser(name=None):
                    help=shown("mnist") or "folder with the full MNIST idx files (raw or .gz); "
                         "default: the shipped subset of the first 1024 training images (fig1b, "
                         "fig1c, fig2b, prop1)")
+    p.add_argument("--reference", action="store_true", default=None,
+                   help=shown("reference") or "train and measure with align.py's reference code "
+                   "(slower; the same claims) instead of align_fast.py; recorded in the JSON")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help=shown("threads") or "BLAS threads (default: 1, as fast for these small "
                    "layers and safe beside other runs; see README, 'Many runs at once')")

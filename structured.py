@@ -11,10 +11,19 @@ layer) with a list ``params`` (coefficient vectors, or dense matrices), in the
 notation of align.py: X is k0 x n, Y is kd x n.
 """
 import math
+import operator
 
 import numpy as np
 
 import align
+
+__all__ = ["Structure", "Conv2d", "conv2d", "toeplitz", "circulant", "diagonal", "banded", "mask",
+           "from_basis", "layer_matrices", "check_structured", "loss_and_gradients", "train",
+           "alignment_impossible"]
+
+# The product of Conv2d's passes: A @ B.  A CUDA graph capture (align_cuda.py) swaps in
+# cuBLAS called directly while it records steps.
+matmul = operator.matmul
 
 
 def _sum_into(index, values, size, dtype):
@@ -178,8 +187,8 @@ class Conv2d(Structure):
 
     def matmul(self, c, A):
         """W A = sum over taps of c_tap times the shifted images (never forms W).  Products
-        go through align.matmul, which a CUDA graph capture swaps for cuBLAS called directly."""
-        return align.matmul(c[None], self._patches(A).reshape(self.r, -1)).reshape(A.shape)
+        go through ``matmul``, which a CUDA graph capture swaps for cuBLAS called directly."""
+        return matmul(c[None], self._patches(A).reshape(self.r, -1)).reshape(A.shape)
 
     def rmatmul(self, c, D):
         """W^T D: the transpose of a correlation is the correlation with the filter rotated
@@ -188,7 +197,7 @@ class Conv2d(Structure):
 
     def outer_gradient(self, delta, act):
         """(<delta act^T, A_j>)_j: each tap's shifted images against delta (Appendix H)."""
-        return align.matmul(self._patches(act).reshape(self.r, -1), delta.reshape(-1, 1))[:, 0]
+        return matmul(self._patches(act).reshape(self.r, -1), delta.reshape(-1, 1))[:, 0]
 
 
 def conv2d(p, s):
@@ -335,17 +344,19 @@ def loss_and_gradients(structures, params, X, Y, kind="mse"):
 
 
 def train(structures, params, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
-          record_every=1, measure_every=100, measures=None, callback=None):
+          record_every=1, measure_every=100, measures=None, callback=None,
+          descend=align.gradient_descent):
     """Gradient descent on the coefficients (Definition 4); by Theorem 2 this is
     W_i <- W_i - lr pi_S(dL/dW_i).  ``measures`` get the dense matrices
-    ``m(weights, weights_0)``.  Returns (params, History)."""
+    ``m(weights, weights_0)``; ``descend``: align.gradient_descent, or
+    align_fast.gradient_descent for the same iterates faster.  Returns (params, History)."""
     kd = check_structured(structures, params, X)
     Y = align.prepare_targets(Y, kind, kd, X.shape[1]).astype(params[0].dtype)
     wrapped = {name: (lambda ps, p0, fn=fn: fn(layer_matrices(structures, ps),
                                                layer_matrices(structures, p0)))
-               for name, fn in (measures or {}).items()}
-    return align.gradient_descent(params, lambda ps: loss_and_gradients(structures, ps, X, Y, kind),
-                                  lr, max_steps, tol, record_every, measure_every, wrapped, callback)
+               for name, fn in align.as_measures(measures).items()}
+    return descend(params, lambda ps: loss_and_gradients(structures, ps, X, Y, kind),
+                   lr, max_steps, tol, record_every, measure_every, wrapped, callback)
 
 
 # ------------------------------------------------ Proposition 5, Theorem 3 --

@@ -21,8 +21,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import numpy as np  # noqa: E402
 
-import _cuda  # noqa: E402
-import _fast  # noqa: E402
+import align_cuda  # noqa: E402
+import align_fast  # noqa: E402
 import align  # noqa: E402
 import experiments  # noqa: E402
 import structured as st  # noqa: E402
@@ -90,7 +90,7 @@ def plain_gd(weights, X, Y, lr, steps):
 
 
 def ours_gd(weights, X, Y, lr, steps):
-    return align.train(weights, X, Y, "mse_mean", lr=lr, max_steps=steps, tol=0.0,
+    return align_fast.train(weights, X, Y, "mse_mean", lr=lr, max_steps=steps, tol=0.0,
                        measure_every=10 ** 9)[0]
 
 
@@ -121,7 +121,7 @@ def step_flops(m, n=N, widths=WIDTHS):
     grouped as align groups them."""
     k0, k1, k2, k3 = widths
     plain = 2 * n * (k1 * k0 + k2 * k1 + k3 * k2) * 3 - 2 * n * k1 * k0   # no input gradient
-    ours = 2 * min(_fast._chain_costs(((k2, m), (k3, k2)), n)) + 2 * n * m   # + diagonal X^T X
+    ours = 2 * min(align_fast._chain_costs(((k2, m), (k3, k2)), n)) + 2 * n * m   # + diagonal X^T X
     return plain, ours
 
 
@@ -144,12 +144,12 @@ def bench_step(xp, rows, steps):
     rows.append(row("GD step, fig1b size (float32)", t_ours, "straightforward Eq. (8)", t_plain,
                     our_flops / peak, f"max rel. diff of weights after 1000 steps: {diff:.1e}"))
     if xp is not np:                                    # CUDA graphs against kernel by kernel
-        graphs, _cuda.CUDA_GRAPH_STEPS = _cuda.CUDA_GRAPH_STEPS, 0
+        graphs, align_cuda.CUDA_GRAPH_STEPS = align_cuda.CUDA_GRAPH_STEPS, 0
         try:
             t_eager = per_step(lambda k: ours_gd(weights, X, Y, 1e-2, k), xp, steps)
             eager = ours_gd(weights, X, Y, 1e-2, 1000)
         finally:
-            _cuda.CUDA_GRAPH_STEPS = graphs
+            align_cuda.CUDA_GRAPH_STEPS = graphs
         gdiff = relative_difference(ours_gd(weights, X, Y, 1e-2, 1000), eager)
         rows.append(row("GD step, fig1b size (float32)", t_ours, "ours, kernel by kernel", t_eager,
                         our_flops / peak, f"CUDA graphs of {graphs} steps; vs kernel by kernel "
@@ -173,8 +173,8 @@ def bench_measure(xp, rows, steps=20):
     extra time of measuring at every step over 2 * steps and over steps steps, so that
     the run's one-time set-up (layer 1's split, the start's SVDs) is not counted."""
     weights, X, Y = fig1b_problem(xp, np.float32)
-    track = align.tracker(weights, rtol=1e-4)
-    train = lambda every, k: align.train(weights, X, Y, "mse_mean", lr=1e-2, max_steps=k, tol=0.0,
+    track = align_fast.tracker(weights, rtol=1e-4)
+    train = lambda every, k: align_fast.train(weights, X, Y, "mse_mean", lr=1e-2, max_steps=k, tol=0.0,
                                          measure_every=every, measures={"m": track})
     extra = lambda k: seconds(lambda: train(1, k), xp, 2) - seconds(lambda: train(10 ** 9, k), xp, 2)
     t_ours = (extra(2 * steps) - extra(steps)) / steps
@@ -187,7 +187,7 @@ def bench_measure(xp, rows, steps=20):
     rng = np.random.default_rng(0)
     S = st.conv2d(28, 3)
     mats = [S.to_matrix(xp.asarray(rng.uniform(-1, 1, 9) / 3, dtype=np.float32)) for _ in range(3)]
-    track = align.tracker(mats, rtol=1e-4)
+    track = align_fast.tracker(mats, rtol=1e-4)
     moved = [W * 1.01 for W in mats]
     t_ours = seconds(lambda: track(moved), xp, 2)
     t_svd = seconds(lambda: full_svd_measures(track, moved), xp, 2)
@@ -212,15 +212,15 @@ def bench_cor1(xp, rows, steps):
     weights = [xp.asarray(W) for W in align.aligned_init(cert.U, cert.V, [k] * (d + 1), sigmas=sig0)]
     Xd = xp.asarray(X)
     lr = 0.05
-    t_full = seconds(lambda: align.train(weights, Xd, Xd, lr=lr, max_steps=steps, tol=0.0,
+    t_full = seconds(lambda: align_fast.train(weights, Xd, Xd, lr=lr, max_steps=steps, tol=0.0,
                                          measure_every=10 ** 9), xp, 1) / steps
     sig_d = xp.asarray(sig0)
-    t_red = seconds(lambda: align.singular_value_dynamics(sig_d, cert.lam, cert.lam_prime, lr, 1000,
+    t_red = seconds(lambda: align_fast.singular_value_dynamics(sig_d, cert.lam, cert.lam_prime, lr, 1000,
                                                           steps, record_every=steps), xp, 1) / steps
-    full, _ = align.train(weights, Xd, Xd, lr=lr, max_steps=steps, tol=0.0, measure_every=10 ** 9)
+    full, _ = align_fast.train(weights, Xd, Xd, lr=lr, max_steps=steps, tol=0.0, measure_every=10 ** 9)
     bases = [cert.V] + [np.eye(k)] * (d - 1) + [cert.U]
     got = np.array([np.diagonal(bases[i + 1].T @ align.to_numpy(W) @ bases[i]) for i, W in enumerate(full)])
-    red = align.to_numpy(align.singular_value_dynamics(sig_d, cert.lam, cert.lam_prime, lr, 1000, steps)[-1])
+    red = align.to_numpy(align_fast.singular_value_dynamics(sig_d, cert.lam, cert.lam_prime, lr, 1000, steps)[-1])
     diff = float(np.abs(got - red).max() / np.abs(got).max())
     rows.append(row(f"Corollary 1 reduced dynamics, width {k} (float64)", t_red, "full GD", t_full,
                     None, f"max rel. diff of singular values after {steps} steps: {diff:.1e}"))
@@ -237,7 +237,7 @@ def seeds_problem(xp, count):
 
 def trained(ws, X, Y, steps=1000):
     """The batch's weights after ``steps`` steps of fig1a's training (not measured)."""
-    return align.train(ws, X, Y, "mse_mean", lr=1e-2, max_steps=steps, tol=0.0,
+    return align_fast.train(ws, X, Y, "mse_mean", lr=1e-2, max_steps=steps, tol=0.0,
                        measure_every=10 ** 9)[0]
 
 
@@ -246,8 +246,8 @@ def bench_seeds(xp, rows, steps, counts=(10, 100, 1000)):
     and one measurement of the largest batch against the 100 steps it overlaps on a GPU."""
     def batch(count, every):
         ws, X, Y = seeds_problem(xp, count)
-        measures = {"m": align.tracker(ws)} if every else None
-        return lambda: align.train(ws, X, Y, "mse_mean", lr=1e-2, max_steps=steps, tol=0.0,
+        measures = {"m": align_fast.tracker(ws)} if every else None
+        return lambda: align_fast.train(ws, X, Y, "mse_mean", lr=1e-2, max_steps=steps, tol=0.0,
                                    measure_every=every or 10 ** 9, measures=measures)
     repeat = 1 if xp is np else 3                     # (GPU runs vary more, and are short)
     for every, what in ((100, "measuring every 100"), (None, "training only")):
@@ -259,9 +259,9 @@ def bench_seeds(xp, rows, steps, counts=(10, 100, 1000)):
                             f"seed's; wall {many / one:.1f}x one seed's"))
     largest_training_only = many                      # (the last row above)
     ws, X, Y = seeds_problem(xp, counts[-1])
-    track = align.tracker(ws)
+    track = align_fast.tracker(ws)
     later = trained(ws, X, Y)
-    svds = seconds(lambda: _fast.reduced_svds(later, keep=True), xp, 5)
+    svds = seconds(lambda: align_fast.reduced_svds(later, keep=True), xp, 5)
     note = f"above 1x it hides behind the steps it overlaps on a GPU; its SVDs {svds * 1e3:.1f} ms"
     if xp is not np:                                  # the Jacobi kernel against cuSOLVER's,
         stacked = xp.stack(later)                     # and where the time goes

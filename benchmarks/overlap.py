@@ -1,7 +1,7 @@
 """Does measuring overlap the steps?  fig1a with 1 and 1000 seeds, a measurement every 100
 steps: for each run of steps, how long its launch, the measurement taken meanwhile and the
 wait for the steps afterwards took (medians), against the same without measuring and the
-measurement alone (also taken on the host, as a batch of fewer than _fast.GPU_BATCH_MIN
+measurement alone (also taken on the host, as a batch of fewer than align_fast.GPU_BATCH_MIN
 networks would be).  On a GPU, steps replay from CUDA graphs on their own stream, so a
 measurement shorter than the steps should cost nothing.  On a GPU also with the graphs
 launched from a helper thread (ALIGN_GRAPH_LAUNCH_THREAD=1), in case a launch keeps the
@@ -18,8 +18,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import numpy as np  # noqa: E402
 
-import _cuda  # noqa: E402
-import _fast  # noqa: E402
+import align_cuda  # noqa: E402
+import align_fast  # noqa: E402
 import align  # noqa: E402
 import experiments  # noqa: E402
 from bench import seconds, seeds_problem, trained  # noqa: E402
@@ -37,37 +37,37 @@ def timed_run(ws, X, Y, steps, measure):
             return out
         return call
 
-    chunker = _fast.step_runs
+    chunker = align_fast.step_runs
 
     def chunker_timed(*args):
         chunks = chunker(*args)
         if chunks is not None:
             chunks.launch, chunks.wait = clock("launch", chunks.launch), clock("wait", chunks.wait)
         return chunks
-    _fast.step_runs = chunker_timed
+    align_fast.step_runs = chunker_timed
     try:
-        track = align.tracker(ws)
+        track = align_fast.tracker(ws)
         timed_track = clock("measure", track)
         timed_track.from_svds, timed_track.starts_at = track.from_svds, track.starts_at
         t = time.perf_counter()
-        align.train(ws, X, Y, "mse_mean", lr=1e-2, max_steps=steps, tol=0.0,
+        align_fast.train(ws, X, Y, "mse_mean", lr=1e-2, max_steps=steps, tol=0.0,
                     measure_every=100 if measure else 10 ** 9,
                     measures={"m": timed_track} if measure else None)
         total = time.perf_counter() - t
     finally:
-        _fast.step_runs = chunker
+        align_fast.step_runs = chunker
     return total, {k: 1e3 * statistics.median(v) if v else float("nan") for k, v in times.items()}
 
 
 def measure_alone(ws, later, xp, gpu_batch_min):
     """Seconds of one measurement of ``later`` by a tracker of ``ws``, with batches of at
     least ``gpu_batch_min`` networks measured on the GPU (the others on the host)."""
-    saved, _fast.GPU_BATCH_MIN = _fast.GPU_BATCH_MIN, gpu_batch_min
+    saved, align_fast.GPU_BATCH_MIN = align_fast.GPU_BATCH_MIN, gpu_batch_min
     try:
-        track = align.tracker(ws)
+        track = align_fast.tracker(ws)
         return seconds(lambda: track(later), xp, 5)
     finally:
-        _fast.GPU_BATCH_MIN = saved
+        align_fast.GPU_BATCH_MIN = saved
 
 
 def main(argv=None):
@@ -85,9 +85,9 @@ def main(argv=None):
         ws, X, Y = seeds_problem(xp, count)
         later = trained(ws, X, Y)
         alone, host = (1e3 * measure_alone(ws, later, xp, least)
-                       for least in (_fast.GPU_BATCH_MIN, 10 ** 9))
+                       for least in (align_fast.GPU_BATCH_MIN, 10 ** 9))
         for thread in (False, True) if xp is not np else (False,):
-            _cuda.GRAPH_LAUNCH_THREAD = thread                 # launch graphs from a helper thread
+            align_cuda.GRAPH_LAUNCH_THREAD = thread                 # launch graphs from a helper thread
             for measure in (False, True):
                 timed_run(ws, X, Y, args.steps, measure)            # warm-up: graphs captured
                 total, t = timed_run(ws, X, Y, args.steps, measure)

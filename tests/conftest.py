@@ -1,5 +1,5 @@
-"""Shared fixtures: the array backends (NumPy always, CuPy where a GPU is usable) and
-the reference (align.py without its optional speed-ups)."""
+"""Shared fixtures: the array backends (NumPy always, CuPy where a GPU is usable), random
+problems and the greedy matching's reference."""
 import math
 
 import numpy as np
@@ -31,12 +31,6 @@ def xp(request):
             pytest.skip("CuPy with a CUDA GPU is not available")
         return CUPY
     return np
-
-
-@pytest.fixture
-def reference(monkeypatch):
-    """align.py as copied alone: its reference code, without _fast.py and _cuda.py."""
-    monkeypatch.setattr(align, "_fast", None)
 
 
 def random_problem(rng, kind, widths, n):
@@ -73,9 +67,7 @@ random_orthogonal = verify.orthogonal          # a Haar-random k x k orthogonal 
 
 def sequential_greedy(C, capacity):
     """align's reference greedy matching (the rule as its docstring states it)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(align, "_fast", None)
-        return align._greedy_match(C, capacity)
+    return align.greedy_match(C, capacity)
 
 
 def greedy_cases(seed, trials, batch, spoil):

@@ -1,4 +1,4 @@
-"""The paper's claims on align.py's reference code (without _fast.py and _cuda.py): gradients
+"""The paper's claims on align.py's reference code: gradients
 (Eq. (8)), GD, usSVD (Definition 1), the measures of Section 6, Definition 2."""
 import json
 import math
@@ -8,8 +8,6 @@ import pytest
 
 import align
 from conftest import finite_difference, random_orthogonal, random_problem
-
-pytestmark = pytest.mark.usefixtures("reference")
 
 KINDS = ["mse", "mse_mean", "ce", "logistic", "exp"]
 

@@ -1,4 +1,4 @@
-"""The CuPy-only paths of _cuda.py (CUDA graphs, cuBLAS called directly, the batched
+"""The CuPy-only paths of align_cuda.py (CUDA graphs, cuBLAS called directly, the batched
 measurement on a GPU) against the step-by-step and host computations they replace.
 They run with CuPy and a GPU, or on the strict NumPy stand-in (tests/cupy_standin),
 and skip otherwise."""
@@ -9,8 +9,9 @@ import weakref
 import numpy as np
 import pytest
 
-import _cuda
-import _fast
+import align_cuda
+import align_fast
+import align_steps
 import align
 import structured as st
 from conftest import CUPY, random_problem
@@ -24,7 +25,7 @@ def test_measuring_a_large_batch_on_a_gpu_waits_for_it_once(xp, monkeypatch):
     rng = np.random.default_rng(30)
     w0 = [xp.asarray(rng.standard_normal((70, 6, 6))) for _ in range(3)]
     w1 = [W + 0.1 * xp.asarray(rng.standard_normal(W.shape)) for W in w0]
-    track = align.tracker(w0)
+    track = align_fast.tracker(w0)
     track(w1)
     before = xp.waits[0]
     values = track(w1)
@@ -47,7 +48,7 @@ def test_gemm_plan_reads_every_layout_the_steps_use(monkeypatch):
         return view if op == 0 else np.swapaxes(view, 1, 2)  # op(stored) = M^T
 
     def emulate(A, B):
-        A, B, shape, (opB, opA, n, m, k, ldB, sB, ldA, sA, ldC, sC, batch) = _cuda._gemm_plan(A, B)
+        A, B, shape, (opB, opA, n, m, k, ldB, sB, ldA, sA, ldC, sC, batch) = align_cuda._gemm_plan(A, B)
         Ct = stored(B, opB, ldB, sB, batch) @ np.swapaxes(stored(A, opA, ldA, sA, batch), 1, 2) \
             .swapaxes(1, 2)                                   # B^T A^T, batch x n x m
         return np.swapaxes(Ct, 1, 2).reshape(shape)
@@ -69,9 +70,9 @@ def test_gemm_plan_reads_every_layout_the_steps_use(monkeypatch):
         weights, X, Y = random_problem(rng, kind, widths, n)
         if batch:                                  # (a batch: no in-place NumPy steps)
             weights = [np.stack([W] * batch) for W in weights]
-        run = lambda: align.train(weights, X, Y, kind, lr=0.05, max_steps=20, tol=0.0)[0]
+        run = lambda: align_fast.train(weights, X, Y, kind, lr=0.05, max_steps=20, tol=0.0)[0]
         want = run()
-        monkeypatch.setattr(align, "matmul", emulate)
+        monkeypatch.setattr(align_steps, "matmul", emulate)
         got = run()
         monkeypatch.undo()
         for g, w in zip(got, want):
@@ -104,18 +105,18 @@ def test_graph_chunks_with_launches_here_or_on_the_helper_thread(xp, monkeypatch
         L, _ = self.loss_and_grads([p.copy() for p in self.ps])
         losses = xp.empty((n,) + L.shape, dtype=L.dtype)
         return Graph(self, n, losses), losses, None
-    monkeypatch.setattr(_cuda._CudaGraphChunks, "_capture", capture)
-    monkeypatch.setattr(_cuda, "GRAPH_LAUNCH_THREAD", launch_thread)
+    monkeypatch.setattr(align_cuda._CudaGraphChunks, "_capture", capture)
+    monkeypatch.setattr(align_cuda, "GRAPH_LAUNCH_THREAD", launch_thread)
     rng = np.random.default_rng(44)
     weights, X, _ = random_problem(rng, "mse", [5, 6, 4], 9)
     Y = rng.standard_normal((4, 5)) @ X / 2                                 # interpolable
     weights = [xp.asarray(np.stack([W * (1 + 0.1 * b) for b in range(3)])) for W in weights]
     X, Y = xp.asarray(X), xp.asarray(Y)
-    train = lambda: align.train(weights, X, Y, "mse", lr=0.05, max_steps=400, tol=1e-3,
-                                measure_every=120, measures={"m": align.tracker(weights)})
-    monkeypatch.setattr(_cuda, "CUDA_GRAPH_STEPS", 100)
+    train = lambda: align_fast.train(weights, X, Y, "mse", lr=0.05, max_steps=400, tol=1e-3,
+                                measure_every=120, measures={"m": align_fast.tracker(weights)})
+    monkeypatch.setattr(align_cuda, "CUDA_GRAPH_STEPS", 100)
     w1, h1 = train()
-    monkeypatch.setattr(_cuda, "CUDA_GRAPH_STEPS", 0)
+    monkeypatch.setattr(align_cuda, "CUDA_GRAPH_STEPS", 0)
     w2, h2 = train()
     assert captured and 120 < h1.final_step < 400 and h1.stop_reason == "tol"   # stops in a run
     assert h1.final_step == h2.final_step and h1.steps == h2.steps
@@ -136,21 +137,21 @@ def test_cuda_graph_steps_equal_kernel_by_kernel_steps(monkeypatch, kind, widths
     """On the GPU: replaying captured CUDA graphs (direct cuBLAS products; launched here
     or from the helper thread) gives the iterates, losses and stopping step of launching
     the kernels one by one."""
-    monkeypatch.setattr(_cuda, "GRAPH_LAUNCH_THREAD", launch_thread)
+    monkeypatch.setattr(align_cuda, "GRAPH_LAUNCH_THREAD", launch_thread)
     rng = np.random.default_rng(41)
     weights, X, Y = random_problem(rng, kind, widths, n)
     if batch:
         weights = [np.stack([W * (1 + 0.1 * b) for b in range(batch)]) for W in weights]
     weights, X, Y = ([CUPY.asarray(a) for a in arrays] for arrays in (weights, [X], [Y]))
     captured = []
-    launch = _cuda._CudaGraphChunks.launch
-    monkeypatch.setattr(_cuda._CudaGraphChunks, "launch",
+    launch = align_cuda._CudaGraphChunks.launch
+    monkeypatch.setattr(align_cuda._CudaGraphChunks, "launch",
                         lambda self, k, keep=False: captured.append(launch(self, k, keep)) or captured[-1])
-    train = lambda: align.train(weights, X[0], Y[0], kind, lr=0.05, max_steps=400, tol=1e-3,
-                                measure_every=120, measures={"m": align.tracker(weights)})
+    train = lambda: align_fast.train(weights, X[0], Y[0], kind, lr=0.05, max_steps=400, tol=1e-3,
+                                measure_every=120, measures={"m": align_fast.tracker(weights)})
     w1, h1 = train()
     assert captured and all(captured)                              # graphs really ran
-    monkeypatch.setattr(_cuda, "CUDA_GRAPH_STEPS", 0)
+    monkeypatch.setattr(align_cuda, "CUDA_GRAPH_STEPS", 0)
     w2, h2 = train()
     assert h1.final_step == h2.final_step and h1.stop_reason == h2.stop_reason
     np.testing.assert_allclose(h1.losses, h2.losses, rtol=1e-10)
@@ -173,19 +174,19 @@ def test_cuda_graph_capture_survives_an_earlier_runs_garbage(monkeypatch):
 
     def loss_and_grads(ps):
         collector_on.append(gc.isenabled())
-        return _fast._loss_and_gradients(ps, X, Y, "mse_mean")
-    old = _cuda._CudaGraphChunks([W.copy() for W in weights], loss_and_grads, 0.01)
+        return align_fast._loss_and_gradients(ps, X, Y, "mse_mean")
+    old = align_cuda._CudaGraphChunks([W.copy() for W in weights], loss_and_grads, 0.01)
     assert old.launch(50) and old.wait().shape == (50,)
     old.cycle = old                                                # garbage for the collector
     del old
     captured, collector_on[:] = [], []
-    launch = _cuda._CudaGraphChunks.launch
-    monkeypatch.setattr(_cuda._CudaGraphChunks, "launch",
+    launch = align_cuda._CudaGraphChunks.launch
+    monkeypatch.setattr(align_cuda._CudaGraphChunks, "launch",
                         lambda self, k, keep=False: captured.append(launch(self, k, keep)) or captured[-1])
     threshold = gc.get_threshold()
     gc.set_threshold(1)
     try:
-        align.gradient_descent(weights, loss_and_grads, lr=0.01, max_steps=200, tol=0.0)
+        align_fast.gradient_descent(weights, loss_and_grads, lr=0.01, max_steps=200, tol=0.0)
     finally:
         gc.set_threshold(*threshold)
     assert captured and all(captured)
@@ -201,12 +202,12 @@ def test_gc_paused_collects_then_pauses_the_collector_and_restores_it():
     c.me = c
     weakref.finalize(c, gone.append, True)
     del c
-    with _cuda._gc_paused():
+    with align_cuda._gc_paused():
         assert gone == [True] and not gc.isenabled()              # collected, then paused
     assert gc.isenabled()
     gc.disable()
     try:
-        with pytest.raises(KeyError), _cuda._gc_paused():
+        with pytest.raises(KeyError), align_cuda._gc_paused():
             raise KeyError("x")
         assert not gc.isenabled()                                  # left as it was: off
     finally:
@@ -215,30 +216,30 @@ def test_gc_paused_collects_then_pauses_the_collector_and_restores_it():
 
 def test_direct_cublas_without_the_library_says_which_it_tried(monkeypatch):
     """(CUDA graph capture then falls back to kernel-by-kernel steps with this note.)"""
-    monkeypatch.setattr(_cuda._DirectCublas, "_load", lambda self, name: None)
+    monkeypatch.setattr(align_cuda._DirectCublas, "_load", lambda self, name: None)
     with pytest.raises(RuntimeError, match=r"no cuBLAS library .*libcublas\.so\.13"):
-        _cuda._DirectCublas(None, None)
+        align_cuda._DirectCublas(None, None)
 
 
 @pytest.mark.skipif(CUPY is None, reason="CuPy with a CUDA GPU is not available")
 def test_conv_steps_replayed_from_cuda_graphs_equal_kernel_by_kernel_steps(monkeypatch):
     """On the GPU: a convolutional network's steps are captured (its products go through
-    align.matmul) and give the losses, measures and iterates of launching kernels one by one."""
+    align_steps.matmul) and give the losses, measures and iterates of launching kernels one by one."""
     rng = np.random.default_rng(6)
     S = st.conv2d(6, 3)
     params = [CUPY.asarray(rng.standard_normal(9) * 0.3) for _ in range(3)]
     X = CUPY.asarray(rng.standard_normal((36, 4)))
     captured = []
-    launch = _cuda._CudaGraphChunks.launch
-    monkeypatch.setattr(_cuda._CudaGraphChunks, "launch",
+    launch = align_cuda._CudaGraphChunks.launch
+    monkeypatch.setattr(align_cuda._CudaGraphChunks, "launch",
                         lambda self, k, keep=False: captured.append(launch(self, k, keep)) or captured[-1])
-    track = align.tracker(st.layer_matrices([S] * 3, params))
+    track = align_fast.tracker(st.layer_matrices([S] * 3, params))
     train = lambda: st.train([S] * 3, params, X, X, lr=0.01, max_steps=300, tol=0.0,
                              measure_every=120, measures={"m": track})
     p1, h1 = train()
     assert captured and all(captured)                              # graphs really ran
     assert h1.losses[-1] < 1e-2 * h1.losses[0]                     # (lr 0.05 diverges here)
-    monkeypatch.setattr(_cuda, "CUDA_GRAPH_STEPS", 0)
+    monkeypatch.setattr(align_cuda, "CUDA_GRAPH_STEPS", 0)
     p2, h2 = train()
     np.testing.assert_allclose(h1.losses, h2.losses, rtol=1e-10)
     for key in h2.measurements:

@@ -370,3 +370,46 @@ def test_threads_are_set_for_the_run_and_recorded(given, want, tmp_path, monkeyp
     assert result["config"]["threads"] == want
     assert all(n == want for n in seen[0]) and seen[0]
     assert [p["num_threads"] for p in result["environment"]["blas"]] == seen[0]
+
+
+PROJECT_MODULES = ("align", "align_fast", "align_steps", "align_cuda", "structured", "verify",
+                   "experiments")
+
+
+def test_align_is_the_reference_alone_and_the_imports_have_no_circle():
+    """`import align` loads no other module of the project; align.py names no fast module;
+    among the project's modules the imports form no circle."""
+    import ast
+    run = subprocess.run([sys.executable, "-c", "import sys, align; print(sorted(sys.modules))"],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert not set(PROJECT_MODULES[1:]) & set(json.loads(run.stdout.replace("'", '"')))
+    source = open(os.path.join(REPO, "align.py")).read()
+    assert "align_fast" not in source.replace("align_fast.py", "") and "_cuda" not in source
+    imports = {}
+    for name in PROJECT_MODULES:
+        tree = ast.parse(open(os.path.join(REPO, name + ".py")).read())
+        found = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for a in node.names} | {node.module for node in ast.walk(tree)
+                                         if isinstance(node, ast.ImportFrom) and node.module}
+        imports[name] = found & set(PROJECT_MODULES)
+
+    def reaches(start, goal, seen=()):
+        return any(m == goal or (m not in seen and reaches(m, goal, seen + (m,)))
+                   for m in imports[start])
+    assert not [m for m in PROJECT_MODULES if reaches(m, m)], imports
+
+
+@pytest.mark.parametrize("name", ["fig1a", "fig2a", "thm1"])
+def test_reference_runs_give_the_same_claims_and_steps(name, tmp_path):
+    """--reference trains and measures with align.py's code: the same claim and steps
+    (within 0.1%) as align_fast.py, and the JSON says which code ran."""
+    results = {}
+    for flags in ([], ["--reference"]):
+        out = tmp_path / ("ref" if flags else "fast")
+        assert experiments.main([name, "--quick", "--out", str(out), "-q"] + flags) == 0
+        results[bool(flags)] = json.loads((out / f"{name}-quick.json").read_text())
+    fast, ref = results[False], results[True]
+    assert fast["config"]["implementation"] == "align_fast" and ref["config"]["implementation"] == "align"
+    assert fast["claim"]["holds"] == ref["claim"]["holds"]
+    for a, b in zip(fast["runs"].values(), ref["runs"].values()):
+        assert abs(a["final_step"] - b["final_step"]) <= 1e-3 * a["final_step"]

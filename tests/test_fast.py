@@ -1,21 +1,19 @@
-"""Each exact speed-up of _fast.py against align.py's reference (align._fast = None): the
-same iterates to rounding in float64, the same measures, the same stopping step."""
+"""Each exact speed-up of align_fast.py against align.py's reference: the same iterates to
+rounding in float64, the same measures, the same stopping step."""
 import json
 
 import numpy as np
 import pytest
 
-import _fast
+import align_fast
+import align_steps
 import align
 from conftest import finite_difference, greedy_cases, random_problem
 
 
-def fast_and_reference(monkeypatch, run):
-    """(run() with _fast.py, run() with align.py's reference code alone)."""
-    fast = run()
-    with monkeypatch.context() as patch:
-        patch.setattr(align, "_fast", None)
-        return fast, run()
+def fast_and_reference(run):
+    """(run(align_fast), run(align)): the same code through the fast module and the reference."""
+    return run(align_fast), run(align)
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
@@ -31,13 +29,13 @@ def test_both_groupings_of_eq8_give_the_same_gradients_for_the_counted_flops(mon
         weights = [np.stack([W + 0.1 * rng.standard_normal(W.shape) for _ in range(batch)]) for W in weights]
     Y = align.prepare_targets(labels, "ce", 3, 40)
     output_grad = lambda F: align.loss_and_output_gradient(F, Y, "ce")
-    results, counted, mm = {}, {}, align.matmul
+    results, counted, mm = {}, {}, align_steps.matmul
     for at_outputs in (False, True):
         flops = []
-        monkeypatch.setattr(align, "matmul", lambda A, B: flops.append(A.shape[-2] * A.shape[-1] * B.shape[-1])
+        monkeypatch.setattr(align_steps, "matmul", lambda A, B: flops.append(A.shape[-2] * A.shape[-1] * B.shape[-1])
                             or mm(A, B))
-        monkeypatch.setattr(_fast, "_cheaper_at_outputs", lambda shapes, n: at_outputs)
-        results[at_outputs], counted[at_outputs] = _fast._chain_gradients(weights, X, output_grad, True), sum(flops)
+        monkeypatch.setattr(align_fast, "_cheaper_at_outputs", lambda shapes, n: at_outputs)
+        results[at_outputs], counted[at_outputs] = align_fast._chain_gradients(weights, X, output_grad, True), sum(flops)
         monkeypatch.undo()
     (L1, grads1, dX1), (L2, grads2, dX2) = results[False], results[True]
     np.testing.assert_allclose(L2, L1, rtol=1e-13)
@@ -45,31 +43,31 @@ def test_both_groupings_of_eq8_give_the_same_gradients_for_the_counted_flops(mon
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * np.abs(b).max())
     shapes = tuple(W.shape[-2:] for W in weights)
-    assert (counted[False], counted[True]) == _fast._chain_costs(shapes, 40)
-    assert _fast._cheaper_at_outputs(shapes, 40) == (_fast.AT_OUTPUTS_GAIN * counted[True] < counted[False])
+    assert (counted[False], counted[True]) == align_fast._chain_costs(shapes, 40)
+    assert align_fast._cheaper_at_outputs(shapes, 40) == (align_fast.AT_OUTPUTS_GAIN * counted[True] < counted[False])
 
 
 def test_gradients_grouped_at_outputs_match_finite_differences():
     rng = np.random.default_rng(55)
     weights, X, Y = random_problem(rng, "mse", [3, 12, 12, 2], 30)
-    assert _fast._cheaper_at_outputs(tuple(W.shape for W in weights), 30)
-    grads = _fast._loss_and_gradients(weights, X, Y, "mse")[1]
+    assert align_fast._cheaper_at_outputs(tuple(W.shape for W in weights), 30)
+    grads = align_fast._loss_and_gradients(weights, X, Y, "mse")[1]
     for i in range(3):
         G = finite_difference(weights, X, Y, "mse", i)
         assert np.linalg.norm(grads[i] - G) <= 1e-6 * np.linalg.norm(G)
-    assert not _fast._cheaper_at_outputs(((9, 9),) * 3, 9)     # fig1a: layer by layer
+    assert not align_fast._cheaper_at_outputs(((9, 9),) * 3, 9)     # fig1a: layer by layer
 
 
 def test_steps_in_place_only_where_eq8_goes_layer_by_layer(monkeypatch):
     """_SquaredLossSteps (call-bound small networks) backpropagates layer by layer; where
     grouping at the outputs is cheaper (n >= k0, narrow ends) train steps that way."""
     made = []
-    monkeypatch.setattr(_fast, "_SquaredLossSteps", lambda *a: made.append(a) or _fast._StepChunks(
-        a[0], lambda ps: _fast._loss_and_gradients(ps, a[1], a[2], a[3]), a[4]))
+    monkeypatch.setattr(align_fast, "_SquaredLossSteps", lambda *a: made.append(a) or align_fast._StepChunks(
+        a[0], lambda ps: align_fast._loss_and_gradients(ps, a[1], a[2], a[3]), a[4]))
     rng = np.random.default_rng(56)
     for widths, n, in_place in (([5, 5, 5], 9, True), ([3, 12, 12, 2], 30, False)):
         weights, X, Y = random_problem(rng, "mse", widths, n)
-        align.train(weights, X, Y, max_steps=3)
+        align_fast.train(weights, X, Y, max_steps=3)
         assert len(made) == in_place
         made.clear()
 
@@ -80,14 +78,14 @@ def test_greedy_matching_in_rounds_and_one_by_one_equals_the_sequential_greedy(m
             C[:, :, rng.random(C.shape[2]) < 0.4] = 0.0
     for C, capacity, want in greedy_cases(20, 400, 3, zero_columns):
         for largest, rows in ((0, 0), (40, 0), (0, 16), (10 ** 6, 0)):   # in rounds, rounds then
-            monkeypatch.setattr(_fast, "GREEDY_ONE_BY_ONE_MAX", largest)     # one by one, by maxima,
-            monkeypatch.setattr(_fast, "GREEDY_BY_MAXIMA_ROWS", rows)        # one by one
-            np.testing.assert_array_equal(_fast.greedy_match(C, capacity), want)
-            np.testing.assert_array_equal(_fast.greedy_match(C[0], capacity[0]), want[0])
+            monkeypatch.setattr(align_fast, "GREEDY_ONE_BY_ONE_MAX", largest)     # one by one, by maxima,
+            monkeypatch.setattr(align_fast, "GREEDY_BY_MAXIMA_ROWS", rows)        # one by one
+            np.testing.assert_array_equal(align_fast.greedy_match(C, capacity), want)
+            np.testing.assert_array_equal(align_fast.greedy_match(C[0], capacity[0]), want[0])
     C, room = np.array([[[0.5, 0.0, 0.0], [0.2, 0.3, 0.0]]]), np.ones((1, 3), int)
-    assert _fast._without_zero_columns(C, room)[0].shape == (1, 2, 2)   # the zero column out
+    assert align_fast._without_zero_columns(C, room)[0].shape == (1, 2, 2)   # the zero column out
     C[0, 0, 1] = np.nan                              # (one by one: NaN last) no column left out
-    assert _fast._without_zero_columns(C, room)[0] is C
+    assert align_fast._without_zero_columns(C, room)[0] is C
 
 
 @pytest.mark.parametrize("kind", ["mse", "mse_mean", "ce", "logistic"])
@@ -95,14 +93,14 @@ def test_greedy_matching_in_rounds_and_one_by_one_equals_the_sequential_greedy(m
 @pytest.mark.parametrize("rotate_back_min", [1, 10 ** 6])     # other losses: samples rotated or not
 def test_row_space_fast_path_gives_the_same_iterates_and_measures(monkeypatch, kind, widths,
                                                                   rotate_back_min):
-    monkeypatch.setattr(_fast, "ROTATE_BACK_MIN", rotate_back_min)
+    monkeypatch.setattr(align_fast, "ROTATE_BACK_MIN", rotate_back_min)
     if kind == "logistic":
         widths = widths[:-1] + [1]
     rng = np.random.default_rng(21)
     weights, X, Y = random_problem(rng, kind, widths, 6)               # n = 6 < k0
-    (fast, hf), (slow, hs) = fast_and_reference(monkeypatch, lambda: align.train(
+    (fast, hf), (slow, hs) = fast_and_reference(lambda lib: lib.train(
         weights, X, Y, kind, lr=0.05, max_steps=200, tol=0.0, measure_every=50,
-        measures={"m": align.tracker(weights)}))
+        measures={"m": lib.tracker(weights)}))
     for a, b in zip(fast, slow):
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
     np.testing.assert_allclose(hf.losses, hs.losses, rtol=1e-11)
@@ -118,11 +116,9 @@ def test_tracker_on_a_large_batch_measures_where_the_batch_is(xp, monkeypatch):
         w0 = [rng.standard_normal((6, widths[i + 1], widths[i])) for i in range(len(widths) - 1)]
         w1 = [W + 0.3 * rng.standard_normal(W.shape) for W in w0]
         w1[0][2] = np.eye(*w1[0].shape[1:])                      # network 2: repeated values
-        with monkeypatch.context() as patch:                    # align.py's reference
-            patch.setattr(align, "_fast", None)
-            want = align.tracker(w0)(w1)
-        monkeypatch.setattr(_fast, "GPU_BATCH_MIN", 4)
-        got = align.tracker([xp.asarray(W) for W in w0])([xp.asarray(W) for W in w1])
+        want = align.tracker(w0)(w1)                             # align.py's reference
+        monkeypatch.setattr(align_fast, "GPU_BATCH_MIN", 4)
+        got = align_fast.tracker([xp.asarray(W) for W in w0])([xp.asarray(W) for W in w1])
         monkeypatch.undo()
         for key, value in want.items():
             assert type(got[key]) is np.ndarray
@@ -132,14 +128,14 @@ def test_tracker_on_a_large_batch_measures_where_the_batch_is(xp, monkeypatch):
 @pytest.mark.parametrize("kind", ["mse", "ce"])
 @pytest.mark.parametrize("per_network_data", [False, True])
 def test_row_space_fast_path_on_a_batch_of_networks(monkeypatch, kind, per_network_data):
-    monkeypatch.setattr(_fast, "ROTATE_BACK_MIN", 1)            # ce: samples rotated too
+    monkeypatch.setattr(align_fast, "ROTATE_BACK_MIN", 1)            # ce: samples rotated too
     rng = np.random.default_rng(22)
     batch = [rng.standard_normal((3, 9, 12)) / 4, rng.standard_normal((3, 4, 9)) / 3]
     X = rng.standard_normal((3, 12, 5) if per_network_data else (12, 5))
     Y = rng.integers(0, 4, 5) if kind == "ce" else rng.standard_normal((4, 5))
     if per_network_data and kind == "mse":
         Y = np.stack([Y, 2 * Y, -Y])
-    (fast, _), (slow, _) = fast_and_reference(monkeypatch, lambda: align.train(
+    (fast, _), (slow, _) = fast_and_reference(lambda lib: lib.train(
         batch, X, Y, kind, lr=0.05, max_steps=100, tol=0.0))
     for a, b in zip(fast, slow):
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
@@ -156,34 +152,34 @@ def test_batched_decompositions_split_across_threads_equal_one_call(monkeypatch)
     want = [svd(A), np.linalg.eigh(G)]
     w0 = [rng.standard_normal((4, 5, 5)) for _ in range(3)]
     w1 = [W + 0.2 * rng.standard_normal(W.shape) for W in w0]
-    measures = align.tracker(w0)(w1)
-    monkeypatch.setattr(_fast, "_CORES", 3)
-    monkeypatch.setattr(_fast, "THREADED_BATCH_MIN", 2)
-    monkeypatch.setattr(_fast, "_pools", {})
-    for got, expected in zip([_fast._linalg(svd, A), _fast._linalg(np.linalg.eigh, G)], want):
+    measures = align_fast.tracker(w0)(w1)
+    monkeypatch.setattr(align_fast, "_CORES", 3)
+    monkeypatch.setattr(align_fast, "THREADED_BATCH_MIN", 2)
+    monkeypatch.setattr(align_steps, "_pools", {})
+    for got, expected in zip([align_fast._linalg(svd, A), align_fast._linalg(np.linalg.eigh, G)], want):
         for a, b in zip(got, expected):
             assert a.shape == b.shape and np.array_equal(a, b)
-    assert "lapack" in _fast._pools and _fast._pools["lapack"]._max_workers == 3
-    threaded = align.tracker(w0)(w1)
+    assert "lapack" in align_steps._pools and align_steps._pools["lapack"]._max_workers == 3
+    threaded = align_fast.tracker(w0)(w1)
     for key, value in measures.items():
         np.testing.assert_array_equal(threaded[key], value)
-    monkeypatch.setattr(_fast, "THREADED_SIDE_MAX", 4)           # larger matrices: one call
-    monkeypatch.setattr(_fast, "_pools", {})
-    _fast._linalg(svd, A)
-    assert not _fast._pools
+    monkeypatch.setattr(align_fast, "THREADED_SIDE_MAX", 4)           # larger matrices: one call
+    monkeypatch.setattr(align_steps, "_pools", {})
+    align_fast._linalg(svd, A)
+    assert not align_steps._pools
 
 
 def test_float32_measures_through_the_gram_matrix_match_float64_svd():
     rng = np.random.default_rng(24)
     for shape in [(40, 30), (30, 40), (3, 25, 20)]:
         W = rng.standard_normal(shape).astype(np.float32)
-        U, s, V = _fast._reduced_svd(W)
+        U, s, V = align_fast._reduced_svd(W)
         Uw, sw, Vtw = np.linalg.svd(W.astype(np.float64), full_matrices=False)
         np.testing.assert_allclose(s, sw, rtol=1e-12)
         np.testing.assert_allclose(np.abs((U * Uw).sum(-2)), 1.0, atol=1e-9)   # same vectors up to sign
         np.testing.assert_allclose(np.abs((V * np.swapaxes(Vtw, -1, -2)).sum(-2)), 1.0, atol=1e-9)
     low = np.outer(rng.standard_normal(6), rng.standard_normal(4)).astype(np.float32)   # rank 1
-    U, s, V = _fast._reduced_svd(low)
+    U, s, V = align_fast._reduced_svd(low)
     np.testing.assert_allclose(U.T @ U, np.eye(4), atol=1e-12)
     np.testing.assert_allclose(U @ np.diag(s) @ V.T, low, atol=1e-5)
 
@@ -195,15 +191,15 @@ def test_directions_of_zero_singular_values_complete_an_orthonormal_basis(m, n, 
     missing = np.zeros(n, dtype=bool)
     missing[rng.choice(n, t, replace=False)] = True
     full_qr = []
-    monkeypatch.setattr(_fast, "_orth_complement", lambda *a: full_qr.append(1) or np.linalg.qr(
+    monkeypatch.setattr(align_fast, "_orth_complement", lambda *a: full_qr.append(1) or np.linalg.qr(
         a[0], mode="complete")[0][:, a[0].shape[1]:])
-    done = _fast._complete(np.where(missing, np.nan, U), missing)
+    done = align_fast._complete(np.where(missing, np.nan, U), missing)
     np.testing.assert_array_equal(done[:, ~missing], U[:, ~missing])
     np.testing.assert_allclose(done.T @ done, np.eye(n), atol=1e-13)
     assert not full_qr                                                # projections sufficed
     pair = np.zeros((4, 4))                                           # complement: e0 + e1, e2 + e3
     pair[:, :2] = np.array([[1, -1, 0, 0], [0, 0, 1, -1]]).T / np.sqrt(2)
-    done = _fast._complete(pair, np.array([False, False, True, True]))
+    done = align_fast._complete(pair, np.array([False, False, True, True]))
     assert full_qr                                                    # e0, e1 project to one vector
     np.testing.assert_allclose(done.T @ done, np.eye(4), atol=1e-13)
 
@@ -215,14 +211,14 @@ def test_measures_split_along_the_invariant_subspace_equal_the_direct_ones(dtype
     X, Y = rng.standard_normal((20, n)), rng.standard_normal((2, n))
     weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1)
     weights, X, Y = [W.astype(dtype) for W in weights], X.astype(dtype), Y.astype(dtype)
-    Q = _fast._range_basis(np.concatenate([weights[0] @ X, weights[1].T], axis=1).astype(np.float64),
+    Q = align_fast._range_basis(np.concatenate([weights[0] @ X, weights[1].T], axis=1).astype(np.float64),
                            100 * np.finfo(dtype).eps).astype(dtype)
-    split = _fast._split_first_layers(weights[0], Q, X.T)
+    split = align_fast._split_first_layers(weights[0], Q, X.T)
     assert split is not None
     C = rng.standard_normal((Q.shape[1], n)) * 0.1
     W2 = rng.standard_normal((3, Q.shape[1]))
     (got1, got2), static = split([C, W2])
-    (U, s, V), want2 = [_fast._reduced_svd(M) for M in (weights[0] + Q @ C @ X.T, W2 @ Q.T)]
+    (U, s, V), want2 = [align_fast._reduced_svd(M) for M in (weights[0] + Q @ C @ X.T, W2 @ Q.T)]
     np.testing.assert_allclose(got1[1], s, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(np.abs(((Q @ got1[0][:, ~static]) * U[:, ~static]).sum(0)), 1.0,
                                atol=atol)                      # dynamic: in span(Q)
@@ -232,7 +228,7 @@ def test_measures_split_along_the_invariant_subspace_equal_the_direct_ones(dtype
     np.testing.assert_allclose(np.abs((got2[0] * want2[0]).sum(0)), 1.0, atol=atol)
     np.testing.assert_allclose(np.abs(((Q @ got2[2]) * want2[2]).sum(0)), 1.0, atol=atol)
     random_start = [rng.standard_normal(W.shape).astype(dtype) for W in weights]
-    assert _fast._split_first_layers(random_start[0], Q, X.T) is None
+    assert align_fast._split_first_layers(random_start[0], Q, X.T) is None
 
 
 def test_split_measures_on_the_device_equal_the_host_ones(xp, monkeypatch):
@@ -243,13 +239,13 @@ def test_split_measures_on_the_device_equal_the_host_ones(xp, monkeypatch):
     widths, n = [20, 24, 3, 2], 6
     X, Y = rng.standard_normal((20, n)), rng.standard_normal((2, n))
     weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1)
-    Q = _fast._range_basis(np.concatenate([weights[0] @ X, weights[1].T], axis=1), 1e-12)
+    Q = align_fast._range_basis(np.concatenate([weights[0] @ X, weights[1].T], axis=1), 1e-12)
     params = [rng.standard_normal((Q.shape[1], n)) * 0.1, rng.standard_normal((3, Q.shape[1]))]
     U1, s1, _ = np.linalg.svd(weights[0] + Q @ params[0] @ X.T)
     _, s2, V2t = np.linalg.svd(params[1] @ Q.T)
-    monkeypatch.setattr(_fast, "HOST_SVD_MAX", 0)
-    monkeypatch.setattr(_fast, "HOST_EIGH_MAX", 0)
-    split = _fast._split_first_layers(*(xp.asarray(a) for a in (weights[0], Q, X.T)))
+    monkeypatch.setattr(align_fast, "HOST_SVD_MAX", 0)
+    monkeypatch.setattr(align_fast, "HOST_EIGH_MAX", 0)
+    split = align_fast._split_first_layers(*(xp.asarray(a) for a in (weights[0], Q, X.T)))
     (got1, got2), static = split([xp.asarray(p) for p in params])
     assert type(got1[0]) is np.ndarray and 0 < static.sum() < static.size
     np.testing.assert_allclose(got1[1], s1[:20], rtol=1e-12)
@@ -269,12 +265,12 @@ def test_training_with_split_measures_records_the_same_values(repeated, rtol, mo
     sigmas = [np.ones(20), rng.uniform(0.5, 1, 3), rng.uniform(0.5, 1, 2)] if repeated else None
     weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1,
                                  sigmas=sigmas)
-    split_used, pairs = [], _fast._split_invariance_pairs
-    monkeypatch.setattr(_fast, "_split_invariance_pairs", lambda *a: split_used.append(
+    split_used, pairs = [], align_fast._split_invariance_pairs
+    monkeypatch.setattr(align_fast, "_split_invariance_pairs", lambda *a: split_used.append(
         pairs(*a) is not None) or pairs(*a))
-    (_, fast), (_, slow) = fast_and_reference(monkeypatch, lambda: align.train(
+    (_, fast), (_, slow) = fast_and_reference(lambda lib: lib.train(
         weights, X, Y, "mse_mean", lr=0.05, max_steps=300, tol=0.0, measure_every=100,
-        measures={"m": align.tracker(weights, rtol=rtol)}))
+        measures={"m": lib.tracker(weights, rtol=rtol)}))
     assert split_used == [True] * 4
     for key in slow.measurements:       # the matched rule depends on the basis SVD picks
         if not repeated or key.endswith("paired"):          # inside a repeated value
@@ -288,10 +284,10 @@ def test_a_tracker_of_other_weights_measures_against_its_own_start():
     widths, n = [20, 24, 3, 2], 6
     X, Y = rng.standard_normal((20, n)), rng.standard_normal((2, n))
     weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1)
-    later, _ = align.train(weights, X, Y, "mse_mean", lr=0.05, max_steps=200, tol=0.0)
+    later, _ = align_fast.train(weights, X, Y, "mse_mean", lr=0.05, max_steps=200, tol=0.0)
     for start in (weights, later):
-        track = align.tracker(start)
-        out, hist = align.train(later, X, Y, "mse_mean", lr=0.05, max_steps=100, tol=0.0,
+        track = align_fast.tracker(start)
+        out, hist = align_fast.train(later, X, Y, "mse_mean", lr=0.05, max_steps=100, tol=0.0,
                                 measures={"m": track})
         for key, value in track(out).items():
             assert hist.measurements[key][-1] == pytest.approx(value, abs=1e-9)
@@ -301,15 +297,15 @@ def test_a_tracker_of_other_weights_measures_against_its_own_start():
 def _run_both(monkeypatch, run):
     """run() kernel by kernel and in replayed chunks (on NumPy: _StepChunks, the
     bookkeeping of the CUDA-graph path); returns both results."""
-    monkeypatch.setattr(_fast, "step_runs", lambda *a: None)
+    monkeypatch.setattr(align_fast, "step_runs", lambda *a, **_: None)
     eager = run()
     rewinds = []
 
-    class Spy(_fast._StepChunks):
+    class Spy(align_fast._StepChunks):
         def rewind(self, j):
             rewinds.append(j)
             super().rewind(j)
-    monkeypatch.setattr(_fast, "step_runs", lambda ps, loss_and_grads, lr: Spy(
+    monkeypatch.setattr(align_fast, "step_runs", lambda ps, loss_and_grads, lr, **_: Spy(
         ps, loss_and_grads, lr, longest=5))                # (the first case stops inside a run)
     return eager, run(), rewinds
 
@@ -324,9 +320,9 @@ def test_chunked_steps_give_the_same_run_as_step_by_step(monkeypatch, tol, recor
     rng = np.random.default_rng(30)
     weights, X, Y = random_problem(rng, "mse", widths, 5)   # n = 5: interpolable
     calls = []
-    run = lambda: align.train(weights, X, Y, lr=0.05, max_steps=max_steps, tol=tol,
+    run = lambda: align_fast.train(weights, X, Y, lr=0.05, max_steps=max_steps, tol=tol,
                               record_every=record_every, measure_every=measure_every,
-                              measures={"a": lambda w, w0: align.alignment(w)},
+                              measures={"a": lambda w, w0: align_fast.alignment(w)},
                               callback=lambda s, L, h: calls.append(s))
     (w1, h1), (w2, h2), rewinds = _run_both(monkeypatch, run)
     assert h1.final_step == h2.final_step and h1.stop_reason == h2.stop_reason
@@ -342,7 +338,7 @@ def test_chunked_steps_on_a_batch_and_on_divergence(monkeypatch):
     rng = np.random.default_rng(31)
     batch = [rng.standard_normal((3, 5, 5)) / 2 for _ in range(2)]
     X, Y = rng.standard_normal((3, 5, 9)), rng.standard_normal((3, 5, 9))
-    run = lambda: align.train(batch, X, Y, lr=0.05, max_steps=500, tol=1e-2)
+    run = lambda: align_fast.train(batch, X, Y, lr=0.05, max_steps=500, tol=1e-2)
     (w1, h1), (w2, h2), _ = _run_both(monkeypatch, run)
     assert h1.steps == h2.steps and h1.final_step == h2.final_step
     np.testing.assert_array_equal(np.array(h1.losses), np.array(h2.losses))
@@ -351,10 +347,10 @@ def test_chunked_steps_on_a_batch_and_on_divergence(monkeypatch):
         np.testing.assert_array_equal(a, b)
     weights, X, Y = random_problem(rng, "mse", [4, 4, 4], 4)
     steps = []
-    for chunker in (None, _fast._StepChunks):
-        monkeypatch.setattr(_fast, "step_runs", chunker or (lambda *a: None))
+    for chunker in (None, align_fast._StepChunks):
+        monkeypatch.setattr(align_fast, "step_runs", lambda ps, lg, lr, **_: chunker and chunker(ps, lg, lr))
         with pytest.raises(align.DivergenceError) as e:
-            align.train([W * 10 for W in weights], X, Y * 100, lr=100.0, max_steps=1000)
+            align_fast.train([W * 10 for W in weights], X, Y * 100, lr=100.0, max_steps=1000)
         steps.append(e.value.history.final_step)
     assert steps[0] == steps[1] > 0
 
@@ -365,28 +361,28 @@ def test_chunked_steps_on_a_batch_and_on_divergence(monkeypatch):
                           ("mse", np.float64, [4, 3], 1, 0.0),              # one layer, budget
                           ("mse_mean", np.float64, [4, 4, 4, 4, 3], 2, 1e-3),
                           ("mse_mean", np.float64, [5, 5, 5, 5], 1, 1e-3)])   # k x k: stacked
-@pytest.mark.parametrize("residuals_bytes", [0, _fast.RESIDUALS_BYTES])   # losses at each step, after
+@pytest.mark.parametrize("residuals_bytes", [0, align_fast.RESIDUALS_BYTES])   # losses at each step, after
 def test_in_place_squared_loss_steps_give_the_same_numbers(monkeypatch, kind, dtype, widths,
                                                            record_every, tol, residuals_bytes):
     """NumPy's in-place runs of steps (a dense network, squared loss, n >= k0) against
     the step-by-step path: the same records and stopping step, iterates and losses
     equal to rounding (lr is applied to dL/dF instead of to each gradient)."""
-    monkeypatch.setattr(_fast, "RESIDUALS_BYTES", residuals_bytes)
-    ran, run = [], _fast._SquaredLossSteps._run
-    monkeypatch.setattr(_fast._SquaredLossSteps, "_run", lambda self, n: ran.append(n) or run(self, n))
+    monkeypatch.setattr(align_fast, "RESIDUALS_BYTES", residuals_bytes)
+    ran, run = [], align_fast._SquaredLossSteps._run
+    monkeypatch.setattr(align_fast._SquaredLossSteps, "_run", lambda self, n: ran.append(n) or run(self, n))
     rng = np.random.default_rng(43)
     weights, X, _ = random_problem(rng, kind, widths, 7)
     Y = rng.standard_normal((widths[-1], widths[0])) @ X / 2         # interpolable
     weights, X, Y = [W.astype(dtype) for W in weights], X.astype(dtype), Y.astype(dtype)
 
-    def train():
+    def train(lib):
         calls = []
-        out, hist = align.train(weights, X, Y, kind, lr=0.05, max_steps=1234, tol=tol,
-                                record_every=record_every, measure_every=100,
-                                measures={"a": lambda w, w0: align.alignment(w)},
-                                callback=lambda s, L, h: calls.append((s, L)))
+        out, hist = lib.train(weights, X, Y, kind, lr=0.05, max_steps=1234, tol=tol,
+                              record_every=record_every, measure_every=100,
+                              measures={"a": lambda w, w0: lib.alignment(w)},
+                              callback=lambda s, L, h: calls.append((s, L)))
         return out, hist, calls
-    (w1, h1, c1), (w2, h2, c2) = fast_and_reference(monkeypatch, train)
+    (w1, h1, c1), (w2, h2, c2) = fast_and_reference(train)
     assert ran and sum(ran) >= h1.final_step and max(ran) <= 100    # the fast run took runs
     assert h1.final_step == h2.final_step and h1.stop_reason == h2.stop_reason
     assert h1.final_step < 1234 if tol else h1.final_step == 1234
@@ -409,9 +405,9 @@ def test_ctrl_c_in_the_callback_stops_a_run_of_steps_where_it_was(monkeypatch):
     def interrupt(step, L, h):
         if step == 57:
             raise KeyboardInterrupt
-    (w1, h1), (w2, h2) = fast_and_reference(monkeypatch, lambda: align.train(
+    (w1, h1), (w2, h2) = fast_and_reference(lambda lib: lib.train(
         weights, X, Y, lr=0.05, max_steps=500, tol=0.0, callback=interrupt,
-        measures={"a": lambda w, w0: align.alignment(w)}))
+        measures={"a": lambda w, w0: lib.alignment(w)}))
     assert h1.stop_reason == h2.stop_reason == "interrupted"
     assert h1.final_step == h2.final_step == 57 and h1.steps == h2.steps == list(range(58))
     assert h1.measure_steps == h2.measure_steps == [0, 57]
@@ -422,7 +418,7 @@ def test_ctrl_c_in_the_callback_stops_a_run_of_steps_where_it_was(monkeypatch):
 def test_in_place_steps_refuse_a_run_longer_than_their_buffers():
     rng = np.random.default_rng(45)
     weights, X, Y = random_problem(rng, "mse", [3, 4, 2], 5)
-    steps = _fast._SquaredLossSteps(weights, X, Y, "mse", 0.1)
+    steps = align_fast._SquaredLossSteps(weights, X, Y, "mse", 0.1)
     assert steps._run(steps.longest).shape == (steps.longest,)
     with pytest.raises(ValueError, match="longer than"):
         steps._run(steps.longest + 1)
@@ -437,8 +433,8 @@ def test_split_measures_fall_back_when_a_static_direction_is_used_at_one_time_on
     static = np.array([False, True, True])
     now = [layer([0.5, 0.5, 7e-7], static), rest]               # max 0.5: 7e-7 is used
     then = [layer([1.0, 0.5, 7e-7], static), rest]              # max 1.0: 7e-7 is not
-    split = lambda: _fast._split_invariance_pairs(align._invariance_pairs(now, then, [3, 4, 2]),
-                                                  now[0], then[0], 4, 1e-6, (static, static))
+    split = lambda: align_fast._split_invariance_pairs(align.invariance_pairs(now, then, [3, 4, 2]),
+                                                       now[0], then[0], 4, 1e-6, (static, static))
     assert split() is None
     then[0] = layer([0.6, 0.5, 7e-7], static)                   # used at both times
     pairs = split()
@@ -449,39 +445,39 @@ def test_split_measures_fall_back_when_a_static_direction_is_used_at_one_time_on
 
 COPIED_ALONE = r"""
 import json, sys
-sys.modules["_fast"] = sys.modules["_cuda"] = None        # whatever site-packages holds
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 import align
-assert align.__file__.startswith(sys.argv[1]) and align._fast is None
-assert not {"structured", "experiments"} & set(sys.modules)
+assert align.__file__.startswith(sys.argv[1])
+assert not {"align_fast", "align_cuda", "structured", "experiments"} & set(sys.modules)
 print(json.dumps(align_numbers(align)))
 """
 
 
-def align_numbers(align):
-    """Numbers from align's public functions on one problem (n < k0: _fast.py's row space)."""
+def align_numbers(lib):
+    """Numbers from the public functions of ``lib`` (align, or align_fast, which offers all
+    of align's names) on one problem (n < k0: align_fast.py's row space)."""
     import numpy as np
     rng = np.random.default_rng(7)
     X, Y = rng.standard_normal((12, 6)), rng.standard_normal((4, 6))
     U, V = np.linalg.svd(Y)[0], np.linalg.svd(X)[0]
-    weights = align.aligned_init(U, V, [12, 9, 5, 4], seed=3)
-    out, hist = align.train(weights, X, Y, "mse", lr=0.05, max_steps=300, tol=0.0, measure_every=100,
-                            measures={"m": align.tracker(weights)})
-    cert = align.invariance_certificate(X, X, [12, 12, 12])
-    return {"forward": align.forward(weights, X).tolist(), "loss": float(align.loss(out, X, Y)),
-            "gradients": [g.tolist() for g in align.gradients(out, X, Y)],
+    weights = lib.aligned_init(U, V, [12, 9, 5, 4], seed=3)
+    out, hist = lib.train(weights, X, Y, "mse", lr=0.05, max_steps=300, tol=0.0, measure_every=100,
+                          measures={"m": lib.tracker(weights)})
+    cert = lib.invariance_certificate(X, X, [12, 12, 12])
+    return {"forward": lib.forward(weights, X).tolist(), "loss": float(lib.loss(out, X, Y)),
+            "gradients": [g.tolist() for g in lib.gradients(out, X, Y)],
             "weights": [W.tolist() for W in out], "losses": hist.losses,
             "measurements": hist.measurements,
-            "alignment": [align.alignment(out, how) for how in align.HOW],
-            "invariance": [align.invariance(out, weights, how) for how in align.HOW],
-            "is_aligned": [bool(align.is_aligned(weights)), bool(align.is_aligned(out, tol=1e-6))],
+            "alignment": [lib.alignment(out, how) for how in lib.HOW],
+            "invariance": [lib.invariance(out, weights, how) for how in lib.HOW],
+            "is_aligned": [bool(lib.is_aligned(weights)), bool(lib.is_aligned(out, tol=1e-6))],
             "certificate": [bool(cert), cert.lam.tolist(), cert.lam_prime.tolist()]}
 
 
 def test_align_copied_alone_gives_the_full_projects_numbers(tmp_path):
-    """align.py alone in an empty folder, with NumPy only (no _fast.py, _cuda.py or the other
-    modules): the public functions run and give the full project's numbers to rounding."""
+    """align.py alone in an empty folder, with NumPy only (importing no other module of the
+    project): the public functions run and give align_fast's numbers to rounding."""
     import inspect
     import shutil
     import subprocess
@@ -491,8 +487,8 @@ def test_align_copied_alone_gives_the_full_projects_numbers(tmp_path):
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
                          cwd=tmp_path, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
-    alone, full = json.loads(run.stdout), align_numbers(align)
-    assert align._fast is not None and alone.keys() == full.keys()
+    alone, full = json.loads(run.stdout), align_numbers(align_fast)
+    assert alone.keys() == full.keys()
     assert alone["is_aligned"] == full["is_aligned"] == [True, False]
     assert alone["certificate"][0] and full["certificate"][0]
     for key in full:
@@ -518,8 +514,8 @@ def test_tracker_during_training_scores_invariance_as_the_authors_code(widths, n
     X, Y = rng.standard_normal((widths[0], n)), rng.standard_normal((widths[-1], n))
     W0 = [rng.standard_normal((widths[i + 1], widths[i])) / 3 for i in range(len(widths) - 1)]
     for start in (W0, [np.stack([W, 1.1 * W]) for W in W0]):
-        out, hist = align.train(start, X, Y, "mse", lr=0.05, max_steps=100, tol=0.0,
-                                measures={"m": align.tracker(start)})
+        out, hist = align_fast.train(start, X, Y, "mse", lr=0.05, max_steps=100, tol=0.0,
+                                measures={"m": align_fast.tracker(start)})
         got = np.atleast_1d(hist.measurements["invariance_matched"][-1])
         nets = [(out, start)] if out[0].ndim == 2 else \
             [([W[b] for W in out], [W[b] for W in start]) for b in range(2)]

@@ -10,8 +10,8 @@ import types
 import numpy as np
 import pytest
 
-import _cuda
-import _fast
+import align_cuda
+import align_fast
 import align
 from conftest import CUPY, greedy_cases, sequential_greedy
 from cuda_on_cpu import COMPILER, NVRTC, cpu_cupy, nvrtc_log
@@ -29,24 +29,24 @@ def test_greedy_kernel_takes_what_the_sequential_greedy_takes(cp):
         if trial % 5 == 0:
             C[rng.random(C.shape) < 0.2] = np.nan
     for C, capacity, want in greedy_cases(40, 200, 5, with_nan):
-        got = _cuda._greedy_kernel(cp, C, capacity.copy())
+        got = align_cuda._greedy_kernel(cp, C, capacity.copy())
         np.testing.assert_array_equal(got, want)
     for empty in (np.zeros((0, 3, 4)), np.zeros((2, 0, 4))):      # nothing to launch
-        assert _cuda._greedy_kernel(cp, empty, np.ones(empty.shape[::2], int)).shape == empty.shape[:2]
+        assert align_cuda._greedy_kernel(cp, empty, np.ones(empty.shape[::2], int)).shape == empty.shape[:2]
 
 
 def test_greedy_match_on_a_gpu_batch_uses_the_kernel(cp, monkeypatch):
     calls = []
-    kernel = lambda xp, C, room: calls.append(C.shape) or _fast._greedy_one_by_one(C, room)
-    monkeypatch.setattr(_cuda, "_greedy_kernel", kernel)
-    monkeypatch.setattr(_fast, "array_module", lambda *a: cp)
+    kernel = lambda xp, C, room: calls.append(C.shape) or align_fast._greedy_one_by_one(C, room)
+    monkeypatch.setattr(align_cuda, "_greedy_kernel", kernel)
+    monkeypatch.setattr(align_fast, "array_module", lambda *a: cp)
     rng = np.random.default_rng(41)
     C = rng.random((3, 4, 5))
-    _fast.greedy_match(C, [1] * 4 + [2])
+    align_fast.greedy_match(C, [1] * 4 + [2])
     assert calls == [(3, 4, 5)]
-    monkeypatch.setattr(_cuda, "GREEDY_KERNEL_MAX", 4 * 4 * 5 - 1)  # too much for one thread
-    monkeypatch.setattr(_fast, "array_module", lambda *a: np)
-    np.testing.assert_array_equal(_fast.greedy_match(C, [1] * 4 + [2]),
+    monkeypatch.setattr(align_cuda, "GREEDY_KERNEL_MAX", 4 * 4 * 5 - 1)  # too much for one thread
+    monkeypatch.setattr(align_fast, "array_module", lambda *a: np)
+    np.testing.assert_array_equal(align_fast.greedy_match(C, [1] * 4 + [2]),
                                   [sequential_greedy(Cb, [1] * 4 + [2]) for Cb in C])
     assert calls == [(3, 4, 5)]
 
@@ -60,7 +60,7 @@ def test_small_gemm_kernel_reads_transposed_and_broadcast_operands(cp, dtype, rt
              (A[0], B), (A, B[0]), (A[2:5, :, 1:], B[2:5, 1:]),                # broadcast, offsets
              (np.swapaxes(B, 1, 2), np.swapaxes(A, 1, 2)), (A[0].T, A[1])]
     for X, Z in cases + [(A[:0], B[:0]), (A[:, :0], B)]:                  # and empty products
-        got = _cuda._DirectCublas._small(cublas, X, Z)
+        got = align_cuda._DirectCublas._small(cublas, X, Z)
         np.testing.assert_allclose(got, X @ Z, rtol=rtol, atol=rtol)
         assert got.shape == (X @ Z).shape
 
@@ -70,11 +70,11 @@ def test_singular_value_kernel_equals_the_numpy_loop(cp):
     sig = rng.uniform(0.5, 1.0, (2, 3, 6))                        # two runs, depth 3, six directions
     lam, lam_prime = rng.uniform(0.5, 2.0, 6), rng.uniform(0.5, 2.0, 6)
     want = align.singular_value_dynamics(sig, lam, lam_prime, 0.05, 10, 300, record_every=7)
-    got = _cuda._sv_dynamics_kernel(cp, sig, lam, lam_prime, 0.05 / 10, 300, 7)
+    got = align_cuda._sv_dynamics_kernel(cp, sig, lam, lam_prime, 0.05 / 10, 300, 7)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
     assert abs(got[-1] - sig).max() > 0.01                         # the values did move
-    assert _cuda._sv_dynamics_kernel(cp, sig[:, :, :0], lam[:0], lam_prime[:0], 0.005, 3, 1).shape == \
+    assert align_cuda._sv_dynamics_kernel(cp, sig[:, :, :0], lam[:0], lam_prime[:0], 0.005, 3, 1).shape == \
         (4, 2, 3, 0)                                               # no direction: nothing to launch
 
 
@@ -101,7 +101,7 @@ def _small_svd_cases(rng):
 def test_small_svd_kernel_decomposes_to_rounding(cp):
     rng = np.random.default_rng(44)
     for A in _small_svd_cases(rng):
-        U, s, V = _cuda._small_svd_kernel(cp, A)
+        U, s, V = align_cuda._small_svd_kernel(cp, A)
         r = min(A.shape[1:])
         assert U.shape == A.shape[:2] + (r,) and s.shape == A.shape[:1] + (r,) and \
             V.shape == (A.shape[0], A.shape[2], r)
@@ -114,7 +114,7 @@ def test_small_svd_kernel_decomposes_to_rounding(cp):
                                        rtol=0, atol=1e-14)
         back = (U * s[:, None, :]) @ np.swapaxes(V, 1, 2)
         np.testing.assert_allclose(back / scale[..., None], A / scale[..., None], rtol=0, atol=1e-14)
-    assert _cuda._small_svd_kernel(cp, np.zeros((0, 3, 3)))[1].shape == (0, 3)   # nothing to launch
+    assert align_cuda._small_svd_kernel(cp, np.zeros((0, 3, 3)))[1].shape == (0, 3)   # nothing to launch
 
 
 def test_small_svd_kernel_needs_a_few_sweeps_and_factorises_exactly_at_any_stop(cp, monkeypatch):
@@ -124,15 +124,15 @@ def test_small_svd_kernel_needs_a_few_sweeps_and_factorises_exactly_at_any_stop(
     rng = np.random.default_rng(45)
     orth = lambda: np.linalg.qr(rng.standard_normal((16, 16)))[0]
     A = np.stack([orth() @ np.diag(10.0 ** -np.arange(16.0)) @ orth() for _ in range(8)])
-    source, errors = _cuda._SMALL_SVD_SOURCE, []
+    source, errors = align_cuda._SMALL_SVD_SOURCE, []
     for sweeps in (1, 5, 20):
-        monkeypatch.setattr(_cuda, "_SMALL_SVD_SOURCE", source.replace(
-            f"sweep < {_cuda.SMALL_SVD_MAX_SWEEPS}", f"sweep < {sweeps}"))
-        U, s, V = _cuda._small_svd_kernel(cp, A)
+        monkeypatch.setattr(align_cuda, "_SMALL_SVD_SOURCE", source.replace(
+            f"sweep < {align_cuda.SMALL_SVD_MAX_SWEEPS}", f"sweep < {sweeps}"))
+        U, s, V = align_cuda._small_svd_kernel(cp, A)
         np.testing.assert_allclose((U * s[:, None, :]) @ np.swapaxes(V, 1, 2), A, rtol=0, atol=1e-14)
         np.testing.assert_allclose(np.swapaxes(V, 1, 2) @ V, np.broadcast_to(np.eye(16), V.shape), atol=1e-14)
         errors.append(abs(np.swapaxes(U, 1, 2) @ U - np.eye(16)).max())
-    assert errors[0] > 1e-3 and errors[2] < 1e-14 and 20 < _cuda.SMALL_SVD_MAX_SWEEPS
+    assert errors[0] > 1e-3 and errors[2] < 1e-14 and 20 < align_cuda.SMALL_SVD_MAX_SWEEPS
 
 
 def test_a_gpu_batch_of_small_layers_is_decomposed_by_the_kernel(cp, monkeypatch):
@@ -140,30 +140,30 @@ def test_a_gpu_batch_of_small_layers_is_decomposed_by_the_kernel(cp, monkeypatch
     CuPy stand-in.)"""
     calls, gpu = [], types.ModuleType("numpy_not_numpy")
     gpu.__dict__.update(vars(np))                                  # NumPy, seen as a GPU module
-    kernel = _cuda._small_svd_kernel
-    monkeypatch.setattr(_cuda, "_small_svd_kernel", lambda xp, W: calls.append(W.shape) or kernel(cp, W))
-    monkeypatch.setattr(_fast, "array_module", lambda *a: gpu)
+    kernel = align_cuda._small_svd_kernel
+    monkeypatch.setattr(align_cuda, "_small_svd_kernel", lambda xp, W: calls.append(W.shape) or kernel(cp, W))
+    monkeypatch.setattr(align_fast, "array_module", lambda *a: gpu)
     W = np.random.default_rng(46).standard_normal((3, 70, 9, 9))
-    svds = _fast.reduced_svds(list(W), keep=True)
+    svds = align_fast.reduced_svds(list(W), keep=True)
     assert calls == [(210, 9, 9)]                                  # the three layers in one launch
     for (U, s, V), layer in zip(svds, W):
         np.testing.assert_allclose((U * s[:, None, :]) @ np.swapaxes(V, 1, 2), layer, rtol=0, atol=1e-13)
 
 
 # Every CUDA source of align.py with the options its launcher compiles it with.
-KERNELS = [(_cuda._SMALL_GEMM_SOURCE.replace("REAL", real), "small_gemm", ()) for real in ("float", "double")] + \
-    [(_cuda._GREEDY_SOURCE, "greedy_match", ()), (_cuda._SMALL_SVD_SOURCE, "small_svd", ()),
-     (_cuda._SV_KERNEL_SOURCE, "sv_dynamics", ("--fmad=false",))]
+KERNELS = [(align_cuda._SMALL_GEMM_SOURCE.replace("REAL", real), "small_gemm", ()) for real in ("float", "double")] + \
+    [(align_cuda._GREEDY_SOURCE, "greedy_match", ()), (align_cuda._SMALL_SVD_SOURCE, "small_svd", ()),
+     (align_cuda._SV_KERNEL_SOURCE, "sv_dynamics", ("--fmad=false",))]
 
 
 @pytest.mark.skipif(NVRTC is None, reason="NVRTC not installed (pip install nvidia-cuda-nvrtc-cu12)")
 def test_cuda_sources_compile_with_nvrtc_without_a_warning():
     """The sources the C++ harness runs are also valid CUDA, as CuPy compiles them."""
-    names = {name for name in vars(align) if name.endswith("_SOURCE")}
+    names = {name for name in vars(align_cuda) if name.endswith("_SOURCE")}
     assert names == {"_SMALL_GEMM_SOURCE", "_GREEDY_SOURCE", "_SMALL_SVD_SOURCE", "_SV_KERNEL_SOURCE"}
     for source, name, options in KERNELS:
         assert nvrtc_log(source, name, options) is None, name
-    assert "error" in nvrtc_log(_cuda._GREEDY_SOURCE.replace("const int m", "const int m q"), "broken")
+    assert "error" in nvrtc_log(align_cuda._GREEDY_SOURCE.replace("const int m", "const int m q"), "broken")
 
 
 @pytest.mark.skipif(CUPY is not None, reason="a GPU is available here: the CuPy tests run on it")

@@ -6,7 +6,6 @@ import pytest
 import align
 import structured as st
 
-pytestmark = pytest.mark.usefixtures("reference")
 
 STRUCTURES = {
     "conv2d": lambda: st.conv2d(4, 3),

@@ -9,7 +9,6 @@ import align
 from conftest import random_orthogonal
 from verify import drift_run
 
-pytestmark = pytest.mark.usefixtures("reference")
 
 
 def certified_data(rng, task, k, n=None):

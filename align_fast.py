@@ -1,141 +1,116 @@
-"""Exact speed-ups for align.py: the same iterates and measures in fewer flops and calls.
+"""align.py's functions, faster: the same signatures, iterates and measures (to rounding in
+float64; tests/test_fast.py holds each to align.py's reference), in fewer flops and calls.
 
-Optional and private.  align.py uses this module when it can import it (a few visible
-lines at the end of align.py) and is complete without it; every entry point here equals
-a reference function of align.py, to rounding in float64 (tests/test_fast.py):
+    import align_fast as align       # where align.train, align.tracker ... were called
 
 - ``train``: the first layer kept in the row space of X^T, Eq. (8)'s products grouped
-  the cheaper way, squared-loss steps run in place (align.train).
-- ``step_runs``, ``descend_in_runs``: runs of GD steps between measurements, in place on
-  NumPy or replayed from CUDA graphs on CuPy (_cuda.py) (align.gradient_descent).
-- ``reduced_svds``: batched, threaded and Gram-matrix decompositions (align._reduced_svds).
-- ``greedy_match``: the paired rule's matching for batches and large matrices
-  (align._greedy_match); ``tracker``: the measures of align.tracker for batches and for
-  layers split along an invariant subspace.
-- ``singular_value_dynamics``: Corollary 1's recursion in one CUDA kernel.
+  the cheaper way, squared-loss steps run in place.
+- ``gradient_descent``: runs of GD steps between measurements, in place on NumPy or
+  replayed from CUDA graphs on CuPy (align_cuda.py).
+- ``tracker``, ``alignment``, ``invariance``: batched, threaded and Gram-matrix
+  decompositions (``reduced_svds``), the paired rule vectorised where singular values
+  are distinct, layer 1 split along an invariant subspace during row-space training.
+- ``greedy_match``: the paired rule's matching for batches and large matrices.
+- ``singular_value_dynamics``: Corollary 1's recursion in one CUDA kernel on CuPy.
 
-CuPy-only code lives in _cuda.py, imported only when CuPy arrays arrive.  README, "Layout".
+Every other name of align.py is available here too (the same objects), so this module
+can replace ``import align`` whole.  CuPy-only code lives in align_cuda.py, imported only
+when CuPy arrays arrive.  README, "How the code is laid out".
 """
+import dataclasses
 import functools
 import os
 
 import numpy as np
 
 import align
-from align import (_T, _activations, _backward, _orth_complement, array_module,
-                   loss_and_output_gradient, to_numpy)
+import align_steps
+from align import *  # noqa: F401,F403  (the rest of align's API, unchanged)
+from align import array_module, loss_and_output_gradient, to_numpy
+from align_steps import _StepChunks, _thread_pool, descend_in_runs
+
+__all__ = list(align.__all__)
+
+def _mm(A, B):
+    """A @ B through align_steps.matmul (which a CUDA graph capture swaps)."""
+    return align_steps.matmul(A, B)
+
+
+def _T(A):
+    return A.swapaxes(-1, -2)
+
+
+def _orth_complement(Q, k):
+    """Orthonormal basis of span(Q)^perp in R^k (Q with orthonormal columns)."""
+    return np.linalg.qr(Q, mode="complete")[0][:, Q.shape[1]:] if Q.shape[1] else np.eye(k)
 
 
 # ------------------------------------------------------------------ training --
 
-def train(weights, X, Y, kind, lr, max_steps, tol, record_every, measure_every, measures, callback):
-    """align.train (validated inputs, prepared targets) with the same iterates: the row
-    space where n < k0 (_train_in_row_space), Eq. (8)'s products grouped the cheaper way
-    (_chain_gradients), and for one dense NumPy network under a squared loss whose
-    products go layer by layer, its steps in place (_SquaredLossSteps)."""
+def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4, record_every=1,
+          measure_every=100, measures=None, callback=None):
+    """align.train with the same iterates: the row space where n < k0
+    (_train_in_row_space), Eq. (8)'s products grouped the cheaper way (_chain_gradients),
+    and for one dense NumPy network under a squared loss whose products go layer by
+    layer, its steps in place (_SquaredLossSteps).  Returns (weights, History)."""
+    align.check_network(weights, X)
+    Y = align.prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1]).astype(weights[0].dtype)
+    measures = align.as_measures(measures)
     if X.shape[-1] < X.shape[-2]:
         return _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every,
                                    measure_every, measures, callback)
-    per_network = align._frozen_below(lambda ws: _loss_and_gradients(ws, X, Y, kind), tol,
-                                      weights[0].ndim == 3)
+    per_network = align.frozen_below(lambda ws: _loss_and_gradients(ws, X, Y, kind), tol,
+                                     weights[0].ndim == 3)
+    in_place = None
     if kind in ("mse", "mse_mean") and array_module(X) is np and X.ndim == 2 and \
             all(a.ndim == 2 and a.dtype == X.dtype for a in weights + [Y]) and \
             not _cheaper_at_outputs(tuple(W.shape for W in weights), X.shape[1]):
-        per_network.in_place = lambda ps, lr: _SquaredLossSteps(ps, X, Y, kind, lr)
-    return align.gradient_descent(weights, per_network, lr, max_steps, tol, record_every,
-                                  measure_every, measures, callback)
+        in_place = lambda ps, lr: _SquaredLossSteps(ps, X, Y, kind, lr)
+    return _descend_fast(weights, per_network, lr, max_steps, tol, record_every,
+                         measure_every, measures, callback, in_place)
 
 
-def _descend(ps, grads, lr):
-    """The GD update p <- p - lr g in place (align.gradient_descent's step)."""
-    for p, g in zip(ps, grads):
-        p -= lr * g
+def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4,
+                     record_every=1, measure_every=100, measures=None, callback=None):
+    """align.gradient_descent with the same iterates and History: on CuPy the steps between
+    measurements replayed from CUDA graphs (align_cuda.py), the measurement due at a
+    run's start taken while the run goes on; on NumPy align's loop.  Returns (params,
+    History); DivergenceError on NaN."""
+    return _descend_fast(params, loss_and_grads, lr, max_steps, tol, record_every,
+                         measure_every, measures, callback)
 
 
-def descend_in_runs(ps, loss_and_grads, run, chunks, measure_every):
-    """align.gradient_descent's loop with the steps between measurements done as runs of
-    ``chunks`` (see step_runs): on a GPU the measurement due at a run's start is taken
-    from a copy while the run goes on.  A stop inside a run is replayed step by step, so
-    the history is the step-by-step loop's.  Returns (params, History)."""
-    before = None
-    with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by run.stops
-        try:
-            while True:
-                due = run.step % measure_every == 0
-                span = min(chunks.longest, measure_every - run.step % measure_every,
-                           run.max_steps - run.step)
-                launched = span > 1 and chunks.launch(span, keep=due)   # a run to the next measurement
-                if due:                                 # (on the GPU while that run goes on)
-                    run.measure(chunks.kept if launched else ps)
-                if launched:
-                    if _advance(run, chunks.wait(), chunks):
-                        break
-                    continue
-                L, grads = loss_and_grads(ps)           # one step, kernel by kernel
-                if run.stops(run.step, L):
-                    break
-                before = [p.copy() for p in ps]
-                _descend(ps, grads, run.lr)
-                before, run.step = None, run.step + 1
-        except KeyboardInterrupt:
-            run.hist.stop_reason = "interrupted"
-            chunks.cancel()                             # back to the state at run.step
-            for p, b in zip(ps, before or ()):          # (a step cut short: undone)
-                p[...] = b
-    return ps, run.finish(ps)
+def _descend_fast(params, loss_and_grads, lr, max_steps, tol, record_every, measure_every,
+                  measures, callback, in_place=None):
+    """gradient_descent in runs of steps (``in_place(ps, lr)``: this loss's own runs on
+    NumPy) where there are runs, else align.gradient_descent."""
+    align.check_schedule(lr, max_steps, record_every, measure_every, tol)
+    ps = [p.copy() for p in params]
+    runs = step_runs(ps, loss_and_grads, lr, in_place=in_place)
+    if runs is None:
+        return align.gradient_descent(params, loss_and_grads, lr, max_steps, tol, record_every,
+                                      measure_every, measures, callback)
+    run = align.Run(lr, max_steps, tol, record_every, callback, align.as_measures(measures),
+                    [p.copy() for p in params])
+    return descend_in_runs(ps, loss_and_grads, run, runs, measure_every)
 
 
-def _advance(run, losses, chunks):
-    """run.stops() for each row of a chunk's losses (vectorised; a chunk ends before
-    max_steps); moves run.step to where the parameters are.  True when the run ends
-    inside the chunk (then rewound to there), also on Ctrl-C in the callback."""
-    hist, step = run.hist, run.step
-    if losses.ndim == 1:
-        worst = losses
-    else:                                  # the largest finite loss of each row (align._worst)
-        worst = np.where(np.isfinite(losses), losses, -np.inf).max(axis=-1)
-        worst[worst == -np.inf] = np.nan
-    at = np.arange(len(losses))
-    recorded = (step + at) % run.record_every == 0
-    ends = np.flatnonzero(recorded & (~np.isfinite(worst) | (worst < run.tol)))
-    end = int(ends[0]) if ends.size else len(losses)
-    keep = at[recorded & (at < end)]
-    before = len(hist.steps)
-    hist.steps.extend((step + keep).tolist())
-    hist.losses.extend(losses[keep].tolist() if losses.ndim == 1 else losses[keep])
-    j = 0
-    try:
-        for j, value in zip(keep.tolist(), worst[keep].tolist()) if run.callback else ():
-            run.callback(step + j, value, hist)
-        j = end
-        done = end < len(losses) and run.stops(step + end, losses[end])
-    except KeyboardInterrupt:                           # Ctrl-C in the callback at step + j
-        if j < end:
-            count = before + int(np.searchsorted(keep, j)) + 1
-            del hist.steps[count:], hist.losses[count:]
-        chunks.rewind(j)
-        run.step += j
-        raise
-    if done:
-        chunks.rewind(end)
-        run.step += end
-        return True
-    chunks.settle()
-    run.step += len(losses)
-    return False
-
-
-def singular_value_dynamics(sig, lam, lam_prime, coef, steps, record_every):
-    """align.singular_value_dynamics' trajectory from one CUDA kernel (CuPy arrays, depth
-    up to _cuda.SV_KERNEL_MAX_DEPTH, lam and lam_prime shared by the runs), else None."""
-    xp = array_module(sig)
-    if xp is np:
-        return None
-    import _cuda
-    if sig.shape[-2] > _cuda.SV_KERNEL_MAX_DEPTH or \
-            any(a.ndim >= 2 and a.shape[-2] != 1 for a in (lam, lam_prime)):
-        return None
-    return _cuda._sv_dynamics_kernel(xp, sig, lam, lam_prime, coef, steps, record_every)
+def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", kd=None,
+                            record_every=1):
+    """align.singular_value_dynamics (Corollary 1), its trajectory from one CUDA kernel for
+    CuPy arrays (depth up to align_cuda.SV_KERNEL_MAX_DEPTH, lam and lam_prime shared by
+    the runs); otherwise align's."""
+    xp = array_module(sigmas0)
+    if xp is not np:
+        import align_cuda
+        sig = xp.array(sigmas0, dtype=xp.float64)
+        lam, lam_prime = xp.asarray(lam, dtype=sig.dtype), xp.asarray(lam_prime, dtype=sig.dtype)
+        if sig.shape[-2] <= align_cuda.SV_KERNEL_MAX_DEPTH and \
+                all(a.ndim < 2 or a.shape[-2] == 1 for a in (lam, lam_prime)):
+            coef = lr / n if kind == "mse" else 2.0 * lr / (kd * n)
+            return align_cuda._sv_dynamics_kernel(xp, sig, lam, lam_prime, coef, steps, record_every)
+    return align.singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind, kd,
+                                         record_every)
 
 
 # ------------------------------------------------------------- Eq. (8) grouped --
@@ -155,9 +130,9 @@ def _chain_gradients(weights, X, output_grad, input_grad=False):
     shapes = tuple(W.shape[-2:] for W in weights)
     if _cheaper_at_outputs(shapes, X.shape[-1]):
         return _grouped_at_outputs(weights, X, output_grad, input_grad)
-    acts = _activations(weights, X)
+    acts = align.activations(weights, X, _mm)
     L, delta = output_grad(acts[-1])
-    out = _backward(weights, acts, delta, input_grad)
+    out = align.backward(weights, acts, delta, input_grad, _mm)
     return (L,) + out if input_grad else (L, out)
 
 
@@ -190,16 +165,16 @@ def _grouped_at_outputs(weights, X, output_grad, input_grad):
     E = dL/dF X^T (k_d x k_0), dL/dW_j = T_j^T E S_{j-1}^T, dL/dX = S_d^T dL/dF."""
     S = [weights[0]]
     for W in weights[1:]:
-        S.append(align.matmul(W, S[-1]))
-    L, delta = output_grad(align.matmul(S[-1], X))
-    E = align.matmul(delta, _T(X))
+        S.append(_mm(W, S[-1]))
+    L, delta = output_grad(_mm(S[-1], X))
+    E = _mm(delta, _T(X))
     grads, T = [None] * len(weights), None          # T = T_{j+1} (None: the identity)
     for j in range(len(weights) - 1, -1, -1):
-        G = align.matmul(E, _T(S[j - 1])) if j else E
-        grads[j] = G if T is None else align.matmul(_T(T), G)
+        G = _mm(E, _T(S[j - 1])) if j else E
+        grads[j] = G if T is None else _mm(_T(T), G)
         if j:
-            T = weights[j] if T is None else align.matmul(T, weights[j])
-    return (L, grads, align.matmul(_T(S[-1]), delta)) if input_grad else (L, grads)
+            T = weights[j] if T is None else _mm(T, weights[j])
+    return (L, grads, _mm(_T(S[-1]), delta)) if input_grad else (L, grads)
 
 
 
@@ -245,11 +220,11 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
     def output_grad(F):
         if squared or not rotated:
             return loss_and_output_gradient(F, Y, kind)
-        L, delta = loss_and_output_gradient(align.matmul(F, Rt), Y, kind)     # the samples' own outputs
-        return L, align.matmul(delta, R)
+        L, delta = loss_and_output_gradient(_mm(F, Rt), Y, kind)     # the samples' own outputs
+        return L, _mm(delta, R)
 
     def loss_and_grads(ps):
-        H = A0 + ps[0] * K if rotated else A0 + align.matmul(ps[0], K)
+        H = A0 + ps[0] * K if rotated else A0 + _mm(ps[0], K)
         L, grads, dH = _chain_gradients(ps[1:], H, output_grad, input_grad=True)
         return L, [dH] + grads
 
@@ -261,7 +236,7 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
 
     def measured(fn, ps):
         if id(fn) not in same_start:             # a tracker of this run's start (else its own)
-            same_start[id(fn)] = hasattr(fn, "from_svds") and fn.starts_at(weights)
+            same_start[id(fn)] = isinstance(fn, Tracker) and fn.starts_at(weights)
         if Q is not None and same_start[id(fn)]:
             if not split:
                 split.append(_split_measure(W10, Q, Xt, start))
@@ -270,9 +245,9 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
                 return value
         return fn(weights_of(ps), weights)
     wrapped = {name: (lambda ps, _, fn=fn: measured(fn, ps)) for name, fn in (measures or {}).items()}
-    per_network = align._frozen_below(loss_and_grads, tol, W10.ndim == 3)
-    out, hist = align.gradient_descent(start, per_network, lr, max_steps, tol, record_every,
-                                       measure_every, wrapped, callback)
+    per_network = align.frozen_below(loss_and_grads, tol, W10.ndim == 3)
+    out, hist = gradient_descent(start, per_network, lr, max_steps, tol, record_every,
+                                 measure_every, wrapped, callback)
     return weights_of(out), hist
 
 
@@ -379,75 +354,6 @@ def _split_measure(W10, Q, Xt, start):
 
 # ------------------------------------------------------------- runs of steps --
 
-_pools = {}
-
-
-def _thread_pool(name, workers):
-    """The process's thread pool ``name`` (created on first use)."""
-    if name not in _pools:
-        import concurrent.futures
-        _pools[name] = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"align-{name}")
-    return _pools[name]
-
-
-class _StepChunks:
-    """Runs of plain GD steps done in place: ``launch(n)`` starts n steps, ``wait()``
-    returns their n losses (host array, one row per step, taken before each update);
-    ``rewind(j)`` goes back to the start of the last run and redoes its first j
-    steps (a stop inside it); ``cancel()`` goes back to its start.  With
-    ``launch(n, keep=True)``, ``kept`` holds the parameters at the start, to measure
-    while the run goes on.  This base class steps kernel by kernel at ``launch``;
-    _cuda._CudaGraphChunks replays captured steps asynchronously."""
-
-    def __init__(self, ps, loss_and_grads, lr, longest=100):
-        self.ps, self.loss_and_grads, self.lr = ps, loss_and_grads, lr
-        self.saved = [p.copy() for p in ps]
-        self.kept = self.pending = None
-        self.open = False                                # a run launched and not yet taken
-        self.longest = longest                           # steps per run at most
-
-    def _step(self):
-        L, grads = self.loss_and_grads(self.ps)
-        _descend(self.ps, grads, self.lr)
-        return L
-
-    def _run(self, n):
-        """n steps in place; their losses."""
-        return array_module(*self.ps).stack([self._step() for _ in range(n)]) if n else None
-
-    def _save(self):
-        for s, p in zip(self.saved, self.ps):
-            s[...] = p
-
-    def launch(self, n, keep=False):
-        """Start n steps; False when they cannot be launched (nothing changed then)."""
-        self.kept = [p.copy() for p in self.ps] if keep else None
-        self._save()
-        self.open = True
-        self.pending = self._run(n)
-        return True
-
-    def wait(self):
-        losses, self.pending = self.pending, None
-        return to_numpy(losses)
-
-    def settle(self):
-        """The caller has taken the whole run."""
-        self.open = False
-
-    def rewind(self, j):
-        for s, p in zip(self.saved, self.ps):
-            p[...] = s
-        self._run(j)
-        self.open = False
-
-    def cancel(self):
-        """Back to the start of a run that was launched and not taken (Ctrl-C)."""
-        self.pending = None
-        if self.open:
-            self.rewind(0)
-
-
 class _SquaredLossSteps(_StepChunks):
     """Runs of GD steps of one dense network (NumPy, one dtype) under a squared loss:
     Eq. (8)'s backward pass into preallocated arrays, with lr applied once to dL/dF
@@ -520,14 +426,14 @@ class _SquaredLossSteps(_StepChunks):
 RESIDUALS_BYTES = 1 << 22      # _SquaredLossSteps keeps a run's residuals up to this size
 
 
-def step_runs(ps, loss_and_grads, lr):
-    """Runs of steps for align.gradient_descent: CUDA-graph chunks for CuPy parameters
-    when enabled; on NumPy ``loss_and_grads.in_place(ps, lr)`` where the loss offers it;
-    else None (step by step, align's loop)."""
+def step_runs(ps, loss_and_grads, lr, in_place=None):
+    """Runs of steps for gradient_descent: CUDA-graph chunks for CuPy parameters when
+    enabled; on NumPy ``in_place(ps, lr)`` where the loss has its own; else None (step by
+    step, align's loop)."""
     if array_module(*ps) is not np:
-        import _cuda
-        return _cuda._CudaGraphChunks(ps, loss_and_grads, lr) if _cuda.CUDA_GRAPH_STEPS >= 2 else None
-    in_place = getattr(loss_and_grads, "in_place", None)
+        import align_cuda
+        return align_cuda._CudaGraphChunks(ps, loss_and_grads, lr) \
+            if align_cuda.CUDA_GRAPH_STEPS >= 2 else None
     return in_place(ps, lr) if in_place else None
 
 
@@ -563,12 +469,12 @@ def _reduced_svd(W, keep=False):
     side, several times faster than an SVD and more accurate than a float32 SVD
     (vector errors ~ 1e-16 ||W||^2 / (sigma gap) instead of ~ 6e-8 ||W|| / gap).
     With ``keep``, a batch on the GPU stays there: matrices up to SMALL_SVD_KERNEL_MAX
-    on a side go to _cuda._small_svd_kernel, larger ones to CuPy's batched svd.
+    on a side go to align_cuda._small_svd_kernel, larger ones to CuPy's batched svd.
     """
     if keep and W.ndim == 3 and array_module(W) is not np:
-        import _cuda
-        if max(W.shape[-2:]) <= _cuda.SMALL_SVD_KERNEL_MAX:
-            return _cuda._small_svd_kernel(array_module(W), W)
+        import align_cuda
+        if max(W.shape[-2:]) <= align_cuda.SMALL_SVD_KERNEL_MAX:
+            return align_cuda._small_svd_kernel(array_module(W), W)
         U, s, Vt = array_module(W).linalg.svd(W.astype(np.float64), full_matrices=False)
         return U, s, _T(Vt)
     if min(W.shape[-2:]) <= HOST_SVD_MAX:   # small: LAPACK on the host beats GPU solvers
@@ -634,7 +540,7 @@ COMPLETION_MIN = 1e-3   # projections smaller than this: the complete QR instead
 
 
 def greedy_match(C, capacity):
-    """align._greedy_match (the paired rule's matching, the same values) for one matrix or
+    """align.greedy_match (the paired rule's matching, the same values) for one matrix or
     a batch (B x p x m; capacity (m,) or (B, m)).
 
     Small inputs go entry by entry (GREEDY_ONE_BY_ONE_MAX entries at most), batches of
@@ -643,7 +549,7 @@ def greedy_match(C, capacity):
     the column's room entries of free rows come before that entry in the order (the
     one-by-one greedy then takes it too, whatever it does before), so each round
     takes at least the first open entry of all.  On a GPU one CUDA thread per matrix
-    takes the best open entry as long as one is left (_cuda._greedy_kernel).
+    takes the best open entry as long as one is left (align_cuda._greedy_kernel).
     """
     xp = array_module(C)
     single = C.ndim == 2
@@ -651,8 +557,8 @@ def greedy_match(C, capacity):
     nb, p, m = C.shape
     room = xp.broadcast_to(xp.asarray(capacity, dtype=np.int64), (nb, m)).copy()
     if xp is not np:
-        import _cuda
-        value = (_cuda._greedy_kernel(xp, C, room) if p * p * m <= _cuda.GREEDY_KERNEL_MAX else
+        import align_cuda
+        value = (align_cuda._greedy_kernel(xp, C, room) if p * p * m <= align_cuda.GREEDY_KERNEL_MAX else
                  _greedy_rounds(C, room))
     else:
         if C.size > GREEDY_ONE_BY_ONE_MAX:
@@ -701,7 +607,7 @@ def _greedy_by_maxima(C, room):
 
 
 def _greedy_one_by_one(C, room, free=None):
-    """greedy_match entry by entry, as align._greedy_match states the rule (rows ``free``)."""
+    """greedy_match entry by entry, as align.greedy_match states the rule (rows ``free``)."""
     nb, p, m = C.shape
     flat = C.reshape(nb, -1)
     order = np.argsort(-flat, axis=1, kind="stable")           # decreasing, ties row-major
@@ -769,9 +675,10 @@ def _paired_generic(*pair_lists):
             if M.shape[-2] > M.shape[-1]:
                 M = _T(M)
             p, q = M.shape[-2:]
-            k = pair.k - pair.exact_used          # as align._paired_score (here every direction is used)
+            exact_used = getattr(pair, "exact_used", 0)      # (a SplitPair's; every direction used)
+            k = pair.k - exact_used
             groups.setdefault((p, q, max(0, min(k, pair.positions or k) - q)), []).append((j, M))
-            totals[j], counts[j] = totals[j] + pair.exact_used, counts[j] + p + pair.exact_used
+            totals[j], counts[j] = totals[j] + exact_used, counts[j] + p + exact_used
     for (p, q, room), members in groups.items():
         xp = array_module(members[0][1])                          # (a batch on the GPU stays)
         sq = xp.stack([M for _, M in members]) ** 2               # (pairs, [batch,] p, q)
@@ -787,23 +694,40 @@ def _paired_generic(*pair_lists):
 
 
 def tracker(weights_0, rtol=1e-6):
-    """align.tracker (the same values): batches measured by the vectorised rule where every
-    singular value is distinct, and where they are (a batch of GPU_BATCH_MIN networks or
-    more on a GPU stays there).
+    """align.tracker (the same values), a :class:`Tracker`: batches measured by the
+    vectorised rule where every singular value is distinct, and where they are (a batch
+    of GPU_BATCH_MIN networks or more on a GPU stays there)."""
+    align.check_network(weights_0)
+    align.check_tolerance("rtol", rtol, 1)
+    return Tracker(weights_0, rtol)
 
-    ``m.from_svds(now, then=None, widths=None, static=None)`` measures from reduced
-    SVDs (float64, host) instead, e.g. layer 1 split by ``_split_first_layers``;
-    it returns None when that split cannot be measured exactly.  ``m.starts_at(ws)``:
-    whether ws are weights_0 (then train may measure from the split).
-    """
-    keep = weights_0[0].ndim == 3 and weights_0[0].shape[0] >= GPU_BATCH_MIN   # on a GPU: stays
-    start = reduced_svds(weights_0, keep)
-    start_generic = _generic(start, rtol)
 
-    def from_svds(now, then=None, widths=None, static=None):
-        generic = _generic(now, rtol) & (start_generic if then is None else _generic(then, rtol))
-        then = start if then is None else then
-        widths = widths or align._widths(now)
+class Tracker:
+    """The measures of align.tracker: ``m(weights, _)`` -> {MEASURE_KEYS: values}.
+    ``from_svds`` measures from reduced SVDs instead (layer 1 split by
+    _split_first_layers during row-space training); ``starts_at(ws)``: whether ws are
+    this tracker's start (then train may measure from the split)."""
+
+    def __init__(self, weights_0, rtol):
+        self.weights_0, self.rtol = weights_0, rtol
+        self.keep = weights_0[0].ndim == 3 and weights_0[0].shape[0] >= GPU_BATCH_MIN  # GPU: stays
+        self.start = reduced_svds(weights_0, self.keep)
+        self.start_generic = _generic(self.start, rtol)
+
+    def __repr__(self):
+        return f"Tracker(rtol={self.rtol:g}, layers {[W.shape for W in self.weights_0]})"
+
+    def __call__(self, weights, _=None):
+        return self.from_svds(reduced_svds(weights, self.keep))
+
+    def from_svds(self, now, then=None, widths=None, static=None):
+        """The measures from reduced SVDs now (and ``then``, default the start's); with
+        ``static`` (masks of layer 1's static directions now and then) None where that
+        split cannot be measured exactly."""
+        rtol = self.rtol
+        generic = _generic(now, rtol) & (self.start_generic if then is None else _generic(then, rtol))
+        then = self.start if then is None else then
+        widths = widths or align.layer_widths(now)
         if now[0][1].ndim == 1:
             return _measures(now, then, widths, rtol, static, bool(generic))
         values = _measures(now, then, widths, rtol, generic=True)        # every network
@@ -818,31 +742,87 @@ def tracker(weights_0, rtol=1e-6):
                     out[key][b] = value
         return out
 
-    def measure(weights, _=None):
-        return from_svds(reduced_svds(weights, keep))
+    def starts_at(self, weights):
+        return len(weights) == len(self.weights_0) and all(
+            a is b or (a.shape == b.shape and bool((a == b).all()))
+            for a, b in zip(weights, self.weights_0))
 
-    def starts_at(weights):
-        return len(weights) == len(weights_0) and all(
-            a is b or (a.shape == b.shape and bool((a == b).all())) for a, b in zip(weights, weights_0))
-    measure.from_svds, measure.starts_at = from_svds, starts_at
-    return measure
+
+def alignment(weights, how="paired", rtol=1e-6):
+    """align.alignment (Section 6), the same value, from this module's decompositions."""
+    align.check_network(weights)
+    svds = reduced_svds(weights)
+    return _score(align.alignment_pairs(svds, align.layer_widths(svds)), how, rtol)
+
+
+def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
+    """align.invariance (Section 6), the same value, from this module's decompositions."""
+    align.check_network(weights_t)
+    align.check_network(weights_0)
+    if [W.shape for W in weights_t] != [W.shape for W in weights_0]:
+        return align.invariance(weights_t, weights_0, how, rtol)      # (its error message)
+    now = reduced_svds(weights_t)
+    return _score(align.invariance_pairs(now, reduced_svds(weights_0), align.layer_widths(now)),
+                  how, rtol)
+
+
+def _score(pairs, how, rtol):
+    if how not in align.HOW:
+        raise ValueError(f"how must be one of {align.HOW}, got {how!r}")
+    align.check_tolerance("rtol", rtol, 1)
+    return _paired_score(pairs, rtol) if how == "paired" else _matched_score(pairs)
+
+
+@dataclasses.dataclass
+class SplitPair(align.Pair):
+    """A pair with directions common to both sides left out of A and B: ``exact`` of
+    them, ``exact_used`` with sigma above rtol; ``scale_a``, ``scale_b``: the largest
+    singular values of the whole sides (rtol's reference)."""
+    exact: int = 0
+    exact_used: int = 0
+    scale_a: float = None
+    scale_b: float = None
+
+
+def _paired_score(pairs, rtol):
+    """align.paired_score, with SplitPair's common directions matched exactly."""
+    total, count = 0.0, 0
+    for pair in pairs:
+        if isinstance(pair, SplitPair):
+            matched, scored = align.pair_matches(pair, rtol, pair.scale_a, pair.scale_b,
+                                                 pair.k - pair.exact_used)
+            total, count = total + (matched + pair.exact_used), count + scored + pair.exact_used
+        else:
+            matched, scored = align.pair_matches(pair, rtol)
+            total, count = total + matched, count + scored
+    return total / count if count else 1.0
+
+
+def _matched_score(pairs):
+    """align.matched_score, with SplitPair's common directions matched exactly."""
+    sums, count = align.matched_sums(pairs)
+    exact = sum(pair.exact for pair in pairs if isinstance(pair, SplitPair))
+    total, count = 0.0 + exact, count + exact
+    for s in sums:
+        total = total + s
+    return total / count if count else 1.0
 
 
 def _measures(now, then, widths, rtol, static=None, generic=None):
     """The four measures from reduced SVDs now and at the start (None: see
     _split_invariance_pairs); the vectorised rule when all singular values are distinct."""
-    invariant = align._invariance_pairs(now, then, widths)
+    invariant = align.invariance_pairs(now, then, widths)
     if static and len(now) > 1:
         invariant = _split_invariance_pairs(invariant, now[0], then[0], widths[1], rtol, static)
     if invariant is None:
         return None
-    aligned = align._alignment_pairs(now, widths)
+    aligned = align.alignment_pairs(now, widths)
     if generic is None:
         generic = bool(_generic(now, rtol) and _generic(then, rtol))
     paired = _paired_generic(aligned, invariant) if generic else \
-        (align._paired_score(aligned, rtol), align._paired_score(invariant, rtol))
-    values = {"alignment_paired": paired[0], "alignment_matched": align._matched_score(aligned),
-              "invariance_paired": paired[1], "invariance_matched": align._matched_score(invariant)}
+        (_paired_score(aligned, rtol), _paired_score(invariant, rtol))
+    values = {"alignment_paired": paired[0], "alignment_matched": _matched_score(aligned),
+              "invariance_paired": paired[1], "invariance_matched": _matched_score(invariant)}
     return values if generic is True and now[0][1].ndim > 1 else \
         {key: float(v) for key, v in values.items()}
 
@@ -857,8 +837,9 @@ def _split_invariance_pairs(pairs, now, then, k, rtol, static):
     used, used0 = int((s[mask] > rtol * s[0]).sum()), int((s0[mask0] > rtol * s0[0]).sum())
     if used != used0:
         return None
-    return pairs[1:] + [align._Pair(U[:, ~mask], s[~mask], U0[:, ~mask0], s0[~mask0], k,
-                                    exact=int(mask.sum()), exact_used=used, scale_a=s[0], scale_b=s0[0])]
+    return pairs[1:] + [SplitPair(U[:, ~mask], s[~mask], U0[:, ~mask0], s0[~mask0], k,
+                                  exact=int(mask.sum()), exact_used=used, scale_a=s[0],
+                                  scale_b=s0[0])]
 
 
 # Batches of at least this many networks are measured where they are (on a GPU: there).

@@ -1,10 +1,10 @@
-"""CuPy-only speed for align.py: CUDA graphs of training steps, cuBLAS called directly,
-and CUDA kernels (with their sources) for small SVDs, the greedy matching, tiny products
-and Corollary 1's recursion.
+"""CuPy-only speed for align_fast.py: CUDA graphs of training steps, cuBLAS called
+directly, and CUDA kernels (with their sources) for small SVDs, the greedy matching, tiny
+products and Corollary 1's recursion.
 
-Optional and private: align.py reaches it through _fast.py only for CuPy arrays, and
-every function here computes what a reference function of align.py computes
-(tests/test_cuda.py and tests/test_kernels.py hold them equal).  README, "Layout".
+align_fast.py imports it when CuPy arrays arrive; every function here computes what a
+reference function of align.py computes (tests/test_cuda.py and tests/test_kernels.py
+hold them equal).  README, "How the code is laid out".
 """
 import contextlib
 import gc
@@ -14,8 +14,9 @@ import sys
 
 import numpy as np
 
-import _fast
 import align
+import align_steps
+import structured
 from align import _T
 
 # GD steps per captured CUDA graph on the GPU; 0 or 1 launches kernels one by one
@@ -36,10 +37,10 @@ GRAPH_LAUNCH_THREAD = os.environ.get("ALIGN_GRAPH_LAUNCH_THREAD", "0") == "1"
 
 def _launch_in_thread(launch):
     """Run launch() on the one helper thread; a Future of it."""
-    return _fast._thread_pool("graph-launch", 1).submit(launch)
+    return align_steps._thread_pool("graph-launch", 1).submit(launch)
 
 
-class _CudaGraphChunks(_fast._StepChunks):
+class _CudaGraphChunks(align_steps._StepChunks):
     """n GD steps as one CUDA graph launch (CuPy stream capture), captured once per n.
 
     A step of a large network is ~20 kernels of a few microseconds each, so launching
@@ -71,10 +72,10 @@ class _CudaGraphChunks(_fast._StepChunks):
         with cp.cuda.using_allocator(self.pool.malloc), self.stream, _gc_paused():
             cublas = _DirectCublas(cp, self.stream)
             try:
-                align.matmul = cublas.matmul
+                align_steps.matmul = structured.matmul = cublas.matmul
                 scratch = [p.copy() for p in self.ps]   # warm-up: kernels compiled, pool filled
                 L, grads = self.loss_and_grads(scratch)
-                _fast._descend(scratch, grads, self.lr)
+                align_steps._descend(scratch, grads, self.lr)
                 for got, want in zip([L] + grads, [L_ref] + g_ref):   # the direct products agree
                     if float(cp.linalg.norm(got - want)) > 1e-3 * float(cp.linalg.norm(want)) + 1e-30:
                         raise RuntimeError("cuBLAS called directly disagrees with CuPy's products")
@@ -89,7 +90,7 @@ class _CudaGraphChunks(_fast._StepChunks):
                 finally:
                     graph = self.stream.end_capture()
             finally:
-                align.matmul = operator.matmul
+                align_steps.matmul = structured.matmul = operator.matmul
         return graph, losses, cublas                     # the graph's cuBLAS workspace lives on
 
     def launch(self, n, keep=False):
@@ -422,7 +423,7 @@ GREEDY_KERNEL_MAX = 1 << 22     # p * p * m, one CUDA thread's work for a p x m 
 
 
 def _greedy_kernel(cp, C, room):
-    """_fast.greedy_match on the GPU: one CUDA thread per matrix, in one launch (the rounds
+    """align_fast.greedy_match on the GPU: one CUDA thread per matrix, in one launch (the rounds
     take ~30 array operations and a wait for the GPU each)."""
     nb, p, m = C.shape
     C, value = cp.ascontiguousarray(C, dtype=np.float64), cp.empty((nb, p), dtype=np.float64)
