@@ -25,13 +25,14 @@ def descend_in_runs(ps, loss_and_grads, run, chunks, measure_every):
     ``chunks`` (see step_runs): on a GPU the measurement due at a run's start is taken
     from a copy while the run goes on.  A stop inside a run is replayed step by step, so
     the history is the step-by-step loop's.  Returns (params, History)."""
-    before = None
+    before = marks = None
     with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by run.stops
         try:
             while True:
                 due = run.step % measure_every == 0
                 span = min(chunks.longest, measure_every - run.step % measure_every,
                            run.max_steps - run.step)
+                marks = len(run.hist.steps), len(run.hist.losses)
                 launched = span > 1 and chunks.launch(span, keep=due)   # a run to the next measurement
                 if due:                                 # (on the GPU while that run goes on)
                     run.measure(chunks.kept if launched else ps)
@@ -47,7 +48,9 @@ def descend_in_runs(ps, loss_and_grads, run, chunks, measure_every):
                 before, run.step = None, run.step + 1
         except KeyboardInterrupt:
             run.hist.stop_reason = "interrupted"
-            chunks.cancel()                             # back to the state at run.step
+            if chunks.open:                             # a run not taken whole: its records go,
+                del run.hist.steps[marks[0]:], run.hist.losses[marks[1]:]
+            chunks.cancel()                             # and its steps (back to run.step)
             for p, b in zip(ps, before or ()):          # (a step cut short: undone)
                 p[...] = b
     return ps, run.finish(ps)
@@ -82,14 +85,13 @@ def _advance(run, losses, chunks):
             count = before + int(np.searchsorted(keep, j)) + 1
             del hist.steps[count:], hist.losses[count:]
         chunks.rewind(j)
-        run.step += j
-        raise
+        chunks.open, run.step = False, run.step + j         # (together: Ctrl-C comes between
+        raise                                               # statements, not inside one)
     if done:
         chunks.rewind(end)
-        run.step += end
+        chunks.open, run.step = False, run.step + end
         return True
-    chunks.settle()
-    run.step += len(losses)
+    chunks.open, run.step = False, run.step + len(losses)   # the caller took the whole run
     return False
 
 
@@ -145,18 +147,16 @@ class _StepChunks:
         losses, self.pending = self.pending, None
         return to_numpy(losses)
 
-    def settle(self):
-        """The caller has taken the whole run."""
-        self.open = False
-
     def rewind(self, j):
+        """Back to the start of the last run, then its first j steps again (the caller
+        closes the run: ``open`` = False with its step count, in one statement)."""
         for s, p in zip(self.saved, self.ps):
             p[...] = s
         self._run(j)
-        self.open = False
 
     def cancel(self):
         """Back to the start of a run that was launched and not taken (Ctrl-C)."""
         self.pending = None
         if self.open:
             self.rewind(0)
+        self.open = False

@@ -12,11 +12,9 @@ steps).  Alignment and invariance are reported by both rules of align.py:
 import argparse
 import configparser
 import contextlib
-import csv
 import dataclasses
 import gzip
 import importlib.metadata
-import io
 import json
 import math
 import os
@@ -25,7 +23,6 @@ import shlex
 import signal
 import struct
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -34,8 +31,10 @@ import numpy as np
 
 import align
 import align_fast
+import outputs
 import structured as st
 import verify
+from outputs import ExperimentError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "data")
@@ -47,10 +46,6 @@ IDX_NDIM = {2049: 1, 2051: 3}                    # idx magic numbers: labels, im
 QUICK_STEPS, QUICK_MEASURE = 300, 50
 PROGRESS_EVERY = 2.0                             # seconds between progress lines
 DEVICES = ("cpu", "gpu", "auto")
-
-
-class ExperimentError(RuntimeError):
-    """A problem the user can fix (missing files, bad data); printed without a traceback."""
 
 
 class DeviceError(RuntimeError):
@@ -241,13 +236,13 @@ def record(hist, **extra):
 
 
 def keep(runs, name, run):
-    """Add a finished run's record to ``runs``; after an interrupted run, stop the experiment
-    (the runs so far are written, marked interrupted).  A run interrupted before its first
-    loss was recorded (in the measurement of step 0) has nothing to show and is left out."""
+    """Add a run's record to ``runs``; False when it was interrupted (Ctrl-C, SIGTERM), and
+    the experiment then returns None (the runs so far are written, marked interrupted).  A
+    run interrupted before its first loss was recorded (in the measurement of step 0) has
+    nothing to show and is left out."""
     if run["losses"]:
         runs[name] = run
-    if run["stop_reason"] == "interrupted":
-        raise KeyboardInterrupt
+    return run["stop_reason"] != "interrupted"
 
 
 def thinned(run, every):
@@ -279,7 +274,8 @@ def fig1a(cfg, runs):
         problems.append((weights, X, Y))
     if cfg.seeds == 1:
         _, hist = run_dense(f"fig1a seed={cfg.seed}", cfg, *problems[0], loss_kind(cfg))
-        keep(runs, f"seed={cfg.seed}", record(hist))
+        if not keep(runs, f"seed={cfg.seed}", record(hist)):
+            return None
     else:
         for part in batches(cfg, problems):
             first = cfg.seed + part.start
@@ -289,7 +285,8 @@ def fig1a(cfg, runs):
                                 weights, X, Y, loss_kind(cfg))
             for name, run in split_batch(hist.to_dict(), [f"seed={first + b}" for b in range(len(X))],
                                          cfg.tol).items():
-                keep(runs, name, run)
+                if not keep(runs, name, run):
+                    return None
     return claim_leaves_one(runs)
 
 
@@ -363,7 +360,8 @@ def _fig1_mnist(cfg, runs, name, squared):
             weights = torch_like_init(np.random.default_rng(seed), widths)
         kind = loss_kind(cfg, squared)
         _, hist = run_dense(f"{name} seed={seed}", cfg, weights, X, Y if squared else labels, kind)
-        keep(runs, f"seed={seed}", record(hist))
+        if not keep(runs, f"seed={seed}", record(hist)):
+            return None
     return claim_leaves_one(runs)
 
 
@@ -395,7 +393,8 @@ def fig2a(cfg, runs):
         else:
             params = [rng.uniform(-0.5, 0.5, S.r) for _ in range(3)]
         _, hist = run_structured(f"fig2a seed={seed}", cfg, [S] * 3, params, np.eye(4), Y, loss_kind(cfg))
-        keep(runs, f"seed={seed}", record(hist))
+        if not keep(runs, f"seed={seed}", record(hist)):
+            return None
     return claim_leaves_one(runs)
 
 
@@ -417,7 +416,8 @@ def fig2b(cfg, runs):
         else:                          # PyTorch's Conv2d default: U(-1/3, 1/3)
             params = [rng.uniform(-1, 1, 9) / 3 for _ in range(3)]
         _, hist = run_structured(f"fig2b seed={seed}", cfg, [S] * 3, params, X, X, loss_kind(cfg))
-        keep(runs, f"seed={seed}", record(hist))
+        if not keep(runs, f"seed={seed}", record(hist)):
+            return None
     return claim_leaves_one(runs)
 
 
@@ -462,8 +462,12 @@ def thm1(cfg, runs):
             cert = align.invariance_certificate(X, Y, [k] * 4)
             weights = align.aligned_init(cert.U, cert.V, [k] * 4, sigmas=away_from_zero(rng, k))
             _, hist = run_dense(f"thm1 {task} seed={seed}", cfg, weights, X, Y, loss_kind(cfg))
-            keep(runs, f"{task} seed={seed}", record(hist, certificate_residual=cert.residual))
-        keep(runs, f"sensing seed={seed}", record(_sensing_run(f"thm1 sensing seed={seed}", cfg, rng, k)))
+            if not keep(runs, f"{task} seed={seed}",
+                        record(hist, certificate_residual=cert.residual)):
+                return None
+        sensing = _sensing_run(f"thm1 sensing seed={seed}", cfg, rng, k)
+        if not keep(runs, f"sensing seed={seed}", record(sensing)):
+            return None
     return claim_stays_one(runs, cfg)
 
 
@@ -478,7 +482,8 @@ def prop1(cfg, runs):
         weights = [sigma * np.outer(np.eye(4)[0], v), sigma * np.eye(4)[:1]]
         for kind in ("mse", "logistic"):
             _, hist = run_dense(f"prop1 {kind} seed={seed}", cfg, weights, X, y, kind)
-            keep(runs, f"{kind} seed={seed}", record(hist))
+            if not keep(runs, f"{kind} seed={seed}", record(hist)):
+                return None
     return claim_stays_one(runs, cfg, what=("alignment_paired",))
 
 
@@ -505,7 +510,8 @@ def cor1(cfg, runs):
                                   measure_every=cfg.measure_every, measures={"s": sigmas},
                                   callback=Progress(f"cor1 seed={seed}", cfg))
         if hist.stop_reason == "interrupted":
-            keep(runs, f"seed={seed}", record(hist))            # (stops the experiment)
+            if not keep(runs, f"seed={seed}", record(hist)):
+                return None
         steps = hist.measure_steps
         t0 = time.perf_counter()
         traj = cfg.lib.singular_value_dynamics(np.array(sig0), cert.lam, cert.lam_prime, cfg.lr,
@@ -515,8 +521,9 @@ def cor1(cfg, runs):
         full = np.array(hist.measurements["sigma"])
         diff = float(np.abs(reduced - full).max() / np.abs(full).max())
         worst = max(worst, diff)
-        keep(runs, f"seed={seed}", record(hist, reduced_sigma=reduced.tolist(),
-                                          max_relative_difference=diff, reduced_wall_time=reduced_time))
+        if not keep(runs, f"seed={seed}", record(hist, reduced_sigma=reduced.tolist(),
+                                             max_relative_difference=diff, reduced_wall_time=reduced_time)):
+            return None
     return verdict("Corollary 1's recursion gives full GD's singular values", worst, worst < 1e-10)
 
 
@@ -533,7 +540,9 @@ def thm3(cfg, runs):
         start = [t + 0.1 * rng.standard_normal(9) for t in teacher]
         out, hist = run_structured(f"thm3 seed={seed}", cfg, [S, S], start, X, Y, "mse")
         test = align.is_aligned(st.layer_matrices([S, S], [align.to_numpy(p) for p in out]), tol=1e-6)
-        keep(runs, f"seed={seed}", record(hist, is_aligned=bool(test), aligned_residual=test.residual))
+        if not keep(runs, f"seed={seed}",
+                    record(hist, is_aligned=bool(test), aligned_residual=test.residual)):
+            return None
     final = max(r["measurements"]["alignment_paired"][-1] for r in runs.values())
     holds = all(not r["is_aligned"] for r in runs.values()) and final < 0.99
     interpolated = all(r["stop_reason"] == "tol" for r in runs.values())
@@ -579,6 +588,7 @@ class Experiment:
     tol: float = 1e-4                   # Appendix L
     gpu_from_seeds: float = math.inf
     options: tuple = ()
+    runs_per_seed: int = 1              # networks trained per seed (memory check)
 
 
 EXPERIMENTS = {
@@ -591,8 +601,10 @@ EXPERIMENTS = {
     "fig2a": Experiment(fig2a, "Fig. 2a, Theorem 2-3", np.float64, options=("init", "loss_scale")),
     "fig2b": Experiment(fig2b, "Fig. 2b, Theorem 3", np.float32, gpu_from_seeds=1,
                         options=("init", "mnist", "loss_scale")),
-    "thm1": Experiment(thm1, "Theorem 1, Section 4.2", np.float64, options=("loss_scale",)),
-    "prop1": Experiment(prop1, "Proposition 1", np.float64, lr=1e-3, options=("mnist",)),
+    "thm1": Experiment(thm1, "Theorem 1, Section 4.2", np.float64, options=("loss_scale",),
+                       runs_per_seed=3),
+    "prop1": Experiment(prop1, "Proposition 1", np.float64, lr=1e-3, options=("mnist",),
+                        runs_per_seed=2),
     "cor1": Experiment(cor1, "Corollary 1", np.float64, options=("loss_scale",)),
     "thm3": Experiment(thm3, "Theorem 3, Proposition 5", np.float64, lr=1e-1, tol=1e-10),
 }
@@ -745,122 +757,7 @@ def threads_limited(threads):
         yield
 
 
-# ------------------------------------------------------------- outputs --
-
-def write_files(writers, remove=()):
-    """Write the files {path: write(tmp)} together: each into a temporary file beside it,
-    then all moved into place (usual permissions), and the files ``remove`` deleted, with
-    Ctrl-C and SIGTERM held until the set is complete.  A write that fails (a full disk)
-    removes every temporary file and raises ExperimentError naming the file and the
-    reason; nothing is replaced then."""
-    temps = {}
-    try:
-        with signals_held():
-            for folder in {os.path.dirname(os.path.abspath(path)) for path in writers}:
-                remove_stale_temporaries(folder)
-            for path, write in writers.items():
-                fd, temps[path] = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                                   prefix=f".tmp-{os.getpid()}-",
-                                                   suffix=os.path.basename(path))
-                os.close(fd)
-                try:
-                    write(temps[path])
-                except OSError as exc:
-                    raise ExperimentError(f"could not write {path}: {exc.strerror or exc}; the "
-                                          "files it belongs with were left as they were") from exc
-            umask = os.umask(0)
-            os.umask(umask)
-            for path, tmp in temps.items():
-                os.chmod(tmp, 0o666 & ~umask)
-            for path, tmp in list(temps.items()):
-                os.replace(tmp, path)
-                del temps[path]
-                FILES_WRITTEN.append(path)
-            for path in remove:
-                if os.path.exists(path):
-                    os.remove(path)
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def remove_stale_temporaries(folder):
-    """Delete the temporary files (.tmp-<pid>-*) that a killed earlier run left in ``folder``;
-    those of a process still running (another run writing there) stay."""
-    for name in os.listdir(folder):
-        pid = name[5:].split("-", 1)[0] if name.startswith(".tmp-") else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, name))
-
-
-def _running(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:                          # (another user's process)
-        return True
-    return True
-
-
-def text_writer(text):
-    """A writer for write_files: ``text`` into the file."""
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-    return write
-
-
-def write_text(path, text):
-    """Write ``text`` to ``path`` atomically (write_files)."""
-    write_files({path: text_writer(text)})
-
-
-SIGNALS_RECEIVED = []                       # SIGINT / SIGTERM numbers this process received
-FILES_WRITTEN = []                          # paths write_files put in place (this command)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's kill), handled like Ctrl-C: exit status 143."""
-
-
-def _on_signal(signum, frame):
-    SIGNALS_RECEIVED.append(signum)
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Hold Ctrl-C and SIGTERM until the block ends, then raise as they would have (in the
-    main thread; elsewhere nothing is held)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if held:
-        SIGNALS_RECEIVED.extend(held)
-        raise Terminated() if signal.SIGTERM in held else KeyboardInterrupt()
-
-
-def strict_json(value):
-    """``value`` with every NaN and infinity replaced by None, for strict JSON (null)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
-
+# ------------------------------------------------------------- records --
 
 def project_version():
     """This project's version: setup.cfg beside this file, else the installed metadata."""
@@ -887,205 +784,50 @@ def environment(cfg):
     return info
 
 
-def csv_text(runs):
-    """One CSV row per measurement: run, step, loss and the four measures."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["run", "step", "loss", *align.MEASURE_KEYS])
-    for name, run in runs.items():
-        losses = dict(zip(run["steps"], run["losses"]))
-        for j, step in enumerate(run["measure_steps"]):
-            loss = losses.get(step, "")
-            writer.writerow([name, step, loss if not isinstance(loss, list) else max(loss)] +
-                            [run["measurements"].get(m, [""] * (j + 1))[j] for m in align.MEASURE_KEYS])
-    return buf.getvalue()
-
-
-BAND_FROM_RUNS = 7                 # plots of more runs show their mean and min-max band
-
-
-def figure_or_note(title, runs):
-    """figure(title, runs), or a note saying why there is none (matplotlib missing)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-    except ImportError:
-        return "matplotlib is not installed: pip install '.[plot]' to get the plots"
-    return figure(title, runs)
-
-
-def close_figure(fig):
-    """Free a figure of figure_or_note (a note needs nothing)."""
-    if not isinstance(fig, str):
-        import matplotlib.pyplot as plt
-        plt.close(fig)
-
-
-def figure(title, runs):
-    """Loss (log) and both rules of alignment and invariance against iteration, one colour
-    per run in every panel (its lines carry the run's name as gid); from BAND_FROM_RUNS
-    runs on, each run thin and the mean over runs with its min-max band."""
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    band = len(runs) >= BAND_FROM_RUNS
-    for j, (label, run) in enumerate(runs.items()):
-        style = dict(color=f"C{j % 10}", gid=label, lw=0.6 if band else 1.2, alpha=0.35 if band else 1.0)
-        axes[0].semilogy(run["steps"], _worst(run["losses"]), label=label, **style)
-        if "reduced_sigma" in run:                  # cor1: products of singular values
-            _plot_sigma(axes[1:], run)
-            continue
-        for ax, what in zip(axes[1:], ("alignment", "invariance")):
-            for how, dash in (("paired", "-"), ("matched", "--")):
-                values = run["measurements"].get(f"{what}_{how}")
-                if values:
-                    ax.plot(run["measure_steps"], values, dash, **style)
-    if band:
-        _plot_band(axes, runs)
-    axes[0].set(title="training loss", ylabel="loss")
-    if not any("reduced_sigma" in run for run in runs.values()):
-        for ax, what in zip(axes[1:], ("alignment", "invariance")):
-            ax.set(title=f"{what} (solid: paired, dashed: matched)", ylabel=what, ylim=(-0.02, 1.02))
-    for ax in axes:
-        ax.set_xlabel("iteration")
-    if len(runs) <= 6:
-        axes[0].legend(fontsize=7)
-    fig.suptitle(textwrap.fill(title, 120), fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def _worst(losses):
-    """A loss record's values, the largest of each batch row."""
-    return [max(v) if isinstance(v, list) else v for v in losses]
-
-
-def _plot_band(axes, runs):
-    """The mean over runs (black; the loss's geometric mean) and the min-max band (grey) of
-    the loss and the paired measures, each run held at its last value after it stopped."""
-    end = max(run["final_step"] for run in runs.values())
-    grid = np.linspace(0, end, 200)
-    at = lambda steps, values: np.interp(grid, steps, values)
-    series = [(axes[0], [at(r["steps"], _worst(r["losses"])) for r in runs.values()])]
-    for ax, key in zip(axes[1:], ("alignment_paired", "invariance_paired")):
-        if all(key in r["measurements"] for r in runs.values()):
-            series.append((ax, [at(r["measure_steps"], r["measurements"][key]) for r in runs.values()]))
-    for j, (ax, values) in enumerate(series):
-        values = np.array(values)
-        ax.fill_between(grid, values.min(axis=0), values.max(axis=0), color="0.6", alpha=0.4,
-                        label="min-max over runs")
-        mean = np.exp(np.log(values).mean(axis=0)) if j == 0 else values.mean(axis=0)
-        ax.plot(grid, mean, color="k", lw=1.5,
-                label=f"{'geometric ' if j == 0 else ''}mean of {len(values)} runs")
-
-
-def _plot_sigma(axes, run):
-    """Corollary 1: S_k(t) = prod_i sigma_k(W_i(t)) of full GD (lines) and of the recursion
-    (dots), and the singular values of W_1."""
-    steps = run["measure_steps"]
-    full, reduced = np.array(run["measurements"]["sigma"]), np.array(run["reduced_sigma"])
-    for k in range(full.shape[2]):
-        line, = axes[0].plot(steps, full[:, :, k].prod(axis=1), "-", lw=1)
-        axes[0].plot(steps, reduced[:, :, k].prod(axis=1), ".", ms=3, color=line.get_color())
-        axes[1].plot(steps, full[:, 0, k], "-", lw=1, color=line.get_color())
-        axes[1].plot(steps, reduced[:, 0, k], ".", ms=3, color=line.get_color())
-    axes[0].set_title("S_k = prod_i sigma_k(W_i): GD (lines), Cor. 1 (dots)")
-    axes[1].set_title("sigma_k(W_1): GD (lines), Cor. 1 (dots)")
-
-
-def summary(name, runs, claim, stop):
-    """The terminal table: the claim, then per run the first and last loss, measures, steps,
-    time and stop; over several runs how many converged, with statistics over those and
-    over all."""
-    value = "" if claim["value"] is None else f" (value {claim['value']:.6g})"
-    why = f": {claim['why']}" if "why" in claim else ""
-    rows = [f"{name}: {claim['claim']}: {'holds' if claim['holds'] else claim['verdict'].upper()}"
-            f"{why}{value}{'  [interrupted]' if stop == 'interrupted' else ''}",
-            f"  {'run':<24}{'loss 0':>11}{'loss end':>11}{'align p/m':>16}{'invar p/m':>16}"
-            f"{'steps':>9}{'time s':>9}  stop"]
-    for label, run in runs.items():
-        m = run["measurements"]
-        first, last = _worst([run["losses"][0], run["losses"][-1]])
-        pair = lambda what: (f"{m[what + '_paired'][-1]:.4f}/{m[what + '_matched'][-1]:.4f}"
-                             if what + "_paired" in m else "-")
-        rows.append(f"  {label:<24}{first:>11.3e}{last:>11.3e}{pair('alignment'):>16}"
-                    f"{pair('invariance'):>16}{run['final_step']:>9,}{run['wall_time']:>9.2f}  "
-                    f"{run['stop_reason']}")
-    if len(runs) > 1:
-        stats = spread(runs)
-        rows.append(f"  converged (loss below --tol): {stats['converged']} of {stats['runs']} runs")
-        for which in ("converged", "all"):
-            part = stats[f"over_{which}"]
-            if part:
-                rows.append(f"  over {which} ({part['runs']}): steps {part['final_step']['mean']:,.0f} +- "
-                            f"{part['final_step']['std']:,.0f}" + "".join(
-                                f", {key.replace('_', ' ')} {part[key]['mean']:.4f} +- {part[key]['std']:.4f}"
-                                for key in ("alignment_paired", "invariance_paired") if key in part))
-    return "\n".join(rows)
-
-
-def spread(runs):
-    """How many runs converged (stopped below --tol), and the mean and standard deviation of
-    the final values over the converged runs and over all runs."""
-    def stats(chosen):
-        if not chosen:
-            return {}
-        out = {"runs": len(chosen)}
-        for key in ("final_step", "wall_time"):
-            values = [r[key] for r in chosen]
-            out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
-        for m in align.MEASURE_KEYS:
-            values = [r["measurements"][m][-1] for r in chosen if m in r["measurements"]]
-            if values:
-                out[m] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
-        return out
-    converged = [r for r in runs.values() if r["stop_reason"] == "tol"]
-    return {"runs": len(runs), "converged": len(converged), "over_converged": stats(converged),
-            "over_all": stats(list(runs.values()))}
-
-
 def run_experiment(name, cfg):
     """Run one experiment, print its summary and write <out>/<stem>.json, .csv and .png
-    together (output_stem); return its claim.  Ctrl-C or SIGTERM: what was computed is
-    written, marked interrupted, and the KeyboardInterrupt goes on."""
+    together (output_stem).  Returns (its claim, "done" or "interrupted"): after Ctrl-C
+    or SIGTERM what was computed is written, marked interrupted (nothing when no run was
+    recorded)."""
     exp = EXPERIMENTS[name]
-    start, runs, stop = time.perf_counter(), {}, "done"
-    check_memory(cfg, runs_per_seed=3 if name == "thm1" else 2 if name == "prop1" else 1)
+    start, runs = time.perf_counter(), {}
+    check_memory(cfg, exp.runs_per_seed)
     try:
-        claim = exp.run(cfg, runs)
-    except KeyboardInterrupt:
-        stop = "interrupted"
+        claim = exp.run(cfg, runs)           # None: a run was interrupted
+    except KeyboardInterrupt:                # (a signal outside the runs: loading, set-up)
+        claim = None
+    stop = "done" if claim is not None else "interrupted"
+    if claim is None:
         claim = verdict(f"{name}'s claim", None, False,
                         f"interrupted with {len(runs)} run(s) recorded")
     if not runs:
         print(f"{name}: interrupted before any run was recorded; nothing written "
               f"(earlier results in {cfg.out} left as they were)")
-        raise KeyboardInterrupt
-    with signals_held():                     # (a signal now: the results are written first)
+        return claim, stop
+    with outputs.signals_held():                     # (a signal now: the results are written first)
         claim = _report(name, cfg, exp, runs, claim, stop, start)
-    if stop == "interrupted":
-        raise KeyboardInterrupt
-    return claim
+    return claim, stop
 
 
 def _report(name, cfg, exp, runs, claim, stop, start):
     """Print the summary and write the JSON, CSV and PNG of an experiment's runs."""
     runs = {label: thinned(r, cfg.loss_every) for label, r in runs.items()}
-    print(summary(name, runs, claim, stop))
+    print(outputs.summary(name, runs, claim, stop))
     result = {"experiment": name, "paper": exp.paper, "title": title(exp.run), "status": stop,
               "claim": claim, "command": cfg.command, "version": project_version(),
               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "config": cfg.to_dict(), "environment": environment(cfg),
-              "wall_time": time.perf_counter() - start, "summary": spread(runs), "runs": runs}
+              "wall_time": time.perf_counter() - start, "summary": outputs.spread(runs), "runs": runs}
     base = os.path.join(cfg.out, output_stem(name, cfg, stop))
-    writers = {base + ".json": text_writer(json.dumps(strict_json(result), indent=1, allow_nan=False)),
-               base + ".csv": text_writer(csv_text(runs))}
-    fig = figure_or_note(result["title"], runs)
+    writers = {base + ".json": outputs.text_writer(json.dumps(outputs.strict_json(result), indent=1, allow_nan=False)),
+               base + ".csv": outputs.text_writer(outputs.csv_text(runs))}
+    fig = outputs.figure_or_note(result["title"], runs)
     if not isinstance(fig, str):
         writers[base + ".png"] = lambda tmp: fig.savefig(tmp, dpi=120, format="png")
     try:                                               # (never an old plot beside new results)
-        write_files(writers, remove=[base + ".png"] if isinstance(fig, str) else [])
+        outputs.write_files(writers, remove=[base + ".png"] if isinstance(fig, str) else [])
     finally:
-        close_figure(fig)
+        outputs.close_figure(fig)
     print(f"  wrote {', '.join(writers)}")
     if isinstance(fig, str):
         print(f"  {fig}")
@@ -1232,43 +974,61 @@ def _positive_float(text):
 
 
 def verify_or_report(args):
-    """``verify``: the table of every numbered statement, <out>/verify.json; exit status 3
-    if one fails.  ``report``: <out>/report.md and report.html (with --run, the missing
-    quick runs and verify made first)."""
+    """``verify`` (verify_command) or ``report`` (report_command); exit status 1 on errors."""
     try:
         check_output_folder(args.out)
         xp = select_device(args.device, quiet=args.quiet)
-        if args.experiment == "verify":
-            start = time.perf_counter()
-            rows = verify.verify(xp, quick=args.quick, progress=None if args.quiet else lambda row: print(
-                f"  {row.statement}: {'holds' if row.holds else 'FAILS'}", file=sys.stderr))
-            print(verify.table(rows))
-            print(f"{sum(r.holds for r in rows)} of {len(rows)} hold ({time.perf_counter() - start:.1f} s, "
-                  f"{'GPU' if xp is not np else 'CPU'})")
-            write_text(os.path.join(args.out, "verify-quick.json" if args.quick else "verify.json"),
-                       json.dumps(strict_json(
-                {"command": args.command, "version": project_version(), "quick": args.quick,
-                 "device": "gpu" if xp is not np else "cpu", "rows": verify.rows_json(rows)}), indent=1))
-            return 0 if all(r.holds for r in rows) else 3
-        if args.run:
-            for name in EXPERIMENTS:
-                if not any(os.path.exists(os.path.join(args.out, f"{name}{s}.json")) for s in ("", "-quick")):
-                    main([name, "--quick", "--out", args.out, "-q", "--device", args.device])
-            if not any(os.path.exists(os.path.join(args.out, f"verify{s}.json")) for s in ("", "-quick")):
-                main(["verify", "--quick", "--out", args.out, "-q", "--device", args.device])
-        rows, quick = read_verify_rows(args.out)
-        md, page, unreadable = verify.report(args.out, EXPERIMENTS, rows, quick)
-        for path, problem in unreadable:
-            print(f"warning: {path} cannot be read ({problem}); the report marks it unreadable "
-                  f"(rerun that experiment to replace it)", file=sys.stderr)
-        paths = [os.path.join(args.out, "report.md"), os.path.join(args.out, "report.html")]
-        write_files(dict(zip(paths, map(text_writer, (md, page)))))
-        print(f"wrote {paths[0]} and {paths[1]}" + ("" if rows else " (no verify.json: run "
-                                                     "python experiments.py verify)"))
-        return 0
+        return (verify_command if args.experiment == "verify" else report_command)(args, xp)
     except (ExperimentError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def verify_command(args, xp):
+    """The table of every numbered statement, <out>/verify.json (verify-quick.json with
+    --quick); exit status 3 if one fails."""
+    start = time.perf_counter()
+    rows = verify.verify(xp, quick=args.quick, progress=None if args.quiet else lambda row: print(
+        f"  {row.statement}: {'holds' if row.holds else 'FAILS'}", file=sys.stderr))
+    print(verify.table(rows))
+    print(f"{sum(r.holds for r in rows)} of {len(rows)} hold ({time.perf_counter() - start:.1f} s, "
+          f"{'GPU' if xp is not np else 'CPU'})")
+    outputs.write_text(os.path.join(args.out, "verify-quick.json" if args.quick else "verify.json"),
+               json.dumps(outputs.strict_json(
+                   {"command": args.command, "version": project_version(), "quick": args.quick,
+                    "device": "gpu" if xp is not np else "cpu", "rows": verify.rows_json(rows)}),
+                   indent=1))
+    return 0 if all(r.holds for r in rows) else 3
+
+
+def report_command(args, xp):
+    """<out>/report.md and report.html; with --run, the missing quick runs and verify first."""
+    if args.run:
+        fill_in_missing(args, xp)
+    rows, quick = read_verify_rows(args.out)
+    md, page, unreadable = outputs.report(args.out, EXPERIMENTS, rows, quick)
+    for path, problem in unreadable:
+        print(f"warning: {path} cannot be read ({problem}); the report marks it unreadable "
+              f"(rerun that experiment to replace it)", file=sys.stderr)
+    paths = [os.path.join(args.out, "report.md"), os.path.join(args.out, "report.html")]
+    outputs.write_files(dict(zip(paths, map(outputs.text_writer, (md, page)))))
+    print(f"wrote {paths[0]} and {paths[1]}" + ("" if rows else " (no verify.json: run "
+                                                 "python experiments.py verify)"))
+    return 0
+
+
+def fill_in_missing(args, xp):
+    """report --run: a --quick run of each experiment, and verify --quick, whose results
+    are missing from <out>."""
+    for name in EXPERIMENTS:
+        if not any(os.path.exists(os.path.join(args.out, f"{name}{s}.json")) for s in ("", "-quick")):
+            quick = parser(name).parse_args([name, "--quick", "--out", args.out, "-q"])
+            quick.command = shlex.join(["python", "experiments.py", name, "--quick"])
+            run_experiment(name, configure(name, quick, xp))
+    if not any(os.path.exists(os.path.join(args.out, f"verify{s}.json")) for s in ("", "-quick")):
+        quick = parser("verify").parse_args(["verify", "--quick", "--out", args.out, "-q"])
+        quick.command = "python experiments.py verify --quick"
+        verify_command(quick, xp)
 
 
 def read_verify_rows(out):
@@ -1298,6 +1058,15 @@ def check_output_folder(path):
         raise ExperimentError(f"--out {path}: the folder is not writable; give another with --out DIR")
 
 
+def interrupted_status():
+    """Say what an interrupted command left; its exit status (130 Ctrl-C, 143 SIGTERM)."""
+    terminated = signal.SIGTERM in outputs.SIGNALS_RECEIVED
+    print(f"{'terminated' if terminated else 'interrupted'}: " + (
+        "what was computed was written, marked \"interrupted\"" if outputs.FILES_WRITTEN else
+        "nothing was written"), file=sys.stderr)
+    return 143 if terminated else 130
+
+
 def main(argv=None):
     """Run the command line; returns the exit status (0, 1 error, 2 usage, 3 claim not shown
     or not holding, 130 Ctrl-C, 143 SIGTERM).  SIGTERM is handled like Ctrl-C."""
@@ -1322,9 +1091,9 @@ def main(argv=None):
             parser(name).error(f"{', '.join(ignored)} does not apply to {name}")
         if ignored and not args.quiet:
             print(f"note: {name} ignores {', '.join(ignored)}", file=sys.stderr)
-    previous = signal.signal(signal.SIGTERM, _on_signal) \
+    previous = signal.signal(signal.SIGTERM, outputs.on_signal) \
         if threading.current_thread() is threading.main_thread() else None
-    del SIGNALS_RECEIVED[:], FILES_WRITTEN[:]
+    del outputs.SIGNALS_RECEIVED[:], outputs.FILES_WRITTEN[:]
     try:
         check_output_folder(args.out)
         if args.mnist is not None:
@@ -1334,16 +1103,14 @@ def main(argv=None):
         for name in names:
             cfg = configure(name, args, xp)
             with threads_limited(cfg.threads):
-                claims[name] = run_experiment(name, cfg)
+                claims[name], stop = run_experiment(name, cfg)
+            if stop == "interrupted":
+                return interrupted_status()
     except (ExperimentError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        terminated = signal.SIGTERM in SIGNALS_RECEIVED
-        print(f"{'terminated' if terminated else 'interrupted'}: " + (
-            "what was computed was written, marked \"interrupted\"" if FILES_WRITTEN else
-            "nothing was written"), file=sys.stderr)
-        return 143 if terminated else 130
+        return interrupted_status()
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

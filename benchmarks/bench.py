@@ -25,6 +25,7 @@ import align_cuda  # noqa: E402
 import align_fast  # noqa: E402
 import align  # noqa: E402
 import experiments  # noqa: E402
+import outputs  # noqa: E402
 import structured as st  # noqa: E402
 
 WIDTHS = [784, 1024, 64, 10]
@@ -389,7 +390,7 @@ def main(argv=None):
                 platform=platform.platform())
     print(table(rows))
     print(f"peak float32 matmul: {peak / 1e9:.0f} GFLOP/s; {info}")
-    experiments.write_text(os.path.join(args.out, "bench.json"),
+    outputs.write_text(os.path.join(args.out, "bench.json"),
                              json.dumps({"environment": info, "rows": rows}, indent=1))
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import experiments
+import outputs
 from conftest import CUPY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -279,13 +280,13 @@ def test_summary_counts_runs_that_did_not_converge_apart():
     statistics over those three and, separately, over all five."""
     runs = {f"seed={j}": fake_run("tol", 1000 * (j + 1), 0.9) for j in range(3)}
     runs |= {f"seed={j}": fake_run("max_steps", 100_000, 0.3) for j in (3, 4)}
-    stats = experiments.spread(runs)
+    stats = outputs.spread(runs)
     assert (stats["runs"], stats["converged"]) == (5, 3)
     assert stats["over_converged"]["final_step"]["mean"] == 2000
     assert stats["over_all"]["final_step"]["mean"] == (6000 + 200_000) / 5
     assert stats["over_converged"]["alignment_paired"]["mean"] == pytest.approx(0.9)
     assert stats["over_all"]["alignment_paired"]["mean"] == pytest.approx((2.7 + 0.6) / 5)
-    text = experiments.summary("fig1a", runs, {"claim": "c", "value": 0.3, "holds": True}, "done")
+    text = outputs.summary("fig1a", runs, {"claim": "c", "value": 0.3, "holds": True}, "done")
     assert "converged (loss below --tol): 3 of 5 runs" in text
     assert "over converged (3): steps 2,000" in text and "over all (5): steps 41,200" in text
 
@@ -299,7 +300,7 @@ def test_plot_gives_each_run_one_colour_in_every_panel(count):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = {f"seed={j}": fake_run("tol", 500 + 300 * j, 0.5 + 0.05 * j) for j in range(count)}
-    fig = experiments.figure("Figure 1a: a title", runs)
+    fig = outputs.figure("Figure 1a: a title", runs)
     colours = {}
     for ax in fig.axes:
         for line in ax.get_lines():
@@ -311,7 +312,7 @@ def test_plot_gives_each_run_one_colour_in_every_panel(count):
                      for name in runs]
     assert lines_per_run == [5] * count                       # loss, 2 x (paired, matched)
     means = [line for ax in fig.axes for line in ax.get_lines() if "mean of" in line.get_label()]
-    assert len(means) == (3 if count >= experiments.BAND_FROM_RUNS else 0)
+    assert len(means) == (3 if count >= outputs.BAND_FROM_RUNS else 0)
     assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "alignment", "invariance"]
     assert fig._suptitle.get_text() == "Figure 1a: a title"
     plt.close(fig)

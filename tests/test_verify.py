@@ -54,7 +54,7 @@ def test_report_says_what_is_missing_and_what_was_interrupted(tmp_path, monkeypa
     assert "### fig1a" in md and "**Missing**: no fig1a.json" in md
     assert "status: **interrupted**" in md and "thm3's claim: **not shown**" in md
     assert "fig2a" in md and "**holds**" in md and "Corollary 1" in md
-    assert "Missing: no fig1a.json" in page and "class='interrupted'" in page
+    assert "Missing</span>: no fig1a.json" in page and "class='interrupted'" in page
     assert "http" not in page.replace("http-equiv", "") and "<script" not in page
     if (tmp_path / "fig2a-quick.png").exists():
         assert "data:image/png;base64," in page
@@ -63,8 +63,12 @@ def test_report_says_what_is_missing_and_what_was_interrupted(tmp_path, monkeypa
 def test_report_run_fills_in_the_missing_quick_runs(tmp_path, monkeypatch):
     made = []
     monkeypatch.setattr(experiments, "EXPERIMENTS", {k: experiments.EXPERIMENTS[k] for k in ("fig2a", "thm1")})
+    run_experiment, verify_command = experiments.run_experiment, experiments.verify_command
+    monkeypatch.setattr(experiments, "run_experiment",
+                        lambda name, cfg: made.append(name) or run_experiment(name, cfg))
+    monkeypatch.setattr(experiments, "verify_command",
+                        lambda args, xp: made.append("verify") or verify_command(args, xp))
     main = experiments.main
-    monkeypatch.setattr(experiments, "main", lambda argv: made.append(argv[0]) or main(argv))
     assert main(["report", "--run", "--out", str(tmp_path), "-q"]) == 0
     assert made == ["fig2a", "thm1", "verify"]
     assert "Missing" not in (tmp_path / "report.md").read_text()
@@ -102,7 +106,7 @@ def test_report_names_an_unreadable_result_and_writes_the_rest(content, tmp_path
     assert f"{tmp_path / 'thm3.json'} cannot be read" in err
     md = (tmp_path / "report.md").read_text()
     assert "**Unreadable**: thm3.json" in md and "### fig2a" in md and "**holds**" in md
-    assert "Unreadable: thm3.json" in (tmp_path / "report.html").read_text()
+    assert "Unreadable</span>: thm3.json" in (tmp_path / "report.html").read_text()
 
 
 def test_verify_quick_keeps_a_full_verify_and_the_report_says_which_it_shows(tmp_path):

@@ -1,0 +1,454 @@
+"""What the experiments leave: files written whole or not at all (signals held meanwhile),
+strict JSON and CSV, plots, the terminal summary, and the reproduction report (Markdown and
+HTML rendered from one model).  Used by experiments.py; nothing here trains or measures."""
+import base64
+import contextlib
+import csv
+import html
+import io
+import json
+import math
+import os
+import signal
+import tempfile
+import textwrap
+import threading
+
+import numpy as np
+
+import align
+
+
+class ExperimentError(RuntimeError):
+    """A problem the user can fix (missing files, bad data, a failed write); printed without
+    a traceback."""
+
+
+# --------------------------------------------------- files, whole or not at all --
+
+def write_files(writers, remove=()):
+    """Write the files {path: write(tmp)} together: each into a temporary file beside it,
+    then all moved into place (usual permissions), and the files ``remove`` deleted, with
+    Ctrl-C and SIGTERM held until the set is complete.  A write that fails (a full disk)
+    removes every temporary file and raises ExperimentError naming the file and the
+    reason; nothing is replaced then."""
+    temps = {}
+    try:
+        with signals_held():
+            for folder in {os.path.dirname(os.path.abspath(path)) for path in writers}:
+                remove_stale_temporaries(folder)
+            for path, write in writers.items():
+                fd, temps[path] = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                                                   prefix=f".tmp-{os.getpid()}-",
+                                                   suffix=os.path.basename(path))
+                os.close(fd)
+                try:
+                    write(temps[path])
+                except OSError as exc:
+                    raise ExperimentError(f"could not write {path}: {exc.strerror or exc}; the "
+                                          "files it belongs with were left as they were") from exc
+            umask = os.umask(0)
+            os.umask(umask)
+            for path, tmp in temps.items():
+                os.chmod(tmp, 0o666 & ~umask)
+            for path, tmp in list(temps.items()):
+                os.replace(tmp, path)
+                del temps[path]
+                FILES_WRITTEN.append(path)
+            for path in remove:
+                if os.path.exists(path):
+                    os.remove(path)
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files (.tmp-<pid>-*) that a killed earlier run left in ``folder``;
+    those of a process still running (another run writing there) stay."""
+    for name in os.listdir(folder):
+        pid = name[5:].split("-", 1)[0] if name.startswith(".tmp-") else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                          # (another user's process)
+        return True
+    return True
+
+
+def text_writer(text):
+    """A writer for write_files: ``text`` into the file."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+    return write
+
+
+def write_text(path, text):
+    """Write ``text`` to ``path`` atomically (write_files)."""
+    write_files({path: text_writer(text)})
+
+
+SIGNALS_RECEIVED = []                       # SIGINT / SIGTERM numbers this process received
+FILES_WRITTEN = []                          # paths write_files put in place (this command)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill), handled like Ctrl-C: exit status 143."""
+
+
+def on_signal(signum, frame):
+    SIGNALS_RECEIVED.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C and SIGTERM until the block ends, then raise as they would have (in the
+    main thread; elsewhere nothing is held)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        SIGNALS_RECEIVED.extend(held)
+        raise Terminated() if signal.SIGTERM in held else KeyboardInterrupt()
+
+
+def strict_json(value):
+    """``value`` with every NaN and infinity replaced by None, for strict JSON (null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+
+# ------------------------------------------------------ records and plots --
+
+def csv_text(runs):
+    """One CSV row per measurement: run, step, loss and the four measures."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["run", "step", "loss", *align.MEASURE_KEYS])
+    for name, run in runs.items():
+        losses = dict(zip(run["steps"], run["losses"]))
+        for j, step in enumerate(run["measure_steps"]):
+            loss = losses.get(step, "")
+            writer.writerow([name, step, loss if not isinstance(loss, list) else max(loss)] +
+                            [run["measurements"].get(m, [""] * (j + 1))[j] for m in align.MEASURE_KEYS])
+    return buf.getvalue()
+
+
+BAND_FROM_RUNS = 7                 # plots of more runs show their mean and min-max band
+
+
+def figure_or_note(title, runs):
+    """figure(title, runs), or a note saying why there is none (matplotlib missing)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+    except ImportError:
+        return "matplotlib is not installed: pip install '.[plot]' to get the plots"
+    return figure(title, runs)
+
+
+def close_figure(fig):
+    """Free a figure of figure_or_note (a note needs nothing)."""
+    if not isinstance(fig, str):
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+
+
+def figure(title, runs):
+    """Loss (log) and both rules of alignment and invariance against iteration, one colour
+    per run in every panel (its lines carry the run's name as gid); from BAND_FROM_RUNS
+    runs on, each run thin and the mean over runs with its min-max band."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    band = len(runs) >= BAND_FROM_RUNS
+    for j, (label, run) in enumerate(runs.items()):
+        style = dict(color=f"C{j % 10}", gid=label, lw=0.6 if band else 1.2, alpha=0.35 if band else 1.0)
+        axes[0].semilogy(run["steps"], _worst(run["losses"]), label=label, **style)
+        if "reduced_sigma" in run:                  # cor1: products of singular values
+            _plot_sigma(axes[1:], run)
+            continue
+        for ax, what in zip(axes[1:], ("alignment", "invariance")):
+            for how, dash in (("paired", "-"), ("matched", "--")):
+                values = run["measurements"].get(f"{what}_{how}")
+                if values:
+                    ax.plot(run["measure_steps"], values, dash, **style)
+    if band:
+        _plot_band(axes, runs)
+    axes[0].set(title="training loss", ylabel="loss")
+    if not any("reduced_sigma" in run for run in runs.values()):
+        for ax, what in zip(axes[1:], ("alignment", "invariance")):
+            ax.set(title=f"{what} (solid: paired, dashed: matched)", ylabel=what, ylim=(-0.02, 1.02))
+    for ax in axes:
+        ax.set_xlabel("iteration")
+    if len(runs) <= 6:
+        axes[0].legend(fontsize=7)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _worst(losses):
+    """A loss record's values, the largest of each batch row."""
+    return [max(v) if isinstance(v, list) else v for v in losses]
+
+
+def _plot_band(axes, runs):
+    """The mean over runs (black; the loss's geometric mean) and the min-max band (grey) of
+    the loss and the paired measures, each run held at its last value after it stopped."""
+    end = max(run["final_step"] for run in runs.values())
+    grid = np.linspace(0, end, 200)
+    at = lambda steps, values: np.interp(grid, steps, values)
+    series = [(axes[0], [at(r["steps"], _worst(r["losses"])) for r in runs.values()])]
+    for ax, key in zip(axes[1:], ("alignment_paired", "invariance_paired")):
+        if all(key in r["measurements"] for r in runs.values()):
+            series.append((ax, [at(r["measure_steps"], r["measurements"][key]) for r in runs.values()]))
+    for j, (ax, values) in enumerate(series):
+        values = np.array(values)
+        ax.fill_between(grid, values.min(axis=0), values.max(axis=0), color="0.6", alpha=0.4,
+                        label="min-max over runs")
+        mean = np.exp(np.log(values).mean(axis=0)) if j == 0 else values.mean(axis=0)
+        ax.plot(grid, mean, color="k", lw=1.5,
+                label=f"{'geometric ' if j == 0 else ''}mean of {len(values)} runs")
+
+
+def _plot_sigma(axes, run):
+    """Corollary 1: S_k(t) = prod_i sigma_k(W_i(t)) of full GD (lines) and of the recursion
+    (dots), and the singular values of W_1."""
+    steps = run["measure_steps"]
+    full, reduced = np.array(run["measurements"]["sigma"]), np.array(run["reduced_sigma"])
+    for k in range(full.shape[2]):
+        line, = axes[0].plot(steps, full[:, :, k].prod(axis=1), "-", lw=1)
+        axes[0].plot(steps, reduced[:, :, k].prod(axis=1), ".", ms=3, color=line.get_color())
+        axes[1].plot(steps, full[:, 0, k], "-", lw=1, color=line.get_color())
+        axes[1].plot(steps, reduced[:, 0, k], ".", ms=3, color=line.get_color())
+    axes[0].set_title("S_k = prod_i sigma_k(W_i): GD (lines), Cor. 1 (dots)")
+    axes[1].set_title("sigma_k(W_1): GD (lines), Cor. 1 (dots)")
+
+
+def summary(name, runs, claim, stop):
+    """The terminal table: the claim, then per run the first and last loss, measures, steps,
+    time and stop; over several runs how many converged, with statistics over those and
+    over all."""
+    value = "" if claim["value"] is None else f" (value {claim['value']:.6g})"
+    why = f": {claim['why']}" if "why" in claim else ""
+    rows = [f"{name}: {claim['claim']}: {'holds' if claim['holds'] else claim['verdict'].upper()}"
+            f"{why}{value}{'  [interrupted]' if stop == 'interrupted' else ''}",
+            f"  {'run':<24}{'loss 0':>11}{'loss end':>11}{'align p/m':>16}{'invar p/m':>16}"
+            f"{'steps':>9}{'time s':>9}  stop"]
+    for label, run in runs.items():
+        m = run["measurements"]
+        first, last = _worst([run["losses"][0], run["losses"][-1]])
+        pair = lambda what: (f"{m[what + '_paired'][-1]:.4f}/{m[what + '_matched'][-1]:.4f}"
+                             if what + "_paired" in m else "-")
+        rows.append(f"  {label:<24}{first:>11.3e}{last:>11.3e}{pair('alignment'):>16}"
+                    f"{pair('invariance'):>16}{run['final_step']:>9,}{run['wall_time']:>9.2f}  "
+                    f"{run['stop_reason']}")
+    if len(runs) > 1:
+        stats = spread(runs)
+        rows.append(f"  converged (loss below --tol): {stats['converged']} of {stats['runs']} runs")
+        for which in ("converged", "all"):
+            part = stats[f"over_{which}"]
+            if part:
+                rows.append(f"  over {which} ({part['runs']}): steps {part['final_step']['mean']:,.0f} +- "
+                            f"{part['final_step']['std']:,.0f}" + "".join(
+                                f", {key.replace('_', ' ')} {part[key]['mean']:.4f} +- {part[key]['std']:.4f}"
+                                for key in ("alignment_paired", "invariance_paired") if key in part))
+    return "\n".join(rows)
+
+
+def spread(runs):
+    """How many runs converged (stopped below --tol), and the mean and standard deviation of
+    the final values over the converged runs and over all runs."""
+    def stats(chosen):
+        if not chosen:
+            return {}
+        out = {"runs": len(chosen)}
+        for key in ("final_step", "wall_time"):
+            values = [r[key] for r in chosen]
+            out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+        for m in align.MEASURE_KEYS:
+            values = [r["measurements"][m][-1] for r in chosen if m in r["measurements"]]
+            if values:
+                out[m] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+        return out
+    converged = [r for r in runs.values() if r["stop_reason"] == "tol"]
+    return {"runs": len(runs), "converged": len(converged), "over_converged": stats(converged),
+            "over_all": stats(list(runs.values()))}
+
+
+# ------------------------------------------------------------- the report --
+# One model, two renderings: blocks ("h", level, spans), ("p", spans), ("ul", [spans]),
+# ("table", header, [[spans per cell]]), ("img", alt, png path); spans are (text, style)
+# with style None, "b" (bold), "code", or a class: "holds", "fails", "missing",
+# "interrupted" (bold in Markdown, coloured in HTML).
+
+def report(out, experiments, verify_rows=None, verify_quick=False):
+    """results/report.md and a self-contained report.html from the JSON files in ``out``:
+    the verify table first (marked when from verify --quick), then per experiment its
+    figure, claim, verdict, steps, time, device, seeds and the command that reproduces it;
+    missing, interrupted and unreadable results said.  Returns (markdown, html,
+    [(path, problem) of each unreadable file])."""
+    blocks, unreadable = [("h", 1, [("Reproduction report", None)])], []
+    if verify_rows:
+        heading = "Every numbered statement, checked" + (" (verify --quick: one seed)"
+                                                         if verify_quick else "")
+        blocks += [("h", 2, [(heading, None)]),
+                   ("table", ["statement", "checked", "value", "tol", "verdict"],
+                    [[[(r.statement, None)], [(r.checked, None)], [(f"{r.value:.2e}", None)],
+                      [(f"{r.op} {r.tol:.0e}", None)],
+                      [("holds", "holds")] if r.holds else [("FAILS", "fails")]]
+                     for r in verify_rows])]
+    blocks.append(("h", 2, [("Experiments", None)]))
+    for name, exp in experiments.items():
+        path = next((os.path.join(out, f"{name}{s}.json") for s in ("", "-quick", "-interrupted")
+                     if os.path.exists(os.path.join(out, f"{name}{s}.json"))), None)
+        result, problem = _read_result(path) if path else (None, None)
+        if problem:
+            unreadable.append((path, problem))
+        blocks += _experiment_blocks(name, exp, path, result, problem)
+    return _markdown(blocks), _html(blocks), unreadable
+
+
+def _experiment_blocks(name, exp, path, result, problem):
+    blocks = [("h", 3, [(f"{name}: {exp.paper}", None)])]
+    if path is None:
+        return blocks + [("p", [("Missing", "missing"), (f": no {name}.json in the results "
+                                                          "folder (", None),
+                                (f"python experiments.py {name}", "code"), (" makes it).", None)])]
+    if problem:
+        return blocks + [("p", [("Unreadable", "missing"),
+                                (f": {os.path.basename(path)} ({problem}); ", None),
+                                (f"python experiments.py {name}", "code"), (" replaces it.", None)])]
+    f = _experiment_facts(result)
+    png = path[:-5] + ".png"
+    status = [(f["status"], "interrupted" if f["status"] != "done" else "b")]
+    if f["status"] == "interrupted":
+        status.append((" (the run was stopped before the end)", None))
+    if path.endswith("-quick.json"):
+        status.append((" (a --quick run)", None))
+    blocks.append(("img", name, png) if os.path.exists(png) else ("p", [("(no plot)", None)]))
+    return blocks + [("ul", [
+        [("status: ", None)] + status,
+        [(f"claim: {f['claim']}: ", None), (f["verdict"], "b"), (f" {f['why']}", None)],
+        [(f"steps: {f['steps']}; converged {f['converged']}; time {f['time']}; "
+          f"device {f['device']}", None)],
+        [(f"alignment (paired) {f['alignment']}; invariance (paired) {f['invariance']}", None)],
+        [("reproduce: ", None), (f["command"], "code")]])]
+
+
+def _read_result(path):
+    """(an experiment's JSON record, None), or (None, what is wrong with the file)."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    if not isinstance(result, dict) or not isinstance(result.get("runs"), dict) or \
+            not isinstance(result.get("claim"), dict) or \
+            not all(isinstance(r, dict) and "final_step" in r for r in result["runs"].values()):
+        return None, "not an experiment's record (no runs or claim)"
+    return result, None
+
+
+def _experiment_facts(result):
+    runs = list(result["runs"].values())
+    summary = result.get("summary", {})
+    env = result.get("environment", {})
+    return {"status": result.get("status", "?"), "claim": result["claim"].get("claim", ""),
+            "verdict": result["claim"].get("verdict", "holds" if result["claim"].get("holds") else "?"),
+            "why": result["claim"].get("why", ""),
+            "steps": ", ".join(f"{r['final_step']:,}" for r in runs[:6]) + (" ..." if len(runs) > 6 else ""),
+            "converged": f"{summary.get('converged', '?')} of {summary.get('runs', len(runs))}",
+            "time": f"{result.get('wall_time', 0):.1f} s",
+            "device": env.get("gpu", env.get("device", "?")),
+            "command": result.get("command", ""),
+            "alignment": _spread(summary.get("over_all", {}), "alignment_paired"),
+            "invariance": _spread(summary.get("over_all", {}), "invariance_paired")}
+
+
+def _spread(stats, key):
+    s = stats.get(key)
+    return "-" if not s else f"{s['mean']:.3f} +- {s['std']:.3f}"
+
+
+def _md_spans(spans):
+    return "".join(f"`{t}`" if s == "code" else f"**{t}**" if s else t for t, s in spans)
+
+
+def _markdown(blocks):
+    lines = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            lines += ["#" * block[1] + " " + _md_spans(block[2]), ""]
+        elif kind == "p":
+            lines += [_md_spans(block[1]), ""]
+        elif kind == "ul":
+            lines += [f"- {_md_spans(item)}" for item in block[1]] + [""]
+        elif kind == "img":
+            lines += [f"![{block[1]}]({os.path.basename(block[2])})", ""]
+        elif kind == "table":
+            header = block[1]
+            lines += ["| " + " | ".join(header) + " |",
+                      "| " + " | ".join("---:" if h in ("value", "tol") else "---" for h in header)
+                      + " |"]
+            lines += ["| " + " | ".join(_md_spans(cell) for cell in row) + " |" for row in block[2]]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _html_spans(spans):
+    e = html.escape
+    return "".join(f"<code>{e(t)}</code>" if s == "code" else f"<b>{e(t)}</b>" if s == "b"
+                   else f"<span class='{s}'>{e(t)}</span>" if s else e(t) for t, s in spans)
+
+
+def _html(blocks):
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Reproduction report</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:3px 6px}"
+             ".holds{color:#070}.fails,.missing,.interrupted{color:#b00;font-weight:bold}"
+             "img{max-width:100%}</style></head><body>"]
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            parts.append(f"<h{block[1]}>{_html_spans(block[2])}</h{block[1]}>")
+        elif kind == "p":
+            parts.append(f"<p>{_html_spans(block[1])}</p>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{_html_spans(item)}</li>" for item in block[1])
+                         + "</ul>")
+        elif kind == "img":
+            data = base64.b64encode(open(block[2], "rb").read()).decode()
+            parts.append(f"<img alt='{html.escape(block[1])}' src='data:image/png;base64,{data}'>")
+        elif kind == "table":
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
+                         + "</tr>" + "".join("<tr>" + "".join(f"<td>{_html_spans(cell)}</td>"
+                                                             for cell in row) + "</tr>"
+                                             for row in block[2]) + "</table>")
+    parts.append("</body></html>")
+    return "".join(parts)
