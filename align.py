@@ -54,7 +54,17 @@ def _library(a):
 
 
 def array_module(*arrays):
-    """NumPy or CuPy, whichever the arrays live in (CuPy is never imported otherwise)."""
+    """NumPy or CuPy, whichever the arrays live in (CuPy is never imported otherwise).
+
+    Parameters
+    ----------
+    *arrays : arrays
+
+    Returns
+    -------
+    module
+        numpy, or cupy when any array is a CuPy array.
+    """
     if any(_library(a) == "cupy" for a in arrays):
         import cupy
         return cupy
@@ -62,7 +72,17 @@ def array_module(*arrays):
 
 
 def to_numpy(a):
-    """A host NumPy copy of a NumPy or CuPy array."""
+    """A host NumPy copy of a NumPy or CuPy array.
+
+    Parameters
+    ----------
+    a : array
+
+    Returns
+    -------
+    numpy.ndarray
+        A host copy.
+    """
     return a.get() if _library(a) == "cupy" else np.asarray(a)
 
 
@@ -76,7 +96,18 @@ def _shape(a):
 
 
 def check_finite(name, a):
-    """Raise ValueError if ``a`` holds NaN or inf, with the likely fix for ``name``."""
+    """Raise ValueError if ``a`` holds NaN or inf, with the likely fix for ``name``.
+
+    Parameters
+    ----------
+    name : str
+    a : array
+
+    Raises
+    ------
+    ValueError
+        a holds NaN or inf.
+    """
     if not bool(array_module(a).isfinite(a).all()):
         fix = ("weights from a diverged run? lower the learning rate"
                if name.startswith(("W", "params")) else "clean the data")
@@ -84,7 +115,18 @@ def check_finite(name, a):
 
 
 def check_array(name, a):
-    """Raise ValueError unless ``a`` is a NumPy or CuPy array of float32 or float64."""
+    """Raise ValueError unless ``a`` is a NumPy or CuPy array of float32 or float64.
+
+    Parameters
+    ----------
+    name : str
+    a : array
+
+    Raises
+    ------
+    ValueError
+        Not a float32/float64 NumPy or CuPy array.
+    """
     if _library(a) not in ("numpy", "cupy") or not hasattr(a, "dtype"):
         raise ValueError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
     if a.dtype not in (np.float32, np.float64):
@@ -93,7 +135,19 @@ def check_array(name, a):
 
 
 def check_tolerance(name, value, below=math.inf):
-    """Raise ValueError unless ``value`` is a number with 0 <= value < below."""
+    """Raise ValueError unless ``value`` is a number with 0 <= value < below.
+
+    Parameters
+    ----------
+    name : str
+    value : float
+    below : float
+
+    Raises
+    ------
+    ValueError
+        Not a number in [0, below).
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not 0 <= value < below:
         bound = f" and < {below:g}" if below < math.inf else ""
@@ -101,7 +155,21 @@ def check_tolerance(name, value, below=math.inf):
 
 
 def check_network(weights, X=None):
-    """Raise ValueError unless ``weights`` (and ``X``) are finite arrays of matching shapes."""
+    """Raise ValueError unless ``weights`` (and ``X``) are finite arrays of matching shapes.
+
+    Parameters
+    ----------
+    weights : list of arrays
+        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
+        float32/64, NumPy or CuPy.
+    X : array, optional
+
+    Raises
+    ------
+    ValueError
+        Weights or data of the wrong type, shape or dtype, or not finite (the message names the
+        argument).
+    """
     if not isinstance(weights, (list, tuple)) or len(weights) == 0:
         raise ValueError(f"weights must be a non-empty list [W_1, ..., W_d] of arrays, got "
                          f"{type(weights).__name__}")
@@ -126,7 +194,29 @@ def check_network(weights, X=None):
 
 
 def prepare_targets(Y, kind, kd, n):
-    """Targets as a kd x n float array for loss ``kind``, validated (labels, shapes)."""
+    """Targets as a kd x n float array for loss ``kind``, validated (labels, shapes).
+
+    Parameters
+    ----------
+    Y : array
+        kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for "logistic"
+        and "exp" +-1).
+    kind : {"mse", "mse_mean", "ce", "logistic", "exp"}
+        The loss: Eq. (2)'s 1/(2n) sum, the mean over kd n entries, cross-entropy, logistic,
+        exponential.
+    kd, n : int
+        Outputs and examples.
+
+    Returns
+    -------
+    array
+        kd x n targets.
+
+    Raises
+    ------
+    ValueError
+        Targets that do not fit the loss or the shapes.
+    """
     if kind not in LOSSES:
         raise ValueError(f"unknown loss kind {kind!r}; choose one of {LOSSES}")
     if _library(Y) not in ("numpy", "cupy"):
@@ -155,14 +245,50 @@ def prepare_targets(Y, kind, kd, n):
 
 # ------------------------------------------- Eq. (1), (2), (8): network, loss, gradients --
 def forward(weights, X):
-    """f(X) = W_d ... W_1 X, Eq. (1).  X: k0 x n; returns kd x n."""
+    """f(X) = W_d ... W_1 X, Eq. (1).  X: k0 x n; returns kd x n.
+
+    Parameters
+    ----------
+    weights : list of arrays
+        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
+        float32/64, NumPy or CuPy.
+    X : array
+        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
+
+    Returns
+    -------
+    F : array
+        f(X) = W_d ... W_1 X, kd x n.
+
+    Raises
+    ------
+    ValueError
+        Weights or data of the wrong type, shape or dtype, or not finite (the message names the
+        argument).
+    """
     check_network(weights, X)
     return activations(weights, X)[-1]
 
 
 def activations(weights, X, product=operator.matmul):
     """[X, W_1 X, W_2 W_1 X, ..., f(X)]: the forward pass of Eq. (1), for checked inputs;
-    ``product(A, B)``: the matrix product (A @ B)."""
+    ``product(A, B)``: the matrix product (A @ B).
+
+    Parameters
+    ----------
+    weights : list of arrays
+        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
+        float32/64, NumPy or CuPy.
+    X : array
+        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
+    product : callable
+        The matrix product (default A @ B).
+
+    Returns
+    -------
+    acts : list of arrays
+        [X, W_1 X, ..., f(X)].
+    """
     acts = [X]
     for W in weights:
         acts.append(product(W, acts[-1]))
@@ -171,7 +297,27 @@ def activations(weights, X, product=operator.matmul):
 
 def backward(weights, acts, delta, input_grad=False, product=operator.matmul):
     """Eq. (8) layer by layer: dL/dW_i = delta_i a_{i-1}^T with delta_d = dL/dF and
-    delta_{i-1} = W_i^T delta_i; with ``input_grad`` also dL/dX = W_1^T delta_1."""
+    delta_{i-1} = W_i^T delta_i; with ``input_grad`` also dL/dX = W_1^T delta_1.
+
+    Parameters
+    ----------
+    weights : list of arrays
+        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
+        float32/64, NumPy or CuPy.
+    acts : list of arrays
+        The forward pass (activations).
+    delta : array
+        dL/dF.
+    input_grad : bool
+        Also return dL/dX.
+    product : callable
+        The matrix product.
+
+    Returns
+    -------
+    grads (and dL/dX)
+        [dL/dW_1, ..., dL/dW_d].
+    """
     grads = [None] * len(weights)
     for i in range(len(weights) - 1, -1, -1):
         grads[i] = product(delta, _T(acts[i]))
@@ -181,7 +327,27 @@ def backward(weights, acts, delta, input_grad=False, product=operator.matmul):
 
 
 def loss_and_gradients(weights, X, Y, kind="mse"):
-    """(L, [dL/dW_1, ..., dL/dW_d]) by Eq. (8)'s backward pass, for checked inputs."""
+    """(L, [dL/dW_1, ..., dL/dW_d]) by Eq. (8)'s backward pass, for checked inputs.
+
+    Parameters
+    ----------
+    weights : list of arrays
+        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
+        float32/64, NumPy or CuPy.
+    X : array
+        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
+    Y : array
+        kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for "logistic"
+        and "exp" +-1).
+    kind : {"mse", "mse_mean", "ce", "logistic", "exp"}
+        The loss: Eq. (2)'s 1/(2n) sum, the mean over kd n entries, cross-entropy, logistic,
+        exponential.
+
+    Returns
+    -------
+    L, grads
+        The loss and [dL/dW_1, ..., dL/dW_d].
+    """
     acts = activations(weights, X)                           # Eq. (1)
     L, delta = loss_and_output_gradient(acts[-1], Y, kind)    # L and dL/dF
     return L, backward(weights, acts, delta)                 # Eq. (8)
@@ -189,7 +355,24 @@ def loss_and_gradients(weights, X, Y, kind="mse"):
 
 def loss_and_output_gradient(F, Y, kind):
     """Loss (one value per batch entry) and dL/dF for outputs F (kd x n): Eq. (2) ("mse"), the
-    authors' mean ("mse_mean"), cross-entropy, logistic and exponential losses."""
+    authors' mean ("mse_mean"), cross-entropy, logistic and exponential losses.
+
+    Parameters
+    ----------
+    F : array
+        Outputs, kd x n (or batched).
+    Y : array
+        kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for "logistic"
+        and "exp" +-1).
+    kind : {"mse", "mse_mean", "ce", "logistic", "exp"}
+        The loss: Eq. (2)'s 1/(2n) sum, the mean over kd n entries, cross-entropy, logistic,
+        exponential.
+
+    Returns
+    -------
+    L, dF
+        The loss (per network) and dL/dF.
+    """
     kd, n = F.shape[-2], F.shape[-1]
     if kind == "mse":                       # Eq. (2): 1/(2n) sum_i ||y_i - f(x_i)||^2
         R = F - Y
@@ -218,14 +401,66 @@ def _squared_norm(R):
 
 
 def loss(weights, X, Y, kind="mse"):
-    """Training loss of kind in {"mse" (Eq. (2)), "mse_mean", "ce", "logistic", "exp"}."""
+    """Training loss of kind in {"mse" (Eq. (2)), "mse_mean", "ce", "logistic", "exp"}.
+
+    Parameters
+    ----------
+    weights : list of arrays
+        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
+        float32/64, NumPy or CuPy.
+    X : array
+        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
+    Y : array
+        kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for "logistic"
+        and "exp" +-1).
+    kind : {"mse", "mse_mean", "ce", "logistic", "exp"}
+        The loss: Eq. (2)'s 1/(2n) sum, the mean over kd n entries, cross-entropy, logistic,
+        exponential.
+
+    Returns
+    -------
+    L : float or array
+        The training loss (one value per network of a batch).
+
+    Raises
+    ------
+    ValueError
+        Weights or data of the wrong type, shape or dtype, or not finite (the message names the
+        argument). Or an unknown kind.
+    """
     check_network(weights, X)
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1])
     return loss_and_output_gradient(activations(weights, X)[-1], Y, kind)[0]
 
 
 def gradients(weights, X, Y, kind="mse"):
-    """[dL/dW_1, ..., dL/dW_d], written by hand (Eq. (8) for the squared loss)."""
+    """[dL/dW_1, ..., dL/dW_d], written by hand (Eq. (8) for the squared loss).
+
+    Parameters
+    ----------
+    weights : list of arrays
+        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
+        float32/64, NumPy or CuPy.
+    X : array
+        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
+    Y : array
+        kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for "logistic"
+        and "exp" +-1).
+    kind : {"mse", "mse_mean", "ce", "logistic", "exp"}
+        The loss: Eq. (2)'s 1/(2n) sum, the mean over kd n entries, cross-entropy, logistic,
+        exponential.
+
+    Returns
+    -------
+    grads : list of arrays
+        [dL/dW_1, ..., dL/dW_d], shaped as the weights.
+
+    Raises
+    ------
+    ValueError
+        Weights or data of the wrong type, shape or dtype, or not finite (the message names the
+        argument).
+    """
     check_network(weights, X)
     return loss_and_gradients(weights, X, prepare_targets(Y, kind, weights[-1].shape[-2],
                                                           X.shape[-1]), kind)[1]
@@ -233,7 +468,29 @@ def gradients(weights, X, Y, kind="mse"):
 
 def layer_gradients(weights, X, dF):
     """[dL/dW_1, ..., dL/dW_d] given dL/dF at F = f(X) (Eq. (8)); with X = I, for a loss of
-    the end-to-end matrix W_d ... W_1 (matrix sensing, Section 4.2)."""
+    the end-to-end matrix W_d ... W_1 (matrix sensing, Section 4.2).
+
+    Parameters
+    ----------
+    weights : list of arrays
+        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
+        float32/64, NumPy or CuPy.
+    X : array
+        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
+    dF : array
+        dL/dF at F = f(X), kd x n.
+
+    Returns
+    -------
+    grads : list of arrays
+        [dL/dW_1, ..., dL/dW_d].
+
+    Raises
+    ------
+    ValueError
+        Weights or data of the wrong type, shape or dtype, or not finite (the message names the
+        argument).
+    """
     check_network(weights, X)
     return backward(weights, activations(weights, X), dF)
 
@@ -245,7 +502,48 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
     weights) trains together, each network frozen below ``tol`` (or where it diverged).
     ``measures``: {name: m(weights, weights_0)} or one such m, e.g. ``tracker(weights)``
     (alignment and invariance), taken at step 0, every ``measure_every`` steps and at the
-    end into History.measurements.  Returns (weights, History)."""
+    end into History.measurements.  Returns (weights, History).
+
+    Parameters
+    ----------
+    weights : list of arrays
+        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
+        float32/64, NumPy or CuPy.
+    X : array
+        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
+    Y : array
+        kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for "logistic"
+        and "exp" +-1).
+    kind : {"mse", "mse_mean", "ce", "logistic", "exp"}
+        The loss: Eq. (2)'s 1/(2n) sum, the mean over kd n entries, cross-entropy, logistic,
+        exponential.
+    lr : float
+        The learning rate gamma (> 0).
+    max_steps : int
+        The step budget.
+    tol : float
+        Stop at the first recorded step whose loss (the largest of a batch) is below tol.
+    record_every, measure_every : int
+        Steps between recorded losses, and between measurements.
+    measures : dict or callable, optional
+        {name: m(params, params_0)} (or one m, e.g. tracker(weights)), taken at step 0,
+        every measure_every steps and at the end.
+    callback : callable, optional
+        callback(step, loss, history) at recorded steps.
+
+    Returns
+    -------
+    weights, history : list of arrays, History
+        The trained weights and what the run recorded.
+
+    Raises
+    ------
+    ValueError
+        Weights or data of the wrong type, shape or dtype, or not finite (the message names the
+        argument).
+    DivergenceError
+        The loss stopped being finite (every network of a batch); .history holds the run.
+    """
     check_network(weights, X)
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1]).astype(weights[0].dtype)
     per_network = frozen_below(lambda ws: loss_and_gradients(ws, X, Y, kind), tol,
@@ -258,7 +556,22 @@ def frozen_below(loss_and_grads, tol, batched):
     """For a batch of networks: zero the gradients of those whose loss is below tol, so
     each stops where its own run would (the batch stops when all are below), and of those
     whose loss is no longer finite (diverged: they stay where they diverged, the others
-    go on as they would alone)."""
+    go on as they would alone).
+
+    Parameters
+    ----------
+    loss_and_grads : callable
+        loss_and_grads(params) -> (L, grads) for a batch.
+    tol : float
+        The threshold.
+    batched : bool
+        Whether params carry a batch axis (else loss_and_grads is returned as it is).
+
+    Returns
+    -------
+    callable
+        The same, with the gradients of converged or diverged networks zero.
+    """
     def wrapped(ps):
         L, grads = loss_and_grads(ps)
         xp = array_module(L)
@@ -275,7 +588,39 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     when the loss (the largest over a batch) is below ``tol`` at a recorded step, after
     ``max_steps``, or on Ctrl-C.  ``measures``: {name: m(params, params_0)} at step 0, every
     ``measure_every`` steps and at the end; ``callback(step, loss, history)`` at recorded
-    steps.  Returns (params, History); DivergenceError on NaN."""
+    steps.  Returns (params, History); DivergenceError on NaN.
+
+    Parameters
+    ----------
+    params : list of arrays
+        The parameters (copied; the originals are not changed).
+    loss_and_grads : callable
+        loss_and_grads(params) -> (L, [dL/dp]).
+    lr : float
+        The learning rate gamma (> 0).
+    max_steps : int
+        The step budget.
+    tol : float
+        Stop at the first recorded step whose loss (the largest of a batch) is below tol.
+    record_every, measure_every : int
+        Steps between recorded losses, and between measurements.
+    measures : dict or callable, optional
+        {name: m(params, params_0)} (or one m, e.g. tracker(weights)), taken at step 0,
+        every measure_every steps and at the end.
+    callback : callable, optional
+        callback(step, loss, history) at recorded steps.
+
+    Returns
+    -------
+    params, history : list of arrays, History
+
+    Raises
+    ------
+    ValueError
+        A bad schedule (lr, tol, counts).
+    DivergenceError
+        The loss stopped being finite; .history holds the run.
+    """
     check_schedule(lr, max_steps, record_every, measure_every, tol)
     ps, params0 = [p.copy() for p in params], [p.copy() for p in params]
     run = Run(lr, max_steps, tol, record_every, callback, as_measures(measures), params0)
@@ -297,7 +642,22 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
 
 
 def as_measures(measures):
-    """{name: m} from None, a dict of measures or one measure (named "measure")."""
+    """{name: m} from None, a dict of measures or one measure (named "measure").
+
+    Parameters
+    ----------
+    measures : None, dict or callable
+
+    Returns
+    -------
+    dict
+        {name: m}.
+
+    Raises
+    ------
+    ValueError
+        Anything else.
+    """
     if measures is None or isinstance(measures, dict):
         return measures or {}
     if callable(measures):
@@ -307,6 +667,18 @@ def as_measures(measures):
 
 
 def check_schedule(lr, max_steps, record_every, measure_every, tol):
+    """Raise ValueError unless gradient_descent's schedule is valid.
+
+    Parameters
+    ----------
+    lr, max_steps, record_every, measure_every, tol
+        As in gradient_descent.
+
+    Raises
+    ------
+    ValueError
+        A value out of range.
+    """
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive finite number, got {lr}")
     check_tolerance("tol", tol)
@@ -328,6 +700,11 @@ class History:
     final_step: int = 0
     wall_time: float = 0.0
 
+    def __repr__(self):
+        return (f"History({len(self.steps)} losses recorded, {len(self.measure_steps)} "
+                f"measurements of {sorted(self.measurements)}, stop_reason={self.stop_reason!r}, "
+                f"final_step={self.final_step}, wall_time={self.wall_time:.3g} s)")
+
     def to_dict(self):
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return json.loads(json.dumps(fields, default=_plain))   # (asdict deep-copies every list)
@@ -343,7 +720,18 @@ def _plain(x):
 
 def worst_loss(losses):
     """The largest finite loss of a batch's row (diverged networks are frozen); NaN when none
-    is finite (every network diverged)."""
+    is finite (every network diverged).
+
+    Parameters
+    ----------
+    losses : array
+        A batch's row of losses.
+
+    Returns
+    -------
+    float
+        The largest finite one; NaN when none is finite.
+    """
     finite = losses[np.isfinite(losses)]
     return float(finite.max()) if finite.size else math.nan
 
@@ -360,7 +748,8 @@ def _diverged(params):
 
 @dataclasses.dataclass
 class Run:
-    """A :func:`gradient_descent` run's bookkeeping: its ``step``, what it recorded (``hist``), its rules."""
+    """A :func:`gradient_descent` run's bookkeeping: its ``step``, what it recorded
+    (``hist``), its rules."""
     lr: float
     max_steps: int
     tol: float
@@ -377,7 +766,8 @@ class Run:
         Networks of a batch that diverged are measured at their start and recorded as NaN."""
         values, bad = {}, _diverged(at)
         if bad is not None:
-            at = [array_module(p).where(bad[:, None, None], p0, p) for p, p0 in zip(at, self.params0)]
+            at = [array_module(p).where(bad[:, None, None], p0, p)
+                  for p, p0 in zip(at, self.params0)]
         for name, fn in self.measures.items():
             value = fn(at, self.params0)
             for key, v in (value.items() if isinstance(value, dict) else [(name, value)]):
@@ -423,7 +813,23 @@ class Run:
 
 # ------------------------------------------------------------------- usSVD --
 def ussvd(A):
-    """A usSVD (Definition 1): U (m x m), s (min(m, n)), V (n x n) with A = U Sigma V^T."""
+    """A usSVD (Definition 1): U (m x m), s (min(m, n)), V (n x n) with A = U Sigma V^T.
+
+    Parameters
+    ----------
+    A : array
+        An m x n matrix.
+
+    Returns
+    -------
+    U, s, V
+        U (m x m), s (min(m, n)), V (n x n) with A = U Sigma V^T.
+
+    Raises
+    ------
+    ValueError
+        A is not a finite float array.
+    """
     check_array("A", A)
     check_finite("A", A)
     U, s, Vt = array_module(A).linalg.svd(A, full_matrices=True)
@@ -431,14 +837,40 @@ def ussvd(A):
 
 
 def ussvd_matrix(U, s, V):
-    """U Sigma V^T for a usSVD (Definition 1), Sigma rectangular diagonal with entries s."""
+    """U Sigma V^T for a usSVD (Definition 1), Sigma rectangular diagonal with entries s.
+
+    Parameters
+    ----------
+    U, s, V : arrays
+        A usSVD.
+
+    Returns
+    -------
+    A : array
+        U Sigma V^T.
+    """
     r = s.shape[-1]
     return (U[..., :, :r] * s[..., None, :]) @ _T(V[..., :, :r])
 
 
 def ussvd_reorder(U, s, V, perm, signs):
     """Another usSVD of the same matrix (Definition 1 leaves order and signs free): the
-    triples reordered by ``perm``, then u_j and sigma_j multiplied by signs[j] = +-1."""
+    triples reordered by ``perm``, then u_j and sigma_j multiplied by signs[j] = +-1.
+
+    Parameters
+    ----------
+    U, s, V : arrays
+        A usSVD.
+    perm : sequence of int
+        The new order of the triples.
+    signs : array of +-1
+        Signs for u_j and sigma_j.
+
+    Returns
+    -------
+    U, s, V
+        Another usSVD of the same matrix.
+    """
     r = s.shape[-1]
     U, V = U.copy(), V.copy()
     U[..., :, :r] = U[..., :, perm] * signs
@@ -449,7 +881,19 @@ def ussvd_reorder(U, s, V, perm, signs):
 # ------------------------------------------------------ measures (Section 6) --
 def reduced_svds(weights):
     """Reduced SVDs [(U_i, s_i, V_i), ...] of the layers, float64 host arrays, s descending
-    (a batch of networks keeps its leading axis)."""
+    (a batch of networks keeps its leading axis).
+
+    Parameters
+    ----------
+    weights : list of arrays
+        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
+        float32/64, NumPy or CuPy.
+
+    Returns
+    -------
+    list of (U, s, V)
+        float64 host arrays, s descending.
+    """
     svds = [np.linalg.svd(to_numpy(W).astype(np.float64), full_matrices=False) for W in weights]
     return [(U, s, _T(Vt)) for U, s, Vt in svds]
 
@@ -487,7 +931,20 @@ def _adapt_clusters(M, a_bounds, b_sizes):
 def greedy_match(C, capacity):
     """The paired rule's matching: rows of C >= 0 (p x m) one to one to columns of capacity
     ``capacity`` (m,), entries taken in decreasing order (ties row-major, NaN last) when the
-    row is free and the column has room.  Returns each row's matched value (0: none)."""
+    row is free and the column has room.  Returns each row's matched value (0: none).
+
+    Parameters
+    ----------
+    C : array
+        p x m entries >= 0.
+    capacity : sequence of int
+        (m,) how many rows each column takes.
+
+    Returns
+    -------
+    array
+        (p,) each row's matched value (0: none).
+    """
     value, room, free = np.zeros(C.shape[0]), list(capacity), [True] * C.shape[0]
     for e in np.argsort(-C, axis=None, kind="stable"):
         r, c = divmod(int(e), C.shape[1])
@@ -518,7 +975,28 @@ def alignment(weights, how="paired", rtol=1e-6):
     """Alignment of adjacent layers (Section 6), in [0, 1]: U_i against V_{i+1} by the rule
     ``how``, "paired" (the paper's "average |dot| between corresponding columns", made
     exact) or "matched" (the authors' code).  Pairwise only: :func:`is_aligned` decides
-    Definition 2 for the whole chain."""
+    Definition 2 for the whole chain.
+
+    Parameters
+    ----------
+    weights : list of arrays
+        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
+        float32/64, NumPy or CuPy.
+    how : {"paired", "matched"}
+        The paired rule (the paper's, made exact) or the matched rule (the authors' code).
+    rtol : float
+        Singular values within rtol * sigma_max of each other are equal; below it, unused.
+
+    Returns
+    -------
+    float or array
+        In [0, 1]; 1 when adjacent layers share singular vectors (one value per network of a batch).
+
+    Raises
+    ------
+    ValueError
+        Bad weights, an unknown how or rtol outside [0, 1).
+    """
     check_network(weights)
     svds = reduced_svds(weights)
     return _score(alignment_pairs(svds, layer_widths(svds)), how, rtol)
@@ -526,7 +1004,27 @@ def alignment(weights, how="paired", rtol=1e-6):
 
 def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
     """Invariance of the singular vectors (Section 6), in [0, 1]: U_i(t) against U_i(0)
-    for i < d and V_i(t) against V_i(0) for i > 1, by the rule of :func:`alignment`."""
+    for i < d and V_i(t) against V_i(0) for i > 1, by the rule of :func:`alignment`.
+
+    Parameters
+    ----------
+    weights_t, weights_0 : list of arrays
+        The network now and at the start (the same shapes).
+    how : {"paired", "matched"}
+        The paired rule (the paper's, made exact) or the matched rule (the authors' code).
+    rtol : float
+        Singular values within rtol * sigma_max of each other are equal; below it, unused.
+
+    Returns
+    -------
+    float or array
+        In [0, 1]; 1 when no singular vector moved.
+
+    Raises
+    ------
+    ValueError
+        Bad weights or different shapes, an unknown how, a bad rtol.
+    """
     check_network(weights_t)
     check_network(weights_0)
     if [W.shape for W in weights_t] != [W.shape for W in weights_0]:
@@ -547,7 +1045,20 @@ def _score(pairs, how, rtol):
 def paired_score(pairs, rtol):
     """The paired rule, the paper's "average dot product between corresponding columns":
     the mean matched |cosine| over the scored directions of all pairs (pair_matches).
-    1 exactly when W_i W_i^T and W_{i+1}^T W_{i+1} commute."""
+    1 exactly when W_i W_i^T and W_{i+1}^T W_{i+1} commute.
+
+    Parameters
+    ----------
+    pairs : list of Pair
+        From alignment_pairs or invariance_pairs.
+    rtol : float
+        As in alignment.
+
+    Returns
+    -------
+    float
+        The mean matched |cosine| over the scored directions.
+    """
     total, count = 0.0, 0
     for pair in pairs:
         matched, scored = pair_matches(pair, rtol)
@@ -566,7 +1077,24 @@ def pair_matches(pair, rtol, top_a=None, top_b=None, k=None):
     are first turned to the basis the other side's clusters split them into
     (_adapt_clusters), and a cluster (or the complement: ``k`` - q dimensions, for adjacent
     layers at most max(k_{i-1}, k_{i+1}) - q, the positions of Definition 2's rectangular
-    Sigma_i) takes as many matches as its dimension."""
+    Sigma_i) takes as many matches as its dimension.
+
+    Parameters
+    ----------
+    pair : Pair
+        One pair.
+    rtol : float
+        As in alignment.
+    top_a, top_b : float, optional
+        The sigma_max rtol refers to (default the pair's own).
+    k : int, optional
+        The dimension of the space (default pair.k).
+
+    Returns
+    -------
+    matched, scored : float, int
+        The sum of matched |cosines| and the number of scored directions.
+    """
     top = lambda given, s: given if given is not None else (s[0] if s.size else 0.0)
     scale_a, scale_b = top(top_a, pair.sa), top(top_b, pair.sb)
     ua, ub = pair.sa > rtol * scale_a, pair.sb > rtol * scale_b
@@ -589,7 +1117,17 @@ def pair_matches(pair, rtol, top_a=None, top_b=None, k=None):
 
 def matched_score(pairs):
     """The authors' rule: each direction of B (V_{i+1}; for invariance the initial network's)
-    scored by its largest |cosine| with A's, summed over all pairs / B's directions."""
+    scored by its largest |cosine| with A's, summed over all pairs / B's directions.
+
+    Parameters
+    ----------
+    pairs : list of Pair
+
+    Returns
+    -------
+    float
+        The authors' rule over all pairs.
+    """
     sums, count = matched_sums(pairs)
     total = 0.0
     for s in sums:
@@ -599,7 +1137,17 @@ def matched_score(pairs):
 
 def matched_sums(pairs):
     """The matched rule's parts: ([the sum of the best |cosines| of each group of pairs of
-    one shape (one reduction each)], the number of B's directions)."""
+    one shape (one reduction each)], the number of B's directions).
+
+    Parameters
+    ----------
+    pairs : list of Pair
+
+    Returns
+    -------
+    sums, count
+        Each group's sum of best |cosines|, and B's directions.
+    """
     count, groups = 0, {}
     for pair in pairs:
         M = pair.product                     # A^T B: B's directions are its columns
@@ -612,19 +1160,52 @@ def matched_sums(pairs):
 
 
 def layer_widths(svds):
-    """[k_0, k_1, ..., k_d] from the layers' reduced SVDs [(U, s, V), ...]."""
+    """[k_0, k_1, ..., k_d] from the layers' reduced SVDs [(U, s, V), ...].
+
+    Parameters
+    ----------
+    svds : list of (U, s, V)
+
+    Returns
+    -------
+    list of int
+        [k_0, ..., k_d].
+    """
     return [svds[0][2].shape[-2]] + [U.shape[-2] for U, _, _ in svds]
 
 
 def alignment_pairs(svds, widths):
-    """Pairs (U_i, V_{i+1}) of the adjacent layers, from reduced SVDs [(U, s, V), ...]."""
+    """Pairs (U_i, V_{i+1}) of the adjacent layers, from reduced SVDs [(U, s, V), ...].
+
+    Parameters
+    ----------
+    svds : list of (U, s, V)
+    widths : list of int
+
+    Returns
+    -------
+    list of Pair
+        (U_i, V_{i+1}).
+    """
     return [Pair(svds[i][0], svds[i][1], svds[i + 1][2], svds[i + 1][1], widths[i + 1],
                  positions=max(widths[i], widths[i + 2]))
             for i in range(len(svds) - 1)]
 
 
 def invariance_pairs(now, then, widths):
-    """Pairs (U_i(t), U_i(0)) for i < d and (V_i(t), V_i(0)) for i > 1."""
+    """Pairs (U_i(t), U_i(0)) for i < d and (V_i(t), V_i(0)) for i > 1.
+
+    Parameters
+    ----------
+    now, then : lists of (U, s, V)
+        Reduced SVDs now and at the start.
+    widths : list of int
+
+    Returns
+    -------
+    list of Pair
+        (U_i(t), U_i(0)) for i < d, (V_i(t), V_i(0)) for i > 1.
+    """
     sides = [(i, 0) for i in range(len(now) - 1)] + [(i, 2) for i in range(1, len(now))]
     return [Pair(now[i][side], now[i][1], then[i][side], then[i][1],
                  widths[i + 1] if side == 0 else widths[i])
@@ -633,7 +1214,25 @@ def invariance_pairs(now, then, widths):
 
 def tracker(weights_0, rtol=1e-6):
     """A measure for :func:`train`: ``m(weights, _)`` -> {MEASURE_KEYS: alignment and
-    invariance by both rules} (Section 6), one value per network of a batch."""
+    invariance by both rules} (Section 6), one value per network of a batch.
+
+    Parameters
+    ----------
+    weights_0 : list of arrays
+        The network at the start.
+    rtol : float
+        As in alignment.
+
+    Returns
+    -------
+    callable
+        m(weights, _) -> {MEASURE_KEYS: value}, for train's measures.
+
+    Raises
+    ------
+    ValueError
+        Bad weights or rtol.
+    """
     check_network(weights_0)
     check_tolerance("rtol", rtol, 1)
     then = reduced_svds(weights_0)
@@ -872,10 +1471,30 @@ def is_aligned(weights, tol=1e-8):
     """Exact test of Definition 2: do usSVDs W_i = U_i Sigma_i V_i^T with U_i = V_{i+1} exist?
     Any order, sign and multiplicity of singular values, any widths.  ``tol``, relative to
     ||W_i||_2 (about 1e-4 for float32): closer singular values are one cluster, smaller
-    images are zero, and the witness must diagonalise every W_i to it.  The strings of
-    singular vectors (_strings) need positions making every Sigma_i rectangular diagonal
-    (_assign_indices), so commuting Gram matrices are not enough (W_1 = e_1 (3x1),
-    W_2 = e_2^T (1x3)).  Returns an AlignmentTest holding the witnessing usSVDs."""
+    images are zero, and the witness must diagonalise every W_i to it.  First a necessary
+    condition (_gram_commutators: W_i W_i^T and W_{i+1}^T W_{i+1} commute); then the strings
+    of singular vectors (_strings) need positions making every Sigma_i rectangular diagonal
+    (_assign_positions, an exact search), so commuting Gram matrices are not enough
+    (W_1 = e_1 (3x1), W_2 = e_2^T (1x3)).  Never raises for a well-formed network.
+
+    Parameters
+    ----------
+    weights : list of arrays
+        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
+        float32/64, NumPy or CuPy. (one network, 2-D layers)
+    tol : float
+        Relative tolerance (about 1e-4 for float32).
+
+    Returns
+    -------
+    AlignmentTest
+        Truthy when aligned; .residual, .reason and on success .ussvds, the witness.
+
+    Raises
+    ------
+    ValueError
+        Bad weights, a batch, or tol outside [0, 1).
+    """
     check_network(weights)
     check_tolerance("tol", tol, 1)
     if any(W.ndim != 2 for W in weights):
@@ -912,7 +1531,20 @@ def is_aligned(weights, tol=1e-8):
 
 
 def rect_diag(s, m, n):
-    """The m x n rectangular diagonal matrix with diagonal s: Sigma_i of Definition 1, Eq. (3)."""
+    """The m x n rectangular diagonal matrix with diagonal s: Sigma_i of Definition 1, Eq. (3).
+
+    Parameters
+    ----------
+    s : array
+        The diagonal.
+    m, n : int
+        The shape.
+
+    Returns
+    -------
+    array
+        The m x n rectangular diagonal matrix.
+    """
     xp = array_module(s)
     S = xp.zeros((m, n), dtype=s.dtype)
     S[xp.arange(s.shape[-1]), xp.arange(s.shape[-1])] = s
@@ -921,7 +1553,25 @@ def rect_diag(s, m, n):
 
 def aligned_network(bases, sigmas):
     """W_i = Q_i Sigma_i Q_{i-1}^T, aligned (Definition 2) by construction: bases orthonormal
-    [Q_0, ..., Q_d]; sigmas[i-1]: the min(k_i, k_{i-1}) signed singular values of W_i."""
+    [Q_0, ..., Q_d]; sigmas[i-1]: the min(k_i, k_{i-1}) signed singular values of W_i.
+
+    Parameters
+    ----------
+    bases : list of arrays
+        Orthogonal [Q_0, ..., Q_d].
+    sigmas : list of arrays
+        sigmas[i-1]: min(k_i, k_{i-1}) signed singular values of W_i.
+
+    Returns
+    -------
+    weights : list of arrays
+        W_i = Q_i Sigma_i Q_{i-1}^T.
+
+    Raises
+    ------
+    ValueError
+        Counts that do not fit.
+    """
     if len(sigmas) != len(bases) - 1:
         raise ValueError(f"need one singular-value vector per layer: {len(bases) - 1}, "
                          f"got {len(sigmas)}")
@@ -943,12 +1593,16 @@ class Certificate:
     ``residual``: the largest relative off-block entry; ``violation``: 0 when ok."""
     ok: bool
     r: int
-    U: np.ndarray = None
-    V: np.ndarray = None
-    lam: np.ndarray = None
-    lam_prime: np.ndarray = None
+    U: np.ndarray = dataclasses.field(default=None, repr=False)
+    V: np.ndarray = dataclasses.field(default=None, repr=False)
+    lam: np.ndarray = dataclasses.field(default=None, repr=False)
+    lam_prime: np.ndarray = dataclasses.field(default=None, repr=False)
     residual: float = math.inf
     violation: float = 0.0
+
+    def __post_init__(self):
+        self.ok, self.residual = bool(self.ok), float(self.residual)
+        self.violation = float(self.violation)
 
     def __bool__(self):
         return bool(self.ok)
@@ -989,7 +1643,29 @@ def invariance_certificate(X, Y, widths, tol=1e-9):
     (A_1 is (kd - r) x (k0 - r); the paper prints the transpose).  Equivalently r
     orthonormal common eigenvectors v_j of X X^T and (Y X^T)^T Y X^T, u_j = Y X^T v_j /
     lambda'_j, at most kd - rank(Y X^T) of the lambda'_j zero; chosen by decreasing
-    lambda'^2 / lambda, zeros last.  Repeated eigenvalues, rank-deficient X, n < k0 allowed."""
+    lambda'^2 / lambda, zeros last.  Repeated eigenvalues, rank-deficient X, n < k0 allowed.
+
+    Parameters
+    ----------
+    X : array
+        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
+    Y : array
+        kd x n targets.
+    widths : sequence of int
+        [k_0, ..., k_d].
+    tol : float
+        Relative tolerance.
+
+    Returns
+    -------
+    Certificate
+        Truthy when the condition holds: U, V, lam, lam_prime, residual; else the violation.
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not fit, or NaN in the data.
+    """
     X, Y = to_numpy(X).astype(np.float64), to_numpy(Y).astype(np.float64)
     check_finite("X", X)
     check_finite("Y", Y)
@@ -1047,7 +1723,20 @@ def _condition_violation(S, G, r):
 
 def sensing_certificate(Ms, tol=1e-9):
     """Matrix sensing (Section 4.2): orthonormal U, V with every U^T M_i V diagonal, Ms (n, k, k),
-    from the SVD of a generic combination of the M_i.  Returns (ok, U, V, residual)."""
+    from the SVD of a generic combination of the M_i.  Returns (ok, U, V, residual).
+
+    Parameters
+    ----------
+    Ms : array
+        (n, k, k) sensing matrices.
+    tol : float
+        Relative tolerance.
+
+    Returns
+    -------
+    ok, U, V, residual
+        Whether one U, V diagonalise every M_i.
+    """
     Ms = to_numpy(Ms).astype(np.float64)
     c = np.random.default_rng(12345).standard_normal(Ms.shape[0])
     U, _, Vt = np.linalg.svd(np.tensordot(c, Ms, axes=1))
@@ -1062,7 +1751,35 @@ def aligned_init(U, V, widths, sigmas=None, scale=1.0, seed=0, balanced=False,
     W_d = U D_d Q_{d-1}^T, with Q_i = I unless ``chain`` gives [Q_1, ..., Q_{d-1}].  D_i
     rectangular diagonal: ``sigmas`` (d vectors) or draws from U(0, scale) with ``seed``
     (the authors' choice); ``balanced``: the first min(widths) values of every layer the
-    d-th root of their product, the rest zero (W_{i+1}^T W_{i+1} = W_i W_i^T)."""
+    d-th root of their product, the rest zero (W_{i+1}^T W_{i+1} = W_i W_i^T).
+
+    Parameters
+    ----------
+    U, V : arrays
+        Orthogonal kd x kd and k0 x k0 (e.g. from the SVDs of Y and X).
+    widths : sequence of int
+        [k_0, ..., k_d].
+    sigmas : list of arrays, optional
+        The diagonals D_i; else U(0, scale) draws with seed.
+    scale, seed : float, int
+        For the draws.
+    balanced : bool
+        Balanced layers (W_{i+1}^T W_{i+1} = W_i W_i^T).
+    chain : list of arrays, optional
+        [Q_1, ..., Q_{d-1}] (default identities).
+    dtype : type
+        Of the weights.
+
+    Returns
+    -------
+    weights : list of arrays
+        Aligned (Definition 2) by construction.
+
+    Raises
+    ------
+    ValueError
+        U or V of the wrong shape or not orthogonal.
+    """
     xp = array_module(U, V)
     widths = [int(k) for k in widths]
     d = len(widths) - 1
@@ -1104,7 +1821,32 @@ def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", k
     Appendix B's product over j != i (Eq. (6) as printed multiplies over all j: the
     derivative with respect to sigma_i removes sigma_i).  sigmas0: (..., d, r), leading
     axes independent runs; lam, lam_prime: (r,).  kind="mse_mean" scales by 2/(kd n).
-    Returns the trajectory, (steps // record_every + 1, ..., d, r)."""
+    Returns the trajectory, (steps // record_every + 1, ..., d, r).
+
+    Parameters
+    ----------
+    sigmas0 : array
+        (..., d, r) initial singular values (leading axes: independent runs).
+    lam, lam_prime : arrays
+        (r,) the certificate's Lambda and Lambda'.
+    lr : float
+        The learning rate.
+    n : int
+        The number of examples.
+    steps : int
+        How many steps.
+    kind : {"mse", "mse_mean"}
+        The loss scale.
+    kd : int
+        Outputs (for mse_mean).
+    record_every : int
+        Steps between recorded rows.
+
+    Returns
+    -------
+    array
+        The trajectory, (steps // record_every + 1, ..., d, r).
+    """
     xp = array_module(sigmas0)
     coef = lr / n if kind == "mse" else 2.0 * lr / (kd * n)
     sig = xp.array(sigmas0, dtype=xp.float64)
@@ -1122,7 +1864,22 @@ def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", k
 def prop2_learning_rate(sigmas0, lam, lam_prime, n):
     """Proposition 2's largest learning rate as its proof (Appendix C) needs it: gamma <=
     (n ln 2 / d) min_k [min_i sigma_k(W_i(0))^2 lam_k / lam'_k^2], min over layers i too (the
-    statement leaves i free), lam'_k = 0 not counted.  sigmas0: (d, r) > 0; lam, lam_prime: (r,)."""
+    statement leaves i free), lam'_k = 0 not counted.  sigmas0: (d, r) > 0; lam, lam_prime: (r,).
+
+    Parameters
+    ----------
+    sigmas0 : array
+        (d, r) positive initial singular values.
+    lam, lam_prime : arrays
+        (r,).
+    n : int
+        The number of examples.
+
+    Returns
+    -------
+    float
+        The largest learning rate Proposition 2's proof allows.
+    """
     sig = np.asarray(to_numpy(sigmas0), dtype=np.float64)
     lam, lam_prime = np.asarray(lam, dtype=np.float64), np.asarray(lam_prime, dtype=np.float64)
     live = lam_prime != 0
@@ -1133,7 +1890,27 @@ def prop2_learning_rate(sigmas0, lam, lam_prime, n):
 def balanced_factorization(P, hidden=None, W=None):
     """Proposition 3: aligned, balanced W_1 = W Sigma^{1/2} V^T, W_2 = U Sigma^{1/2} W^T (W
     orthonormal, default I), W_2 W_1 = P = U Sigma V^T, least ||W_1||_F^2 + ||W_2||_F^2 =
-    2 ||P||_*.  (Appendix G prints W_1 = W Sigma^{1/2} U^T, W_2 = U Sigma^{1/2} V^T: not P.)"""
+    2 ||P||_*.  (Appendix G prints W_1 = W Sigma^{1/2} U^T, W_2 = U Sigma^{1/2} V^T: not P.)
+
+    Parameters
+    ----------
+    P : array
+        m x n.
+    hidden : int, optional
+        The hidden width (at least rank(P); default min(m, n)).
+    W : array, optional
+        An orthogonal hidden x hidden matrix (default I).
+
+    Returns
+    -------
+    W1, W2 : arrays
+        Aligned, balanced, W2 W1 = P, of least norm.
+
+    Raises
+    ------
+    ValueError
+        hidden below rank(P).
+    """
     xp = array_module(P)
     m, n = P.shape
     hidden = min(m, n) if hidden is None else hidden
@@ -1148,7 +1925,31 @@ def balanced_factorization(P, hidden=None, W=None):
 def proposition4(weights, X, Y, tol=1e-8):
     """Proposition 4: for an aligned network with Y = f(X) (n >= k0, X full rank), W_d^T
     aligns with M = Y X^T (X X^T)^{-1}, which aligns with W_1^T ("A aligns with B": [B, A]
-    is aligned).  Returns (test of [M, W_d^T], test of [W_1^T, M])."""
+    is aligned).  Returns (test of [M, W_d^T], test of [W_1^T, M]).
+
+    Parameters
+    ----------
+    weights : list of arrays
+        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
+        float32/64, NumPy or CuPy.
+    X : array
+        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch). (n
+        >= k0, full rank)
+    Y : array
+        f(X).
+    tol : float
+        For is_aligned.
+
+    Returns
+    -------
+    AlignmentTest, AlignmentTest
+        [M, W_d^T] and [W_1^T, M] with M = Y X^T (X X^T)^{-1}.
+
+    Raises
+    ------
+    ValueError
+        n < k0 or X rank deficient.
+    """
     X, Y = to_numpy(X).astype(np.float64), to_numpy(Y).astype(np.float64)
     if X.shape[1] < X.shape[0] or np.linalg.matrix_rank(X) < X.shape[0]:
         raise ValueError(f"Proposition 4 needs n >= k0 and X of full rank; X is {_shape(X)} "
@@ -1156,4 +1957,3 @@ def proposition4(weights, X, Y, tol=1e-8):
     M = Y @ X.T @ np.linalg.inv(X @ X.T)
     return (is_aligned([M, to_numpy(weights[-1]).T], tol),
             is_aligned([to_numpy(weights[0]).T, M], tol))
-

@@ -201,7 +201,25 @@ class Conv2d(Structure):
 
 
 def conv2d(p, s):
-    """The s^2-dimensional subspace of p^2 x p^2 matrices of one s x s filter (Appendix I)."""
+    """The s^2-dimensional subspace of p^2 x p^2 matrices of one s x s filter (Appendix I).
+
+    Parameters
+    ----------
+    p : int
+        The image side (the layer is p^2 x p^2).
+    s : int
+        The filter side (odd, at most 2p - 1).
+
+    Returns
+    -------
+    Conv2d
+        The structure of 2-D convolutions with zero padding.
+
+    Raises
+    ------
+    ValueError
+        Sizes that are not integers or too large.
+    """
     return Conv2d(p, s)
 
 
@@ -224,20 +242,66 @@ def _check_size(name, k):
 
 
 def toeplitz(k):
-    """k x k Toeplitz matrices (constant along diagonals), r = 2k - 1 (Fig. 2a)."""
+    """k x k Toeplitz matrices (constant along diagonals), r = 2k - 1 (Fig. 2a).
+
+    Parameters
+    ----------
+    k : int
+        The side.
+
+    Returns
+    -------
+    Structure
+        k x k Toeplitz matrices (2k - 1 coefficients).
+
+    Raises
+    ------
+    ValueError
+        k not a positive integer.
+    """
     _check_size("toeplitz", k)
     return _diagonals(k, list(range(-(k - 1), k)), f"toeplitz({k})")
 
 
 def diagonal(k):
-    """k x k diagonal matrices, r = k (a sparse connection pattern, Definition 4)."""
+    """k x k diagonal matrices, r = k (a sparse connection pattern, Definition 4).
+
+    Parameters
+    ----------
+    k : int
+
+    Returns
+    -------
+    Structure
+        k x k diagonal matrices.
+
+    Raises
+    ------
+    ValueError
+        k not a positive integer.
+    """
     _check_size("diagonal", k)
     return mask(np.eye(k, dtype=bool), f"diagonal({k})")
 
 
 def circulant(k):
     """k x k circulant matrices, r = k: A_j[i, (i + j) mod k] = 1 (a layer structure,
-    Definition 4; circular convolutions)."""
+    Definition 4; circular convolutions).
+
+    Parameters
+    ----------
+    k : int
+
+    Returns
+    -------
+    Structure
+        k x k circulant matrices.
+
+    Raises
+    ------
+    ValueError
+        k not a positive integer.
+    """
     _check_size("circulant", k)
     i = np.arange(k)
     rows = np.tile(i, k)
@@ -247,7 +311,25 @@ def circulant(k):
 
 def banded(k, width):
     """k x k matrices with free entries where |i - j| <= width (a sparse connection
-    pattern, Definition 4)."""
+    pattern, Definition 4).
+
+    Parameters
+    ----------
+    k : int
+        The side.
+    width : int
+        Diagonals on each side of the main one.
+
+    Returns
+    -------
+    Structure
+        k x k banded matrices.
+
+    Raises
+    ------
+    ValueError
+        Sizes out of range.
+    """
     _check_size("banded", k)
     if width < 0:
         raise ValueError(f"banded needs width >= 0, got {width}")
@@ -256,7 +338,24 @@ def banded(k, width):
 
 
 def mask(pattern, name=None):
-    """Matrices with free entries where ``pattern`` is True, zero elsewhere (Section 5.1)."""
+    """Matrices with free entries where ``pattern`` is True, zero elsewhere (Section 5.1).
+
+    Parameters
+    ----------
+    pattern : array of bool
+        The allowed entries (sparse connections).
+    name : str, optional
+
+    Returns
+    -------
+    Structure
+        Matrices supported on the pattern.
+
+    Raises
+    ------
+    ValueError
+        Not a 2-D boolean pattern.
+    """
     pattern = np.asarray(pattern)
     if pattern.ndim != 2 or pattern.dtype != bool:
         raise ValueError(f"mask needs a 2-D boolean pattern, got dtype {pattern.dtype}, "
@@ -272,6 +371,23 @@ def from_basis(matrices, tol=1e-10):
     -lr pi(G) (Structure.pi), which is then no longer a scaled projection (Theorem 2).
 
     Linearly dependent matrices raise ValueError naming them (remove them and retry).
+
+    Parameters
+    ----------
+    matrices : list of arrays
+        A basis {A_j} of the subspace (linearly independent, one shape).
+    tol : float
+        Entries below tol are zero.
+
+    Returns
+    -------
+    Structure
+        The subspace they span.
+
+    Raises
+    ------
+    ValueError
+        Matrices of different shapes or linearly dependent.
     """
     mats = [np.asarray(align.to_numpy(A), dtype=np.float64) for A in matrices]
     if not mats or any(A.shape != mats[0].shape or A.ndim != 2 for A in mats):
@@ -297,13 +413,46 @@ def from_basis(matrices, tol=1e-10):
 # --------------------------------------------------------- structured nets --
 
 def layer_matrices(structures, params):
-    """The dense layer matrices [W_1, ..., W_d], W_i = sum_j c_j^i A_j (Definition 4)."""
+    """The dense layer matrices [W_1, ..., W_d], W_i = sum_j c_j^i A_j (Definition 4).
+
+    Parameters
+    ----------
+    structures : list
+        A Structure per layer, or None for a dense layer.
+    params : list of arrays
+        Coefficient vectors (r,) of structured layers, matrices of dense ones.
+
+    Returns
+    -------
+    list of arrays
+        The dense matrices W_i = sum_j c_j A_j (dense layers as they are).
+    """
     return [S.to_matrix(p) if S is not None else p for S, p in zip(structures, params)]
 
 
 def check_structured(structures, params, X):
     """Validate a structured network (Definition 4): one parameter array per layer of the
-    right size (r coefficients, or a dense matrix where the structure is None)."""
+    right size (r coefficients, or a dense matrix where the structure is None).
+
+    Parameters
+    ----------
+    structures : list
+        A Structure per layer, or None for a dense layer.
+    params : list of arrays
+        Coefficient vectors (r,) of structured layers, matrices of dense ones.
+    X : array
+        k0 x n inputs.
+
+    Returns
+    -------
+    int
+        kd, the outputs.
+
+    Raises
+    ------
+    ValueError
+        Shapes or values that do not fit.
+    """
     if len(structures) != len(params) or not params:
         raise ValueError(f"need one parameter array per layer: {len(structures)} structures, "
                          f"{len(params)} params")
@@ -329,6 +478,22 @@ def loss_and_gradients(structures, params, X, Y, kind="mse"):
 
     The backward pass of Eq. (8), each structured layer contracting its dense
     gradient delta_i a_{i-1}^T with its basis (Appendix H) without forming it.
+
+    Parameters
+    ----------
+    structures : list
+        A Structure per layer, or None for a dense layer.
+    params : list of arrays
+        Coefficient vectors (r,) of structured layers, matrices of dense ones.
+    X, Y : arrays
+        Inputs and targets.
+    kind : str
+        The loss, as in align.loss.
+
+    Returns
+    -------
+    L, grads
+        The loss and the gradients of the coefficients (Theorem 2: pi_S of dL/dW).
     """
     acts = [X]
     for S, p in zip(structures, params):
@@ -349,7 +514,46 @@ def train(structures, params, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1
     """Gradient descent on the coefficients (Definition 4); by Theorem 2 this is
     W_i <- W_i - lr pi_S(dL/dW_i).  ``measures`` get the dense matrices
     ``m(weights, weights_0)``; ``descend``: align.gradient_descent, or
-    align_fast.gradient_descent for the same iterates faster.  Returns (params, History)."""
+    align_fast.gradient_descent for the same iterates faster.  Returns (params, History).
+
+    Parameters
+    ----------
+    structures : list
+        A Structure per layer, or None for a dense layer.
+    params : list of arrays
+        Coefficient vectors (r,) of structured layers, matrices of dense ones.
+    X, Y : arrays
+        Inputs (k0 x n) and targets.
+    kind : str
+        The loss, as in align.loss.
+    lr : float
+        The learning rate gamma (> 0).
+    max_steps : int
+        The step budget.
+    tol : float
+        Stop at the first recorded step whose loss (the largest of a batch) is below tol.
+    record_every, measure_every : int
+        Steps between recorded losses, and between measurements.
+    measures : dict or callable, optional
+        {name: m(params, params_0)} (or one m, e.g. tracker(weights)), taken at step 0,
+        every measure_every steps and at the end.
+    callback : callable, optional
+        callback(step, loss, history) at recorded steps.
+    descend : callable
+        align.gradient_descent, or align_fast.gradient_descent.
+
+    Returns
+    -------
+    params, history
+        The trained coefficients and the History.
+
+    Raises
+    ------
+    ValueError
+        Bad structures, parameters or data.
+    align.DivergenceError
+        The loss stopped being finite.
+    """
     kd = check_structured(structures, params, X)
     Y = align.prepare_targets(Y, kind, kd, X.shape[1]).astype(params[0].dtype)
     wrapped = {name: (lambda ps, p0, fn=fn: fn(layer_matrices(structures, ps),
@@ -367,6 +571,25 @@ def alignment_impossible(r, k, n):
     True when matrices (k x n) that align with an element of an r-dimensional
     subspace of k x k matrices form a null set, so a structured network that
     interpolates generic data with n >= k cannot be aligned (Theorem 3).
+
+    Parameters
+    ----------
+    r : int
+        The dimension of the layer structure.
+    k : int
+        The width (k x k layers).
+    n : int
+        The number of examples.
+
+    Returns
+    -------
+    bool
+        r < k - 1 - C(k - n, 2).
+
+    Raises
+    ------
+    ValueError
+        Arguments that are not integers >= 0.
     """
     for name, value in (("r", r), ("k", k), ("n", n)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
