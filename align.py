@@ -5,8 +5,8 @@ is [W_1, ..., W_d] with W_i of shape (k_i, k_{i-1}), f(X) = W_d ... W_1 X (Eq. (
 is gamma.  The reference, in the paper's order and complete when copied alone (NumPy only).
 Functions take NumPy or CuPy arrays; weights may carry a leading batch axis (B, k_i, k_{i-1})
 for networks trained together.  This file runs exactly the code in it and imports no other
-module of the project: the same results, faster, come from align_fast.py, which a caller
-chooses explicitly (README, "How the code is laid out")."""
+module of the project; faster code with the same results is a separate module that a
+caller chooses explicitly (README, "How the code is laid out")."""
 import dataclasses
 import functools
 import json
@@ -1066,7 +1066,7 @@ def paired_score(pairs, rtol):
     return total / count if count else 1.0
 
 
-def pair_matches(pair, rtol, top_a=None, top_b=None, k=None):
+def pair_matches(pair, rtol, top_a=None, top_b=None, k=None, match=None):
     """One pair by the paired rule: (the sum of matched |cosines|, the directions scored).
 
     With distinct singular values this is the paper's rule: each used direction (sigma >
@@ -1090,6 +1090,10 @@ def pair_matches(pair, rtol, top_a=None, top_b=None, k=None):
     k : int, optional
         The dimension of the space (default pair.k).
 
+    match : callable, optional
+        match(C, capacity) -> each row's matched value; default greedy_match (the rule
+        as stated).
+
     Returns
     -------
     matched, scored : float, int
@@ -1112,7 +1116,7 @@ def pair_matches(pair, rtol, top_a=None, top_b=None, k=None):
     C = np.sqrt(np.clip(np.concatenate([in_b, outside], axis=1), 0.0, 1.0))
     k = pair.k if k is None else k
     capacity = np.append(sizes, max(0, min(k, pair.positions or k) - q))
-    return float(greedy_match(C, capacity).sum()), p
+    return float((match or greedy_match)(C, capacity).sum()), p
 
 
 def matched_score(pairs):

@@ -989,10 +989,10 @@ def _paired_score(pairs, rtol):
     for pair in pairs:
         if isinstance(pair, SplitPair):
             matched, scored = align.pair_matches(pair, rtol, pair.scale_a, pair.scale_b,
-                                                 pair.k - pair.exact_used)
+                                                 pair.k - pair.exact_used, match=greedy_match)
             total, count = total + (matched + pair.exact_used), count + scored + pair.exact_used
         else:
-            matched, scored = align.pair_matches(pair, rtol)
+            matched, scored = align.pair_matches(pair, rtol, match=greedy_match)
             total, count = total + matched, count + scored
     return total / count if count else 1.0
 
