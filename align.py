@@ -159,16 +159,14 @@ def check_network(weights, X=None):
 
     Parameters
     ----------
-    weights : list of arrays
-        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
-        float32/64, NumPy or CuPy.
-    X : array, optional
+    weights, X
+        As in :func:`forward` (X optional).
 
     Raises
     ------
     ValueError
-        Weights or data of the wrong type, shape or dtype, or not finite (the message names the
-        argument).
+        Weights or data of the wrong type, shape or dtype, or not finite (the message names
+        the argument).
     """
     if not isinstance(weights, (list, tuple)) or len(weights) == 0:
         raise ValueError(f"weights must be a non-empty list [W_1, ..., W_d] of arrays, got "
@@ -199,8 +197,8 @@ def prepare_targets(Y, kind, kd, n):
     Parameters
     ----------
     Y : array
-        kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for "logistic"
-        and "exp" +-1).
+        kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for
+        "logistic" and "exp" +-1).
     kind : {"mse", "mse_mean", "ce", "logistic", "exp"}
         The loss: Eq. (2)'s 1/(2n) sum, the mean over kd n entries, cross-entropy, logistic,
         exponential.
@@ -263,8 +261,8 @@ def forward(weights, X):
     Raises
     ------
     ValueError
-        Weights or data of the wrong type, shape or dtype, or not finite (the message names the
-        argument).
+        Weights or data of the wrong type, shape or dtype, or not finite (the message names
+        the argument).
     """
     check_network(weights, X)
     return activations(weights, X)[-1]
@@ -276,11 +274,8 @@ def activations(weights, X, product=operator.matmul):
 
     Parameters
     ----------
-    weights : list of arrays
-        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
-        float32/64, NumPy or CuPy.
-    X : array
-        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
+    weights, X
+        As in :func:`forward`.
     product : callable
         The matrix product (default A @ B).
 
@@ -301,9 +296,8 @@ def backward(weights, acts, delta, input_grad=False, product=operator.matmul):
 
     Parameters
     ----------
-    weights : list of arrays
-        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
-        float32/64, NumPy or CuPy.
+    weights
+        As in :func:`forward`.
     acts : list of arrays
         The forward pass (activations).
     delta : array
@@ -331,17 +325,8 @@ def loss_and_gradients(weights, X, Y, kind="mse"):
 
     Parameters
     ----------
-    weights : list of arrays
-        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
-        float32/64, NumPy or CuPy.
-    X : array
-        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
-    Y : array
-        kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for "logistic"
-        and "exp" +-1).
-    kind : {"mse", "mse_mean", "ce", "logistic", "exp"}
-        The loss: Eq. (2)'s 1/(2n) sum, the mean over kd n entries, cross-entropy, logistic,
-        exponential.
+    weights, X, Y, kind
+        As in :func:`loss`.
 
     Returns
     -------
@@ -361,12 +346,8 @@ def loss_and_output_gradient(F, Y, kind):
     ----------
     F : array
         Outputs, kd x n (or batched).
-    Y : array
-        kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for "logistic"
-        and "exp" +-1).
-    kind : {"mse", "mse_mean", "ce", "logistic", "exp"}
-        The loss: Eq. (2)'s 1/(2n) sum, the mean over kd n entries, cross-entropy, logistic,
-        exponential.
+    Y, kind
+        As in :func:`loss` (Y prepared: kd x n).
 
     Returns
     -------
@@ -411,8 +392,8 @@ def loss(weights, X, Y, kind="mse"):
     X : array
         k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
     Y : array
-        kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for "logistic"
-        and "exp" +-1).
+        kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for
+        "logistic" and "exp" +-1).
     kind : {"mse", "mse_mean", "ce", "logistic", "exp"}
         The loss: Eq. (2)'s 1/(2n) sum, the mean over kd n entries, cross-entropy, logistic,
         exponential.
@@ -425,8 +406,8 @@ def loss(weights, X, Y, kind="mse"):
     Raises
     ------
     ValueError
-        Weights or data of the wrong type, shape or dtype, or not finite (the message names the
-        argument). Or an unknown kind.
+        Weights or data of the wrong type, shape or dtype, or not finite (the message names
+        the argument). Or an unknown kind.
     """
     check_network(weights, X)
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1])
@@ -438,17 +419,8 @@ def gradients(weights, X, Y, kind="mse"):
 
     Parameters
     ----------
-    weights : list of arrays
-        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
-        float32/64, NumPy or CuPy.
-    X : array
-        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
-    Y : array
-        kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for "logistic"
-        and "exp" +-1).
-    kind : {"mse", "mse_mean", "ce", "logistic", "exp"}
-        The loss: Eq. (2)'s 1/(2n) sum, the mean over kd n entries, cross-entropy, logistic,
-        exponential.
+    weights, X, Y, kind
+        As in :func:`loss`.
 
     Returns
     -------
@@ -458,8 +430,8 @@ def gradients(weights, X, Y, kind="mse"):
     Raises
     ------
     ValueError
-        Weights or data of the wrong type, shape or dtype, or not finite (the message names the
-        argument).
+        Weights or data of the wrong type, shape or dtype, or not finite (the message names
+        the argument).
     """
     check_network(weights, X)
     return loss_and_gradients(weights, X, prepare_targets(Y, kind, weights[-1].shape[-2],
@@ -472,11 +444,8 @@ def layer_gradients(weights, X, dF):
 
     Parameters
     ----------
-    weights : list of arrays
-        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
-        float32/64, NumPy or CuPy.
-    X : array
-        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
+    weights, X
+        As in :func:`forward`.
     dF : array
         dL/dF at F = f(X), kd x n.
 
@@ -488,8 +457,8 @@ def layer_gradients(weights, X, dF):
     Raises
     ------
     ValueError
-        Weights or data of the wrong type, shape or dtype, or not finite (the message names the
-        argument).
+        Weights or data of the wrong type, shape or dtype, or not finite (the message names
+        the argument).
     """
     check_network(weights, X)
     return backward(weights, activations(weights, X), dF)
@@ -506,17 +475,8 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
 
     Parameters
     ----------
-    weights : list of arrays
-        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
-        float32/64, NumPy or CuPy.
-    X : array
-        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
-    Y : array
-        kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for "logistic"
-        and "exp" +-1).
-    kind : {"mse", "mse_mean", "ce", "logistic", "exp"}
-        The loss: Eq. (2)'s 1/(2n) sum, the mean over kd n entries, cross-entropy, logistic,
-        exponential.
+    weights, X, Y, kind
+        As in :func:`loss`.
     lr : float
         The learning rate gamma (> 0).
     max_steps : int
@@ -539,8 +499,8 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
     Raises
     ------
     ValueError
-        Weights or data of the wrong type, shape or dtype, or not finite (the message names the
-        argument).
+        Weights or data of the wrong type, shape or dtype, or not finite (the message names
+        the argument).
     DivergenceError
         The loss stopped being finite (every network of a batch); .history holds the run.
     """
@@ -596,19 +556,8 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
         The parameters (copied; the originals are not changed).
     loss_and_grads : callable
         loss_and_grads(params) -> (L, [dL/dp]).
-    lr : float
-        The learning rate gamma (> 0).
-    max_steps : int
-        The step budget.
-    tol : float
-        Stop at the first recorded step whose loss (the largest of a batch) is below tol.
-    record_every, measure_every : int
-        Steps between recorded losses, and between measurements.
-    measures : dict or callable, optional
-        {name: m(params, params_0)} (or one m, e.g. tracker(weights)), taken at step 0,
-        every measure_every steps and at the end.
-    callback : callable, optional
-        callback(step, loss, history) at recorded steps.
+    lr, max_steps, tol, record_every, measure_every, measures, callback
+        As in :func:`train`.
 
     Returns
     -------
@@ -885,9 +834,8 @@ def reduced_svds(weights):
 
     Parameters
     ----------
-    weights : list of arrays
-        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
-        float32/64, NumPy or CuPy.
+    weights
+        As in :func:`forward`.
 
     Returns
     -------
@@ -979,9 +927,8 @@ def alignment(weights, how="paired", rtol=1e-6):
 
     Parameters
     ----------
-    weights : list of arrays
-        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
-        float32/64, NumPy or CuPy.
+    weights
+        As in :func:`forward`.
     how : {"paired", "matched"}
         The paired rule (the paper's, made exact) or the matched rule (the authors' code).
     rtol : float
@@ -990,7 +937,8 @@ def alignment(weights, how="paired", rtol=1e-6):
     Returns
     -------
     float or array
-        In [0, 1]; 1 when adjacent layers share singular vectors (one value per network of a batch).
+        In [0, 1]; 1 when adjacent layers share singular vectors (one value per network of a
+        batch).
 
     Raises
     ------
@@ -1010,10 +958,8 @@ def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
     ----------
     weights_t, weights_0 : list of arrays
         The network now and at the start (the same shapes).
-    how : {"paired", "matched"}
-        The paired rule (the paper's, made exact) or the matched rule (the authors' code).
-    rtol : float
-        Singular values within rtol * sigma_max of each other are equal; below it, unused.
+    how, rtol
+        As in :func:`alignment`.
 
     Returns
     -------
@@ -1089,10 +1035,6 @@ def pair_matches(pair, rtol, top_a=None, top_b=None, k=None, match=None):
         The sigma_max rtol refers to (default the pair's own).
     k : int, optional
         The dimension of the space (default pair.k).
-
-    match : callable, optional
-        match(C, capacity) -> each row's matched value; default greedy_match (the rule
-        as stated).
 
     Returns
     -------
@@ -1483,9 +1425,8 @@ def is_aligned(weights, tol=1e-8):
 
     Parameters
     ----------
-    weights : list of arrays
-        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
-        float32/64, NumPy or CuPy. (one network, 2-D layers)
+    weights
+        As in :func:`forward`; one network (2-D layers).
     tol : float
         Relative tolerance (about 1e-4 for float32).
 
@@ -1651,8 +1592,8 @@ def invariance_certificate(X, Y, widths, tol=1e-9):
 
     Parameters
     ----------
-    X : array
-        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
+    X
+        As in :func:`forward`.
     Y : array
         kd x n targets.
     widths : sequence of int
@@ -1933,12 +1874,8 @@ def proposition4(weights, X, Y, tol=1e-8):
 
     Parameters
     ----------
-    weights : list of arrays
-        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
-        float32/64, NumPy or CuPy.
-    X : array
-        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch). (n
-        >= k0, full rank)
+    weights, X
+        As in :func:`forward`, X with n >= k0 and full rank.
     Y : array
         f(X).
     tol : float

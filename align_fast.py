@@ -54,45 +54,7 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4, record
     and for one dense NumPy network under a squared loss whose products go layer by
     layer, its steps in place (_SquaredLossSteps).  Returns (weights, History).
 
-    Parameters
-    ----------
-    weights : list of arrays
-        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
-        float32/64, NumPy or CuPy.
-    X : array
-        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
-    Y : array
-        kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for
-        "logistic" and "exp" +-1).
-    kind : {"mse", "mse_mean", "ce", "logistic", "exp"}
-        The loss: Eq. (2)'s 1/(2n) sum, the mean over kd n entries, cross-entropy, logistic,
-        exponential.
-    lr : float
-        The learning rate gamma (> 0).
-    max_steps : int
-        The step budget.
-    tol : float
-        Stop at the first recorded step whose loss (the largest of a batch) is below tol.
-    record_every, measure_every : int
-        Steps between recorded losses, and between measurements.
-    measures : dict or callable, optional
-        {name: m(params, params_0)} (or one m, e.g. tracker(weights)), taken at step 0,
-        every measure_every steps and at the end.
-    callback : callable, optional
-        callback(step, loss, history) at recorded steps.
-
-    Returns
-    -------
-    weights, history : list of arrays, History
-        The trained weights and what the run recorded.
-
-    Raises
-    ------
-    ValueError
-        Weights or data of the wrong type, shape or dtype, or not finite (the message names
-        the argument).
-    DivergenceError
-        The loss stopped being finite (every network of a batch); .history holds the run.
+    Parameters, returns and errors: as :func:`align.train`.
     """
     align.check_network(weights, X)
     Y = align.prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1]).astype(weights[0].dtype)
@@ -118,36 +80,7 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     run's start taken while the run goes on; on NumPy align's loop.  Returns (params,
     History); DivergenceError on NaN.
 
-    Parameters
-    ----------
-    params : list of arrays
-        The parameters (copied; the originals are not changed).
-    loss_and_grads : callable
-        loss_and_grads(params) -> (L, [dL/dp]).
-    lr : float
-        The learning rate gamma (> 0).
-    max_steps : int
-        The step budget.
-    tol : float
-        Stop at the first recorded step whose loss (the largest of a batch) is below tol.
-    record_every, measure_every : int
-        Steps between recorded losses, and between measurements.
-    measures : dict or callable, optional
-        {name: m(params, params_0)} (or one m, e.g. tracker(weights)), taken at step 0,
-        every measure_every steps and at the end.
-    callback : callable, optional
-        callback(step, loss, history) at recorded steps.
-
-    Returns
-    -------
-    params, history : list of arrays, History
-
-    Raises
-    ------
-    ValueError
-        A bad schedule (lr, tol, counts).
-    DivergenceError
-        The loss stopped being finite; .history holds the run.
+    Parameters, returns and errors: as :func:`align.gradient_descent`.
     """
     return _descend_fast(params, loss_and_grads, lr, max_steps, tol, record_every,
                          measure_every, measures, callback)
@@ -174,29 +107,7 @@ def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", k
     CuPy arrays (depth up to align_cuda.SV_KERNEL_MAX_DEPTH, lam and lam_prime shared by
     the runs); otherwise align's.
 
-    Parameters
-    ----------
-    sigmas0 : array
-        (..., d, r) initial singular values (leading axes: independent runs).
-    lam, lam_prime : arrays
-        (r,) the certificate's Lambda and Lambda'.
-    lr : float
-        The learning rate.
-    n : int
-        The number of examples.
-    steps : int
-        How many steps.
-    kind : {"mse", "mse_mean"}
-        The loss scale.
-    kd : int
-        Outputs (for mse_mean).
-    record_every : int
-        Steps between recorded rows.
-
-    Returns
-    -------
-    array
-        The trajectory, (steps // record_every + 1, ..., d, r).
+    Parameters, returns and errors: as :func:`align.singular_value_dynamics`.
     """
     xp = array_module(sigmas0)
     if xp is not np:
@@ -608,8 +519,7 @@ def reduced_svds(weights, keep=False):
     Parameters
     ----------
     weights : list of arrays
-        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
-        float32/64, NumPy or CuPy.
+        As in align.forward.
     keep : bool
         Keep a GPU batch's decompositions on the GPU.
 
@@ -678,17 +588,7 @@ def greedy_match(C, capacity):
     takes at least the first open entry of all.  On a GPU one CUDA thread per matrix
     takes the best open entry as long as one is left (align_cuda._greedy_kernel).
 
-    Parameters
-    ----------
-    C : array
-        p x m entries >= 0.
-    capacity : sequence of int
-        (m,) how many rows each column takes.
-
-    Returns
-    -------
-    array
-        (p,) each row's matched value (0: none).
+    Parameters, returns and errors: as :func:`align.greedy_match`.
     """
     xp = array_module(C)
     single = C.ndim == 2
@@ -837,22 +737,7 @@ def tracker(weights_0, rtol=1e-6):
     vectorised rule where every singular value is distinct, and where they are (a batch
     of GPU_BATCH_MIN networks or more on a GPU stays there).
 
-    Parameters
-    ----------
-    weights_0 : list of arrays
-        The network at the start.
-    rtol : float
-        As in alignment.
-
-    Returns
-    -------
-    callable
-        m(weights, _) -> {MEASURE_KEYS: value}, for train's measures.
-
-    Raises
-    ------
-    ValueError
-        Bad weights or rtol.
+    Parameters, returns and errors: as :func:`align.tracker`.
     """
     align.check_network(weights_0)
     align.check_tolerance("rtol", rtol, 1)
@@ -908,26 +793,7 @@ class Tracker:
 def alignment(weights, how="paired", rtol=1e-6):
     """align.alignment (Section 6), the same value, from this module's decompositions.
 
-    Parameters
-    ----------
-    weights : list of arrays
-        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
-        float32/64, NumPy or CuPy.
-    how : {"paired", "matched"}
-        The paired rule (the paper's, made exact) or the matched rule (the authors' code).
-    rtol : float
-        Singular values within rtol * sigma_max of each other are equal; below it, unused.
-
-    Returns
-    -------
-    float or array
-        In [0, 1]; 1 when adjacent layers share singular vectors (one value per network of a
-        batch).
-
-    Raises
-    ------
-    ValueError
-        Bad weights, an unknown how or rtol outside [0, 1).
+    Parameters, returns and errors: as :func:`align.alignment`.
     """
     align.check_network(weights)
     svds = reduced_svds(weights)
@@ -937,24 +803,7 @@ def alignment(weights, how="paired", rtol=1e-6):
 def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
     """align.invariance (Section 6), the same value, from this module's decompositions.
 
-    Parameters
-    ----------
-    weights_t, weights_0 : list of arrays
-        The network now and at the start (the same shapes).
-    how : {"paired", "matched"}
-        The paired rule (the paper's, made exact) or the matched rule (the authors' code).
-    rtol : float
-        Singular values within rtol * sigma_max of each other are equal; below it, unused.
-
-    Returns
-    -------
-    float or array
-        In [0, 1]; 1 when no singular vector moved.
-
-    Raises
-    ------
-    ValueError
-        Bad weights or different shapes, an unknown how, a bad rtol.
+    Parameters, returns and errors: as :func:`align.invariance`.
     """
     align.check_network(weights_t)
     align.check_network(weights_0)

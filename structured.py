@@ -34,8 +34,7 @@ def _sum_into(index, values, size, dtype):
 class Structure:
     """A layer structure S subset R^{m x n} (Definition 4) with basis A_j given by index patterns.
 
-    Entry e of the pattern says A_{which[e]}[rows[e], cols[e]] = vals[e].
-    """
+    Entry e of the pattern says A_{which[e]}[rows[e], cols[e]] = vals[e]."""
 
     def __init__(self, shape, rows, cols, vals, which, r, name):
         self.shape, self.r, self.name = tuple(shape), int(r), name
@@ -138,8 +137,7 @@ class Conv2d(Structure):
     pixel (y, x), h = (s-1)/2: cross-correlation, as deep-learning frameworks compute.
     Appendix I writes the true convolution (flipped filter); both span the same
     s^2-dimensional subspace, with coefficients reversed.  Products with images
-    gather the s^2 shifted images (im2col) and never form the p^2 x p^2 matrix.
-    """
+    gather the s^2 shifted images (im2col) and never form the p^2 x p^2 matrix."""
 
     def __init__(self, p, s):
         for name, value in (("image size p", p), ("filter size s", s)):
@@ -526,19 +524,8 @@ def train(structures, params, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1
         Inputs (k0 x n) and targets.
     kind : str
         The loss, as in align.loss.
-    lr : float
-        The learning rate gamma (> 0).
-    max_steps : int
-        The step budget.
-    tol : float
-        Stop at the first recorded step whose loss (the largest of a batch) is below tol.
-    record_every, measure_every : int
-        Steps between recorded losses, and between measurements.
-    measures : dict or callable, optional
-        {name: m(params, params_0)} (or one m, e.g. tracker(weights)), taken at step 0,
-        every measure_every steps and at the end.
-    callback : callable, optional
-        callback(step, loss, history) at recorded steps.
+    lr, max_steps, tol, record_every, measure_every, measures, callback
+        As in align.train (measures get the dense matrices).
     descend : callable
         align.gradient_descent, or align_fast.gradient_descent.
 
