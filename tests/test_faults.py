@@ -215,7 +215,9 @@ def test_ctrl_c_before_any_run_writes_nothing(earlier, monkeypatch, capsys):
     monkeypatch.setattr(experiments.st, "toeplitz", lambda k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert experiments.main(["fig2a", "--quick", "--out", str(earlier), "-q"]) == 130
     assert snapshot(earlier) == before
-    assert "nothing written" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "nothing written" in captured.out and "nothing was written" in captured.err
+    assert "what was computed was written" not in captured.err
 
 
 def test_a_full_disk_keeps_the_previous_files_and_says_which_failed(earlier, monkeypatch, capsys):
