@@ -7,6 +7,7 @@ Functions take NumPy or CuPy arrays; weights may carry a leading batch axis (B, 
 for networks trained together.  This file runs exactly the code in it and imports no other
 module of the project; faster code with the same results is a separate module that a
 caller chooses explicitly (README, "How the code is laid out")."""
+import collections
 import dataclasses
 import functools
 import json
@@ -54,17 +55,7 @@ def _library(a):
 
 
 def array_module(*arrays):
-    """NumPy or CuPy, whichever the arrays live in (CuPy is never imported otherwise).
-
-    Parameters
-    ----------
-    *arrays : arrays
-
-    Returns
-    -------
-    module
-        numpy, or cupy when any array is a CuPy array.
-    """
+    """NumPy or CuPy, whichever the arrays live in (CuPy is never imported otherwise)."""
     if any(_library(a) == "cupy" for a in arrays):
         import cupy
         return cupy
@@ -72,17 +63,7 @@ def array_module(*arrays):
 
 
 def to_numpy(a):
-    """A host NumPy copy of a NumPy or CuPy array.
-
-    Parameters
-    ----------
-    a : array
-
-    Returns
-    -------
-    numpy.ndarray
-        A host copy.
-    """
+    """A host NumPy copy of a NumPy or CuPy array."""
     return a.get() if _library(a) == "cupy" else np.asarray(a)
 
 
@@ -96,18 +77,7 @@ def _shape(a):
 
 
 def check_finite(name, a):
-    """Raise ValueError if ``a`` holds NaN or inf, with the likely fix for ``name``.
-
-    Parameters
-    ----------
-    name : str
-    a : array
-
-    Raises
-    ------
-    ValueError
-        a holds NaN or inf.
-    """
+    """Raise ValueError if ``a`` holds NaN or inf, with the likely fix for ``name``."""
     if not bool(array_module(a).isfinite(a).all()):
         fix = ("weights from a diverged run? lower the learning rate"
                if name.startswith(("W", "params")) else "clean the data")
@@ -115,18 +85,7 @@ def check_finite(name, a):
 
 
 def check_array(name, a):
-    """Raise ValueError unless ``a`` is a NumPy or CuPy array of float32 or float64.
-
-    Parameters
-    ----------
-    name : str
-    a : array
-
-    Raises
-    ------
-    ValueError
-        Not a float32/float64 NumPy or CuPy array.
-    """
+    """Raise ValueError unless ``a`` is a NumPy or CuPy array of float32 or float64."""
     if _library(a) not in ("numpy", "cupy") or not hasattr(a, "dtype"):
         raise ValueError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
     if a.dtype not in (np.float32, np.float64):
@@ -135,19 +94,7 @@ def check_array(name, a):
 
 
 def check_tolerance(name, value, below=math.inf):
-    """Raise ValueError unless ``value`` is a number with 0 <= value < below.
-
-    Parameters
-    ----------
-    name : str
-    value : float
-    below : float
-
-    Raises
-    ------
-    ValueError
-        Not a number in [0, below).
-    """
+    """Raise ValueError unless ``value`` is a number with 0 <= value < below."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not 0 <= value < below:
         bound = f" and < {below:g}" if below < math.inf else ""
@@ -386,11 +333,8 @@ def loss(weights, X, Y, kind="mse"):
 
     Parameters
     ----------
-    weights : list of arrays
-        [W_1, ..., W_d], W_i of shape (k_i, k_{i-1}) (or (B, k_i, k_{i-1}) for a batch),
-        float32/64, NumPy or CuPy.
-    X : array
-        k0 x n inputs, one example per column (B x k0 x n: one set per network of a batch).
+    weights, X
+        As in :func:`forward`.
     Y : array
         kd x n targets (for "ce" one-hot columns or integer labels of shape (n,); for
         "logistic" and "exp" +-1).
@@ -691,7 +635,7 @@ def _diverged(params):
     if params[0].ndim != 3:
         return None
     xp = array_module(*params)
-    bad = ~functools.reduce(operator.and_, [xp.isfinite(p).all(axis=(1, 2)) for p in params])
+    bad = ~xp.stack([xp.isfinite(p).all(axis=(1, 2)) for p in params]).all(axis=0)
     return bad if bool(bad.any()) else None
 
 
@@ -829,8 +773,8 @@ def ussvd_reorder(U, s, V, perm, signs):
 
 # ------------------------------------------------------ measures (Section 6) --
 def reduced_svds(weights):
-    """Reduced SVDs [(U_i, s_i, V_i), ...] of the layers, float64 host arrays, s descending
-    (a batch of networks keeps its leading axis).
+    """Reduced SVDs [(U_i, s_i, V_i), ...] of the layers, the singular vectors Section 6
+    measures: float64 host arrays, s descending (a batch of networks keeps its leading axis).
 
     Parameters
     ----------
@@ -989,7 +933,8 @@ def _score(pairs, how, rtol):
 
 
 def paired_score(pairs, rtol):
-    """The paired rule, the paper's "average dot product between corresponding columns":
+    """The paired rule (Section 6), the paper's "average dot product between corresponding
+    columns":
     the mean matched |cosine| over the scored directions of all pairs (pair_matches).
     1 exactly when W_i W_i^T and W_{i+1}^T W_{i+1} commute.
 
@@ -1062,8 +1007,9 @@ def pair_matches(pair, rtol, top_a=None, top_b=None, k=None, match=None):
 
 
 def matched_score(pairs):
-    """The authors' rule: each direction of B (V_{i+1}; for invariance the initial network's)
-    scored by its largest |cosine| with A's, summed over all pairs / B's directions.
+    """The matched rule (Section 6, the authors' code): each direction of B (V_{i+1}; for
+    invariance the initial network's) scored by its largest |cosine| with A's, summed over
+    all pairs / B's directions.
 
     Parameters
     ----------
@@ -1121,7 +1067,8 @@ def layer_widths(svds):
 
 
 def alignment_pairs(svds, widths):
-    """Pairs (U_i, V_{i+1}) of the adjacent layers, from reduced SVDs [(U, s, V), ...].
+    """Pairs (U_i, V_{i+1}) of the adjacent layers, from reduced SVDs [(U, s, V), ...]: what
+    Section 6's alignment compares (U_i = V_{i+1} in Definition 2).
 
     Parameters
     ----------
@@ -1139,7 +1086,8 @@ def alignment_pairs(svds, widths):
 
 
 def invariance_pairs(now, then, widths):
-    """Pairs (U_i(t), U_i(0)) for i < d and (V_i(t), V_i(0)) for i > 1.
+    """Pairs (U_i(t), U_i(0)) for i < d and (V_i(t), V_i(0)) for i > 1: what Section 6's
+    invariance compares.
 
     Parameters
     ----------
@@ -1340,9 +1288,7 @@ def _assign_positions(intervals, widths):
     the multiset of (track end, string end) pairs going on, and states that fail are
     remembered.  Exact; None when no positions exist."""
     ends, d = _track_ends(widths), len(widths) - 1
-    starting = [{} for _ in widths]
-    for a, b in intervals:
-        starting[a][b] = starting[a].get(b, 0) + 1
+    starting = [collections.Counter(b for a, b in intervals if a == i) for i in range(d + 1)]
     failed = set()
 
     def search(i, state):                     # state: ((R, e), count) pairs alive into space i
@@ -1350,18 +1296,15 @@ def _assign_positions(intervals, widths):
             return []
         if (i, state) in failed:
             return None
-        free, going = {}, {}
-        for (R, e), n in state:
-            target = free if e < i else going
-            key = R if e < i else (R, e)
-            target[key] = target.get(key, 0) + n
-        for j in range(widths[i - 1] if i else 0, widths[i]):        # positions new at space i
-            free[ends[i][j]] = free.get(ends[i][j], 0) + 1
+        free = collections.Counter()                  # track ends of the free positions:
+        for (R, e), n in state:                       # those whose string ended,
+            if e < i:
+                free[R] += n
+        free.update(ends[i][j] for j in range(widths[i - 1] if i else 0, widths[i]))  # new ones
+        going = collections.Counter({(R, e): n for (R, e), n in state if e >= i})
         if _pairable(free, starting[i]):
             for pairing in _pairings(free, starting[i]):
-                after = dict(going)
-                for (R, b), n in pairing.items():
-                    after[(R, b)] = after.get((R, b), 0) + n
+                after = going + collections.Counter(pairing)
                 rest = search(i + 1, tuple(sorted((k, n) for k, n in after.items() if k[0] > i)))
                 if rest is not None:
                     return [pairing] + rest
@@ -1406,6 +1349,7 @@ def _gram_commutators(Ws, tol):
         A, B = Ws[i] @ Ws[i].T / norms[i] ** 2, Ws[i + 1].T @ Ws[i + 1] / norms[i + 1] ** 2
         value = float(np.linalg.norm(A @ B - B @ A))
         e = [tol * math.sqrt(W.size) for W in Ws[i:i + 2]]
+        # (+ rounding: each entry of A B - B A sums k products of entries at most 1)
         bound = 12 * (e[0] + e[1]) + 10 * np.finfo(float).eps * A.shape[0] ** 2
         if value > worst:
             worst, layer = value, i + 1

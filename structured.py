@@ -245,17 +245,7 @@ def toeplitz(k):
     Parameters
     ----------
     k : int
-        The side.
-
-    Returns
-    -------
-    Structure
-        k x k Toeplitz matrices (2k - 1 coefficients).
-
-    Raises
-    ------
-    ValueError
-        k not a positive integer.
+        The side (ValueError unless a positive integer).
     """
     _check_size("toeplitz", k)
     return _diagonals(k, list(range(-(k - 1), k)), f"toeplitz({k})")
@@ -267,16 +257,7 @@ def diagonal(k):
     Parameters
     ----------
     k : int
-
-    Returns
-    -------
-    Structure
-        k x k diagonal matrices.
-
-    Raises
-    ------
-    ValueError
-        k not a positive integer.
+        The side (ValueError unless a positive integer).
     """
     _check_size("diagonal", k)
     return mask(np.eye(k, dtype=bool), f"diagonal({k})")
@@ -289,16 +270,7 @@ def circulant(k):
     Parameters
     ----------
     k : int
-
-    Returns
-    -------
-    Structure
-        k x k circulant matrices.
-
-    Raises
-    ------
-    ValueError
-        k not a positive integer.
+        The side (ValueError unless a positive integer).
     """
     _check_size("circulant", k)
     i = np.arange(k)
@@ -434,10 +406,8 @@ def check_structured(structures, params, X):
 
     Parameters
     ----------
-    structures : list
-        A Structure per layer, or None for a dense layer.
-    params : list of arrays
-        Coefficient vectors (r,) of structured layers, matrices of dense ones.
+    structures, params
+        As in :func:`layer_matrices`.
     X : array
         k0 x n inputs.
 
@@ -479,10 +449,8 @@ def loss_and_gradients(structures, params, X, Y, kind="mse"):
 
     Parameters
     ----------
-    structures : list
-        A Structure per layer, or None for a dense layer.
-    params : list of arrays
-        Coefficient vectors (r,) of structured layers, matrices of dense ones.
+    structures, params
+        As in :func:`layer_matrices`.
     X, Y : arrays
         Inputs and targets.
     kind : str
@@ -516,14 +484,8 @@ def train(structures, params, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1
 
     Parameters
     ----------
-    structures : list
-        A Structure per layer, or None for a dense layer.
-    params : list of arrays
-        Coefficient vectors (r,) of structured layers, matrices of dense ones.
-    X, Y : arrays
-        Inputs (k0 x n) and targets.
-    kind : str
-        The loss, as in align.loss.
+    structures, params, X, Y, kind
+        As in :func:`loss_and_gradients`.
     lr, max_steps, tol, record_every, measure_every, measures, callback
         As in align.train (measures get the dense matrices).
     descend : callable
