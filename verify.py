@@ -344,9 +344,135 @@ def theorem3(xp, seeds, steps):
             Row("Theorem 3", "the interpolating network: is_aligned residual", residual, ">=", 1e-3)]
 
 
-CHECKS = [definition2, lemma1_lemma2_theorem1, theorem1_only_if, theorem4_block_shape,
+def rotation(angle, reflect=False):
+    """The 2 x 2 rotation by ``angle``, its second column negated when ``reflect``."""
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, -s], [s, c]]) @ np.diag([1.0, -1.0 if reflect else 1.0])
+
+
+def section6_scores(weights, reference=None):
+    """(paired, matched) alignment, or invariance against ``reference``."""
+    if reference is None:
+        return [align.alignment(weights, how) for how in ("paired", "matched")]
+    return [align.invariance(weights, reference, how) for how in ("paired", "matched")]
+
+
+def section6_measures(xp, seeds, steps):
+    """Section 6's measures on networks with a known answer.  Catches: abs dropped or max
+    turned min in a rule, the wrong pair of layers (U_i against V_i or V_{i+2}), invariance
+    against the wrong initial layer or side, a wrong mean over directions."""
+    rng = np.random.default_rng(7)
+    ones = 0.0
+    for _ in range(5 * len(seeds)):
+        widths = [int(k) for k in rng.integers(2, 6, 4)]
+        repeated = aligned_chain(rng, widths)          # the paired rule: any basis of a repeat
+        distinct = align.aligned_network([orthogonal(rng, k) for k in widths],
+                                         [rng.permutation(np.arange(1.0, min(a, b) + 1))
+                                          for a, b in zip(widths, widths[1:])])
+        scores = [align.alignment(repeated), align.invariance(repeated, repeated),
+                  *section6_scores(distinct), *section6_scores(distinct, distinct)]
+        ones = max(ones, *(abs(1 - v) for v in scores))
+    # widths 2-2-2-2, W_i = D_i in the standard basis but the hidden bases turned: pair 1 by
+    # a (V_2 = R(a)), pair 2 by b with a reflection (V_3 = R(b) diag(1, -1)): the matched
+    # |cosines| are cos a, cos a, cos b, cos b, both rules give (cos a + cos b) / 2.
+    a, b = 0.3, 0.6
+    D = [np.diag([2.0, 1.0]), np.diag([3.0, 1.5]), np.diag([5.0, 0.5])]
+    turned = [D[0], D[1] @ rotation(a).T, D[2] @ rotation(b, True).T]
+    want = (math.cos(a) + math.cos(b)) / 2
+    angle = max(abs(v - want) for v in section6_scores(turned))
+    # invariance: an aligned start in random bases P_i, the hidden bases turned by Q_1 = R(a),
+    # Q_2 = R(b) reflected: U_1, V_2 turn by a and U_2, V_3 by b, so again (cos a + cos b) / 2.
+    P = [orthogonal(rng, 2) for _ in range(4)]
+    start = [P[i + 1] @ D[i] @ P[i].T for i in range(3)]
+    Q = [np.eye(2), P[1] @ rotation(a) @ P[1].T, P[2] @ rotation(b, True) @ P[2].T, np.eye(2)]
+    moved = [Q[i + 1] @ W @ Q[i].T for i, W in enumerate(start)]
+    rotated = max(abs(v - want) for v in section6_scores(moved, start))
+    return [Row("Section 6 (aligned chains score 1)", f"{5 * len(seeds)} aligned chains: |1 - alignment|, "
+                "|1 - invariance against itself| (paired rule: repeated values; both: distinct)",
+                ones, "<=", 1e-10),
+            Row("Section 6 (alignment, known angles)", "2-2-2-2 network, hidden bases turned by "
+                "0.3 and 0.6 (reflected): |alignment - (cos 0.3 + cos 0.6)/2|, both rules",
+                angle, "<=", 1e-12),
+            Row("Section 6 (invariance, known rotation)", "aligned start, hidden bases turned by "
+                "0.3 and 0.6 (reflected): |invariance - (cos 0.3 + cos 0.6)/2|, both rules",
+                rotated, "<=", 1e-12)]
+
+
+def eq2_and_eq8(xp, seeds, steps):
+    """The losses' scale on hand-computed values (Eq. (2)) and Eq. (8)'s gradients against
+    central differences.  Catches: a loss scaled by 2, n or kd, a gradient of the wrong
+    sign, scale or transpose, a wrong layer product."""
+    W, X, Y = [np.array([[2.0]])], np.array([[1.0, 2.0]]), np.array([[1.0, 1.0]])
+    hand = {"mse": 10 / (2 * 2), "mse_mean": 10 / 2}         # residuals 1, 3: sum of squares 10
+    scale = max(abs(align.loss(W, X, Y, kind) - want) for kind, want in hand.items())
+    rng = np.random.default_rng(8)
+    worst = 0.0
+    for kind, labels in (("mse", None), ("mse_mean", None), ("ce", 3), ("logistic", 2), ("exp", 2)):
+        weights = [rng.standard_normal((b, a)) / 2 for a, b in zip([4, 5, 3], [5, 3, 3 if labels != 2 else 1])]
+        X = rng.standard_normal((4, 7))
+        Y = rng.integers(0, 3, 7) if kind == "ce" else rng.choice([-1.0, 1.0], (1, 7)) if labels \
+            else rng.standard_normal((3, 7))
+        grads = align.gradients(weights, X, Y, kind)
+        for i, W in enumerate(weights):
+            numeric = np.zeros_like(W)
+            for idx in np.ndindex(W.shape):
+                old = W[idx]
+                W[idx] = old + 1e-6
+                up = align.loss(weights, X, Y, kind)
+                W[idx] = old - 1e-6
+                numeric[idx] = (up - align.loss(weights, X, Y, kind)) / 2e-6
+                W[idx] = old
+            worst = max(worst, float(np.abs(grads[i] - numeric).max() / np.abs(numeric).max()))
+    return [Row("Eq. (2): the squared loss's scale", "W = 2, X = (1, 2), Y = (1, 1): |L - 10/(2n)| "
+                "and, mse_mean, |L - 10/(n kd)|", scale, "<=", 1e-15),
+            Row("Eq. (8): gradients", "5 losses, widths 4-5-3-3: relative gap to central "
+                "differences", worst, "<=", 1e-6)]
+
+
+def definition4_projection(xp, seeds, steps):
+    """Theorem 2's pi_S and the orthogonal projection on a hand example.  Catches: a Gram
+    matrix of the entries instead of their squares, a projection without the inverse Gram."""
+    E = np.zeros((2, 2, 3))
+    E[0, 0, 0], E[1, 1, 1] = 2.0, 3.0
+    S = st.from_basis(list(E))
+    G = np.arange(1.0, 7.0).reshape(2, 3)
+    gap = max(float(np.abs(S.pi(G) - [[4.0, 0, 0], [0, 45.0, 0]]).max()),
+              float(np.abs(S.project(G) - [[1.0, 0, 0], [0, 5.0, 0]]).max()),
+              float(np.abs(st.diagonal(2).project(G[:, :2]) - np.diag([1.0, 5.0])).max()))
+    return [Row("Theorem 2: pi_S and the projection", "basis 2E_11, 3E_22: pi_S(G) = diag(4 G_11, "
+                "9 G_22), projection diag(G_11, G_22); diagonal structure: max error", gap, "<=", 0.0)]
+
+
+def fast_equals_reference(xp, seeds, steps):
+    """align_fast's training, measures included, against align's on the same problem.
+    Catches: any fast path (in-place steps, row space, grouped products, batched measures)
+    parting from the reference."""
+    import align_fast
+    rng = np.random.default_rng(9)
+    gap = 0.0
+    for widths, n in (([5, 5, 5, 5], 9), ([9, 6, 4, 3], 5)):         # in place; row space
+        weights = [rng.standard_normal((b, a)) / math.sqrt(a) for a, b in zip(widths, widths[1:])]
+        X = rng.standard_normal((widths[0], n))
+        Y = rng.standard_normal((widths[-1], n))
+        runs, weights = [], [xp.asarray(W) for W in weights]
+        for lib in (align_fast, align):
+            out, hist = lib.train(weights, xp.asarray(X), xp.asarray(Y), lr=0.05, max_steps=steps,
+                                  tol=0.0, measure_every=max(steps // 3, 1), measures=lib.tracker(weights))
+            runs.append((out, hist))
+        (w1, h1), (w2, h2) = runs
+        gap = max(gap, *(float(np.abs(align.to_numpy(a) - align.to_numpy(b)).max()) for a, b in zip(w1, w2)),
+                  float(np.abs(np.subtract(h1.losses, h2.losses)).max()),
+                  *(float(np.abs(np.subtract(h1.measurements[k], h2.measurements[k])).max())
+                    for k in h2.measurements),
+                  0.0 if h1.steps == h2.steps and h1.measure_steps == h2.measure_steps else math.inf)
+    return [Row("align_fast = align", f"{steps:,} steps, widths 5-5-5-5 (in place) and 9-6-4-3 "
+                "(row space), measures included: largest difference", gap, "<=", 1e-10)]
+
+
+CHECKS = [eq2_and_eq8, section6_measures, definition2, lemma1_lemma2_theorem1, theorem1_only_if, theorem4_block_shape,
           corollary1_and_eq6, proposition1, proposition2, proposition3_and_appendix_g, proposition4,
-          proposition5, theorem2, theorem3]
+          proposition5, definition4_projection, theorem2, theorem3,
+          fast_equals_reference]
 
 
 def verify(xp=np, quick=False, progress=None):

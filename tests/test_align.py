@@ -563,3 +563,31 @@ def test_networks_of_a_batch_with_non_finite_weights_are_measured_as_nan():
                                      max_steps=2, tol=0.0, measures={"m": measure})
     sizes = np.array(hist.measurements["size"])
     assert np.isnan(sizes[:, 1]).all() and np.allclose(sizes[:, 0], np.abs(ps[0][0]).sum())
+
+
+def test_definition2_at_tol_0_accepts_exactly_diagonal_chains():
+    """The boundary residual <= tol: a diagonal chain has residual exactly 0, so tol = 0
+    accepts it (and a chain that is not aligned is still rejected at tol = 0)."""
+    chain = [np.diag([3.0, -2.0, 1e-3]), np.array([[2.0, 0, 0], [0, 2.0, 0]])]
+    test = align.is_aligned(chain, tol=0.0)
+    assert test.aligned and test.residual == 0.0
+    turned = [chain[0], chain[1] @ random_orthogonal(np.random.default_rng(3), 3)]
+    assert not align.is_aligned(turned, tol=0.0).aligned
+
+
+@pytest.mark.parametrize("lib", ["align", "align_fast"])
+def test_training_at_tol_0_on_a_loss_of_exactly_0_runs_the_whole_budget(lib):
+    """The stop test is loss < tol: at tol = 0 a loss of exactly 0 does not stop a run,
+    on the reference and on every branch of the fast path (in-place runs, step by step)."""
+    import align_fast
+    train = {"align": align, "align_fast": align_fast}[lib].train
+    X = np.random.default_rng(4).standard_normal((3, 6))
+    weights = [np.zeros((4, 3)), np.zeros((2, 4))]
+    for measure_every in (1, 50):
+        out, hist = train(weights, X, np.zeros((2, 6)), lr=0.1, max_steps=120, tol=0.0,
+                          measure_every=measure_every)
+        assert hist.stop_reason == "max_steps" and hist.final_step == 120
+        assert hist.steps == list(range(121)) and set(hist.losses) == {0.0}
+        out, hist = train(weights, X, np.zeros((2, 6)), lr=0.1, max_steps=120, tol=1e-300,
+                          measure_every=measure_every)
+        assert hist.stop_reason == "tol" and hist.final_step == 0

@@ -194,3 +194,18 @@ def test_theorem3_contrast_dense_network_on_certified_data_stays_aligned(seed):
     out, hist = align.train(weights, X, X, lr=0.5, max_steps=20_000, tol=1e-12, record_every=10)
     assert hist.losses[-1] < 1e-7
     assert align.is_aligned(out, tol=1e-8)
+
+
+def test_from_basis_with_disjoint_supports_and_entries_other_than_one():
+    """Basis 2 E_11, 3 E_22: Gram diag(4, 9) (squares of the entries), coefficients read
+    back, project(G) keeps the diagonal, pi(G) = sum_j <A_j, G> A_j = diag(4 G_11, 9 G_22)."""
+    E = np.zeros((2, 2, 3))
+    E[0, 0, 0], E[1, 1, 1] = 2.0, 3.0
+    S = st.from_basis(list(E))
+    np.testing.assert_array_equal(S.gram(), np.diag([4.0, 9.0]))
+    W = S.to_matrix(np.array([0.5, -1.0]))
+    np.testing.assert_array_equal(W, [[1.0, 0, 0], [0, -3.0, 0]])
+    np.testing.assert_allclose(S.coefficients(W), [0.5, -1.0], rtol=1e-15)
+    G = np.arange(1.0, 7.0).reshape(2, 3)
+    np.testing.assert_allclose(S.project(G), [[1.0, 0, 0], [0, 5.0, 0]], rtol=1e-15)
+    np.testing.assert_allclose(S.pi(G), [[4.0, 0, 0], [0, 45.0, 0]], rtol=1e-15)

@@ -233,3 +233,28 @@ def test_corollary1_recursion_same_numbers_on_every_backend(xp, d, batch, every)
                                         record_every=every)
     assert got.shape == want.shape == (100 // every + 1,) + batch + (d, r)
     np.testing.assert_allclose(align.to_numpy(got), want, rtol=1e-14, atol=0)
+
+
+def test_proposition2_learning_rate_on_a_hand_computed_example():
+    """gamma = (n ln 2 / d) min_k [min_i sigma_k(W_i(0))^2 lam_k / lam'_k^2] over lam'_k != 0:
+    here n = 3, d = 2, the smallest sigmas per k are (0.5, 2, 0.7), k = 2 has lam' = 0, and
+    the terms for k = 1, 3 are 0.25 * 4 / 9 and 0.49 * 1 / 1."""
+    sigmas0 = np.array([[1.0, 2.0, 0.7], [0.5, 3.0, 0.9]])
+    gamma = align.prop2_learning_rate(sigmas0, [4.0, 9.0, 1.0], [3.0, 0.0, 1.0], n=3)
+    assert gamma == pytest.approx(3 * math.log(2) / 2 * (0.25 * 4 / 9), rel=1e-14)
+
+
+def test_balanced_factorization_with_a_given_non_symmetric_orthonormal_w():
+    """Proposition 3 with W != W^T: W_1 = W Sigma^{1/2} V^T, W_2 = U Sigma^{1/2} W^T, so
+    W_2 W_1 = P, W_1 W_1^T = W_2^T W_2 (balanced) and the norms sum to 2 ||P||_*."""
+    rng = np.random.default_rng(11)
+    P = rng.standard_normal((3, 4))
+    W = random_orthogonal(rng, 3)
+    assert np.abs(W - W.T).max() > 0.1
+    W1, W2 = align.balanced_factorization(P, W=W)
+    U, s, Vt = np.linalg.svd(P)
+    np.testing.assert_allclose(W2 @ W1, P, atol=1e-12)
+    np.testing.assert_allclose(W1, W @ np.diag(np.sqrt(s)) @ Vt[:3], atol=1e-12)
+    np.testing.assert_allclose(W2, U @ np.diag(np.sqrt(s)) @ W.T, atol=1e-12)
+    np.testing.assert_allclose(W1 @ W1.T, W2.T @ W2, atol=1e-12)
+    assert np.sum(W1 ** 2) + np.sum(W2 ** 2) == pytest.approx(2 * s.sum(), rel=1e-12)

@@ -1,0 +1,384 @@
+"""Mutation testing: plant one small bug at a time in the library and see whether the tests
+(or ``verify --quick``) notice.
+
+    python benchmarks/mutate.py                      # align.py, structured.py, align_fast.py, align_steps.py
+    python benchmarks/mutate.py align.py --verify    # also: does verify --quick alone catch them?
+    python benchmarks/mutate.py --list align.py      # the mutants, nothing run
+
+How it works:
+1. **Map.** The suite runs once under coverage, one context per test, so each line of the
+   library knows the tests that execute it and how long they take (cached in
+   results/mutation/map.json until a source or test file changes; needs ``pip install coverage``).
+2. **Mutants.** Each site below gives one mutant, a copy of the module with one change:
+   ``+``<->``-``, ``*``<->``/``, ``@``->``*``, a comparison's strictness or sense, ``and``<->``or``,
+   a dropped unary minus or ``not``, a dropped ``.T``, ``max``<->``min``, ``argmax``<->``argmin``,
+   a dropped ``abs``, ``True``<->``False``, an integer ``n`` -> ``n + 1``.  Docstrings,
+   ``raise`` statements and messages are left alone.
+3. **Run.** Each mutant runs the tests that cover its line, fastest first, stopping at the first
+   failure (``pytest -x``), in a private copy of the tree, one copy per worker.  A failure, an
+   error or a time-out (three times the tests' own time plus 30 s) kills it.  A mutant whose
+   line no in-process test covers runs the whole suite (subprocess tests may reach it).
+4. **Verdict.** Survivors listed in EQUIVALENT (a change that cannot alter behaviour, with the
+   reason) are left out of the score: score = killed / (mutants - equivalent).
+
+Results go to results/mutation/<module>.json and a table on stdout.  A full run of the four
+modules takes about an hour on 2 cores; ``--sample N`` runs a fixed random N per module.
+"""
+import argparse
+import ast
+import concurrent.futures as futures
+import hashlib
+import json
+import os
+import queue
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "results" / "mutation"
+MODULES = ["align.py", "structured.py", "align_fast.py", "align_steps.py"]
+SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
+        ast.MatMult: ast.Mult, ast.Pow: ast.Mult, ast.FloorDiv: ast.Mult,
+        ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt,
+        ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Is: ast.IsNot, ast.IsNot: ast.Is,
+        ast.In: ast.NotIn, ast.NotIn: ast.In, ast.And: ast.Or, ast.Or: ast.And}
+NAMES = {"max": "min", "min": "max", "argmax": "argmin", "argmin": "argmax",
+         "maximum": "minimum", "minimum": "maximum", "amax": "amin", "amin": "amax"}
+DROPPED_CALLS = {"abs"}
+
+# Survivors that cannot change behaviour: (module, function, before, after) -> why.
+EQUIVALENT = {}
+
+
+@dataclass
+class Mutant:
+    module: str
+    function: str
+    line: int
+    before: str
+    after: str
+    start: tuple
+    end: tuple
+    status: str = ""
+    verify: str = ""
+    seconds: float = 0.0
+
+    @property
+    def key(self):
+        return (self.module, self.function, self.before, self.after)
+
+
+# ------------------------------------------------------------------ mutants --
+
+def _skipped(tree):
+    """ids of nodes never mutated: docstrings, raise statements, f-strings, annotations."""
+    skip = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            skip.add(id(body[0]))
+        if isinstance(node, (ast.Raise, ast.JoinedStr, ast.Assert)):
+            skip.update(id(n) for n in ast.walk(node))
+        for name in ("returns", "annotation"):
+            if getattr(node, name, None) is not None:
+                skip.update(id(n) for n in ast.walk(getattr(node, name)))
+    return skip
+
+
+def _changes(node):
+    """(the node that is replaced, its replacement) for each mutation of ``node``."""
+    if isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) in SWAP:
+        yield node, _with(node, op=SWAP[type(node.op)]())
+    elif isinstance(node, ast.BoolOp):
+        yield node, _with(node, op=SWAP[type(node.op)]())
+    elif isinstance(node, ast.Compare):
+        for i, op in enumerate(node.ops):
+            if type(op) in SWAP:
+                ops = list(node.ops)
+                ops[i] = SWAP[type(op)]()
+                yield node, _with(node, ops=ops)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
+        yield node, node.operand
+    elif isinstance(node, ast.Attribute) and node.attr == "T":
+        yield node, node.value
+    elif isinstance(node, ast.Attribute) and node.attr in NAMES:
+        yield node, _with(node, attr=NAMES[node.attr])
+    elif isinstance(node, ast.Name) and node.id in NAMES and isinstance(node.ctx, ast.Load):
+        yield node, ast.Name(NAMES[node.id], ast.Load())
+    elif isinstance(node, ast.Call) and len(node.args) == 1 and not node.keywords and \
+            getattr(node.func, "id", getattr(node.func, "attr", None)) in DROPPED_CALLS:
+        yield node, node.args[0]
+    elif isinstance(node, ast.Constant) and type(node.value) is bool:
+        yield node, ast.Constant(not node.value)
+    elif isinstance(node, ast.Constant) and type(node.value) is int:
+        yield node, ast.Constant(node.value + 1)
+
+
+def _with(node, **fields):
+    new = type(node)(**{f: getattr(node, f) for f in node._fields})
+    for name, value in fields.items():
+        setattr(new, name, value)
+    return new
+
+
+def _functions(tree):
+    """Each node's enclosing function, as a dotted name."""
+    owner = {}
+
+    def visit(node, name):
+        for child in ast.iter_child_nodes(node):
+            inner = name
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                inner = f"{name}.{child.name}" if name else child.name
+            owner[id(child)] = inner
+            visit(child, inner)
+    visit(tree, "")
+    return owner
+
+
+def mutants(module):
+    """Every mutant of one module, in source order."""
+    source = (ROOT / module).read_text()
+    tree = ast.parse(source)
+    skip, owner = _skipped(tree), _functions(tree)
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in skip or not hasattr(node, "lineno"):
+            continue
+        for old, new in _changes(node):
+            before = ast.get_source_segment(source, old)
+            after = ast.unparse(new)
+            if isinstance(old, ast.expr):
+                after = f"({after})"
+            found.append(Mutant(module, owner.get(id(node), ""), old.lineno, before, after,
+                                (old.lineno, old.col_offset), (old.end_lineno, old.end_col_offset)))
+    return sorted(found, key=lambda m: (m.start, m.after))
+
+
+def mutated_source(mutant):
+    lines = (ROOT / mutant.module).read_text().splitlines(keepends=True)
+    (l0, c0), (l1, c1) = mutant.start, mutant.end
+    head = "".join(lines[:l0 - 1]) + lines[l0 - 1][:c0]
+    tail = lines[l1 - 1][c1:] + "".join(lines[l1:])
+    return head + mutant.after + tail
+
+
+# ---------------------------------------------------------------------- map --
+
+class ContextPerTest:
+    """pytest plugin: one coverage context per test, and each test's duration."""
+
+    def __init__(self):
+        import coverage
+        self.cov = coverage.Coverage.current()
+        self.seconds = {}
+
+    def pytest_runtest_setup(self, item):
+        self.cov.switch_context(item.nodeid)
+
+    def pytest_runtest_teardown(self, item):
+        self.cov.switch_context("")
+
+    def pytest_runtest_logreport(self, report):
+        self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def _fingerprint():
+    files = sorted([*ROOT.glob("*.py"), *ROOT.glob("tests/**/*.py")])
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+
+
+def coverage_map():
+    """{"seconds": {test: s}, "lines": {module: {line: [tests]}}} from one traced run."""
+    path = OUT / "map.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached["fingerprint"] == _fingerprint():
+            return cached
+    OUT.mkdir(parents=True, exist_ok=True)
+    print("mapping lines to tests (one traced run of the suite)...", flush=True)
+    data_file = OUT / ".coverage"
+    subprocess.run([sys.executable, "-m", "coverage", "run", f"--data-file={data_file}",
+                    f"--include={','.join(str(ROOT / m) for m in MODULES)}",
+                    str(Path(__file__)), "--trace-suite"], cwd=ROOT, check=True)
+    import coverage
+    data = coverage.CoverageData(basename=str(data_file))
+    data.read()
+    lines = {}
+    for module in MODULES:
+        by_line = data.contexts_by_lineno(str(ROOT / module))
+        lines[module] = {str(k): sorted(c for c in v if c) for k, v in by_line.items()}
+    result = {"fingerprint": _fingerprint(), "lines": lines,
+              "seconds": json.loads((OUT / "seconds.json").read_text())}
+    path.write_text(json.dumps(result))
+    return result
+
+
+def trace_suite():
+    sys.path.insert(0, str(ROOT))
+    plugin = ContextPerTest()
+    code = pytest.main(["-q", "-p", "no:cacheprovider"], plugins=[plugin])
+    (OUT / "seconds.json").write_text(json.dumps(plugin.seconds))
+    sys.exit(int(code))
+
+
+# ---------------------------------------------------------------------- run --
+
+def _copy_tree(dest):
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for name in files:
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target)
+
+
+def _tests_for(mutant, cmap, longest):
+    """The tests that run the mutant's lines and take at most ``longest`` seconds, fastest first."""
+    (l0, _), (l1, _) = mutant.start, mutant.end
+    tests = set()
+    for line in range(l0, l1 + 1):
+        tests.update(cmap["lines"][mutant.module].get(str(line), []))
+    seconds = cmap["seconds"]
+    return sorted((t for t in tests if seconds.get(t, 0.0) <= longest), key=lambda t: seconds.get(t, 0.0))
+
+
+def _run(command, cwd, timeout):
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OPENBLAS_NUM_THREADS="1",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    try:
+        done = subprocess.run(command, cwd=cwd, env=env, timeout=timeout,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return "survived" if done.returncode == 0 else "killed"
+    except subprocess.TimeoutExpired:
+        return "killed"          # (a time-out: an endless loop or a far slower program)
+
+
+def run_mutant(mutant, tree, cmap, with_verify, longest):
+    start = time.perf_counter()
+    path = tree / mutant.module
+    original = path.read_text()
+    path.write_text(mutated_source(mutant))
+    try:
+        tests = _tests_for(mutant, cmap, longest)
+        budget = 30 + 3 * sum(cmap["seconds"].get(t, 1.0) for t in tests) if tests else 900
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                   *(tests or ["tests"])]
+        mutant.status = _run(command, tree, budget)
+        if with_verify:
+            mutant.verify = _run([sys.executable, "experiments.py", "verify", "--quick"], tree, 120)
+    finally:
+        path.write_text(original)
+    if mutant.status == "survived" and mutant.key in EQUIVALENT:
+        mutant.status = "equivalent"
+    mutant.seconds = time.perf_counter() - start
+    return mutant
+
+
+def run_all(found, cmap, workers, with_verify, longest):
+    trees = queue.Queue()
+    base = Path(tempfile.mkdtemp(prefix="mutate-"))
+    for i in range(workers):
+        _copy_tree(base / str(i))
+        trees.put(base / str(i))
+
+    def one(mutant):
+        tree = trees.get()
+        try:
+            return run_mutant(mutant, tree, cmap, with_verify, longest)
+        finally:
+            trees.put(tree)
+    try:
+        with futures.ThreadPoolExecutor(workers) as pool:
+            for done, mutant in enumerate(pool.map(one, found), 1):
+                print(f"[{done}/{len(found)}] {mutant.status:10} {mutant.verify:8} "
+                      f"{mutant.module}:{mutant.line} {mutant.before!r} -> {mutant.after!r}",
+                      flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def score(found):
+    counted = [m for m in found if m.status != "equivalent"]
+    killed = sum(m.status == "killed" for m in counted)
+    return killed, len(counted)
+
+
+def report(found, module, with_verify):
+    killed, counted = score(found)
+    line = f"{module}: {len(found)} mutants, {len(found) - counted} equivalent, " \
+           f"killed {killed} of {counted} ({100 * killed / max(counted, 1):.1f}%)"
+    if with_verify:
+        by_verify = sum(m.verify == "killed" for m in found if m.status != "equivalent")
+        line += f"; verify --quick alone kills {by_verify} ({100 * by_verify / max(counted, 1):.1f}%)"
+    print(line)
+    for m in found:
+        if m.status == "survived":
+            print(f"  survived {m.module}:{m.line} in {m.function}: {m.before!r} -> {m.after!r}")
+    return line
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", default=MODULES, help="modules to mutate")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--verify", action="store_true", help="also run verify --quick per mutant")
+    parser.add_argument("--sample", type=int, help="a fixed random N mutants per module")
+    parser.add_argument("--lines", help="only mutants on lines A-B (e.g. 120-180)")
+    parser.add_argument("--rerun", action="store_true",
+                        help="only the mutants that survived the last run of each module")
+    parser.add_argument("--max-test-seconds", type=float, default=3.0,
+                        help="leave out tests slower than this (the end-to-end fault sweeps); "
+                             "a mutant killed only by them counts as surviving (default 3)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and stop")
+    parser.add_argument("--trace-suite", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.trace_suite:
+        return trace_suite()
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module(s) {unknown}; choose from {MODULES}")
+    cmap = None if args.list else coverage_map()
+    summary = []
+    for module in args.modules:
+        found = mutants(module)
+        if args.lines:
+            lo, hi = map(int, args.lines.split("-"))
+            found = [m for m in found if lo <= m.line <= hi]
+        if args.rerun:
+            last = {(m["module"], m["function"], m["before"], m["after"]): m["status"]
+                    for m in json.loads((OUT / f"{module[:-3]}.json").read_text())}
+            found = [m for m in found if last.get(m.key) == "survived"]
+        elif args.sample and args.sample < len(found):
+            found = sorted(random.Random(0).sample(found, args.sample), key=lambda m: m.start)
+        if args.list:
+            for m in found:
+                print(f"{module}:{m.line} {m.function}: {m.before!r} -> {m.after!r}")
+            print(f"{module}: {len(found)} mutants")
+            continue
+        if args.rerun:
+            previous = json.loads((OUT / f"{module[:-3]}.json").read_text())
+            rerun = {m.key: m for m in found}
+            run_all(found, cmap, args.workers, args.verify, args.max_test_seconds)
+            found = [rerun.get((p["module"], p["function"], p["before"], p["after"])) or Mutant(**p)
+                     for p in previous]
+            (OUT / f"{module[:-3]}.json").write_text(json.dumps([asdict(m) for m in found], indent=1))
+            summary.append(report(found, module, args.verify))
+            continue
+        run_all(found, cmap, args.workers, args.verify, args.max_test_seconds)
+        (OUT / f"{module[:-3]}.json").write_text(json.dumps([asdict(m) for m in found], indent=1))
+        summary.append(report(found, module, args.verify))
+    print("\n".join(summary))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
