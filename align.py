@@ -21,7 +21,7 @@ __all__ = [
     # the network, its loss and gradients (Eq. (1), (2), (8)) and gradient descent
     "forward", "loss", "gradients", "layer_gradients", "loss_and_gradients",
     "loss_and_output_gradient", "activations", "backward", "train", "gradient_descent",
-    "frozen_below", "History", "Run", "DivergenceError",
+    "frozen_below", "network_rates", "History", "Run", "DivergenceError",
     # usSVD (Definition 1), the measures of Section 6 and the exact test of Definition 2
     "ussvd", "ussvd_matrix", "ussvd_reorder", "alignment", "invariance", "tracker",
     "is_aligned", "AlignmentTest", "Pair", "alignment_pairs", "invariance_pairs",
@@ -421,8 +421,8 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
     ----------
     weights, X, Y, kind
         As in :func:`loss`.
-    lr : float
-        The learning rate gamma (> 0).
+    lr : float or sequence
+        The learning rate gamma (> 0); for a batch, one per network may be given.
     max_steps : int
         The step budget.
     tol : float
@@ -452,8 +452,37 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
     Y = prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1]).astype(weights[0].dtype)
     per_network = frozen_below(lambda ws: loss_and_gradients(ws, X, Y, kind), tol,
                                 weights[0].ndim == 3)
-    return gradient_descent(weights, per_network, lr, max_steps, tol, record_every, measure_every,
-                            measures, callback)
+    return gradient_descent(weights, per_network, network_rates(lr, weights), max_steps, tol,
+                            record_every, measure_every, measures, callback)
+
+
+def network_rates(lr, weights):
+    """``lr`` as train applies it: a number, or one number per network of a batch, as a
+    (b, 1, 1) array of the weights' dtype and module (each network's step W - lr_b G_b).
+
+    Parameters
+    ----------
+    lr : float or sequence
+        One learning rate, or b of them for a batch of b networks.
+    weights
+        As in :func:`forward`.
+
+    Returns
+    -------
+    float or array
+
+    Raises
+    ------
+    ValueError
+        Rates for weights that are not a batch, or not one per network.
+    """
+    if np.ndim(lr) == 0:
+        return lr
+    rates, W = np.asarray(to_numpy(lr), dtype=np.float64), weights[0]
+    if W.ndim != 3 or rates.shape != W.shape[:1]:
+        raise ValueError(f"lr of shape {rates.shape}: give one number, or one per network of a "
+                         f"batch ({W.shape[0] if W.ndim == 3 else 'weights are not a batch'})")
+    return array_module(W).asarray(rates.reshape(-1, 1, 1), dtype=W.dtype)
 
 
 def frozen_below(loss_and_grads, tol, batched):
@@ -572,8 +601,9 @@ def check_schedule(lr, max_steps, record_every, measure_every, tol):
     ValueError
         A value out of range.
     """
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive finite number, got {lr}")
+    rates = np.asarray(to_numpy(lr), dtype=np.float64)
+    if not (rates.size and np.all(rates > 0) and np.all(np.isfinite(rates))):
+        raise ValueError(f"lr must be a positive finite number (or one per network), got {lr}")
     check_tolerance("tol", tol)
     for name, value, least in (("record_every", record_every, 1),
                                ("measure_every", measure_every, 1), ("max_steps", max_steps, 0)):
@@ -680,8 +710,10 @@ class Run:
             if not math.isfinite(worst):
                 hist.stop_reason, hist.final_step = "diverged", step
                 hist.wall_time = time.perf_counter() - self.start
-                raise DivergenceError(f"loss became {worst} at step {step} with lr = {self.lr}; "
-                                      f"try a smaller learning rate (e.g. {self.lr / 10:g})", hist)
+                lr = np.asarray(to_numpy(self.lr)).max()
+                raise DivergenceError(f"loss became {worst} at step {step} with lr = {lr:g}"
+                                      f"{'' if np.ndim(self.lr) == 0 else ' (the largest)'}; "
+                                      f"try a smaller learning rate (e.g. {lr / 10:g})", hist)
             hist.steps.append(step)
             hist.losses.append(value)
             if self.callback:

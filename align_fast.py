@@ -58,7 +58,7 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4, record
     """
     align.check_network(weights, X)
     Y = align.prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1]).astype(weights[0].dtype)
-    measures = align.as_measures(measures)
+    measures, lr = align.as_measures(measures), align.network_rates(lr, weights)
     if X.shape[-1] < X.shape[-2]:
         return _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every,
                                    measure_every, measures, callback)

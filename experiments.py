@@ -33,6 +33,7 @@ import align
 import align_fast
 import outputs
 import structured as st
+import sweeps
 import verify
 from outputs import ExperimentError
 
@@ -200,16 +201,18 @@ def to_device(cfg, *arrays):
     return [cfg.xp.asarray(a, dtype=cfg.dtype) for a in arrays]
 
 
-def run_dense(label, cfg, weights, X, Y, kind):
-    """Gradient descent on a dense network with both measures tracked; a run record."""
+def run_dense(label, cfg, weights, X, Y, kind, lr=None):
+    """Gradient descent on a dense network (or a batch, ``lr`` one per network or one for
+    all; default --lr) with both measures tracked; (weights, History)."""
     weights = to_device(cfg, *weights)
     X = to_device(cfg, X)[0]
     Y = cfg.xp.asarray(Y) if kind == "ce" else to_device(cfg, Y)[0]
     measure = cfg.lib.tracker(weights, rtol=cfg.rtol)
     try:
-        out, hist = cfg.lib.train(weights, X, Y, kind=kind, lr=cfg.lr, max_steps=cfg.max_steps,
-                                tol=cfg.tol, measure_every=cfg.measure_every,
-                                measures={"m": measure}, callback=Progress(label, cfg))
+        out, hist = cfg.lib.train(weights, X, Y, kind=kind, lr=cfg.lr if lr is None else lr,
+                                  max_steps=cfg.max_steps,
+                                  tol=cfg.tol, measure_every=cfg.measure_every,
+                                  measures={"m": measure}, callback=Progress(label, cfg))
     except align.DivergenceError as exc:
         raise ExperimentError(f"{label}: {exc}") from exc
     return out, hist
@@ -260,42 +263,86 @@ def seeds(cfg):
 
 # ---------------------------------------------------------- experiments --
 
+@dataclasses.dataclass
+class Problem:
+    """One network to train: its name in the records, start, data, learning rate, and the
+    fields its record gets besides the History's."""
+    name: str
+    weights: list
+    X: object
+    Y: object
+    lr: float
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def shapes(self):
+        return tuple(W.shape for W in self.weights) + (self.X.shape, self.Y.shape)
+
+
+def train_problems(cfg, problems, runs, label, always_batch=False):
+    """Train the problems, keeping each network's record in ``runs``: a problem alone as one
+    run, problems of the same shapes as batches (one lr per network, each frozen at its
+    own stop: the records are the runs alone's to rounding).  ``always_batch``: a lone
+    problem too, so that its record is bit for bit what it is in any batch (sweep shards).
+    False when interrupted."""
+    groups = {}
+    for p in problems:
+        groups.setdefault(p.shapes(), []).append(p)
+    for group in groups.values():
+        if len(group) == 1 and not always_batch:
+            p = group[0]
+            _, hist = run_dense(f"{label} {p.name}", cfg, p.weights, p.X, p.Y, loss_kind(cfg), p.lr)
+            if not keep(runs, p.name, record(hist, **p.extra)):
+                return False
+            continue
+        for part in batches(cfg, len(group), group[0].weights[0].size):
+            chunk = group[part]
+            weights = [np.stack([p.weights[i] for p in chunk]) for i in range(len(chunk[0].weights))]
+            X, Y = np.stack([p.X for p in chunk]), np.stack([p.Y for p in chunk])
+            rates = [p.lr for p in chunk]
+            names = chunk[0].name + (f" .. {chunk[-1].name}" if len(chunk) > 1 else "")
+            _, hist = run_dense(f"{label} {names}", cfg, weights, X, Y, loss_kind(cfg),
+                                rates[0] if len(set(rates)) == 1 else rates)
+            split = split_batch(hist.to_dict(), [p.name for p in chunk], cfg.tol)
+            for p in chunk:
+                if not keep(runs, p.name, split[p.name] | p.extra):
+                    return False
+    return True
+
+
+def scaled(weights, scale):
+    """The weights times --init-scale (a sweep parameter; unchanged when not given)."""
+    return weights if scale is None else [scale * W for W in weights]
+
+
+def fig1a_problems(cfg):
+    """Fig. 1a's networks: depth 3 (sweeps: depth, width of the hidden layers, n, init_scale,
+    lr), X and Y 9 x n standard normal, aligned start from their singular vectors."""
+    depth, width, n = cfg.depth or 3, cfg.width or 9, cfg.n or 9
+    widths = [9] + [width] * (depth - 1) + [9]
+    for seed in seeds(cfg):
+        rng = np.random.default_rng(seed)
+        X, Y = rng.standard_normal((9, n)), rng.standard_normal((9, n))
+        if cfg.init == "aligned":
+            weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=seed)
+        else:
+            weights = torch_like_init(rng, widths)
+        yield Problem(f"seed={seed}", scaled(weights, cfg.init_scale), X, Y, cfg.lr)
+
+
 def fig1a(cfg, runs):
     """Figure 1a: 3 layers 9x9, X, Y 9x9 standard normal, aligned start; Theorem 1's
     condition fails, so alignment is not kept.  --seeds N trains the N networks as one batch."""
-    problems = []
-    for seed in seeds(cfg):
-        rng = np.random.default_rng(seed)
-        X, Y = rng.standard_normal((9, 9)), rng.standard_normal((9, 9))
-        if cfg.init == "aligned":
-            weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], [9] * 4, seed=seed)
-        else:
-            weights = torch_like_init(rng, [9] * 4)
-        problems.append((weights, X, Y))
-    if cfg.seeds == 1:
-        _, hist = run_dense(f"fig1a seed={cfg.seed}", cfg, *problems[0], loss_kind(cfg))
-        if not keep(runs, f"seed={cfg.seed}", record(hist)):
-            return None
-    else:
-        for part in batches(cfg, problems):
-            first = cfg.seed + part.start
-            weights = [np.stack([p[0][i] for p in problems[part]]) for i in range(3)]
-            X, Y = np.stack([p[1] for p in problems[part]]), np.stack([p[2] for p in problems[part]])
-            _, hist = run_dense(f"fig1a seeds {first}..{first + len(weights[0]) - 1}", cfg,
-                                weights, X, Y, loss_kind(cfg))
-            for name, run in split_batch(hist.to_dict(), [f"seed={first + b}" for b in range(len(X))],
-                                         cfg.tol).items():
-                if not keep(runs, name, run):
-                    return None
+    if not train_problems(cfg, list(fig1a_problems(cfg)), runs, "fig1a"):
+        return None
     return claim_leaves_one(runs)
 
 
-def batches(cfg, problems):
-    """Slices of the problems to train as one batch each: as many networks as fit in half
-    the device's free memory (64 arrays of a layer's size per network, generously); a
-    notice when the JSON would hold very many losses."""
-    count, steps = len(problems), cfg.max_steps + 1
-    layer = problems[0][0][0].size * np.dtype(cfg.dtype).itemsize
+def batches(cfg, count, layer_size):
+    """Slices of ``count`` problems to train as one batch each: as many networks as fit in
+    half the device's free memory (64 arrays of a first layer's size per network,
+    generously); a notice when the JSON would hold very many losses."""
+    steps = cfg.max_steps + 1
+    layer = layer_size * np.dtype(cfg.dtype).itemsize
     kept = count * steps // cfg.loss_every        # losses in the JSON at most
     if kept > 10 ** 7 and not cfg.quiet:
         print(f"note: the JSON will hold up to {kept:,} losses "
@@ -551,6 +598,103 @@ def thm3(cfg, runs):
                    f"threshold {cfg.tol:g} (raise --max-steps)")
 
 
+STABILITY_EPS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+STABILITY_DEPTHS = (2, 3, 4)
+FIT_UP_TO = 1e-4            # exponents are fitted over 0 < eps <= this (before saturation)
+DEPARTURE_FLOOR = 1e-13     # departures below this are rounding, left out of the fits
+
+
+def near_certified(seed, widths, n, eps):
+    """(start, X, Y): data meeting Theorem 1's condition, X_0 = sqrt(n) V D_x Q^T and
+    Y_0 = sqrt(n) U D_y Q^T (D from U(1, 2)), moved to X_0 + eps ||X_0|| G_1 / ||G_1||
+    and Y_0 + eps ||Y_0|| G_2 / ||G_2|| (G standard normal); the aligned start (Lemma 2)
+    from X_0, Y_0's certificate, singular values from U(0.5, 1).  The same seed gives the
+    same X_0, Y_0, G and start for every eps."""
+    rng = np.random.default_rng(seed)
+    k0, kd = widths[0], widths[-1]
+    V, U, Q = verify.orthogonal(rng, k0), verify.orthogonal(rng, kd), verify.orthogonal(rng, n)
+    X0 = math.sqrt(n) * V @ align.rect_diag(rng.uniform(1, 2, min(k0, n)), k0, n) @ Q.T
+    Y0 = math.sqrt(n) * U @ align.rect_diag(rng.uniform(1, 2, min(kd, n)), kd, n) @ Q.T
+    G1, G2 = rng.standard_normal(X0.shape), rng.standard_normal(Y0.shape)
+    cert = align.invariance_certificate(X0, Y0, widths)
+    sigmas = [rng.uniform(0.5, 1.0, min(a, b)) for a, b in zip(widths, widths[1:])]
+    start = align.aligned_init(cert.U, cert.V, widths, sigmas=sigmas)
+    X = X0 + eps * np.linalg.norm(X0) / np.linalg.norm(G1) * G1
+    Y = Y0 + eps * np.linalg.norm(Y0) / np.linalg.norm(G2) * G2
+    return start, X, Y
+
+
+def stability_problems(cfg):
+    """The stability networks: depths 2, 3, 4 (widths 9, hidden --width), 9 x n data (n = 9)
+    at each eps of STABILITY_EPS, each seed; a sweep may fix depth and eps."""
+    width, n = cfg.width or 9, cfg.n or 9
+    for depth in (cfg.depth,) if cfg.depth else STABILITY_DEPTHS:
+        widths = [9] + [width] * (depth - 1) + [9]
+        for eps in (cfg.eps,) if cfg.eps is not None else STABILITY_EPS:
+            for seed in seeds(cfg):
+                start, X, Y = near_certified(seed, widths, n, eps)
+                yield Problem(f"depth={depth} eps={eps:g} seed={seed}", scaled(start, cfg.init_scale),
+                              X, Y, cfg.lr, {"depth": depth, "eps": eps, "seed": seed})
+
+
+def departures(run):
+    """1 - each measure at the end, and its largest value over training (1 - the least)."""
+    m = run["measurements"]
+    return {"final_departure": {k: 1 - v[-1] for k, v in m.items()},
+            "largest_departure": {k: 1 - min(v) for k, v in m.items()}}
+
+
+def stability(cfg, runs):
+    """Beyond the paper: how fragile is alignment?  Data at distance eps from Theorem 1's
+    condition, aligned start from the unperturbed data's certificate, trained to the
+    threshold; 1 - alignment and 1 - invariance against eps, depths 2, 3, 4."""
+    if not train_problems(cfg, list(stability_problems(cfg)), runs, "stability"):
+        return None
+    for run in runs.values():
+        run.update(departures(run))
+    exact = [r for r in runs.values() if r["eps"] == 0]
+    eps = 1e-8 if cfg.dtype == np.float64 else 1e-4
+    worst = max((max(r["largest_departure"].values()) for r in exact), default=None)
+    return verdict(f"at eps = 0 (Theorem 1's condition met) both measures stay 1 to {eps:g} "
+                   "under both rules", worst, worst is not None and worst <= eps,
+                   None if exact else "no run at eps = 0")
+
+
+def fitted_slope(eps, values):
+    """The least-squares slope of log10(values) against log10(eps) over the points with
+    0 < eps <= FIT_UP_TO and values above DEPARTURE_FLOOR; None with fewer than 2."""
+    points = [(math.log10(e), math.log10(v)) for e, v in zip(eps, values)
+              if 0 < e <= FIT_UP_TO and v > DEPARTURE_FLOOR]
+    if len(points) < 2:
+        return None
+    x, y = np.array(points).T
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def stability_findings(runs):
+    """Per depth and measure: the exponent p of 1 - measure ~ eps^p, for the value at the end
+    ("final") and the largest departure during training ("largest"), fitted per seed; the
+    mean, min and max over seeds."""
+    out = {}
+    for depth in sorted({r["depth"] for r in runs.values()}):
+        chosen = [r for r in runs.values() if r["depth"] == depth]
+        out[f"depth={depth}"] = {key: {which: _slopes(chosen, f"{which}_departure", key)
+                                       for which in ("final", "largest")}
+                                 for key in align.MEASURE_KEYS}
+    return {"exponent": out, "fitted_over": f"0 < eps <= {FIT_UP_TO:g}, departures above "
+                                             f"{DEPARTURE_FLOOR:g}"}
+
+
+def _slopes(chosen, field, key):
+    slopes = []
+    for seed in sorted({r["seed"] for r in chosen}):
+        slope = fitted_slope(*zip(*sorted((r["eps"], r[field][key]) for r in chosen if r["seed"] == seed)))
+        if slope is not None:
+            slopes.append(slope)
+    return {"mean": float(np.mean(slopes)), "min": min(slopes), "max": max(slopes),
+            "seeds": len(slopes)} if slopes else None
+
+
 def claim_leaves_one(runs):
     """Definition 3 fails: in every run the paired alignment or invariance leaves 1."""
     lowest = max(min(r["measurements"]["alignment_paired"] + r["measurements"]["invariance_paired"])
@@ -589,11 +733,17 @@ class Experiment:
     gpu_from_seeds: float = math.inf
     options: tuple = ()
     runs_per_seed: int = 1              # networks trained per seed (memory check)
+    measure_every: int = 100            # Appendix L
+    problems: object = None             # cfg -> Problems: what a sweep can batch
+    sweeps: tuple = ()                  # the parameters a sweep may vary (Config fields)
+    figure: object = None               # (title, runs) -> figure, instead of outputs.figure
+    findings: object = None             # runs -> a dict for the JSON and the summary
 
 
 EXPERIMENTS = {
     "fig1a": Experiment(fig1a, "Fig. 1a, Theorem 1", np.float64, gpu_from_seeds=100,
-                        options=("init", "loss_scale")),
+                        options=("init", "loss_scale"), problems=fig1a_problems,
+                        sweeps=("lr", "depth", "width", "n", "init_scale")),
     "fig1b": Experiment(fig1b, "Fig. 1b, Theorem 4", np.float32, gpu_from_seeds=1,
                         options=("init", "mnist", "loss_scale")),
     "fig1c": Experiment(fig1c, "Fig. 1c, cross-entropy", np.float32, gpu_from_seeds=1,
@@ -607,6 +757,11 @@ EXPERIMENTS = {
                         runs_per_seed=2),
     "cor1": Experiment(cor1, "Corollary 1", np.float64, options=("loss_scale",)),
     "thm3": Experiment(thm3, "Theorem 3, Proposition 5", np.float64, lr=1e-1, tol=1e-10),
+    "stability": Experiment(stability, "beyond the paper", np.float64, lr=5e-2, options=("loss_scale",),
+                            runs_per_seed=len(STABILITY_EPS) * len(STABILITY_DEPTHS), measure_every=10,
+                            problems=stability_problems, figure=outputs.stability_figure,
+                            findings=stability_findings,
+                            sweeps=("lr", "depth", "width", "n", "init_scale", "eps")),
 }
 PER_EXPERIMENT_OPTIONS = ("init", "mnist", "loss_scale")   # each experiment lists its own
 COMMAND_OPTIONS = {"verify": {"device", "quick", "out", "quiet", "threads"},   # verify, report
@@ -636,6 +791,11 @@ class Config:
     command: str = ""
     threads: int = 1
     reference: bool = False
+    depth: int = None                   # the sweep parameters (None: the experiment's own)
+    width: int = None
+    n: int = None
+    init_scale: float = None
+    eps: float = None
 
     @property
     def lib(self):
@@ -644,15 +804,19 @@ class Config:
 
     def to_dict(self):
         """The settings for the JSON record."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "xp"} | \
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "xp" and not (f.name in SWEEP_PARAMETERS and getattr(self, f.name) is None)} | \
             {"dtype": np.dtype(self.dtype).name, "implementation": self.lib.__name__}
+
+
+SWEEP_PARAMETERS = {"lr": float, "depth": int, "width": int, "n": int, "init_scale": float, "eps": float}
 
 
 def configure(name, args, xp):
     """The Config of experiment ``name`` from the parsed command line, on the array module xp
     (NumPy where --device auto finds the CPU faster for it)."""
     exp = EXPERIMENTS[name]
-    dtype = np.dtype(args.dtype or exp.dtype).type
+    dtype, every = np.dtype(args.dtype or exp.dtype).type, args.measure_every or exp.measure_every
     if args.device == "auto" and xp is not np and args.seeds < exp.gpu_from_seeds:
         xp = np
         if not args.quiet:
@@ -661,7 +825,7 @@ def configure(name, args, xp):
     return Config(xp=xp, device=args.device, dtype=dtype, lr=args.lr or exp.lr, tol=args.tol or exp.tol,
                   rtol=1e-6 if dtype == np.float64 else 1e-4, seed=args.seed, seeds=args.seeds,
                   max_steps=min(args.max_steps, QUICK_STEPS) if args.quick else args.max_steps,
-                  measure_every=min(args.measure_every, QUICK_MEASURE) if args.quick else args.measure_every,
+                  measure_every=min(every, QUICK_MEASURE) if args.quick else every,
                   loss_every=args.loss_every, loss_scale=args.loss_scale or "mean",
                   init=args.init or "aligned", mnist=args.mnist, out=args.out, quiet=args.quiet,
                   quick=args.quick, command=args.command, threads=blas_threads(args.threads),
@@ -813,15 +977,19 @@ def _report(name, cfg, exp, runs, claim, stop, start):
     """Print the summary and write the JSON, CSV and PNG of an experiment's runs."""
     runs = {label: thinned(r, cfg.loss_every) for label, r in runs.items()}
     print(outputs.summary(name, runs, claim, stop))
+    findings = exp.findings(runs) if exp.findings and stop == "done" else None
+    if findings:
+        print(outputs.findings_text(findings))
     result = {"experiment": name, "paper": exp.paper, "title": title(exp.run), "status": stop,
               "claim": claim, "command": cfg.command, "version": project_version(),
               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "config": cfg.to_dict(), "environment": environment(cfg),
-              "wall_time": time.perf_counter() - start, "summary": outputs.spread(runs), "runs": runs}
+              "wall_time": time.perf_counter() - start, "summary": outputs.spread(runs),
+              **({"findings": findings} if findings else {}), "runs": runs}
     base = os.path.join(cfg.out, output_stem(name, cfg, stop))
     writers = {base + ".json": outputs.text_writer(json.dumps(outputs.strict_json(result), indent=1, allow_nan=False)),
                base + ".csv": outputs.text_writer(outputs.csv_text(runs))}
-    fig = outputs.figure_or_note(result["title"], runs)
+    fig = outputs.figure_or_note(result["title"], runs, exp.figure)
     if not isinstance(fig, str):
         writers[base + ".png"] = lambda tmp: fig.savefig(tmp, dpi=120, format="png")
     try:                                               # (never an old plot beside new results)
@@ -887,6 +1055,8 @@ def parser(name=None):
         epilog=("" if name else "experiments:\n" + listing + "\n  list   print this table"
                 "\n  all    every experiment in turn\n  verify every numbered statement of Sections 3-5 "
                 "checked numerically\n  report results/report.md and .html from what is in results/"
+                "\n  sweep  sweep EXPERIMENT --grid NAME=V1,V2,... (fig1a, stability): a grid of its "
+                "parameters, in shards for job arrays (sweep fig1a --help)"
                 "\n\n") + "exit status: 0 done, 1 error, 2 bad "
         "usage, 3 a paper claim did not hold or was not shown (full runs), 130 interrupted, "
         "143 terminated (SIGTERM)")
@@ -920,9 +1090,9 @@ def parser(name=None):
                        "interpolation", exp and f"{exp.tol:g}") + ")")
     p.add_argument("--max-steps", type=_positive_int, default=100_000,
                    help=shown("max_steps") or "step budget (default 100000, the authors' cap)")
-    p.add_argument("--measure-every", type=_positive_int, default=100,
+    p.add_argument("--measure-every", type=_positive_int, default=None,
                    help=shown("measure_every") or "steps between measurements of alignment and "
-                   "invariance (100)")
+                   "invariance (" + default("100; 10 for stability", exp and exp.measure_every) + ")")
     p.add_argument("--loss-every", type=_positive_int, default=1,
                    help=shown("loss_every") or "keep the loss of every K-th step in the JSON "
                    "(default 1: every step; runs still stop at the first step below --tol)")
@@ -1071,6 +1241,8 @@ def main(argv=None):
     """Run the command line; returns the exit status (0, 1 error, 2 usage, 3 claim not shown
     or not holding, 130 Ctrl-C, 143 SIGTERM).  SIGTERM is handled like Ctrl-C."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sweep"]:
+        return sweep_command(argv)
     args = parser(next((a for a in argv if a in EXPERIMENTS or a in COMMAND_OPTIONS),
                        None)).parse_args(argv)
     args.command = shlex.join(["python", "experiments.py", *argv])
@@ -1091,9 +1263,25 @@ def main(argv=None):
             parser(name).error(f"{', '.join(ignored)} does not apply to {name}")
         if ignored and not args.quiet:
             print(f"note: {name} ignores {', '.join(ignored)}", file=sys.stderr)
+    with sigterm_as_interrupt():
+        return run_experiments(args, names)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM handled like Ctrl-C while a command runs (in the main thread)."""
     previous = signal.signal(signal.SIGTERM, outputs.on_signal) \
         if threading.current_thread() is threading.main_thread() else None
     del outputs.SIGNALS_RECEIVED[:], outputs.FILES_WRITTEN[:]
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def run_experiments(args, names):
+    """Run the named experiments in turn; the exit status."""
     try:
         check_output_folder(args.out)
         if args.mnist is not None:
@@ -1111,10 +1299,78 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         return interrupted_status()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     return 0 if all(c["holds"] for c in claims.values()) or args.quick else 3
+
+
+def sweep_parser(name):
+    """The command line of ``sweep EXPERIMENT``: the experiment's options, --grid, --shard
+    and --merge."""
+    p = parser(name)
+    p.prog = f"experiments.py sweep {name}"
+    p.description = (f"sweep {name}: train {name} at every combination of the --grid values "
+                     f"({', '.join(EXPERIMENTS[name].sweeps)}), --seeds networks each; cells "
+                     "sharing shapes train as one batch.  " + sweeps.__doc__.split("\n\n")[1])
+    p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
+                   help="a parameter and its values (repeat for more parameters)")
+    p.add_argument("--shard", metavar="I/N", help="run only the I-th of N parts of the grid "
+                   "(cells I-1, I-1+N, ...) into <out>/sweep-<experiment>-shard-I-of-N.json")
+    p.add_argument("--merge", action="store_true",
+                   help="join the N shards in <out> into <out>/sweep-<experiment>.*")
+    return p
+
+
+def sweep_command(argv):
+    """``sweep EXPERIMENT --grid ...``: run the grid (or one shard of it), or merge the
+    shards; the exit status."""
+    swept = [n for n, e in EXPERIMENTS.items() if e.problems]
+    name = argv[1] if len(argv) > 1 else None
+    if name not in swept:
+        print(f"usage: experiments.py sweep EXPERIMENT --grid NAME=V1,V2,... [--seeds N] "
+              f"[--shard I/N | --merge]\nerror: EXPERIMENT must be one of {', '.join(swept)}"
+              f"{'' if name is None else f', not {name}'}", file=sys.stderr)
+        return 2
+    p = sweep_parser(name)
+    args = p.parse_args(argv[1:])
+    args.command = shlex.join(["python", "experiments.py", *argv])
+    ignored = options_not_applying(name, argv[1:])
+    if ignored:
+        p.error(f"{', '.join(ignored)} does not apply to a sweep of {name}")
+    if args.merge and args.shard:
+        p.error("--merge joins the shards: give it without --shard")
+    with sigterm_as_interrupt():
+        try:
+            check_output_folder(args.out)
+            xp = select_device(args.device, quiet=args.quiet)
+            return run_sweep(name, args, configure(name, args, xp))
+        except (ExperimentError, DeviceError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return interrupted_status()
+
+
+def run_sweep(name, args, cfg):
+    """Train (or merge) the sweep and write its files; the exit status."""
+    exp = EXPERIMENTS[name]
+    grid = sweeps.parse_grid(args.grid, name, exp, SWEEP_PARAMETERS)
+    shard = sweeps.parse_shard(args.shard) if args.shard else None
+    start, status = time.perf_counter(), "done"
+    with threads_limited(cfg.threads):
+        if args.merge:
+            result = sweeps.merge(name, exp, cfg, grid, environment(cfg), project_version())
+        else:
+            count = len(sweeps.shard_indices(len(sweeps.cells(grid)), shard))
+            check_memory(cfg, count * exp.runs_per_seed)
+            runs, status = sweeps.run_sweep(name, exp, cfg, grid, shard, train_problems)
+            if not runs:
+                print(f"sweep {name}: interrupted before any run was recorded; nothing written")
+                return interrupted_status()
+            result = sweeps.result_record(name, exp, cfg, grid, shard, runs, status, start,
+                                          environment(cfg), project_version())
+    with outputs.signals_held():
+        print(sweeps.summary_text(name, grid, result["cells"], status))
+        print(f"  wrote {', '.join(sweeps.write(result, cfg.out, name, shard))}")
+    return interrupted_status() if status == "interrupted" else 0
 
 
 if __name__ == "__main__":

@@ -161,14 +161,15 @@ def csv_text(runs):
 BAND_FROM_RUNS = 7                 # plots of more runs show their mean and min-max band
 
 
-def figure_or_note(title, runs):
-    """figure(title, runs), or a note saying why there is none (matplotlib missing)."""
+def figure_or_note(title, runs, draw=None):
+    """draw(title, runs) (default :func:`figure`), or a note saying why there is no figure
+    (matplotlib missing)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
     except ImportError:
         return "matplotlib is not installed: pip install '.[plot]' to get the plots"
-    return figure(title, runs)
+    return (draw or figure)(title, runs)
 
 
 def close_figure(fig):
@@ -247,6 +248,47 @@ def _plot_sigma(axes, run):
         axes[1].plot(steps, reduced[:, 0, k], ".", ms=3, color=line.get_color())
     axes[0].set_title("S_k = prod_i sigma_k(W_i): GD (lines), Cor. 1 (dots)")
     axes[1].set_title("sigma_k(W_1): GD (lines), Cor. 1 (dots)")
+
+
+def stability_figure(title, runs):
+    """1 - alignment and 1 - invariance at the end against eps (log-log), one colour per
+    depth: the geometric mean over seeds (solid: paired rule, dashed: matched) with the
+    min-max band of the paired rule; eps = 0 and departures below 1e-16 are not drawn."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    depths = sorted({r["depth"] for r in runs.values()})
+    for j, depth in enumerate(depths):
+        chosen = [r for r in runs.values() if r["depth"] == depth and r["eps"] > 0]
+        grid = sorted({r["eps"] for r in chosen})
+        for ax, what in zip(axes, ("alignment", "invariance")):
+            for how, dash in (("paired", "-"), ("matched", "--")):
+                values = np.array([[max(r["final_departure"][f"{what}_{how}"], 1e-16)
+                                    for r in chosen if r["eps"] == e] for e in grid])
+                mean = np.exp(np.log(values).mean(axis=1))
+                ax.loglog(grid, mean, dash, color=f"C{j}", marker="o" if how == "paired" else None,
+                          ms=3, label=f"depth {depth}" if how == "paired" else None)
+                if how == "paired":
+                    ax.fill_between(grid, values.min(axis=1), values.max(axis=1), color=f"C{j}", alpha=0.2)
+    for ax, what in zip(axes, ("alignment", "invariance")):
+        ax.set(xlabel="eps (distance from Theorem 1's condition)", ylabel=f"1 - {what} at the end",
+               title=f"1 - {what} (solid: paired, dashed: matched; band: min-max over seeds)")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def findings_text(findings):
+    """An experiment's findings for the terminal: the fitted exponents per depth."""
+    rows = [f"  exponent p of 1 - measure ~ eps^p (fitted over {findings['fitted_over']}), at the "
+            "end / largest during training, mean [min, max] over seeds:"]
+    text = lambda v: f"{v['mean']:.2f} [{v['min']:.2f}, {v['max']:.2f}]" if v else "-"
+    for depth, by_key in findings["exponent"].items():
+        rows.append(f"    {depth}: " + "; ".join(
+            f"{key.replace('_', ' ')} {text(v['final'])} / {text(v['largest'])}"
+            for key, v in by_key.items()))
+    return "\n".join(rows)
 
 
 def summary(name, runs, claim, stop):

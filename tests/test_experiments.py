@@ -14,7 +14,7 @@ from conftest import CUPY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-QUICK_CLAIMS = ["fig1a", "fig1b", "fig1c", "fig2a", "fig2b", "thm1", "prop1", "cor1", "thm3"]
+QUICK_CLAIMS = ["fig1a", "fig1b", "fig1c", "fig2a", "fig2b", "thm1", "prop1", "cor1", "thm3", "stability"]
 
 
 def run(tmp_path, *args):
@@ -219,7 +219,7 @@ def test_seeds_beyond_device_memory_run_in_batches_with_the_same_records(tmp_pat
     monkeypatch.setattr(experiments, "run_dense", lambda label, *a, run_dense=experiments.run_dense:
                         labels.append(label) or run_dense(label, *a))
     run(tmp_path / "three", "fig1a", "--quick", "--seeds", "5")
-    assert labels == ["fig1a seeds 0..1", "fig1a seeds 2..3", "fig1a seeds 4..4"]
+    assert labels == ["fig1a seed=0 .. seed=1", "fig1a seed=2 .. seed=3", "fig1a seed=4"]
     one, three = (json.loads((tmp_path / d / "fig1a-quick.json").read_text())["runs"] for d in ("one", "three"))
     assert one.keys() == three.keys()
     for name in one:
@@ -248,11 +248,10 @@ def test_loss_every_thins_the_records_but_not_the_run(tmp_path):
 def test_many_seeds_are_told_how_to_thin_their_loss_records(capsys):
     import argparse
     cfg = argparse.Namespace(max_steps=100_000, dtype=np.float64, loss_every=1, quiet=False, xp=np)
-    problems = [([np.zeros((9, 9))], None, None)] * 1000
-    assert experiments.batches(cfg, problems) == [slice(0, 1000)]
+    assert experiments.batches(cfg, 1000, 81) == [slice(0, 1000)]
     assert "--loss-every" in capsys.readouterr().err
     cfg.loss_every = 100
-    experiments.batches(cfg, problems)
+    experiments.batches(cfg, 1000, 81)
     assert capsys.readouterr().err == ""
 
 

@@ -261,7 +261,7 @@ def test_no_old_plot_is_left_beside_new_results(tmp_path, monkeypatch, capsys):
     leaving it beside the new JSON, and does not claim to have written one."""
     stale = tmp_path / "fig2a-quick.png"
     stale.write_bytes(b"an earlier run's plot")
-    monkeypatch.setattr(outputs, "figure_or_note", lambda title, runs: "matplotlib is not installed")
+    monkeypatch.setattr(outputs, "figure_or_note", lambda title, runs, draw=None: "matplotlib is not installed")
     assert experiments.main(["fig2a", "--quick", "--out", str(tmp_path), "-q"]) == 0
     out = capsys.readouterr().out
     assert not stale.exists() and "fig2a-quick.png" not in out and "matplotlib is not installed" in out

@@ -1,0 +1,318 @@
+"""Grid sweeps over an experiment's parameters, in shards for job arrays.
+
+    python experiments.py sweep fig1a --grid lr=0.01,0.02 --grid depth=2,3,4 --seeds 5
+    python experiments.py sweep fig1a ... --shard 2/4      # the 2nd of 4 parts (a job array)
+    python experiments.py sweep fig1a ... --merge          # join the parts into one result
+
+A cell is one combination of the grid's values (itertools.product order: the last --grid
+varies fastest); each cell trains --seeds networks.  Cells whose networks share shapes
+train as one batch, each network with its own learning rate, so a grid costs little more
+than its slowest cell.  Shard I of N takes the cells whose index is I - 1 modulo N and
+writes <out>/sweep-<experiment>-shard-I-of-N.json; --merge checks that the N parts are
+there, of the same sweep, and writes <out>/sweep-<experiment>.{json,csv,png} as the
+unsharded sweep would (every network trains in a batch either way, so the records are
+the same bit for bit; only wall times and batch sizes differ).
+"""
+import csv
+import dataclasses
+import glob
+import io
+import itertools
+import json
+import os
+import re
+import time
+
+import numpy as np
+
+import outputs
+from outputs import ExperimentError
+
+# what a run records at the end, for the cells' statistics
+FINAL = {"alignment_paired": "final alignment (paired)", "alignment_matched": "final alignment (matched)",
+         "invariance_paired": "final invariance (paired)", "invariance_matched": "final invariance (matched)"}
+POSITIVE = {"lr", "init_scale"}                  # must be > 0; depth, width, n: integers >= 1
+
+
+def parse_grid(items, name, exp, kinds):
+    """{parameter: [values]} from --grid NAME=V1,V2,... items; ExperimentError naming the
+    problem (an unknown or inapplicable name, a repeated one, a bad value)."""
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ExperimentError(f"--grid {item}: write NAME=V1,V2,... (e.g. --grid lr=0.01,0.02)")
+        if key not in kinds:
+            raise ExperimentError(f"--grid {key}: unknown parameter; {name} sweeps "
+                                  f"{', '.join(exp.sweeps)}")
+        if key not in exp.sweeps:
+            raise ExperimentError(f"--grid {key}: does not apply to {name}, which sweeps "
+                                  f"{', '.join(exp.sweeps)}")
+        if key in grid:
+            raise ExperimentError(f"--grid {key} given twice: put all its values in one --grid")
+        grid[key] = [_value(key, text, kinds[key]) for text in values.split(",")]
+        if len(set(grid[key])) < len(grid[key]):
+            raise ExperimentError(f"--grid {key}: a value is repeated ({values})")
+    if not grid:
+        raise ExperimentError("sweep needs at least one --grid NAME=V1,V2,...")
+    return grid
+
+
+def _value(key, text, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ExperimentError(f"--grid {key}: {text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not np.isfinite(value) or value < 0 or (value == 0 and key != "eps") or \
+            (kind is int and value < 1):
+        raise ExperimentError(f"--grid {key}: {text} is out of range (" +
+                              ("eps >= 0" if key == "eps" else "> 0" if key in POSITIVE else ">= 1") + ")")
+    return value
+
+
+def cells(grid):
+    """Every combination of the grid's values, in a fixed order."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def cell_name(cell):
+    return " ".join(f"{k}={v:g}" for k, v in cell.items())
+
+
+def parse_shard(text):
+    """(I, N) from "I/N" with 1 <= I <= N."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text or "")
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise ExperimentError(f"--shard {text}: write I/N with 1 <= I <= N (e.g. --shard 2/4)")
+    return int(match[1]), int(match[2])
+
+
+def shard_indices(count, shard):
+    """The cell indices of shard (I, N): those equal to I - 1 modulo N (all without a shard)."""
+    return list(range(count)) if shard is None else list(range(shard[0] - 1, count, shard[1]))
+
+
+def run_sweep(name, exp, cfg, grid, shard, train_problems):
+    """Train the cells of this shard (all without one): (runs in cell order, cells' records,
+    "done" or "interrupted")."""
+    every, problems = cells(grid), []
+    for index in shard_indices(len(every), shard):
+        cell = every[index]
+        for p in exp.problems(dataclasses.replace(cfg, **cell)):
+            problems.append(dataclasses.replace(p, name=f"{cell_name(cell)} {p.name}",
+                                                extra=p.extra | {"cell": cell, "cell_index": index}))
+    runs = {}
+    done = train_problems(cfg, problems, runs, f"sweep {name}", always_batch=True)
+    runs = {p.name: runs[p.name] for p in problems if p.name in runs}      # cell order
+    return runs, "done" if done else "interrupted"
+
+
+def cell_stats(grid, runs):
+    """Per cell: its values, how many runs (converged), steps and each final measure's mean,
+    standard deviation, min and max over the seeds."""
+    out = []
+    for index, cell in enumerate(cells(grid)):
+        mine = [r for r in runs.values() if r["cell_index"] == index]
+        if not mine:
+            continue
+        row = {"cell": cell, "runs": len(mine),
+               "converged": sum(r["stop_reason"] == "tol" for r in mine),
+               "final_step": _stats([r["final_step"] for r in mine])}
+        for key in FINAL:
+            values = [r["measurements"][key][-1] for r in mine if key in r["measurements"]]
+            if values:
+                row[key] = _stats(values)
+        out.append(row)
+    return out
+
+
+def _stats(values):
+    values = np.asarray(values, dtype=float)
+    return {"mean": float(values.mean()), "std": float(values.std()),
+            "min": float(values.min()), "max": float(values.max())}
+
+
+def csv_text(grid, stats):
+    """One row per cell: its values, runs, converged, mean steps, and mean, std, min, max
+    of each final measure."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow([*grid, "runs", "converged", "steps_mean"] +
+                    [f"{key}_{s}" for key in FINAL for s in ("mean", "std", "min", "max")])
+    for row in stats:
+        writer.writerow([row["cell"][k] for k in grid] + [row["runs"], row["converged"],
+                                                          row["final_step"]["mean"]] +
+                        [row[key][s] if key in row else "" for key in FINAL
+                         for s in ("mean", "std", "min", "max")])
+    return buf.getvalue()
+
+
+def summary_text(name, grid, stats, status):
+    rows = [f"sweep {name}: {len(stats)} cells{'  [interrupted]' if status == 'interrupted' else ''}",
+            "  " + "".join(f"{k:>12}" for k in grid) + f"{'runs':>6}{'conv':>6}{'steps':>10}"
+            f"{'align p':>18}{'invar p':>18}"]
+    for row in stats:
+        pm = lambda key: (f"{row[key]['mean']:.4f} +- {row[key]['std']:.4f}" if key in row else "-")
+        rows.append("  " + "".join(f"{row['cell'][k]:>12g}" for k in grid) +
+                    f"{row['runs']:>6}{row['converged']:>6}{row['final_step']['mean']:>10,.0f}"
+                    f"{pm('alignment_paired'):>18}{pm('invariance_paired'):>18}")
+    return "\n".join(rows)
+
+
+def figure(title, grid, stats):
+    """One parameter: the final alignment and invariance against it (mean, min-max band;
+    solid paired, dashed matched).  Two: heatmaps of the mean final paired alignment and
+    invariance.  More: a note (see the CSV)."""
+    if len(grid) > 2:
+        return f"no plot for a sweep of {len(grid)} parameters: the CSV has every cell"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: pip install '.[plot]' to get the plots"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(grid)
+    for ax, what in zip(axes, ("alignment", "invariance")):
+        if len(grid) == 1:
+            x = [row["cell"][names[0]] for row in stats]
+            for how, dash in (("paired", "-"), ("matched", "--")):
+                key = f"{what}_{how}"
+                ax.plot(x, [row[key]["mean"] for row in stats], dash, marker="o", ms=3, color="C0",
+                        label=f"{how} rule, mean")
+                if how == "paired":
+                    ax.fill_between(x, [row[key]["min"] for row in stats],
+                                    [row[key]["max"] for row in stats], color="C0", alpha=0.2,
+                                    label="min-max over seeds")
+            if min(x) > 0 and max(x) / min(x) >= 100:
+                ax.set_xscale("log")
+            ax.set(xlabel=names[0], ylabel=f"final {what}", ylim=(-0.02, 1.02))
+            ax.legend(fontsize=7)
+        else:
+            rows, cols = grid[names[0]], grid[names[1]]
+            mean = np.full((len(rows), len(cols)), np.nan)
+            for row in stats:
+                mean[rows.index(row["cell"][names[0]]), cols.index(row["cell"][names[1]])] = \
+                    row[f"{what}_paired"]["mean"]
+            image = ax.imshow(mean, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            for (i, j), v in np.ndenumerate(mean):
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7,
+                        color="w" if v < 0.6 else "k")
+            ax.set(xticks=range(len(cols)), xticklabels=[f"{c:g}" for c in cols], xlabel=names[1],
+                   yticks=range(len(rows)), yticklabels=[f"{r:g}" for r in rows], ylabel=names[0])
+            fig.colorbar(image, ax=ax)
+        ax.set_title(f"final {what} (paired rule{', mean over seeds' if len(grid) == 2 else ''})",
+                     fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def shard_path(out, name, shard):
+    return os.path.join(out, f"sweep-{name}-shard-{shard[0]}-of-{shard[1]}.json")
+
+
+def identity(result):
+    """What parts of one sweep must share: experiment, grid, seeds and the settings that
+    change the numbers."""
+    config = {k: v for k, v in result["config"].items()
+              if k not in ("out", "quiet", "command", "threads", "device")}
+    return {"swept": result["swept"], "grid": result["grid"], "config": config}
+
+
+def read_parts(out, name, expected):
+    """The shards of sweep ``name`` in ``out``, checked: all N parts present, each the sweep
+    ``expected`` (identity) and holding its own cells.  ExperimentError names the missing,
+    unreadable or mismatched files."""
+    paths = sorted(glob.glob(os.path.join(glob.escape(out), f"sweep-{name}-shard-*-of-*.json")))
+    if not paths:
+        raise ExperimentError(f"no shards of sweep {name} in {out} (sweep-{name}-shard-I-of-N.json); "
+                              "run the parts with --shard I/N first")
+    counts = {int(re.search(r"-of-(\d+)\.json$", p)[1]) for p in paths}
+    if len(counts) > 1:
+        raise ExperimentError(f"shards of different splits in {out} ({', '.join(map(os.path.basename, paths))}): "
+                              "remove those of the old split")
+    count = counts.pop()
+    missing = [shard_path(out, name, (i, count)) for i in range(1, count + 1)
+               if shard_path(out, name, (i, count)) not in paths]
+    if missing:
+        raise ExperimentError(f"missing shard(s) of {count}: {', '.join(missing)}; run them "
+                              f"(--shard I/{count}) and merge again")
+    parts = []
+    for i in range(1, count + 1):
+        path = shard_path(out, name, (i, count))
+        try:
+            with open(path) as f:
+                part = json.load(f)
+            mine = identity(part)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ExperimentError(f"{path} cannot be read ({exc}); rerun that shard") from exc
+        theirs = {**mine["config"], "experiment": mine["swept"], "grid": mine["grid"]}
+        asked = {**expected["config"], "experiment": expected["swept"], "grid": expected["grid"]}
+        differ = [f"{k} {theirs.get(k)} there, {asked.get(k)} here" for k in {**theirs, **asked}
+                  if theirs.get(k) != asked.get(k)]
+        if differ:
+            raise ExperimentError(f"{path} is from another sweep ({'; '.join(sorted(differ))}); "
+                                  "rerun it with this command's settings, or merge with its own")
+        if part["shard"] != [i, count] or part["status"] != "done":
+            raise ExperimentError(f"{path} is not a complete shard {i}/{count} "
+                                  f"(status {part['status']}); rerun it")
+        parts.append(part)
+    return parts
+
+
+def merged_runs(parts, grid):
+    """The parts' runs in the unsharded sweep's order (by cell, then as trained)."""
+    every = [(r["cell_index"], j, name, r) for part in parts for j, (name, r) in enumerate(part["runs"].items())]
+    seen = [name for _, _, name, _ in every]
+    if len(seen) != len(set(seen)):
+        raise ExperimentError("the same run is in two shards: remove the duplicated shard files")
+    cell_count = len(cells(grid))
+    found = {i for i, *_ in every}
+    if found != set(range(cell_count)):
+        raise ExperimentError(f"cells {sorted(set(range(cell_count)) - found)} are in no shard")
+    return {name: r for _, _, name, r in sorted(every, key=lambda t: (t[0], t[1]))}
+
+
+def result_record(name, exp, cfg, grid, shard, runs, status, start, environment, version):
+    """The sweep's JSON record."""
+    return {"experiment": "sweep", "swept": name, "paper": exp.paper, "grid": grid,
+            "shard": list(shard) if shard else None, "status": status, "command": cfg.command,
+            "version": version, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "config": cfg.to_dict(), "environment": environment, "wall_time": time.perf_counter() - start,
+            "cells": cell_stats(grid, runs), "runs": runs}
+
+
+def write(result, out, name, shard):
+    """A shard's JSON, or the sweep's JSON, CSV and PNG; the paths written."""
+    stats, grid = result["cells"], result["grid"]
+    text = json.dumps(outputs.strict_json(result), indent=1, allow_nan=False)
+    if shard:
+        path = shard_path(out, name, shard)
+        outputs.write_files({path: outputs.text_writer(text)})
+        return [path]
+    base = os.path.join(out, f"sweep-{name}")
+    writers = {base + ".json": outputs.text_writer(text), base + ".csv": outputs.text_writer(csv_text(grid, stats))}
+    fig = figure(f"sweep {name}: " + ", ".join(f"{k} in {v}" for k, v in grid.items()) +
+                 f", {result['config']['seeds']} seeds", grid, stats) if stats else "no cell finished"
+    if not isinstance(fig, str):
+        writers[base + ".png"] = lambda tmp: fig.savefig(tmp, dpi=120, format="png")
+    try:
+        outputs.write_files(writers, remove=[base + ".png"] if isinstance(fig, str) else [])
+    finally:
+        outputs.close_figure(fig)
+    if isinstance(fig, str):
+        print(f"  {fig}")
+    return list(writers)
+
+
+def merge(name, exp, cfg, grid, environment, version):
+    """Join the shards in cfg.out into the sweep's result (as run unsharded)."""
+    start = time.perf_counter()
+    expected = identity(result_record(name, exp, cfg, grid, None, {}, "done", start, {}, version))
+    parts = read_parts(cfg.out, name, expected)
+    runs = merged_runs(parts, grid)
+    result = result_record(name, exp, cfg, grid, None, runs, "done", start, environment, version)
+    result["wall_time"] = sum(p["wall_time"] for p in parts)
+    result["merged_from"] = [shard_path(cfg.out, name, tuple(p["shard"])) for p in parts]
+    return result
