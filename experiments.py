@@ -273,9 +273,10 @@ class Problem:
     Y: object
     lr: float
     extra: dict = dataclasses.field(default_factory=dict)
+    group: object = None            # problems batch together only within a group
 
-    def shapes(self):
-        return tuple(W.shape for W in self.weights) + (self.X.shape, self.Y.shape)
+    def batch_key(self):
+        return tuple(W.shape for W in self.weights) + (self.X.shape, self.Y.shape, self.group)
 
 
 def train_problems(cfg, problems, runs, label, always_batch=False):
@@ -286,7 +287,7 @@ def train_problems(cfg, problems, runs, label, always_batch=False):
     False when interrupted."""
     groups = {}
     for p in problems:
-        groups.setdefault(p.shapes(), []).append(p)
+        groups.setdefault(p.batch_key(), []).append(p)
     for group in groups.values():
         if len(group) == 1 and not always_batch:
             p = group[0]
@@ -626,7 +627,8 @@ def near_certified(seed, widths, n, eps):
 
 def stability_problems(cfg):
     """The stability networks: depths 2, 3, 4 (widths 9, hidden --width), 9 x n data (n = 9)
-    at each eps of STABILITY_EPS, each seed; a sweep may fix depth and eps."""
+    at each eps of STABILITY_EPS, each seed; a sweep may fix depth and eps.  Each eps is a
+    batch of its own: small eps converge in ~100 steps, eps = 1 may take 50,000."""
     width, n = cfg.width or 9, cfg.n or 9
     for depth in (cfg.depth,) if cfg.depth else STABILITY_DEPTHS:
         widths = [9] + [width] * (depth - 1) + [9]
@@ -634,7 +636,7 @@ def stability_problems(cfg):
             for seed in seeds(cfg):
                 start, X, Y = near_certified(seed, widths, n, eps)
                 yield Problem(f"depth={depth} eps={eps:g} seed={seed}", scaled(start, cfg.init_scale),
-                              X, Y, cfg.lr, {"depth": depth, "eps": eps, "seed": seed})
+                              X, Y, cfg.lr, {"depth": depth, "eps": eps, "seed": seed}, group=eps)
 
 
 def departures(run):

@@ -10,6 +10,7 @@ full SVDs), seeds in parallel, Corollary 1's reduced dynamics vs full GD.  "floo
 counted flops / the peak matmul rate measured in the same run.  Writes <out>/bench.json.
 """
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -27,6 +28,7 @@ import align  # noqa: E402
 import experiments  # noqa: E402
 import outputs  # noqa: E402
 import structured as st  # noqa: E402
+import sweeps  # noqa: E402
 
 WIDTHS = [784, 1024, 64, 10]
 N = 256
@@ -324,6 +326,29 @@ def bench_parallel(rows, out, count=4):
                     f"(goal <= 3 on 2 cores; 68 before BLAS threads were set)"))
 
 
+def bench_sweep(rows, lrs=(0.01, 0.02, 0.03, 0.04), depths=(2, 3, 4), seeds=5):
+    """A fig1a grid (lr x depth, 5 seeds, to the threshold) as `sweep` trains it (cells of
+    one depth as one batch, one lr per network) against its runs one by one (each alone on
+    the fastest single-network path); training and measuring, not the files."""
+    args = experiments.parser("fig1a").parse_args(["fig1a", "--seeds", str(seeds), "-q"])
+    args.command = ""
+    cfg = experiments.configure("fig1a", args, np)
+    grid = {"lr": list(lrs), "depth": list(depths)}
+    exp = experiments.EXPERIMENTS["fig1a"]
+    start = time.perf_counter()
+    runs, _ = sweeps.run_sweep("fig1a", exp, cfg, grid, None, experiments.train_problems)
+    swept = time.perf_counter() - start
+    start, alone = time.perf_counter(), {}
+    for cell in sweeps.cells(grid):
+        for p in exp.problems(dataclasses.replace(cfg, **cell)):
+            experiments.train_problems(cfg, [dataclasses.replace(p, name=f"{cell} {p.name}")], alone, "")
+    one_by_one = time.perf_counter() - start
+    steps = sum(r["final_step"] for r in alone.values())
+    rows.append(row(f"fig1a grid {len(lrs)} lr x {len(depths)} depths x {seeds} seeds (sweep)", swept,
+                    f"its {len(alone)} runs one by one", one_by_one, None,
+                    f"{steps:,} steps in all; sweep / one by one = {swept / one_by_one:.2f} (goal <= 0.2)"))
+
+
 def row(name, ours, baseline_name, baseline, floor, note):
     return {"name": name, "ours_s": ours, "baseline": baseline_name, "baseline_s": baseline,
             "ratio": baseline / ours, "floor_s": floor,
@@ -360,14 +385,14 @@ def main(argv=None):
                    help="also run fig1a, fig1b, fig1c and fig2b to their thresholds (minutes)")
     p.add_argument("--parts", default="step,measure,cor1,seeds,parallel",
                    help="comma-separated benchmarks to run (default step,measure,cor1,seeds,"
-                        "parallel; end-to-end is --end-to-end)")
+                        "parallel; also sweep, minutes; end-to-end is --end-to-end)")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
     parts = set(args.parts.split(",")) | ({"end-to-end"} if args.end_to_end else set())
-    unknown = parts - {"step", "measure", "cor1", "seeds", "parallel", "end-to-end"}
+    unknown = parts - {"step", "measure", "cor1", "seeds", "parallel", "sweep", "end-to-end"}
     if unknown:
         p.error(f"unknown --parts {sorted(unknown)}; choose from step, measure, cor1, seeds, "
-                "parallel, end-to-end")
+                "parallel, sweep, end-to-end")
     try:
         experiments.check_output_folder(args.out)
         xp = experiments.select_device(args.device)
@@ -383,6 +408,8 @@ def main(argv=None):
         bench_seeds(xp, rows, args.seed_steps)
     if "parallel" in parts and xp is np:
         bench_parallel(rows, args.out)
+    if "sweep" in parts and xp is np:
+        bench_sweep(rows)
     if "end-to-end" in parts:
         bench_end_to_end("cpu" if xp is np else "gpu", rows, args.out)
     info = experiments.environment(argparse.Namespace(xp=xp))

@@ -297,12 +297,16 @@ def run_all(found, cmap, workers, with_verify, longest):
             return run_mutant(mutant, tree, cmap, with_verify, longest)
         finally:
             trees.put(tree)
+    for module in {m.module for m in found}:
+        (OUT / f"{module[:-3]}.partial.jsonl").unlink(missing_ok=True)
     try:
         with futures.ThreadPoolExecutor(workers) as pool:
             for done, mutant in enumerate(pool.map(one, found), 1):
                 print(f"[{done}/{len(found)}] {mutant.status:10} {mutant.verify:8} "
-                      f"{mutant.module}:{mutant.line} {mutant.before!r} -> {mutant.after!r}",
-                      flush=True)
+                      f"{mutant.seconds:5.1f}s {mutant.module}:{mutant.line} {mutant.before!r} -> "
+                      f"{mutant.after!r}", flush=True)
+                with open(OUT / f"{mutant.module[:-3]}.partial.jsonl", "a") as f:
+                    f.write(json.dumps(asdict(mutant)) + "\n")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
