@@ -145,9 +145,12 @@ def _functions(tree):
     return owner
 
 
+SOURCES = {}         # module -> its text when its mutants were made (edits after do not count)
+
+
 def mutants(module):
     """Every mutant of one module, in source order."""
-    source = (ROOT / module).read_text()
+    source = SOURCES.setdefault(module, (ROOT / module).read_text())
     tree = ast.parse(source)
     skip, owner = _skipped(tree), _functions(tree)
     found = []
@@ -165,7 +168,7 @@ def mutants(module):
 
 
 def mutated_source(mutant):
-    lines = (ROOT / mutant.module).read_text().splitlines(keepends=True)
+    lines = SOURCES[mutant.module].splitlines(keepends=True)
     (l0, c0), (l1, c1) = mutant.start, mutant.end
     head = "".join(lines[:l0 - 1]) + lines[l0 - 1][:c0]
     tail = lines[l1 - 1][c1:] + "".join(lines[l1:])
@@ -266,7 +269,7 @@ def _run(command, cwd, timeout):
 def run_mutant(mutant, tree, cmap, with_verify, longest):
     start = time.perf_counter()
     path = tree / mutant.module
-    original = path.read_text()
+    original = SOURCES[mutant.module]
     path.write_text(mutated_source(mutant))
     try:
         tests = _tests_for(mutant, cmap, longest)
