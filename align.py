@@ -694,8 +694,9 @@ class Run:
         for name, fn in self.measures.items():
             value = fn(at, self.params0)
             for key, v in (value.items() if isinstance(value, dict) else [(name, value)]):
-                if bad is not None and getattr(v, "shape", ())[:1] == bad.shape:
-                    v = array_module(v).where(bad, math.nan, v.astype(float))
+                if bad is not None and getattr(v, "shape", ())[:1] == bad.shape:   # per network
+                    mask = bad.reshape(bad.shape + (1,) * (v.ndim - 1))
+                    v = array_module(v).where(mask, math.nan, v.astype(float))
                 values[key] = _plain(v)
         self.hist.measure_steps.append(self.step)
         for key, v in values.items():

@@ -303,7 +303,7 @@ def train_problems(cfg, problems, runs, label, always_batch=False):
             names = chunk[0].name + (f" .. {chunk[-1].name}" if len(chunk) > 1 else "")
             _, hist = run_dense(f"{label} {names}", cfg, weights, X, Y, loss_kind(cfg),
                                 rates[0] if len(set(rates)) == 1 else rates)
-            split = split_batch(hist.to_dict(), [p.name for p in chunk], cfg.tol)
+            split = split_batch(vars(hist), [p.name for p in chunk], cfg.tol)
             for p in chunk:
                 if not keep(runs, p.name, split[p.name] | p.extra):
                     return False
@@ -376,22 +376,23 @@ def split_batch(batch, names, tol):
     is the batch's next one (the network no longer moved).  A network whose loss stopped
     being finite is recorded as diverged there, without that loss (as a run alone).
     """
+    steps, table = np.asarray(batch["steps"]), np.array(batch["losses"], dtype=float)
+    measure_steps = batch["measure_steps"]
     runs = {}
     for b, name in enumerate(names):
-        losses = [row[b] for row in batch["losses"]]
-        below = [t for t, L in zip(batch["steps"], losses) if L < tol]
-        bad = [t for t, L in zip(batch["steps"], losses) if L is None or not math.isfinite(L)]
-        stop = min(below[:1] + bad[:1] + [batch["final_step"]])
-        keep = [j for j, t in enumerate(batch["measure_steps"]) if t < stop]
-        diverged = bool(bad) and stop == bad[0]         # (its loss at stop is not finite)
-        after = [] if diverged else [next(j for j, t in enumerate(batch["measure_steps"]) if t >= stop)]
-        upto = lambda t: t < stop or (t == stop and not diverged)
+        losses = table[:, b]
+        below, bad = steps[losses < tol], steps[~np.isfinite(losses)]
+        stop = int(min([*below[:1], *bad[:1], batch["final_step"]]))
+        keep = [j for j, t in enumerate(measure_steps) if t < stop]
+        diverged = bool(bad.size) and stop == bad[0]    # (its loss at stop is not finite)
+        after = [] if diverged else [next(j for j, t in enumerate(measure_steps) if t >= stop)]
+        upto = (steps < stop) | ((steps == stop) & (not diverged))
         runs[name] = {
-            "steps": [t for t in batch["steps"] if upto(t)],
-            "losses": [L for t, L in zip(batch["steps"], losses) if upto(t)],
-            "measure_steps": [batch["measure_steps"][j] for j in keep] + [stop] * len(after),
+            "steps": steps[upto].tolist(),
+            "losses": losses[upto].tolist(),
+            "measure_steps": [measure_steps[j] for j in keep] + [stop] * len(after),
             "measurements": {k: [v[j][b] for j in keep + after] for k, v in batch["measurements"].items()},
-            "stop_reason": "diverged" if diverged else "tol" if below and stop == below[0]
+            "stop_reason": "diverged" if diverged else "tol" if below.size and stop == below[0]
             else batch["stop_reason"],
             "final_step": stop, "wall_time": batch["wall_time"] / len(names), "batched": len(names)}
     return runs

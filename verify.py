@@ -90,7 +90,9 @@ def normalised(X, Y):
 
 def definition2(xp, seeds, steps):
     """Definition 2: is_aligned accepts chains aligned by construction and rejects them
-    once a layer is turned so that adjacent Gram matrices no longer commute."""
+    once a layer is turned so that adjacent Gram matrices no longer commute.  Catches: a
+    witness search that misses repeated or signed values, a residual measured on the wrong
+    side, a test that accepts everything."""
     rng = np.random.default_rng(0)
     accepted, rejected = 0.0, math.inf
     for _ in range(10 * len(seeds)):
@@ -111,7 +113,9 @@ def definition2(xp, seeds, steps):
 
 def lemma1_lemma2_theorem1(xp, seeds, steps):
     """Theorem 1 (if), Lemma 1 and Lemma 2 / Theorem 4: from an aligned start on certified
-    data the singular vectors U_i, V_i (V_1 and U_d too: strong alignment) never move."""
+    data the singular vectors U_i, V_i (V_1 and U_d too: strong alignment) never move.
+    Catches: a wrong gradient (sign, transpose, layer product), a certificate or aligned
+    start in the wrong bases."""
     worst, worst_rect = 0.0, 0.0
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -136,7 +140,8 @@ def lemma1_lemma2_theorem1(xp, seeds, steps):
 
 def theorem1_only_if(xp, seeds, steps):
     """Theorem 1 (only if): generic data violate the condition, and an aligned start leaves
-    the aligned set (the is_aligned residual grows from rounding)."""
+    the aligned set (the is_aligned residual grows from rounding).  Catches: a certificate
+    that accepts generic data, training that does not move the weights."""
     violation, residual = math.inf, math.inf
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -153,7 +158,8 @@ def theorem1_only_if(xp, seeds, steps):
 
 
 def theorem4_block_shape(xp, seeds, steps):
-    """Theorem 4's condition with k0 != kd: the block A_1 of U^T Y X^T V is (kd - r) x (k0 - r)."""
+    """Theorem 4's condition with k0 != kd: the block A_1 of U^T Y X^T V is (kd - r) x (k0 - r).
+    Catches: the certificate's bases or rank r wrong for rectangular data."""
     worst = 0.0
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -171,7 +177,8 @@ def theorem4_block_shape(xp, seeds, steps):
 
 def corollary1_and_eq6(xp, seeds, steps):
     """Corollary 1 (Appendix B's product over j != i) equals full GD; Eq. (6) as printed
-    (the product over all j) does not."""
+    (the product over all j) does not.  Catches: a wrong recursion (its rate, the product
+    over the wrong layers, lam and lam' swapped)."""
     gap, printed = 0.0, math.inf
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -198,7 +205,8 @@ def corollary1_and_eq6(xp, seeds, steps):
 
 
 def proposition1(xp, seeds, steps):
-    """Proposition 1: a network with one output stays aligned under any of the losses."""
+    """Proposition 1: a network with one output stays aligned under any of the losses.
+    Catches: a wrong logistic or exponential gradient (a sign, a missing factor)."""
     worst = 0.0
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -219,7 +227,9 @@ def proposition1(xp, seeds, steps):
 
 def proposition2(xp, seeds, steps):
     """Proposition 2 with the minimum over layers too: S(t) stays inside the linear bound;
-    with i free (the printed statement) the step overshoots lambda'/lambda (Lemma 3)."""
+    with i free (the printed statement) the step overshoots lambda'/lambda (Lemma 3).
+    Catches: a learning rate above Proposition 2's (the min over layers dropped, a factor
+    of d or n wrong)."""
     excess = -math.inf
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -246,7 +256,8 @@ def proposition2(xp, seeds, steps):
 
 def proposition3_and_appendix_g(xp, seeds, steps):
     """Proposition 3: the balanced aligned factorisation attains 2 ||P||_*, the minimum;
-    Appendix G's printed factors do not multiply to P."""
+    Appendix G's printed factors do not multiply to P.  Catches: factors that do not
+    multiply to P (a transpose, U and V swapped), unbalanced square roots."""
     excess, below, printed = 0.0, math.inf, math.inf
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -275,7 +286,8 @@ def proposition3_and_appendix_g(xp, seeds, steps):
 
 def proposition4(xp, seeds, steps):
     """Proposition 4: W_d^T aligns with Y X^T (X X^T)^{-1}, which aligns with W_1^T, for an
-    interpolating aligned network (and not for a random one)."""
+    interpolating aligned network (and not for a random one).  Catches: M built wrongly
+    (a missing inverse or transpose), the pairs tested in the wrong order."""
     worst, other = 0.0, math.inf
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -295,7 +307,8 @@ def proposition4(xp, seeds, steps):
 
 
 def proposition5(xp, seeds, steps):
-    """Proposition 5's bound r < k - 1 - C(k - n, 2) for the paper's example (r = 9, k = m^2)."""
+    """Proposition 5's bound r < k - 1 - C(k - n, 2) for the paper's example (r = 9, k = m^2).
+    Catches: a wrong bound in structured.alignment_impossible."""
     margin = min(m * m - 1 - 9 for m in range(4, 12))          # r = 9 < k - 1 - C(k - n, 2), n >= k
     assert all(st.alignment_impossible(9, m * m, m * m) for m in range(4, 12))
     return [Row("Proposition 5 (the paper's example)", "3x3 convolutions on m x m images, m = 4..11, "
@@ -303,7 +316,8 @@ def proposition5(xp, seeds, steps):
 
 
 def theorem2(xp, seeds, steps):
-    """Theorem 2: GD on a structure's coefficients is projected GD W - lr pi_S(dL/dW)."""
+    """Theorem 2: GD on a structure's coefficients is projected GD W - lr pi_S(dL/dW).
+    Catches: a wrong coefficient gradient (the pattern's values or indices), a wrong pi_S."""
     worst = 0.0
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -325,7 +339,9 @@ def theorem2(xp, seeds, steps):
 
 
 def theorem3(xp, seeds, steps):
-    """Theorem 3: a convolutional network interpolating generic data (n >= k) is not aligned."""
+    """Theorem 3: a convolutional network interpolating generic data (n >= k) is not aligned.
+    Catches: structured training that does not reach zero loss, a conv2d matrix that is
+    not the convolution's."""
     residual, loss = math.inf, 0.0
     for seed in seeds:
         rng = np.random.default_rng(seed)

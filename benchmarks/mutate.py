@@ -54,8 +54,31 @@ NAMES = {"max": "min", "min": "max", "argmax": "argmin", "argmin": "argmax",
          "maximum": "minimum", "minimum": "maximum", "amax": "amin", "amin": "amax"}
 DROPPED_CALLS = {"abs"}
 
-# Survivors that cannot change behaviour: (module, function, before, after) -> why.
-EQUIVALENT = {}
+# Survivors that cannot change behaviour: (module, function, line, column, before, after) -> why.
+EQUIVALENT = {
+    ("align.py", "_orthonormal_by_size",
+     "return (Q * np.where(np.diagonal(R) < 0, -1.0, 1.0))[:, np.argsort(order)]", 41, "-1.0",
+     "(1.0)"):
+        "the sign of a witness column is free (usSVD values are signed): |off-diagonal| and "
+        "the answer do not change",
+    ("align.py", "_pairings.take",
+     "elif o < len(fits) and sum(left[b] for b in fits[o:]) >= need:", 5, "o < len(fits)",
+     "(o <= len(fits))"):
+        "need > 0 in this branch, and at o == len(fits) the sum over no fits is 0 < need",
+    ("align.py", "_assign_positions",
+     "starting = [collections.Counter(b for a, b in intervals if a == i) for i in range(d + 1)]",
+     86, "1", "(2)"):
+        "one more empty Counter after the last space, never read",
+    ("align.py", "_gram_commutators", "worst, layer, impossible = 0.0, 0, False", 32, "0", "(1)"):
+        "layer is read only when impossible, and then a value > bound >= 0 has set it",
+    ("structured.py", "Structure.gram", "flat = self.rows * self.shape[1] + self.cols", 7,
+     "self.rows * self.shape[1] + self.cols", "(self.rows * self.shape[1] - self.cols)"):
+        "rows n - cols is another one-to-one numbering of the entries (cols < n): the same "
+        "uniqueness test and the same B B^T",
+    ("structured.py", "from_basis",
+     "Q = np.linalg.qr(B[kept].T)[0] if kept else np.zeros((B.shape[1], 0))", 66, "0", "(1)"):
+        "a zero column in Q projects nothing out",
+}
 
 
 @dataclass
@@ -67,13 +90,22 @@ class Mutant:
     after: str
     start: tuple
     end: tuple
+    text: str = ""              # the line, stripped, and the mutant's column in it
+    column: int = 0
     status: str = ""
     verify: str = ""
     seconds: float = 0.0
 
     @property
     def key(self):
-        return (self.module, self.function, self.before, self.after)
+        return key_of(asdict(self))
+
+
+def key_of(record):
+    """(module, function, the line's text, the column in it, before, after): the same
+    mutant when lines move."""
+    return (record["module"], record["function"], record["text"], record["column"],
+            record["before"], record["after"])
 
 
 # ------------------------------------------------------------------ mutants --
@@ -162,8 +194,10 @@ def mutants(module):
             after = ast.unparse(new)
             if isinstance(old, ast.expr):
                 after = f"({after})"
+            line = source.splitlines()[old.lineno - 1]
             found.append(Mutant(module, owner.get(id(node), ""), old.lineno, before, after,
-                                (old.lineno, old.col_offset), (old.end_lineno, old.end_col_offset)))
+                                (old.lineno, old.col_offset), (old.end_lineno, old.end_col_offset),
+                                line.strip(), old.col_offset - (len(line) - len(line.lstrip()))))
     return sorted(found, key=lambda m: (m.start, m.after))
 
 
@@ -246,7 +280,10 @@ def _copy_tree(dest):
 
 
 def _tests_for(mutant, cmap, longest):
-    """The tests that run the mutant's lines and take at most ``longest`` seconds, fastest first."""
+    """The tests that run the mutant's lines and take at most ``longest`` seconds, fastest
+    first (``cmap["only"]``: those given by --tests instead)."""
+    if "only" in cmap:
+        return cmap["only"]
     (l0, _), (l1, _) = mutant.start, mutant.end
     tests = set()
     for line in range(l0, l1 + 1):
@@ -300,7 +337,8 @@ def run_all(found, cmap, workers, with_verify, longest):
             return run_mutant(mutant, tree, cmap, with_verify, longest)
         finally:
             trees.put(tree)
-    for module in {m.module for m in found}:
+    record = "only" not in cmap                    # (a --tests check keeps no record)
+    for module in {m.module for m in found} if record else ():
         (OUT / f"{module[:-3]}.partial.jsonl").unlink(missing_ok=True)
     try:
         with futures.ThreadPoolExecutor(workers) as pool:
@@ -308,8 +346,9 @@ def run_all(found, cmap, workers, with_verify, longest):
                 print(f"[{done}/{len(found)}] {mutant.status:10} {mutant.verify:8} "
                       f"{mutant.seconds:5.1f}s {mutant.module}:{mutant.line} {mutant.before!r} -> "
                       f"{mutant.after!r}", flush=True)
-                with open(OUT / f"{mutant.module[:-3]}.partial.jsonl", "a") as f:
-                    f.write(json.dumps(asdict(mutant)) + "\n")
+                if record:
+                    with open(OUT / f"{mutant.module[:-3]}.partial.jsonl", "a") as f:
+                        f.write(json.dumps(asdict(mutant)) + "\n")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -347,6 +386,9 @@ def main(argv=None):
                         help="leave out tests slower than this (the end-to-end fault sweeps); "
                              "a mutant killed only by them counts as surviving (default 3)")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
+    parser.add_argument("--tests", nargs="+", metavar="TEST",
+                        help="run these tests (pytest ids) on every mutant instead of the mapped "
+                             "ones: a quick check that a new test kills given mutants")
     parser.add_argument("--trace-suite", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.trace_suite:
@@ -354,7 +396,7 @@ def main(argv=None):
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; choose from {MODULES}")
-    cmap = None if args.list else coverage_map()
+    cmap = None if args.list else {"only": args.tests, "seconds": {}} if args.tests else coverage_map()
     summary = []
     for module in args.modules:
         found = mutants(module)
@@ -362,7 +404,7 @@ def main(argv=None):
             lo, hi = map(int, args.lines.split("-"))
             found = [m for m in found if lo <= m.line <= hi]
         if args.rerun:
-            last = {(m["module"], m["function"], m["before"], m["after"]): m["status"]
+            last = {key_of(m): m["status"]
                     for m in json.loads((OUT / f"{module[:-3]}.json").read_text())}
             found = [m for m in found if last.get(m.key) == "survived"]
         elif args.sample and args.sample < len(found):
@@ -376,13 +418,14 @@ def main(argv=None):
             previous = json.loads((OUT / f"{module[:-3]}.json").read_text())
             rerun = {m.key: m for m in found}
             run_all(found, cmap, args.workers, args.verify, args.max_test_seconds)
-            found = [rerun.get((p["module"], p["function"], p["before"], p["after"])) or Mutant(**p)
+            found = [rerun.get(key_of(p)) or Mutant(**p)
                      for p in previous]
             (OUT / f"{module[:-3]}.json").write_text(json.dumps([asdict(m) for m in found], indent=1))
             summary.append(report(found, module, args.verify))
             continue
         run_all(found, cmap, args.workers, args.verify, args.max_test_seconds)
-        (OUT / f"{module[:-3]}.json").write_text(json.dumps([asdict(m) for m in found], indent=1))
+        if not args.tests:
+            (OUT / f"{module[:-3]}.json").write_text(json.dumps([asdict(m) for m in found], indent=1))
         summary.append(report(found, module, args.verify))
     print("\n".join(summary))
 

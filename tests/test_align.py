@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import align
+import verify
 from conftest import finite_difference, random_orthogonal, random_problem
 
 KINDS = ["mse", "mse_mean", "ce", "logistic", "exp"]
@@ -36,17 +37,21 @@ def test_gradients_on_backend_match_numpy(xp):
         np.testing.assert_allclose(align.to_numpy(g), w, rtol=1e-12, atol=1e-14)
 
 
-def test_batched_networks_match_one_at_a_time():
+@pytest.mark.parametrize("per_network_data", [False, True])
+def test_batched_networks_match_one_at_a_time(per_network_data):
     rng = np.random.default_rng(2)
     widths, B = [4, 5, 3], 3
     batch = [rng.standard_normal((B, widths[i + 1], widths[i])) for i in range(2)]
     X, Y = rng.standard_normal((4, 6)), rng.standard_normal((3, 6))
+    if per_network_data:                       # X (B, k0, n), Y (B, kd, n) with k0 != n
+        X, Y = np.stack([X + b for b in range(B)]), np.stack([Y * (b + 1) for b in range(B)])
     L = align.loss(batch, X, Y)
     grads = align.gradients(batch, X, Y)
     for b in range(B):
         single = [W[b] for W in batch]
-        assert L[b] == pytest.approx(align.loss(single, X, Y), rel=1e-13)
-        for g, s in zip(grads, align.gradients(single, X, Y)):
+        Xb, Yb = (X[b], Y[b]) if per_network_data else (X, Y)
+        assert L[b] == pytest.approx(align.loss(single, Xb, Yb), rel=1e-13)
+        for g, s in zip(grads, align.gradients(single, Xb, Yb)):
             np.testing.assert_allclose(g[b], s, rtol=1e-12)
 
 
@@ -563,6 +568,12 @@ def test_networks_of_a_batch_with_non_finite_weights_are_measured_as_nan():
                                      max_steps=2, tol=0.0, measures={"m": measure})
     sizes = np.array(hist.measurements["size"])
     assert np.isnan(sizes[:, 1]).all() and np.allclose(sizes[:, 0], np.abs(ps[0][0]).sum())
+    rows = lambda ws, w0: {"rows": np.abs(ws[0]).sum(axis=2)}       # (b, 3) values per network
+    _, hist = align.gradient_descent(ps, lambda ws: (np.array([1.0, np.nan]), [0 * ws[0]]),
+                                     max_steps=2, tol=0.0, measures={"m": rows})
+    rows = np.array(hist.measurements["rows"])
+    assert rows.shape == (2, 2, 3) and np.isnan(rows[:, 1]).all()
+    np.testing.assert_allclose(rows[:, 0], np.broadcast_to(np.abs(ps[0][0]).sum(axis=1), (2, 3)))
 
 
 def test_definition2_at_tol_0_accepts_exactly_diagonal_chains():
@@ -591,3 +602,88 @@ def test_training_at_tol_0_on_a_loss_of_exactly_0_runs_the_whole_budget(lib):
         out, hist = train(weights, X, np.zeros((2, 6)), lr=0.1, max_steps=120, tol=1e-300,
                           measure_every=measure_every)
         assert hist.stop_reason == "tol" and hist.final_step == 0
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_measures_do_not_depend_on_the_scale_of_the_weights(scale):
+    """rtol is relative to each layer's largest singular value: values equal up to rtol form
+    one cluster and values below rtol * sigma_max are unused at every scale.  Here W_1 has a
+    near-repeated pair (3, 3 + 3e-9) turned by 45 degrees in W_2, and W_2 a tiny third
+    value (1e-9) whose direction W_1 does not share: both rules of both measures give 1."""
+    c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
+    turn = np.array([[1.0, 0, 0], [0, c, -s], [0, s, c]])
+    tilt = random_orthogonal(np.random.default_rng(12), 4)[:, :3]     # W_2's right vectors
+    tilt = np.column_stack([np.eye(4)[:, 0], np.eye(4)[:, 1:3] @ turn[1:, 1:] @ [1, 0], tilt[:, 2]])
+    tilt = np.linalg.qr(tilt)[0] * np.sign(np.diag(np.linalg.qr(tilt)[1]))
+    W1 = np.vstack([np.diag([5.0, 3.0, 3.0 + 3e-9]), np.zeros((1, 3))])  # 4 x 3, hidden e1-e3
+    W2 = np.diag([4.0, 2.0, 1e-9]) @ tilt.T                             # 3 x 4
+    weights = [scale * W1, scale * W2]
+    assert align.alignment(weights) == pytest.approx(1.0, abs=1e-12)
+    assert align.alignment([W.T for W in weights[::-1]]) == pytest.approx(1.0, abs=1e-12)
+    assert align.invariance(weights, [W1, W2]) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_at_rtol_0_exactly_equal_values_still_cluster_and_exact_zeros_are_unused():
+    """rtol = 0: singular values that are exactly equal (a diagonal W_1 with 3, 3) are one
+    cluster, so W_2 turning that pair scores 1; an exactly zero value is unused."""
+    c, s = np.cos(0.7), np.sin(0.7)
+    W1 = np.diag([5.0, 3.0, 3.0, 0.0])
+    W2 = np.diag([4.0, 2.0, 1.0, 0.0]) @ np.array([[1.0, 0, 0, 0], [0, c, -s, 0], [0, s, c, 0], [0, 0, 0, 1]]).T
+    for weights in ([W1, W2], [W2.T, W1.T]):
+        assert align.alignment(weights, rtol=0.0) == 1.0
+    assert align.alignment([W1, W2], rtol=1e-6) == 1.0
+    assert align.alignment([np.diag([5.0, 3.0, 2.0, 0.0]), W2], rtol=0.0) < 0.9   # distinct: turned
+    # W_1 = diag(5, 3, 0): only e1, e2 are used; W_2's right vectors e1, (0, c, s), (0, -s, c)
+    # give (1 + c) / 2, the zero direction's match c not counted.  (The authors' matched
+    # rule scores every direction: (1 + c + c) / 3.)
+    V = np.array([[1.0, 0, 0], [0, c, -s], [0, s, c]])
+    W1, W2 = np.diag([5.0, 3.0, 0.0]), np.diag([4.0, 2.0, 1.0]) @ V.T
+    for weights in ([W1, W2], [W2.T, W1.T]):
+        assert align.alignment(weights, rtol=0.0) == pytest.approx((1 + c) / 2, abs=1e-14)
+        assert align.alignment(weights, "matched") == pytest.approx((1 + 2 * c) / 3, abs=1e-14)
+
+
+def test_definition2_residual_is_the_witness_off_diagonal_relative_to_each_layer():
+    """AlignmentTest.residual = max_i max |off-diagonal of U_i^T W_i V_i| / ||W_i||_2 for the
+    returned witness, also for a network that is not aligned (tol large enough that the
+    search runs), whatever the weights' scale."""
+    rng = np.random.default_rng(14)
+
+    def off(S):
+        S = S.copy()
+        np.fill_diagonal(S, 0.0)
+        return np.abs(S).max()
+    for scale in (1.0, 37.0):                 # (tol 0.05: e = 0.15 > 0.1, no Gram check)
+        weights = [scale * rng.standard_normal((3, 3)) for _ in range(3)]
+        test = align.is_aligned(weights, tol=0.05)
+        per_layer = [off(U.T @ W @ V) / np.linalg.norm(W, 2) for W, (U, _, V) in zip(weights, test.ussvds)]
+        assert test.residual == pytest.approx(max(per_layer), rel=1e-12) and not test.aligned
+        assert test.reason.startswith(f"W_{1 + int(np.argmax(per_layer))} is off-diagonal")
+    zero = align.is_aligned([np.zeros((3, 2)), rng.standard_normal((4, 3))], tol=1e-12)
+    assert zero and zero.residual < 1e-15              # (a zero layer shares any vectors)
+
+
+def test_definition2_gram_check_rejects_exactly_above_its_bound():
+    """The commutator check rejects when ||[A, B]||_F / (||A|| ||B||) > 12 (e_1 + e_2) with
+    e_i = tol sqrt(k_i k_(i-1)) (2 tol and sqrt(6) tol for layers 2 x 2 and 3 x 2): tol
+    3% either side of c / (12 (2 + sqrt 6)) puts the bound either side of c."""
+    rng = np.random.default_rng(15)
+    weights = [np.eye(2), rng.standard_normal((2, 2)), rng.standard_normal((3, 2))]
+    c = align.is_aligned(weights, tol=1e-6).residual                    # (rejected by the check)
+    A, B = (W @ W.T / np.linalg.norm(W, 2) ** 2 for W in (weights[1], weights[2].T))
+    assert c == pytest.approx(np.linalg.norm(A @ B - B @ A), rel=1e-12)
+    bound = 12 * (2 + math.sqrt(6))           # times tol: e_2 = 2 tol, e_3 = sqrt(6) tol
+    rejected = align.is_aligned(weights, tol=c / bound / 1.03).reason
+    assert rejected.startswith("W_2 W_2^T and W_3^T W_3 do not commute")
+    assert "do not commute" not in align.is_aligned(weights, tol=c / bound * 1.03).reason
+
+
+def test_definition2_rounding_never_trips_the_gram_check():
+    """At tol = 0 chains aligned to rounding are rejected (residual ~1e-16 > 0) by the search,
+    not by the commutator check, whose rounding floor (10 eps k^2) is above their
+    commutators."""
+    rng = np.random.default_rng(16)
+    for _ in range(20):
+        weights = verify.aligned_chain(rng, [int(k) for k in rng.integers(4, 9, 4)])
+        test = align.is_aligned(weights, tol=0.0)
+        assert "do not commute" not in test.reason

@@ -132,11 +132,14 @@ def test_is_aligned_at_extreme_scales_answers_instead_of_overflowing():
     rng = np.random.default_rng(6)
     Q = [np.linalg.qr(rng.standard_normal((4, 4)))[0] for _ in range(4)]
     weights = [Q[i + 1] @ np.diag(rng.uniform(0.5, 2, 4)) @ Q[i].T for i in range(3)]
-    for scale in (1e200, 1e-200):
+    for scale in (1e200, 1e-200, -1e200):         # (-1e200: the largest entry is tiny, |entry| huge)
         test = align.is_aligned([scale * W for W in weights])
         assert test and test.residual < 1e-12
         np.testing.assert_allclose(np.sort(np.abs(test.ussvds[0][1]))[::-1],      # (unsorted: Def. 1)
-                                   scale * np.linalg.svd(weights[0])[1])
+                                   abs(scale) * np.linalg.svd(weights[0])[1])
+    negative = [np.diag([-1e200, -2e200, -1e-300]), np.diag([-3e200, -1e200, 0.0])]
+    test = align.is_aligned(negative)
+    assert test and test.residual == 0.0
     assert not align.is_aligned([1e200 * W for W in weights[:2]] + [1e200 * rng.standard_normal((4, 4))])
 
 

@@ -209,3 +209,76 @@ def test_from_basis_with_disjoint_supports_and_entries_other_than_one():
     G = np.arange(1.0, 7.0).reshape(2, 3)
     np.testing.assert_allclose(S.project(G), [[1.0, 0, 0], [0, 5.0, 0]], rtol=1e-15)
     np.testing.assert_allclose(S.pi(G), [[4.0, 0, 0], [0, 45.0, 0]], rtol=1e-15)
+
+
+def test_structures_at_their_smallest_sizes_and_their_names():
+    """The boundaries of the constructors: conv2d(2, 3) (s = 2p - 1) but not s = 2p + 1,
+    k = 1 structures, a band of width 0 (the diagonal), one basis matrix; circulant's
+    A_j[i, (i + j) mod k] = 1 pinned; a mask named after its shape."""
+    assert st.conv2d(2, 3).r == 9
+    with pytest.raises(ValueError, match="wider than 2p - 1"):
+        st.conv2d(2, 5)
+    for make in (st.toeplitz, st.circulant, st.diagonal):
+        S = make(1)
+        np.testing.assert_array_equal(S.to_matrix(np.array([2.5])), [[2.5]])
+    np.testing.assert_array_equal(st.banded(4, 0).to_matrix(np.arange(1.0, 5.0)), np.diag(np.arange(1.0, 5.0)))
+    np.testing.assert_array_equal(st.circulant(3).to_matrix(np.array([1.0, 2.0, 3.0])),
+                                  [[1.0, 2.0, 3.0], [3.0, 1.0, 2.0], [2.0, 3.0, 1.0]])
+    one = st.from_basis([np.arange(6.0).reshape(3, 2)])
+    assert one.r == 1 and one.shape == (3, 2)
+    assert repr(st.mask(np.eye(3, 4) > 0)).count("mask(3x4, r=3)") == 1
+
+
+def test_from_basis_on_tall_matrices_with_overlapping_supports_and_at_large_scale():
+    """A 3 x 2 basis with overlapping supports: the Gram matrix of the entries is B B^T,
+    coefficients are read back at scale 1e6, and a dependent matrix is found at that scale."""
+    A = [np.array([[1.0, 2.0], [0, 1.0], [3.0, 0]]), np.array([[0, 1.0], [1.0, 0], [1.0, 1.0]])]
+    S = st.from_basis([1e6 * M for M in A])
+    B = np.stack([1e6 * M.ravel() for M in A])
+    np.testing.assert_allclose(S.gram(), B @ B.T, rtol=1e-14)
+    W = S.to_matrix(np.array([0.5, -2.0]))
+    np.testing.assert_allclose(S.coefficients(W), [0.5, -2.0], rtol=1e-12)
+    with pytest.raises(ValueError, match=r"basis matrices \[2\]"):
+        st.from_basis([1e6 * A[0], 1e6 * A[1], 1e6 * (A[0] - 3 * A[1])])
+    with pytest.raises(ValueError, match="not in"):
+        S.coefficients(W + 1e-3 * np.abs(W).max() * np.eye(3, 2)[::-1])
+
+
+def test_structured_networks_name_the_layer_that_does_not_fit():
+    S = st.toeplitz(3)
+    X = np.ones((3, 4))
+    with pytest.raises(ValueError, match="one parameter array per layer: 2 structures, 1 params"):
+        st.check_structured([S, S], [np.zeros(5)], X)
+    with pytest.raises(ValueError, match="dense layer W_1 must have 3 columns"):
+        st.check_structured([None, S], [np.zeros((3, 2)), np.zeros(5)], X)
+    with pytest.raises(ValueError, match=r"layer 2 \(toeplitz\(4\)\) takes 4 inputs but gets 3"):
+        st.check_structured([S, st.toeplitz(4)], [np.zeros(5), np.zeros(7)], X)
+
+
+def test_structured_networks_that_fit_and_their_loss_over_three_layers():
+    """check_structured accepts a dense 4 x 3 layer then a 2 x 4 structure (kd = 2), and the
+    loss of a 3-layer structured network is align.loss of its dense matrices."""
+    rng = np.random.default_rng(18)
+    tall = st.from_basis(list(rng.standard_normal((3, 2, 4))))
+    X = rng.standard_normal((3, 5))
+    assert st.check_structured([None, tall], [np.zeros((4, 3)), np.zeros(3)], X) == 2
+    structures = [st.toeplitz(3), None, st.diagonal(3)]
+    params = [rng.standard_normal(5), rng.standard_normal((3, 3)), rng.standard_normal(3)]
+    Y = rng.standard_normal((3, 5))
+    L, _ = st.loss_and_gradients(structures, params, X, Y)
+    assert L == pytest.approx(align.loss(st.layer_matrices(structures, params), X, Y), rel=1e-14)
+
+
+def test_structured_train_defaults_record_every_step_and_measure_every_100_up_to_10000():
+    S = st.diagonal(2)
+    _, hist = st.train([S], [np.array([0.5, 0.5])], np.eye(2), np.eye(2), tol=0.0,
+                       measures={"c": lambda ws, w0: float(ws[0][0, 0])})
+    assert hist.final_step == 10_000 and hist.steps[:3] == [0, 1, 2]
+    assert hist.measure_steps[:3] == [0, 100, 200] and hist.measure_steps[-1] == 10_000
+
+
+@pytest.mark.parametrize("r, k, n, impossible", [(7, 9, 9, True), (8, 9, 9, False), (7, 9, 8, True),
+                                                 (8, 9, 8, False), (6, 9, 7, True), (7, 9, 7, False)])
+def test_proposition5_bound_at_its_boundaries(r, k, n, impossible):
+    """r < k - 1 - C(k - n, 2): k - n = 0 or 1 leaves k - 1; k - n = 2 takes C(2, 2) = 1 more."""
+    assert st.alignment_impossible(r, k, n) is impossible

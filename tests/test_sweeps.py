@@ -133,3 +133,25 @@ def test_sweep_of_an_experiment_without_a_grid_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         experiments.main(["sweep", "fig1a", "--grid", "lr=1", "--shard", "1/2", "--merge"])
     assert e.value.code == 2
+
+
+def test_an_interrupted_shard_is_written_as_such_and_not_merged(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a sweep: the runs so far are written, marked interrupted (exit 130); a
+    merge refuses an interrupted shard, naming it."""
+    calls = []
+
+    def interrupt(self, step, loss, hist):
+        calls.append(step)
+        if len(calls) == 150:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(experiments.Progress, "__call__", interrupt)
+    assert sweep(tmp_path, "--shard", "1/2") == 130
+    part = json.loads((tmp_path / "sweep-fig1a-shard-1-of-2.json").read_text())
+    assert part["status"] == "interrupted" and part["runs"]
+    assert all(r["stop_reason"] == "interrupted" for r in part["runs"].values())
+    monkeypatch.undo()
+    assert sweep(tmp_path, "--shard", "2/2") == 0
+    capsys.readouterr()
+    assert sweep(tmp_path, "--merge") == 1
+    assert "sweep-fig1a-shard-1-of-2.json is not a complete shard 1/2 (status interrupted)" in \
+        capsys.readouterr().err

@@ -258,3 +258,61 @@ def test_balanced_factorization_with_a_given_non_symmetric_orthonormal_w():
     np.testing.assert_allclose(W2, U @ np.diag(np.sqrt(s)) @ W.T, atol=1e-12)
     np.testing.assert_allclose(W1 @ W1.T, W2.T @ W2, atol=1e-12)
     assert np.sum(W1 ** 2) + np.sum(W2 ** 2) == pytest.approx(2 * s.sum(), rel=1e-12)
+
+
+def refinement_data():
+    """X X^T = diag(1, 1, 4) and (YX^T)^T YX^T with eigenvectors e1, (0, c, s), (0, -s, c):
+    S's eigenspace span(e1, e2) holds one joint eigenvector, e1, found only by refining it
+    (G e2 leaves the eigenspace)."""
+    c, s = math.cos(0.4), math.sin(0.4)
+    Q = np.array([[1.0, 0, 0], [0, c, -s], [0, s, c]])
+    X = np.diag([1.0, 1.0, 2.0])
+    C = np.diag([3.0, 1.0, 2.0]) @ Q.T
+    return X, C @ np.linalg.inv(X.T)
+
+
+@pytest.mark.parametrize("sx, sy", [(1.0, 1.0), (1e3, 1e3), (1e-3, 1e2)])
+def test_certificate_refines_an_eigenspace_to_its_joint_eigenvector_at_any_scale(sx, sy):
+    X, Y = refinement_data()
+    cert = align.invariance_certificate(sx * X, sy * Y, [3, 3, 1, 3])
+    assert cert.ok and cert.r == 1 and cert.residual < 1e-12
+    assert abs(cert.V[0, 0]) == pytest.approx(1.0, abs=1e-12)
+    assert cert.lam_prime[0] == pytest.approx(3.0 * sx * sy, rel=1e-12)
+    assert cert.lam[0] == pytest.approx(sx ** 2, rel=1e-12)
+    assert not align.invariance_certificate(X, Y, [3, 3, 2, 3]).ok     # (only one joint vector)
+
+
+def test_certificate_at_a_bottleneck_keeps_the_modes_of_largest_gain():
+    """With r < rank the certificate keeps the joint modes of largest lam'^2 / lam (each
+    mode's loss reduction): lam = (1, 4, 1/4), lam' = (3, 4, 1/2) give gains (9, 4, 1), so
+    r = 2 keeps modes 1 and 2 in that order (by lam' alone, or lam'^2 lam: 2 before 1)."""
+    X, Y = np.diag([1.0, 2.0, 0.5]), np.diag([3.0, 2.0, 1.0])
+    cert = align.invariance_certificate(X, Y, [3, 2, 3])
+    assert cert.ok and cert.r == 2
+    np.testing.assert_allclose(cert.lam_prime, [3.0, 4.0], rtol=1e-12)
+    np.testing.assert_allclose(cert.lam, [1.0, 4.0], rtol=1e-12)
+    assert "lam=" not in repr(cert) and "array(" not in repr(cert)
+
+
+def test_sensing_certificate_does_not_depend_on_the_scale_of_the_matrices():
+    rng = np.random.default_rng(17)
+    U, V = random_orthogonal(rng, 4), random_orthogonal(rng, 4)
+    Ms = np.stack([U @ np.diag(rng.standard_normal(4)) @ V.T for _ in range(5)])
+    for scale in (1e-3, 1.0, 1e4):
+        ok, _, _, residual = align.sensing_certificate(scale * Ms)
+        assert ok and residual < 1e-12
+    Ms[0] += 0.01 * rng.standard_normal((4, 4))
+    residuals = [align.sensing_certificate(scale * Ms)[3] for scale in (1e-3, 1.0, 1e4)]
+    np.testing.assert_allclose(residuals, residuals[1], rtol=1e-6)
+    assert residuals[1] > 1e-4
+
+
+def test_aligned_init_balanced_shares_the_product_of_signed_values_and_refuses_near_orthogonal():
+    """balanced: each layer gets |prod_i sigma_i|^(1/d) per mode (d = 2 here: sqrt(|-1 * 9|),
+    sqrt(4 * 1)); a U that is 0.9 I (Q^T Q - I = -0.19 I) is not orthogonal."""
+    I = np.eye(2)
+    weights = align.aligned_init(I, I, [2, 2, 2], sigmas=[[-1.0, 4.0], [9.0, 1.0]], balanced=True)
+    for W in weights:
+        np.testing.assert_allclose(np.abs(np.diagonal(W)), [3.0, 2.0], rtol=1e-14)
+    with pytest.raises(ValueError, match="orthogonal"):
+        align.aligned_init(0.9 * I, I, [2, 2, 2])
