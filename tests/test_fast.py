@@ -342,7 +342,9 @@ def test_chunked_steps_on_a_batch_and_on_divergence(monkeypatch):
     (w1, h1), (w2, h2), _ = _run_both(monkeypatch, run)
     assert h1.steps == h2.steps and h1.final_step == h2.final_step
     np.testing.assert_array_equal(np.array(h1.losses), np.array(h2.losses))
-    assert h1.losses[0].shape == (3,) and h1.to_dict()["losses"][0] == h1.losses[0].tolist()
+    for h in (h1, h2):                         # rows of a batch are arrays, as the eager loop's
+        assert type(h.losses[0]) is np.ndarray and h.losses[0].shape == (3,)
+        assert h.to_dict()["losses"][0] == h.losses[0].tolist()
     for a, b in zip(w1, w2):
         np.testing.assert_array_equal(a, b)
     weights, X, Y = random_problem(rng, "mse", [4, 4, 4], 4)
@@ -353,6 +355,91 @@ def test_chunked_steps_on_a_batch_and_on_divergence(monkeypatch):
             align_fast.train([W * 10 for W in weights], X, Y * 100, lr=100.0, max_steps=1000)
         steps.append(e.value.history.final_step)
     assert steps[0] == steps[1] > 0
+
+
+@pytest.mark.parametrize("record_every", [1, 3])
+def test_chunked_steps_on_a_batch_stopping_at_different_steps_and_one_diverging(monkeypatch, record_every):
+    """A batch whose networks stop below tol at different steps (one lr each), one of them
+    diverging (lr 30: frozen where it diverged), in runs of 5 steps: the same records,
+    stop and weights as step by step; the largest finite loss decides the stop."""
+    rng = np.random.default_rng(32)
+    problems = [random_problem(rng, "mse", [4, 5, 3], 8) for _ in range(4)]
+    batch = [np.stack([p[0][i] for p in problems]) for i in range(2)]
+    X = np.stack([p[1] for p in problems])
+    Y = np.stack([rng.standard_normal((3, 4)) @ p[1] / 3 for p in problems])
+    run = lambda: align_fast.train(batch, X, Y, lr=[0.02, 0.05, 0.1, 30.0], max_steps=3000,
+                                   tol=1e-3, record_every=record_every)
+    (w1, h1), (w2, h2), rewinds = _run_both(monkeypatch, run)
+    assert h1.stop_reason == h2.stop_reason == "tol" and h1.final_step == h2.final_step < 3000
+    assert rewinds and h1.steps == h2.steps
+    L1, L2 = np.array(h1.losses), np.array(h2.losses)
+    np.testing.assert_array_equal(L1, L2)
+    assert not np.isfinite(L1[-1, 3]) and np.all(L1[-1, :3] < 1e-3)
+    stops = [h1.steps[int(np.argmax(L1[:, b] < 1e-3))] for b in range(3)]
+    assert len(set(stops)) == 3 and h1.final_step == max(stops)
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("measure_every, at", [(1, 40), (10, 3)])
+def test_ctrl_c_in_a_measurement_keeps_every_step_taken(monkeypatch, measure_every, at):
+    """Ctrl-C inside a measurement, between runs of steps (measure_every 10) or before any
+    run was launched (measure_every 1: single steps only): the weights are those of a clean
+    run to the step reached, nothing undone."""
+    rng = np.random.default_rng(34)
+    weights, X, Y = random_problem(rng, "mse", [4, 5, 3], 6)
+    calls = []
+
+    def measure(ws, w0):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return 0.0
+    def run():
+        calls.clear()
+        return align_fast.train(weights, X, Y, lr=0.05, max_steps=500, tol=0.0,
+                                measure_every=measure_every, measures={"m": measure})
+    (_, h1), (w2, h2), _ = _run_both(monkeypatch, run)
+    assert h2.stop_reason == "interrupted" and h2.final_step == (at - 1) * measure_every
+    clean, _ = align.train(weights, X, Y, lr=0.05, max_steps=h2.final_step, tol=0.0)
+    for a, b in zip(w2, clean):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("at", [5, 11, 12])
+def test_ctrl_c_in_a_single_step_after_a_run_keeps_that_run(monkeypatch, at):
+    """Runs of 5 steps between measurements every 6 steps leave one single step (5, 11, ...)
+    after each run: Ctrl-C in its callback ends the run there with the run before it kept."""
+    rng = np.random.default_rng(36)
+    weights, X, Y = random_problem(rng, "mse", [4, 5, 3], 6)
+
+    def interrupt(step, loss, hist):
+        if step == at:
+            raise KeyboardInterrupt
+    (w1, h1), (w2, h2), _ = _run_both(monkeypatch, lambda: align_fast.train(
+        weights, X, Y, lr=0.05, max_steps=100, tol=0.0, measure_every=6, callback=interrupt))
+    assert h1.final_step == h2.final_step == at and h1.steps == h2.steps == list(range(at + 1))
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_runs_of_two_steps_go_in_place(monkeypatch):
+    """measure_every 2: every run between measurements is 2 steps, taken by the in-place
+    runner (runs of 1 step alone go step by step)."""
+    ran, run = [], align_fast._SquaredLossSteps._run
+    monkeypatch.setattr(align_fast._SquaredLossSteps, "_run", lambda self, n: ran.append(n) or run(self, n))
+    rng = np.random.default_rng(35)
+    weights, X, Y = random_problem(rng, "mse", [4, 5, 3], 6)
+    align_fast.train(weights, X, Y, lr=0.05, max_steps=20, tol=0.0, measure_every=2)
+    assert set(ran) == {2} and sum(ran) == 20
+
+
+def test_single_network_chunks_record_python_floats(monkeypatch):
+    rng = np.random.default_rng(33)
+    weights, X, Y = random_problem(rng, "mse", [4, 5, 3], 6)
+    (_, h1), (_, h2), _ = _run_both(monkeypatch, lambda: align_fast.train(weights, X, Y, lr=0.05,
+                                                                           max_steps=30, tol=0.0))
+    assert type(h1.losses[3]) is type(h2.losses[3]) is float and h1.losses == h2.losses
 
 
 @pytest.mark.parametrize("kind, dtype, widths, record_every, tol",
