@@ -316,3 +316,50 @@ def test_aligned_init_balanced_shares_the_product_of_signed_values_and_refuses_n
         np.testing.assert_allclose(np.abs(np.diagonal(W)), [3.0, 2.0], rtol=1e-14)
     with pytest.raises(ValueError, match="orthogonal"):
         align.aligned_init(0.9 * I, I, [2, 2, 2])
+
+
+def test_joint_eigenvectors_refine_an_eigenspace_at_any_scale():
+    """_joint_eigenvectors on the refinement data: S's 2-dimensional eigenspace holds one
+    joint eigenvector (e1), its 1-dimensional one (e3) none: exactly +-e1, at any scale."""
+    X, Y = refinement_data()
+    for scale in (1e-3, 1.0, 1e3):
+        S, C = (scale * X) @ (scale * X).T, (scale * Y) @ (scale * X).T
+        J = align._joint_eigenvectors(S, C.T @ C, 1e-9)
+        assert J.shape == (3, 1) and abs(J[0, 0]) == pytest.approx(1.0, abs=1e-12)
+
+
+def violation_data():
+    """X X^T = diag(1, 2, 3), (YX^T)^T YX^T = G = [[2, 1, 0], [1, 2, 0], [0, 0, 5]]: only e3
+    is a joint eigenvector; G e_j - (e_j^T G e_j) e_j has norms (1, 1, 0), ||G||_2 = 5."""
+    G = np.array([[2.0, 1, 0], [1, 2, 0], [0, 0, 5]])
+    w, Q = np.linalg.eigh(G)
+    C = Q @ np.diag(np.sqrt(w)) @ Q.T
+    X = np.diag(np.sqrt([1.0, 2.0, 3.0]))
+    return X, C @ np.linalg.inv(X.T)
+
+
+def test_certificate_violation_on_a_hand_example():
+    """r = 1: e3 is enough (ok); r = 2: the violation is the 2nd smallest residual norm over
+    ||G||_2 = 1 / 5 (none for r = 1: 0 / 5)."""
+    X, Y = violation_data()
+    assert align.invariance_certificate(X, Y, [3, 1, 3]).ok
+    cert = align.invariance_certificate(X, Y, [3, 2, 3])
+    assert not cert.ok and cert.violation == pytest.approx(0.2, rel=1e-12)
+    assert align.invariance_certificate(X, Y, [3, 3, 3]).violation == pytest.approx(0.2, rel=1e-12)
+
+
+def test_certificate_residual_is_its_largest_off_block_entry():
+    """Data 1e-8 away from the condition: the certificate at tol 1e-6 holds (residual <= 1e3 tol) with
+    residual = max(off-block of U^T C V / ||C||_2, off-block of V^T S V / ||S||_2)."""
+    X, Y = refinement_data()
+    Y = Y + 1e-8 * np.random.default_rng(19).standard_normal(Y.shape)
+    cert = align.invariance_certificate(X, Y, [3, 3, 1, 3], tol=1e-6)
+    S, C = X @ X.T, Y @ X.T
+
+    def off_block(M, r):
+        M = np.abs(M) * (1 - np.eye(*M.shape))
+        M[r:, r:] = 0
+        return M.max()
+    want = max(off_block(cert.U.T @ C @ cert.V, 1) / np.linalg.norm(C, 2),
+               off_block(cert.V.T @ S @ cert.V, 1) / np.linalg.norm(S, 2))
+    assert cert.ok and cert.residual == pytest.approx(want, rel=1e-9) and 1e-10 < want < 1e-6
