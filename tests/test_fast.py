@@ -633,3 +633,17 @@ def test_a_batch_with_one_learning_rate_per_network_trains_each_as_alone(widths,
         align.train(batch, X, Y, lr=rates[:1])
     with pytest.raises(ValueError, match="positive finite"):
         align_fast.train(batch, X, Y, lr=[-0.1] + rates[1:])
+
+
+def test_fast_measures_check_their_input_like_the_reference():
+    """A tracker starts at a copy of its weights too (equal arrays, not only the same
+    objects); invariance of networks of other shapes and rtol outside [0, 1) are errors."""
+    rng = np.random.default_rng(37)
+    weights, _, _ = random_problem(rng, "mse", [4, 5, 3], 6)
+    track = align_fast.tracker(weights)
+    assert track.starts_at([W.copy() for W in weights]) and not track.starts_at([W + 1 for W in weights])
+    with pytest.raises(ValueError):
+        align_fast.invariance(weights, [weights[0], weights[1][:2]])
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="rtol"):
+            align_fast.alignment(weights, rtol=bad)
