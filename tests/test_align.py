@@ -687,3 +687,18 @@ def test_definition2_rounding_never_trips_the_gram_check():
         weights = verify.aligned_chain(rng, [int(k) for k in rng.integers(4, 9, 4)])
         test = align.is_aligned(weights, tol=0.0)
         assert "do not commute" not in test.reason
+
+
+def test_definition2_gram_check_applies_up_to_e_equal_to_0_1():
+    """The commutator check is sound for e = tol sqrt(k_i k_(i-1)) <= 0.1, the boundary
+    included: 32 x 32 layers at tol = 0.1 / 32 (e = 0.1 exactly) whose Gram matrices are
+    projections on 16 planes turned by 45 degrees (commutator sqrt(8) > 12 * 0.2)."""
+    c = s = math.sqrt(0.5)
+    P, Q = np.zeros((32, 32)), np.zeros((32, 32))
+    for j in range(16):
+        P[2 * j, 2 * j] = 1.0
+        Q[2 * j:2 * j + 2, 2 * j:2 * j + 2] = [[c * c, c * s], [c * s, s * s]]
+    assert (0.1 / 32) * math.sqrt(32 * 32) == 0.1
+    test = align.is_aligned([P, Q], tol=0.1 / 32)
+    assert not test and "do not commute" in test.reason
+    assert test.residual == pytest.approx(math.sqrt(8), rel=1e-12)

@@ -647,3 +647,14 @@ def test_fast_measures_check_their_input_like_the_reference():
     for bad in (1.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="rtol"):
             align_fast.alignment(weights, rtol=bad)
+
+
+@pytest.mark.parametrize("widths", [[4, 3], [4, 5, 3]])
+def test_fast_tracker_of_one_network_gives_python_floats_as_the_reference(widths):
+    rng = np.random.default_rng(38)
+    weights, _, _ = random_problem(rng, "mse", widths, 6)
+    moved = [W + 0.1 * rng.standard_normal(W.shape) for W in weights]
+    fast, ref = align_fast.tracker(weights)(moved), align.tracker(weights)(moved)
+    assert fast.keys() == ref.keys()
+    for key in ref:
+        assert type(fast[key]) is type(ref[key]) is float and fast[key] == pytest.approx(ref[key], abs=1e-12)

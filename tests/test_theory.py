@@ -363,3 +363,13 @@ def test_certificate_residual_is_its_largest_off_block_entry():
     want = max(off_block(cert.U.T @ C @ cert.V, 1) / np.linalg.norm(C, 2),
                off_block(cert.V.T @ S @ cert.V, 1) / np.linalg.norm(S, 2))
     assert cert.ok and cert.residual == pytest.approx(want, rel=1e-9) and 1e-10 < want < 1e-6
+
+
+def test_certificates_at_tol_0_accept_exact_data():
+    """The boundary residual <= 1e3 tol: diagonal sensing matrices have residual exactly 0,
+    accepted at tol = 0 (and a non-diagonalisable pair is not)."""
+    Ms = np.stack([np.diag([3.0, 1.0, 2.0]), np.diag([1.0, 5.0, -1.0])])
+    ok, U, V, residual = align.sensing_certificate(Ms, tol=0.0)
+    assert ok and residual == 0.0
+    Ms[1, 0, 1] = 1.0
+    assert not align.sensing_certificate(Ms, tol=0.0)[0]
