@@ -103,6 +103,21 @@ EQUIVALENT = {
         "every caller passes keep; the default would only add a copy",
     ("align_steps.py", "_StepChunks.cancel", "self.open = False", 12, "False", "(True)"):
         "cancel is the runs' last use: Ctrl-C ends the loop",
+    ("structured.py", 'Structure._coefficient_gradient',
+     'return _sum_into(which, vals * G.reshape(-1)[flat], self.r, G.dtype)', 42, '1', '(2)'):
+        "NumPy reads any negative size in reshape as 'the rest': -2 is -1",
+    ("structured.py", 'Conv2d._patches',
+     'with_zero = xp.concatenate([A, xp.zeros((1, A.shape[1]), dtype=A.dtype)])   # row p^2: 0', 41, '1', '(2)'):
+        'index p^2 still points at a zero row; a second zero row is never indexed',
+    ("structured.py", 'Conv2d.matmul',
+     'return matmul(c[None], self._patches(A).reshape(self.r, -1)).reshape(A.shape)', 57, '1', '(2)'):
+        "NumPy reads any negative size in reshape as 'the rest': -2 is -1",
+    ("structured.py", 'Conv2d.outer_gradient',
+     'return matmul(self._patches(act).reshape(self.r, -1), delta.reshape(-1, 1))[:, 0]', 50, '1', '(2)'):
+        "NumPy reads any negative size in reshape as 'the rest': -2 is -1",
+    ("structured.py", 'Conv2d.outer_gradient',
+     'return matmul(self._patches(act).reshape(self.r, -1), delta.reshape(-1, 1))[:, 0]', 69, '1', '(2)'):
+        "NumPy reads any negative size in reshape as 'the rest': -2 is -1",
     # align_fast chooses between exact paths that tests hold equal to the reference: a mutant
     # that only changes the choice gives the same results (to rounding) by another path.
     ("align_fast.py", '_chain_gradients',

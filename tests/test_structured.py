@@ -265,8 +265,10 @@ def test_structured_networks_that_fit_and_their_loss_over_three_layers():
     structures = [st.toeplitz(3), None, st.diagonal(3)]
     params = [rng.standard_normal(5), rng.standard_normal((3, 3)), rng.standard_normal(3)]
     Y = rng.standard_normal((3, 5))
-    L, _ = st.loss_and_gradients(structures, params, X, Y)
-    assert L == pytest.approx(align.loss(st.layer_matrices(structures, params), X, Y), rel=1e-14)
+    for order in ([0, 1, 2], [0, 2, 1]):                 # (a dense layer third, a structure third)
+        chosen = [structures[i] for i in order], [params[i] for i in order]
+        L, _ = st.loss_and_gradients(*chosen, X, Y)
+        assert L == pytest.approx(align.loss(st.layer_matrices(*chosen), X, Y), rel=1e-14)
 
 
 def test_structured_train_defaults_record_every_step_and_measure_every_100_up_to_10000():
