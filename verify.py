@@ -382,9 +382,11 @@ def section6_measures(xp, seeds, steps):
     for _ in range(5 * len(seeds)):
         widths = [int(k) for k in rng.integers(2, 6, 4)]
         repeated = aligned_chain(rng, widths)          # the paired rule: any basis of a repeat
-        distinct = align.aligned_network([orthogonal(rng, k) for k in widths],
-                                         [rng.permutation(np.arange(1.0, min(a, b) + 1))
-                                          for a, b in zip(widths, widths[1:])])
+        # the matched rule scores every direction of B, used or not: square layers (equal
+        # ranks) with distinct values
+        k = widths[0]
+        distinct = align.aligned_network([orthogonal(rng, k) for _ in range(4)],
+                                         [rng.permutation(np.arange(1.0, k + 1)) for _ in range(3)])
         scores = [align.alignment(repeated), align.invariance(repeated, repeated),
                   *section6_scores(distinct), *section6_scores(distinct, distinct)]
         ones = max(ones, *(abs(1 - v) for v in scores))
@@ -404,7 +406,8 @@ def section6_measures(xp, seeds, steps):
     moved = [Q[i + 1] @ W @ Q[i].T for i, W in enumerate(start)]
     rotated = max(abs(v - want) for v in section6_scores(moved, start))
     return [Row("Section 6 (aligned chains score 1)", f"{5 * len(seeds)} aligned chains: |1 - alignment|, "
-                "|1 - invariance against itself| (paired rule: repeated values; both: distinct)",
+                "|1 - invariance against itself| (paired rule: repeated values, any widths; both rules: "
+                "distinct values, square)",
                 ones, "<=", 1e-10),
             Row("Section 6 (alignment, known angles)", "2-2-2-2 network, hidden bases turned by "
                 "0.3 and 0.6 (reflected): |alignment - (cos 0.3 + cos 0.6)/2|, both rules",
