@@ -284,3 +284,14 @@ def test_structured_train_defaults_record_every_step_and_measure_every_100_up_to
 def test_proposition5_bound_at_its_boundaries(r, k, n, impossible):
     """r < k - 1 - C(k - n, 2): k - n = 0 or 1 leaves k - 1; k - n = 2 takes C(2, 2) = 1 more."""
     assert st.alignment_impossible(r, k, n) is impossible
+
+
+def test_structures_at_tol_0_accept_exact_members_and_refuse_exact_duplicates():
+    """The boundaries at tol = 0: a matrix exactly in the span has gap 0 and its coefficients
+    are read; a basis matrix repeated exactly has remainder 0 and is named as dependent."""
+    S = st.diagonal(3)
+    np.testing.assert_array_equal(S.coefficients(np.diag([1.0, -2.0, 3.0]), tol=0.0), [1.0, -2.0, 3.0])
+    E = np.zeros((2, 2))
+    E[0, 0] = 1.0
+    with pytest.raises(ValueError, match=r"basis matrices \[1\]"):
+        st.from_basis([E, E.copy()], tol=0.0)

@@ -373,3 +373,12 @@ def test_certificates_at_tol_0_accept_exact_data():
     assert ok and residual == 0.0
     Ms[1, 0, 1] = 1.0
     assert not align.sensing_certificate(Ms, tol=0.0)[0]
+
+
+def test_aligned_init_accepts_a_basis_exactly_at_its_orthogonality_tolerance():
+    """|Q^T Q - I| <= 1e-6 is orthogonal enough: Q = [[1, 0], [1e-6, 1]] has largest entry
+    of Q^T Q - I exactly 1e-6 (accepted); 2e-6 is refused."""
+    I = np.eye(2)
+    assert len(align.aligned_init(np.array([[1.0, 0.0], [1e-6, 1.0]]), I, [2, 2, 2], seed=0)) == 2
+    with pytest.raises(ValueError, match="orthogonal"):
+        align.aligned_init(np.array([[1.0, 0.0], [2e-6, 1.0]]), I, [2, 2, 2], seed=0)
