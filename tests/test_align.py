@@ -702,3 +702,11 @@ def test_definition2_gram_check_applies_up_to_e_equal_to_0_1():
     test = align.is_aligned([P, Q], tol=0.1 / 32)
     assert not test and "do not commute" in test.reason
     assert test.residual == pytest.approx(math.sqrt(8), rel=1e-12)
+
+
+def test_definition2_at_tol_0_with_zero_layers_and_exact_zeros():
+    """At tol = 0 a string whose image is exactly zero ends (its norm 0 is not above 0 * ||W||):
+    a zero first layer before diag(0, 0, 0, 1) is aligned with residual 0."""
+    W2 = np.diag([0.0, 0.0, 0.0, 1.0])
+    test = align.is_aligned([np.zeros((4, 2)), W2], tol=0.0)
+    assert test and test.residual == 0.0
