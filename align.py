@@ -458,7 +458,8 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4,
 
 def network_rates(lr, weights):
     """``lr`` as train applies it: a number, or one number per network of a batch, as a
-    (b, 1, 1) array of the weights' dtype and module (each network's step W - lr_b G_b).
+    (b, 1, 1) array of the weights' dtype and module, so that network b takes the GD step
+    W_i <- W_i - lr_b dL/dW_i with its own rate (Eq. (8)'s gradients).
 
     Parameters
     ----------

@@ -606,12 +606,11 @@ FIT_UP_TO = 1e-4            # exponents are fitted over 0 < eps <= this (before 
 DEPARTURE_FLOOR = 1e-13     # departures below this are rounding, left out of the fits
 
 
-def near_certified(seed, widths, n, eps):
-    """(start, X, Y): data meeting Theorem 1's condition, X_0 = sqrt(n) V D_x Q^T and
-    Y_0 = sqrt(n) U D_y Q^T (D from U(1, 2)), moved to X_0 + eps ||X_0|| G_1 / ||G_1||
-    and Y_0 + eps ||Y_0|| G_2 / ||G_2|| (G standard normal); the aligned start (Lemma 2)
-    from X_0, Y_0's certificate, singular values from U(0.5, 1).  The same seed gives the
-    same X_0, Y_0, G and start for every eps."""
+def certified_data(seed, widths, n):
+    """(start, X_0, Y_0, G_1, G_2): data meeting Theorem 1's condition, X_0 = sqrt(n) V D_x Q^T
+    and Y_0 = sqrt(n) U D_y Q^T (D from U(1, 2)), the aligned start (Lemma 2) from their
+    certificate with singular values from U(0.5, 1), and the directions G (standard normal)
+    in which :func:`perturbed` moves the data."""
     rng = np.random.default_rng(seed)
     k0, kd = widths[0], widths[-1]
     V, U, Q = verify.orthogonal(rng, k0), verify.orthogonal(rng, kd), verify.orthogonal(rng, n)
@@ -620,10 +619,19 @@ def near_certified(seed, widths, n, eps):
     G1, G2 = rng.standard_normal(X0.shape), rng.standard_normal(Y0.shape)
     cert = align.invariance_certificate(X0, Y0, widths)
     sigmas = [rng.uniform(0.5, 1.0, min(a, b)) for a, b in zip(widths, widths[1:])]
-    start = align.aligned_init(cert.U, cert.V, widths, sigmas=sigmas)
-    X = X0 + eps * np.linalg.norm(X0) / np.linalg.norm(G1) * G1
-    Y = Y0 + eps * np.linalg.norm(Y0) / np.linalg.norm(G2) * G2
-    return start, X, Y
+    return align.aligned_init(cert.U, cert.V, widths, sigmas=sigmas), X0, Y0, G1, G2
+
+
+def perturbed(data, eps):
+    """(start, X, Y) at distance eps: X_0 + eps ||X_0|| G_1 / ||G_1||, Y_0 likewise."""
+    start, X0, Y0, G1, G2 = data
+    return (start, X0 + eps * np.linalg.norm(X0) / np.linalg.norm(G1) * G1,
+            Y0 + eps * np.linalg.norm(Y0) / np.linalg.norm(G2) * G2)
+
+
+def near_certified(seed, widths, n, eps):
+    """(start, X, Y): :func:`certified_data` of the seed moved by eps (:func:`perturbed`)."""
+    return perturbed(certified_data(seed, widths, n), eps)
 
 
 def stability_problems(cfg):
@@ -633,9 +641,10 @@ def stability_problems(cfg):
     width, n = cfg.width or 9, cfg.n or 9
     for depth in (cfg.depth,) if cfg.depth else STABILITY_DEPTHS:
         widths = [9] + [width] * (depth - 1) + [9]
+        data = {seed: certified_data(seed, widths, n) for seed in seeds(cfg)}     # once per seed
         for eps in (cfg.eps,) if cfg.eps is not None else STABILITY_EPS:
             for seed in seeds(cfg):
-                start, X, Y = near_certified(seed, widths, n, eps)
+                start, X, Y = perturbed(data[seed], eps)
                 yield Problem(f"depth={depth} eps={eps:g} seed={seed}", scaled(start, cfg.init_scale),
                               X, Y, cfg.lr, {"depth": depth, "eps": eps, "seed": seed}, group=eps)
 
@@ -689,6 +698,8 @@ def stability_findings(runs):
 
 
 def _slopes(chosen, field, key):
+    """fitted_slope of each seed's departures (``field``, measure ``key``) against eps;
+    their mean, min and max (None when no seed has two points to fit)."""
     slopes = []
     for seed in sorted({r["seed"] for r in chosen}):
         slope = fitted_slope(*zip(*sorted((r["eps"], r[field][key]) for r in chosen if r["seed"] == seed)))
@@ -1346,7 +1357,7 @@ def sweep_command(argv):
         try:
             check_output_folder(args.out)
             xp = select_device(args.device, quiet=args.quiet)
-            return run_sweep(name, args, configure(name, args, xp))
+            return sweep_or_merge(name, args, configure(name, args, xp))
         except (ExperimentError, DeviceError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -1354,8 +1365,9 @@ def sweep_command(argv):
             return interrupted_status()
 
 
-def run_sweep(name, args, cfg):
-    """Train (or merge) the sweep and write its files; the exit status."""
+def sweep_or_merge(name, args, cfg):
+    """Train the sweep (or one shard), or merge its shards, and write the files; the exit
+    status."""
     exp = EXPERIMENTS[name]
     grid = sweeps.parse_grid(args.grid, name, exp, SWEEP_PARAMETERS)
     shard = sweeps.parse_shard(args.shard) if args.shard else None

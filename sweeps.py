@@ -25,12 +25,11 @@ import time
 
 import numpy as np
 
+import align
 import outputs
 from outputs import ExperimentError
 
-# what a run records at the end, for the cells' statistics
-FINAL = {"alignment_paired": "final alignment (paired)", "alignment_matched": "final alignment (matched)",
-         "invariance_paired": "final invariance (paired)", "invariance_matched": "final invariance (matched)"}
+FINAL = align.MEASURE_KEYS                       # the cells' statistics: each measure at the end
 POSITIVE = {"lr", "init_scale"}                  # must be > 0; depth, width, n: integers >= 1
 
 
@@ -76,6 +75,7 @@ def cells(grid):
 
 
 def cell_name(cell):
+    """A cell as "lr=0.01 depth=3": the prefix of its runs' names."""
     return " ".join(f"{k}={v:g}" for k, v in cell.items())
 
 
@@ -93,8 +93,9 @@ def shard_indices(count, shard):
 
 
 def run_sweep(name, exp, cfg, grid, shard, train_problems):
-    """Train the cells of this shard (all without one): (runs in cell order, cells' records,
-    "done" or "interrupted")."""
+    """Train the cells of this shard (all without one), every network as part of a batch
+    (``train_problems(..., always_batch=True)``): (its runs in cell order, "done" or
+    "interrupted")."""
     every, problems = cells(grid), []
     for index in shard_indices(len(every), shard):
         cell = every[index]

@@ -57,6 +57,31 @@ NAMES = {"max": "min", "min": "max", "argmax": "argmin", "argmin": "argmax",
 DROPPED_CALLS = {"abs"}
 
 # Survivors that cannot change behaviour: (module, function, line, column, before, after) -> why.
+RESHAPE = "NumPy reads any negative size in reshape as 'the rest': -2 is -1"
+# align_fast chooses between exact paths that tests hold equal to the reference: a mutant
+# that only changes the choice gives the same results (to rounding) by another path; a few
+# more of its mutants change nothing at all.
+PATH = {
+    'grouping': "which grouping of Eq. (8)'s products (both exact, tested equal)",
+    'one_module': 'every layer is on one array module',
+    'rotate_back': 'whether the row-space path rotates the samples back (both exact, tested equal)',
+    'hidden_basis': "whether layer 1's hidden basis is split off (both exact, tested equal)",
+    'reduced_v': 'for n < k0 the reduced and the full V of X are the same n x n matrix',
+    'split_threshold': 'the threshold for measuring from the split (else the direct measures, tested equal)',
+    'to_numpy': 'to_numpy of a NumPy array is that array',
+    'residuals_buffered': "whether a run's residuals are buffered (both tested equal, RESIDUALS_BYTES 0 and default)",
+    'stacked': 'the stacked path needs every layer of one shape: W[0] and W[1] have it',
+    'host_svd': 'host or device SVD (the same decomposition)',
+    'svd_dispatch': 'how reduced_svds dispatches (one call, threads or the host: the same decompositions)',
+    'square_gram': 'for a square A both Gram matrices give its SVD',
+    'completion': "the completion threshold's boundary: a direction exactly at COMPLETION_MIN is kept either way to rounding",
+    'greedy_kernel': "the CUDA kernel's size limit (CuPy only)",
+    'greedy_rounds': 'where the greedy rounds finish one by one (both give the sequential greedy, tested)',
+    'gpu_batch': 'whether a GPU batch stays on the GPU (CuPy only; the same measures)',
+    'gpu_batch_min': 'the GPU batch size from which measures stay on the GPU (CuPy only)',
+    'to_host': 'the host copy of arrays already on the host: the same arrays',
+}
+
 EQUIVALENT = {
     ("align.py", "_orthonormal_by_size",
      "return (Q * np.where(np.diagonal(R) < 0, -1.0, 1.0))[:, np.argsort(order)]", 41, "-1.0",
@@ -105,108 +130,106 @@ EQUIVALENT = {
         "cancel is the runs' last use: Ctrl-C ends the loop",
     ("structured.py", 'Structure._coefficient_gradient',
      'return _sum_into(which, vals * G.reshape(-1)[flat], self.r, G.dtype)', 42, '1', '(2)'):
-        "NumPy reads any negative size in reshape as 'the rest': -2 is -1",
+        RESHAPE,
     ("structured.py", 'Conv2d._patches',
      'with_zero = xp.concatenate([A, xp.zeros((1, A.shape[1]), dtype=A.dtype)])   # row p^2: 0', 41, '1', '(2)'):
         'index p^2 still points at a zero row; a second zero row is never indexed',
     ("structured.py", 'Conv2d.matmul',
      'return matmul(c[None], self._patches(A).reshape(self.r, -1)).reshape(A.shape)', 57, '1', '(2)'):
-        "NumPy reads any negative size in reshape as 'the rest': -2 is -1",
+        RESHAPE,
     ("structured.py", 'Conv2d.outer_gradient',
      'return matmul(self._patches(act).reshape(self.r, -1), delta.reshape(-1, 1))[:, 0]', 50, '1', '(2)'):
-        "NumPy reads any negative size in reshape as 'the rest': -2 is -1",
+        RESHAPE,
     ("structured.py", 'Conv2d.outer_gradient',
      'return matmul(self._patches(act).reshape(self.r, -1), delta.reshape(-1, 1))[:, 0]', 69, '1', '(2)'):
-        "NumPy reads any negative size in reshape as 'the rest': -2 is -1",
-    # align_fast chooses between exact paths that tests hold equal to the reference: a mutant
-    # that only changes the choice gives the same results (to rounding) by another path.
+        RESHAPE,
     ("align_fast.py", '_chain_gradients',
      'if _cheaper_at_outputs(shapes, X.shape[-1]):', 39, '-1', '(1)'):
-        "path choice: " "which grouping of Eq. (8)'s products (both exact, tested equal)",
+        PATH['grouping'],
     ("align_fast.py", '_chain_gradients',
      'if _cheaper_at_outputs(shapes, X.shape[-1]):', 40, '1', '(2)'):
-        "path choice: " "which grouping of Eq. (8)'s products (both exact, tested equal)",
+        PATH['grouping'],
     ("align_fast.py", '_train_in_row_space',
      'xp, W10 = array_module(weights[0]), weights[0]', 31, '0', '(1)'):
-        "path choice: " 'every layer is on one array module',
+        PATH['one_module'],
     ("align_fast.py", '_train_in_row_space',
      'rotated = squared or hidden >= ROTATE_BACK_MIN * Y.shape[-2]', 10, 'squared or hidden >= ROTATE_BACK_MIN * Y.shape[-2]', '(squared and hidden >= ROTATE_BACK_MIN * Y.shape[-2])'):
-        "path choice: " 'whether the row-space path rotates the samples back (both exact, tested equal)',
+        PATH['rotate_back'],
     ("align_fast.py", '_train_in_row_space',
      'rotated = squared or hidden >= ROTATE_BACK_MIN * Y.shape[-2]', 21, 'hidden >= ROTATE_BACK_MIN * Y.shape[-2]', '(hidden > ROTATE_BACK_MIN * Y.shape[-2])'):
-        "path choice: " 'whether the row-space path rotates the samples back (both exact, tested equal)',
+        PATH['rotate_back'],
     ("align_fast.py", '_train_in_row_space',
      'rotated = squared or hidden >= ROTATE_BACK_MIN * Y.shape[-2]', 31, 'ROTATE_BACK_MIN * Y.shape[-2]', '(ROTATE_BACK_MIN / Y.shape[-2])'):
-        "path choice: " 'whether the row-space path rotates the samples back (both exact, tested equal)',
+        PATH['rotate_back'],
     ("align_fast.py", '_first_hidden_basis',
      'if len(weights) < 2 or W10.ndim != 2 or X.ndim != 2 or \\', 18, '2', '(3)'):
-        "path choice: " "whether layer 1's hidden basis is split off (both exact, tested equal)",
+        PATH['hidden_basis'],
     ("align_fast.py", '_first_hidden_basis',
      'X.shape[1] + weights[1].shape[0] >= W10.shape[0]:', 0, 'X.shape[1] + weights[1].shape[0] >= W10.shape[0]', '(X.shape[1] + weights[1].shape[0] > W10.shape[0])'):
-        "path choice: " "whether layer 1's hidden basis is split off (both exact, tested equal)",
+        PATH['hidden_basis'],
     ("align_fast.py", '_first_hidden_basis',
      'X.shape[1] + weights[1].shape[0] >= W10.shape[0]:', 0, 'X.shape[1] + weights[1].shape[0]', '(X.shape[1] - weights[1].shape[0])'):
-        "path choice: " "whether layer 1's hidden basis is split off (both exact, tested equal)",
+        PATH['hidden_basis'],
     ("align_fast.py", '_rotated_samples',
      'R = _T(xp.linalg.svd(X, full_matrices=False)[2])             # n x n orthogonal', 38, 'False', '(True)'):
-        "path choice: " 'for n < k0 the reduced and the full V of X are the same n x n matrix',
+        PATH['reduced_v'],
     ("align_fast.py", '_split_first_layers',
      'tol = 1e3 * np.finfo(W10.dtype).eps * np.linalg.norm(W0, 2) ** 2', 38, 'np.linalg.norm(W0, 2) ** 2', '(np.linalg.norm(W0, 2) * 2)'):
-        "path choice: " 'the threshold for measuring from the split (else the direct measures, tested equal)',
+        PATH['split_threshold'],
     ("align_fast.py", '_split_first_layers',
      'tol = 1e3 * np.finfo(W10.dtype).eps * np.linalg.norm(W0, 2) ** 2', 63, '2', '(3)'):
-        "path choice: " 'the threshold for measuring from the split (else the direct measures, tested equal)',
+        PATH['split_threshold'],
     ("align_fast.py", '_split_first_layers',
      'if np.linalg.norm(G0Q - Qh @ (Qh.T @ G0Q), 2) > tol:', 3, 'np.linalg.norm(G0Q - Qh @ (Qh.T @ G0Q), 2) > tol', '(np.linalg.norm(G0Q - Qh @ (Qh.T @ G0Q), 2) >= tol)'):
-        "path choice: " 'the threshold for measuring from the split (else the direct measures, tested equal)',
+        PATH['split_threshold'],
     ("align_fast.py", '_split_first_layers.split',
      'C = (to_numpy(ps[0]) if xp is np else ps[0]).astype(np.float64)   # A = Q^T W_1 = QtW0 + C Xh', 24, 'xp is np', '(xp is not np)'):
-        "path choice: " 'to_numpy of a NumPy array is that array',
+        PATH['to_numpy'],
     ("align_fast.py", '_split_first_layers.split',
      'if s[order[-1]] <= 1e-7 * s[order[0]]:', 3, 's[order[-1]] <= 1e-7 * s[order[0]]', '(s[order[-1]] < 1e-07 * s[order[0]])'):
-        "path choice: " 'the threshold for measuring from the split (else the direct measures, tested equal)',
+        PATH['split_threshold'],
     ("align_fast.py", '_SquaredLossSteps.__init__',
      'small = self.longest * Y.size * Y.itemsize <= RESIDUALS_BYTES', 8, 'self.longest * Y.size', '(self.longest / Y.size)'):
-        "path choice: " "whether a run's residuals are buffered (both tested equal, RESIDUALS_BYTES 0 and default)",
+        PATH['residuals_buffered'],
     ("align_fast.py", '_SquaredLossSteps._run',
      'grads = [(deltas, self.stack[:-1].swapaxes(1, 2), self.grad.reshape(len(W), *W[0].shape))]', 79, '0', '(1)'):
-        "path choice: " 'the stacked path needs every layer of one shape: W[0] and W[1] have it',
+        PATH['stacked'],
     ("align_fast.py", '_reduced_svd',
      'if min(W.shape[-2:]) <= HOST_SVD_MAX:   # small: LAPACK on the host beats GPU solvers', 3, 'min', '(max)'):
-        "path choice: " 'host or device SVD (the same decomposition)',
+        PATH['host_svd'],
     ("align_fast.py", 'reduced_svds',
      'batched = weights[0].ndim == 3', 29, '3', '(4)'):
-        "path choice: " 'how reduced_svds dispatches (one call, threads or the host: the same decompositions)',
+        PATH['svd_dispatch'],
     ("align_fast.py", 'reduced_svds',
      'if same and (len(weights) > 1 or batched) and \\', 13, 'len(weights) > 1', '(len(weights) >= 1)'):
-        "path choice: " 'how reduced_svds dispatches (one call, threads or the host: the same decompositions)',
+        PATH['svd_dispatch'],
     ("align_fast.py", 'reduced_svds',
      '(min(weights[0].shape[-2:]) <= HOST_SVD_MAX or keep and batched and xp is not np):', 47, 'keep and batched and xp is not np', '(keep or batched or xp is not np)'):
-        "path choice: " 'how reduced_svds dispatches (one call, threads or the host: the same decompositions)',
+        PATH['svd_dispatch'],
     ("align_fast.py", '_svd_by_gram',
      'wide = A.shape[-2] < A.shape[-1]', 7, 'A.shape[-2] < A.shape[-1]', '(A.shape[-2] <= A.shape[-1])'):
-        "path choice: " 'for a square A both Gram matrices give its SVD',
+        PATH['square_gram'],
     ("align_fast.py", '_complete',
      'independent = t and np.abs(np.diagonal(R)).min() > COMPLETION_MIN', 20, 'np.abs(np.diagonal(R)).min() > COMPLETION_MIN', '(np.abs(np.diagonal(R)).min() >= COMPLETION_MIN)'):
-        "path choice: " "the completion threshold's boundary: a direction exactly at COMPLETION_MIN is kept either way to rounding",
+        PATH['completion'],
     ("align_fast.py", 'greedy_match',
      'value = (align_cuda._greedy_kernel(xp, C, room) if p * p * m <= align_cuda.GREEDY_KERNEL_MAX else', 51, 'p * p * m <= align_cuda.GREEDY_KERNEL_MAX', '(p * p * m < align_cuda.GREEDY_KERNEL_MAX)'):
-        "path choice: " "the CUDA kernel's size limit (CuPy only)",
+        PATH['greedy_kernel'],
     ("align_fast.py", '_greedy_rounds',
      'if Cs.size <= GREEDY_ONE_BY_ONE_MAX and xp is np:                   # small: finish', 3, 'Cs.size <= GREEDY_ONE_BY_ONE_MAX and xp is np', '(Cs.size <= GREEDY_ONE_BY_ONE_MAX or xp is np)'):
-        "path choice: " 'where the greedy rounds finish one by one (both give the sequential greedy, tested)',
+        PATH['greedy_rounds'],
     ("align_fast.py", 'Tracker.__init__',
      'self.keep = weights_0[0].ndim == 3 and weights_0[0].shape[0] >= GPU_BATCH_MIN  # GPU: stays', 33, '3', '(4)'):
-        "path choice: " 'whether a GPU batch stays on the GPU (CuPy only; the same measures)',
+        PATH['gpu_batch'],
     ("align_fast.py", 'Tracker.__init__',
      'self.keep = weights_0[0].ndim == 3 and weights_0[0].shape[0] >= GPU_BATCH_MIN  # GPU: stays', 39, 'weights_0[0].shape[0] >= GPU_BATCH_MIN', '(weights_0[0].shape[0] > GPU_BATCH_MIN)'):
-        "path choice: " 'whether a GPU batch stays on the GPU (CuPy only; the same measures)',
+        PATH['gpu_batch'],
     ("align_fast.py", '',
      'GPU_BATCH_MIN = 64', 16, '64', '(65)'):
-        "path choice: " 'the GPU batch size from which measures stay on the GPU (CuPy only)',
+        PATH['gpu_batch_min'],
     ("align_fast.py", '_to_host',
      'if xp is np:', 3, 'xp is np', '(xp is not np)'):
-        "path choice: " 'the host copy of arrays already on the host: the same arrays',
+        PATH['to_host'],
 }
 
 
