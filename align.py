@@ -1080,8 +1080,12 @@ def matched_sums(pairs):
         if M.size:
             groups.setdefault(M.shape, []).append(M)
             count += M.shape[-1]
-    sums = [abs(array_module(*Ms).stack(Ms)).max(axis=-2).sum(axis=(0, -1))
-            for Ms in groups.values()]
+    sums = []
+    for Ms in groups.values():
+        xp = array_module(*Ms)
+        best = abs(xp.stack(Ms)).max(axis=-2)                 # (pairs, [batch,] columns)
+        rows = xp.ascontiguousarray(xp.moveaxis(best, 0, -2))  # each network's values in one row:
+        sums.append(rows.reshape(rows.shape[:-2] + (-1,)).sum(axis=-1))   # its sum in any batch
     return sums, count
 
 

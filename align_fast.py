@@ -51,8 +51,9 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4, record
           measure_every=100, measures=None, callback=None):
     """align.train with the same iterates: the row space where n < k0
     (_train_in_row_space), Eq. (8)'s products grouped the cheaper way (_chain_gradients),
-    and for one dense NumPy network under a squared loss whose products go layer by
-    layer, its steps in place (_SquaredLossSteps).  Returns (weights, History).
+    and for dense NumPy networks under a squared loss whose products go layer by layer,
+    their steps in place (one network: _SquaredLossSteps; a batch:
+    _BatchSquaredLossSteps).  Returns (weights, History).
 
     Parameters, returns and errors: as :func:`align.train`.
     """
@@ -65,10 +66,13 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4, record
     per_network = align.frozen_below(lambda ws: _loss_and_gradients(ws, X, Y, kind), tol,
                                      weights[0].ndim == 3)
     in_place = None
-    if kind in ("mse", "mse_mean") and array_module(X) is np and X.ndim == 2 and \
-            all(a.ndim == 2 and a.dtype == X.dtype for a in weights + [Y]) and \
-            not _cheaper_at_outputs(tuple(W.shape for W in weights), X.shape[1]):
-        in_place = lambda ps, lr: _SquaredLossSteps(ps, X, Y, kind, lr)
+    if kind in ("mse", "mse_mean") and array_module(X) is np and \
+            all(a.dtype == X.dtype for a in weights + [Y]) and \
+            not _cheaper_at_outputs(tuple(W.shape[-2:] for W in weights), X.shape[-1]):
+        if X.ndim == 2 and all(a.ndim == 2 for a in weights + [Y]):
+            in_place = lambda ps, lr: _SquaredLossSteps(ps, X, Y, kind, lr)
+        elif all(W.ndim == 3 for W in weights):
+            in_place = lambda ps, lr: _BatchSquaredLossSteps(ps, X, Y, kind, lr, tol)
     return _descend_fast(weights, per_network, lr, max_steps, tol, record_every,
                          measure_every, measures, callback, in_place)
 
@@ -432,6 +436,121 @@ class _SquaredLossSteps(_StepChunks):
         return losses / self.divisor
 
 
+class _BatchSquaredLossSteps(_StepChunks):
+    """Runs of GD steps of a batch of dense networks (NumPy) under a squared loss, with
+    align.gradient_descent's iterates on align.frozen_below's gradients bit for bit: the
+    same products, sums and updates in the same order, into preallocated arrays, and only
+    the networks still moving stepped.  A network stops for good at the first step whose
+    loss is below tol or not finite (frozen_below zeroes its gradient there, so its
+    parameters and loss stay as they are): it then leaves the arrays, and the batch's
+    steps cost what the moving networks' cost.  A batch of one never stops inside a run
+    (frozen_below leaves a lone network to the run's stop)."""
+
+    def __init__(self, ps, X, Y, kind, lr, tol):
+        super().__init__(ps, None, lr, longest=1000)
+        b, dtype = ps[0].shape[0], ps[0].dtype
+        self.X, self.Y = (np.broadcast_to(a, (b,) + a.shape[-2:]) for a in (X, Y))
+        self.kind, self.tol, self.freezes = kind, tol, b > 1
+        self.rates = np.broadcast_to(np.asarray(lr, dtype=dtype).reshape(-1), (b,))
+        self.moving = np.ones(b, dtype=bool)             # not yet stopped
+        self.still = np.full(b, np.nan, dtype=dtype)     # the loss where each stopped
+        self.saved_moving, self.saved_still = self.moving.copy(), self.still.copy()
+        self.n, self.kd = X.shape[-1], Y.shape[-2]
+
+    def _save(self):
+        super()._save()
+        self.saved_moving[...], self.saved_still[...] = self.moving, self.still
+
+    def rewind(self, j):
+        self.moving[...], self.still[...] = self.saved_moving, self.saved_still
+        super().rewind(j)
+
+    def _arrays(self, idx):
+        """The moving networks ``idx``'s parameters (copies, one flat array laid out layer
+        by layer) and buffers for their steps: [W_i], acts, deltas, gradients, rates."""
+        ps, m, dtype = self.ps, idx.size, self.ps[0].dtype
+        ends = np.cumsum([0] + [m * p[0].size for p in ps])
+        flat, grad = np.empty(ends[-1], dtype), np.empty(ends[-1], dtype)
+        W = [flat[a:e].reshape((m,) + p.shape[1:]) for a, e, p in zip(ends, ends[1:], ps)]
+        G = [grad[a:e].reshape((m,) + p.shape[1:]) for a, e, p in zip(ends, ends[1:], ps)]
+        for w, p in zip(W, ps):
+            np.take(p, idx, axis=0, out=w)
+        X, n = self.X[idx], self.n
+        if all(p.shape[1:] == X.shape[1:2] * 2 for p in ps):          # k x k layers: stacks
+            acts = np.empty((len(ps) + 1,) + X.shape, dtype)
+            deltas = np.empty((len(ps),) + X.shape, dtype)
+            acts[0] = X
+            grads = [(deltas, acts[:-1].swapaxes(-1, -2), grad.reshape((len(ps),) + W[0].shape))]
+        else:
+            acts = [X] + [np.empty((m, p.shape[1], n), dtype) for p in ps]
+            deltas = [np.empty((m, p.shape[1], n), dtype) for p in ps]
+            grads = [(deltas[i], acts[i].swapaxes(-1, -2), G[i]) for i in range(len(ps))]
+        rates = np.concatenate([np.repeat(self.rates[idx], p[0].size) for p in ps]) \
+            if np.ndim(self.lr) else self.lr
+        return flat, grad, W, list(acts), list(deltas), grads, rates
+
+    def _run(self, n):
+        if n > self.longest:
+            raise ValueError(f"a run of {n} steps is longer than this runner's {self.longest}")
+        losses = np.empty((n, self.moving.size), dtype=self.ps[0].dtype)
+        t = 0
+        while t < n:
+            t = self._run_moving(losses, t, n)
+        return losses
+
+    def _run_moving(self, losses, t0, n):
+        """Steps t0.. of the run on the networks still moving, until one stops (then it
+        leaves: the arrays are made again) or the run ends; the step reached."""
+        idx = np.flatnonzero(self.moving)
+        losses[t0:] = self.still
+        if not idx.size:
+            return n
+        flat, grad, W, acts, deltas, grads, rates = self._arrays(idx)
+        Y, F, R, top = self.Y[idx], acts[-1], np.empty_like(acts[-1]), deltas[-1]
+        squares, sq = np.empty_like(R), np.empty(idx.size, R.dtype)
+        by_network = squares.reshape(idx.size, -1)       # (the sum over both axes: bit for bit)
+        rows = np.empty((n, idx.size), R.dtype)          # the moving networks' losses
+        mm, subtract, multiply, divide, add = np.matmul, np.subtract, np.multiply, np.divide, np.add
+        least, most, inf = np.minimum.reduce, np.maximum.reduce, np.inf
+        forward = list(zip(W, acts, acts[1:]))
+        backward = [(W[i].swapaxes(-1, -2), deltas[i], deltas[i - 1]) for i in range(len(W) - 1, 0, -1)]
+        # align.loss_and_output_gradient's loss and dL/dF, the same operations:
+        if self.kind == "mse":
+            loss_divisor, grad_op, grad_by = 2 * self.n, divide, self.n
+        else:
+            loss_divisor, grad_op, grad_by = self.kd * self.n, multiply, 2.0 / (self.kd * self.n)
+        tol, freezes, t = self.tol, self.freezes, t0
+        while t < n:
+            for w, a, out in forward:
+                mm(w, a, out)
+            subtract(F, Y, R)
+            multiply(R, R, squares)
+            add.reduce(by_network, axis=1, out=sq)
+            L = rows[t]
+            divide(sq, loss_divisor, out=L)
+            if freezes and not (least(L) >= tol and most(L) < inf):   # some stop here
+                stop = ~((L >= tol) & np.isfinite(L))        # (frozen_below's rule)
+                self.still[idx[stop]] = L[stop]
+                self.moving[idx[stop]] = False
+                break
+            grad_op(R, grad_by, top)
+            for w_t, delta, below in backward:
+                mm(w_t, delta, below)
+            for delta, a_t, g in grads:
+                mm(delta, a_t, g)
+            multiply(rates, grad, grad)
+            subtract(flat, grad, flat)
+            t += 1
+        losses[t0:t, idx] = rows[t0:t]
+        self._keep(idx, W)
+        return t
+
+    def _keep(self, idx, W):
+        """The moving networks' parameters back into the batch's."""
+        for p, w in zip(self.ps, W):
+            p[idx] = w
+
+
 RESIDUALS_BYTES = 1 << 22      # _SquaredLossSteps keeps a run's residuals up to this size
 
 
@@ -755,12 +874,36 @@ class Tracker:
         self.keep = weights_0[0].ndim == 3 and weights_0[0].shape[0] >= GPU_BATCH_MIN  # GPU: stays
         self.start = reduced_svds(weights_0, self.keep)
         self.start_generic = _generic(self.start, rtol)
+        self.last = None                  # (a NumPy batch's weights and values at the last call)
 
     def __repr__(self):
         return f"Tracker(rtol={self.rtol:g}, layers {[W.shape for W in self.weights_0]})"
 
     def __call__(self, weights, _=None):
+        if weights[0].ndim == 3 and array_module(*weights) is np:
+            return self._batch(weights)
         return self.from_svds(reduced_svds(weights, self.keep))
+
+    def _batch(self, weights):
+        """A NumPy batch's measures, the networks unchanged since the last call (those
+        stopped by train: frozen_below) not measured again: their values are kept."""
+        last = self.last
+        moved = np.ones(weights[0].shape[0], dtype=bool) if last is None or \
+            [W.shape for W in weights] != [W.shape for W in last[0]] else \
+            ~np.logical_and.reduce([(W == V).all(axis=(1, 2)) for W, V in zip(weights, last[0])])
+        if moved.all():
+            values = self.from_svds(reduced_svds(weights, self.keep))
+        else:
+            values = {key: v.copy() for key, v in last[1].items()}
+            if moved.any():
+                idx = np.flatnonzero(moved)
+                then = [tuple(a[idx] for a in svd) for svd in self.start]
+                part = self.from_svds(reduced_svds([W[idx] for W in weights]), then)
+                for key, v in part.items():
+                    values[key][idx] = v
+        self.last = ([W.copy() for W in weights],       # (after: Ctrl-C leaves the last call's)
+                     {key: np.array(v, dtype=float) for key, v in values.items()})
+        return values
 
     def from_svds(self, now, then=None, widths=None, static=None):
         """The measures from reduced SVDs now (and ``then``, default the start's); with
@@ -773,7 +916,10 @@ class Tracker:
         if now[0][1].ndim == 1:
             return _measures(now, then, widths, rtol, static, bool(generic))
         values = _measures(now, then, widths, rtol, generic=True)        # every network
-        is_generic, *rows = _to_host([generic] + [values[key] for key in align.MEASURE_KEYS])
+        xp = array_module(generic)                   # (one layer: no pairs, each score 1.0)
+        is_generic, *rows = _to_host([generic] + [
+            values[key] if np.ndim(values[key]) else xp.full(generic.shape, values[key])
+            for key in align.MEASURE_KEYS])
         out, others = dict(zip(align.MEASURE_KEYS, rows)), np.flatnonzero(is_generic == 0)
         if others.size:                          # repeated or zero singular values: one by one
             flat = _to_host([a for svd in now + then for a in svd], others)

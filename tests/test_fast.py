@@ -658,3 +658,105 @@ def test_fast_tracker_of_one_network_gives_python_floats_as_the_reference(widths
     assert fast.keys() == ref.keys()
     for key in ref:
         assert type(fast[key]) is type(ref[key]) is float and fast[key] == pytest.approx(ref[key], abs=1e-12)
+
+
+def _batch_problem(rng, widths, n, count, dtype, shared_x):
+    """A batch of ``count`` networks with targets they can fit (Y = A X), in ``dtype``."""
+    problems = [random_problem(rng, "mse", widths, n) for _ in range(count)]
+    batch = [np.stack([p[0][i] for p in problems]).astype(dtype) for i in range(len(widths) - 1)]
+    X = problems[0][1] if shared_x else np.stack([p[1] for p in problems])
+    Y = np.stack([rng.standard_normal((widths[-1], widths[0])) @ (X if shared_x else p[1]) / 3
+                  for p in problems])
+    return batch, X.astype(dtype), Y.astype(dtype)
+
+
+@pytest.mark.parametrize("widths, n, kind, dtype, rates, record_every, shared_x", [
+    ([5, 5, 5, 5], 5, "mse", np.float64, [0.1, 0.05, 0.1, 30.0], 1, False),   # k x k: stacked
+    ([4, 6, 3], 8, "mse_mean", np.float64, 0.05, 3, True),    # other shapes, one X, sparse records
+    ([5, 5, 5], 7, "mse", np.float32, [0.1, 0.05, 0.1, 0.2], 1, False)])
+def test_a_batch_steps_in_place_with_the_references_iterates_bit_for_bit(
+        monkeypatch, widths, n, kind, dtype, rates, record_every, shared_x):
+    """_BatchSquaredLossSteps: networks stopping below tol at different steps (one diverging
+    at lr 30: frozen where it diverged), each leaving the arrays where it stops, in runs of
+    up to 100 steps: align.train's losses, stop and weights bit for bit."""
+    rng = np.random.default_rng(70)
+    batch, X, Y = _batch_problem(rng, widths, n, 4, dtype, shared_x)
+    moving = []
+    run_moving = align_fast._BatchSquaredLossSteps._run_moving
+    monkeypatch.setattr(align_fast._BatchSquaredLossSteps, "_run_moving",
+                        lambda self, *a: moving.append(int(self.moving.sum())) or run_moving(self, *a))
+    run = lambda lib: lib.train(batch, X, Y, kind=kind, lr=rates, max_steps=4000, tol=1e-3,
+                                record_every=record_every, measure_every=100,
+                                measures={"m": lib.tracker(batch)})
+    (w1, h1), (w2, h2) = fast_and_reference(run)
+    assert h1.stop_reason == h2.stop_reason == "tol" and h1.final_step == h2.final_step
+    assert h1.steps == h2.steps and h1.measure_steps == h2.measure_steps
+    np.testing.assert_array_equal(np.array(h1.losses), np.array(h2.losses))
+    assert h1.measurements.keys() == h2.measurements.keys()
+    for key in h1.measurements:                          # (the fast decompositions: to rounding)
+        np.testing.assert_allclose(np.array(h1.measurements[key]), np.array(h2.measurements[key]),
+                                   rtol=1e-12)
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+    assert moving[0] == 4 and min(moving) < 4           # networks left the arrays as they stopped
+    L = np.array(h1.losses)
+    stops = [h1.steps[int(np.argmax(L[:, b] < 1e-3))] for b in range(4) if np.isfinite(L[-1, b])]
+    assert len(set(stops)) > 1
+
+
+def test_a_batch_of_one_is_never_frozen_inside_a_run():
+    """frozen_below leaves a lone network to the run's stop: with records every 7 steps it
+    goes on below tol until a recorded step, in place as in the reference."""
+    rng = np.random.default_rng(71)
+    batch, X, Y = _batch_problem(rng, [4, 5, 3], 6, 1, np.float64, False)
+    run = lambda lib: lib.train(batch, X, Y, lr=0.1, max_steps=5000, tol=1e-3, record_every=7)
+    (w1, h1), (w2, h2) = fast_and_reference(run)
+    assert h1.final_step == h2.final_step and h1.final_step % 7 == 0
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+    assert align.loss([W[0] for W in w1], X[0], Y[0]) < align.loss(
+        [W[0] for W in align.train(batch, X, Y, lr=0.1, max_steps=h1.final_step - 1, tol=0)[0]],
+        X[0], Y[0])
+
+
+def test_ctrl_c_in_the_callback_rewinds_a_batch_run_with_its_stopped_networks(monkeypatch):
+    """Ctrl-C in the callback at step 57, inside a run of 100 steps in which networks stopped:
+    the batch goes back to step 57 with the networks moving then, as the reference."""
+    rng = np.random.default_rng(72)
+    batch, X, Y = _batch_problem(rng, [4, 4, 4], 6, 3, np.float64, False)
+
+    def stop_at_57(step, loss, hist):
+        if step == 57:
+            raise KeyboardInterrupt
+    run = lambda lib: lib.train(batch, X, Y, lr=[0.3, 0.05, 0.01], max_steps=1000, tol=0.05,
+                                callback=stop_at_57)
+    (w1, h1), (w2, h2) = fast_and_reference(run)
+    assert h1.stop_reason == h2.stop_reason == "interrupted" and h1.final_step == h2.final_step
+    L = np.array(h1.losses)
+    assert (L[:57] < 0.05).any(axis=0).sum() == 1         # one network stopped before step 57
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_batch_tracker_measures_only_the_networks_that_moved(monkeypatch):
+    """Tracker on a NumPy batch: networks unchanged since its last call keep their values
+    (not decomposed again), the others measured as a fresh tracker measures them; a NaN
+    network counts as moved; weights of other shapes are measured whole."""
+    rng = np.random.default_rng(73)
+    start = [rng.standard_normal((4, 5, 5)) for _ in range(3)]
+    tracker, sizes = align_fast.tracker(start), []
+    svds = align_fast.reduced_svds
+    monkeypatch.setattr(align_fast, "reduced_svds", lambda ws, *a: sizes.append(ws[0].shape[0]) or svds(ws, *a))
+    now = [W + 0.1 * rng.standard_normal(W.shape) for W in start]
+    first = tracker(now)
+    now[1][2] += 0.05                                      # network 2 moves, the others stay
+    second = tracker(now)
+    fresh = align_fast.tracker(start)(now)
+    assert sizes == [4, 1, 4, 4]                          # (the fresh one: its start, then all)
+    for key in align.MEASURE_KEYS:
+        np.testing.assert_array_equal(second[key], fresh[key])
+        np.testing.assert_array_equal(np.delete(second[key], 2), np.delete(first[key], 2))
+        assert second[key][2] != first[key][2]
+    assert tracker(now)["alignment_paired"] is not second["alignment_paired"] and sizes[-1] == 4
+    wider = [rng.standard_normal((4, 6, 6)) for _ in range(3)]
+    assert align_fast.tracker(wider)(wider)["alignment_paired"].shape == (4,)
