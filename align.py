@@ -1617,7 +1617,7 @@ def invariance_certificate(X, Y, widths, tol=1e-9):
     chosen = [j for j in order if not zero[j]]
     chosen += [j for j in order if zero[j]][:room]
     if len(chosen) < r:
-        return Certificate(False, r, violation=_condition_violation(S, G, r))
+        return Certificate(False, r, violation=_condition_violation(S, G, r, room, tol))
     chosen = chosen[:r]
     Vr = J[:, chosen]
     Ur = np.where(zero[chosen], 0.0, images[:, chosen] / np.where(zero[chosen], 1.0, lam_p[chosen]))
@@ -1639,13 +1639,18 @@ def _off_block(M, r):
     return float(M.max()) if M.size else 0.0
 
 
-def _condition_violation(S, G, r):
-    """How far S = X X^T and G = (YX^T)^T YX^T are from sharing r eigenvectors: the r-th smallest
-    ||G v - (v^T G v) v|| / ||G||, v eigenvectors of S diagonalising G on S's eigenspaces."""
+def _condition_violation(S, G, r, room, tol):
+    """How far S = X X^T and G = (YX^T)^T YX^T are from sharing r eigenvectors, at most ``room``
+    of them (kd - rank(Y X^T)) with a zero image: the r-th smallest ||G v - (v^T G v) v|| /
+    ||G|| (at most 1; 1 for each one missing), v eigenvectors of S diagonalising G on S's
+    eigenspaces, those beyond room of the ones with ||Y X^T v|| <= tol ||Y X^T|| left out."""
     V = np.concatenate([K @ np.linalg.eigh(K.T @ G @ K)[1] for K in _eigenspaces(S, 1e-9)], axis=1)
-    GV = G @ V
-    res = np.linalg.norm(GV - V * np.einsum("ij,ij->j", V, GV), axis=0)
-    return float(np.sort(res)[r - 1] / max(np.linalg.norm(G, 2), 1e-300))
+    GV, scale = G @ V, max(np.linalg.norm(G, 2), 1e-300)
+    mu = np.einsum("ij,ij->j", V, GV)                      # ||Y X^T v||^2
+    res = np.linalg.norm(GV - V * mu, axis=0) / scale
+    zero = np.sqrt(np.maximum(mu, 0.0)) <= tol * np.sqrt(scale)
+    usable = np.sort(np.concatenate([res[~zero], res[zero][:room], np.ones(r)]))
+    return float(usable[r - 1])
 
 
 def sensing_certificate(Ms, tol=1e-9):

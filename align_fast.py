@@ -295,8 +295,7 @@ def _range_basis(A, rtol):
     """Orthonormal basis of the column space of A (rank: singular values above rtol * max)."""
     xp = array_module(A)
     U, s, _ = xp.linalg.svd(A, full_matrices=False)
-    rank = int((s > rtol * s[0]).sum()) if s.size else 0
-    return U[:, :max(rank, 1)]
+    return U[:, :max(int((s > rtol * s[:1]).sum()), 1)]     # (s[:1]: none for no columns)
 
 
 def _split_first_layers(W10, Q, Xt):
@@ -647,6 +646,8 @@ def reduced_svds(weights, keep=False):
     list of (U, s, V)
         s descending (float64 on the host unless kept).
     """
+    if not weights:
+        return []
     xp, same = array_module(*weights), len({(W.shape, W.dtype) for W in weights}) == 1
     batched = weights[0].ndim == 3
     if same and (len(weights) > 1 or batched) and \

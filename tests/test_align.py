@@ -710,3 +710,28 @@ def test_definition2_at_tol_0_with_zero_layers_and_exact_zeros():
     W2 = np.diag([0.0, 0.0, 0.0, 1.0])
     test = align.is_aligned([np.zeros((4, 2)), W2], tol=0.0)
     assert test and test.residual == 0.0
+
+
+def test_is_aligned_continues_the_string_of_the_larger_image():
+    """W_1 = diag(2, 1) fixes V_2 = (e1, e2) up to order; W_2 (1 x 2) has one position, taken
+    by the larger image: off-diagonal 0.6 for [[0.8, 0.6]] and [[0.6, 0.8]] (not 0.8); at
+    tol 0.3 (past the commutator test) [[0.28, 0.96]] is aligned with residual 0.28."""
+    W1 = np.diag([2.0, 1.0])
+    for W2, aligned, residual in (([[0.8, 0.6]], False, 0.6), ([[0.6, 0.8]], False, 0.6),
+                                  ([[0.28, 0.96]], True, 0.28)):
+        test = align.is_aligned([W1, np.array(W2)], tol=0.3)
+        assert bool(test) == aligned and test.residual == pytest.approx(residual, rel=1e-12)
+
+
+@pytest.mark.parametrize("multiple, impossible", [(10.5, True), (9.5, False)])
+def test_commutator_test_allows_10_eps_k_squared_of_rounding_at_tol_0(multiple, impossible):
+    """At tol 0 the commutator test leaves only rounding, 10 eps k^2: W_1 = diag(1, sqrt .5),
+    W_2 = I + delta [[0, 1], [1, 0]] have relative commutator sqrt(2) delta (1 + delta)^-2,
+    set to 10.5 eps k^2 (refused by the test) and 9.5 eps k^2 (left to the witness search)."""
+    eps, k = np.finfo(float).eps, 2
+    delta = multiple * eps * k ** 2 / np.sqrt(2)
+    weights = [np.diag([1.0, np.sqrt(0.5)]), np.array([[1.0, delta], [delta, 1.0]])]
+    worst, layer, refused = align._gram_commutators(weights, 0.0)
+    assert worst / (eps * k ** 2) == pytest.approx(multiple, rel=1e-3) and refused == impossible
+    test = align.is_aligned(weights, tol=0.0)
+    assert not test and ("do not commute" in test.reason) == impossible

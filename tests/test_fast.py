@@ -1,6 +1,9 @@
 """Each exact speed-up of align_fast.py against align.py's reference: the same iterates to
 rounding in float64, the same measures, the same stopping step."""
+import dis
+import inspect
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -760,3 +763,62 @@ def test_a_batch_tracker_measures_only_the_networks_that_moved(monkeypatch):
     assert tracker(now)["alignment_paired"] is not second["alignment_paired"] and sizes[-1] == 4
     wider = [rng.standard_normal((4, 6, 6)) for _ in range(3)]
     assert align_fast.tracker(wider)(wider)["alignment_paired"].shape == (4,)
+
+
+def test_range_basis_takes_the_rank_against_the_largest_singular_value():
+    """Singular values (1, 1e-14) at rtol 1e-10: rank 1 (1e-14 is below 1e-10 x the largest);
+    (100, 1e-6) at rtol 1e-6 and (1, 0.5) at 0.5: rank 1; a single column is its own basis; no column, none."""
+    A = np.array([[1.0, 0.0], [0.0, 1e-14], [0.0, 0.0]])
+    np.testing.assert_array_equal(np.abs(align_fast._range_basis(A, 1e-10)), [[1.0], [0.0], [0.0]])
+    assert align_fast._range_basis(A, 1e-16).shape == (3, 2)
+    assert align_fast._range_basis(np.diag([100.0, 1e-6]), 1e-6).shape == (2, 1)
+    assert align_fast._range_basis(np.zeros((3, 0)), 1e-6).shape == (3, 0)
+    assert align_fast._range_basis(np.diag([1.0, 0.5]), 0.5).shape == (2, 1)   # above, not at
+    assert align_fast._range_basis(np.diag([1.0, 0.0]), 0.0).shape == (2, 1)
+    np.testing.assert_allclose(np.abs(align_fast._range_basis(np.ones((4, 1)), 1e-10)), 0.5)
+
+
+def _interrupt_at(code, line):
+    """A tracer raising KeyboardInterrupt where ``code`` first reaches ``line``: Ctrl-C
+    between two statements, as a signal arrives."""
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == line:
+            sys.settrace(None)
+            raise KeyboardInterrupt
+        return local
+    return lambda frame, event, arg: local if frame.f_code is code else None
+
+
+ADVANCE_LINES = sorted({line for _, line in dis.findlinestarts(align_steps._advance.__code__)
+                        if line and line > align_steps._advance.__code__.co_firstlineno})
+
+
+@pytest.mark.parametrize("line", ADVANCE_LINES)
+def test_ctrl_c_between_any_two_statements_of_a_runs_bookkeeping_keeps_a_consistent_run(line):
+    """Ctrl-C at each line of align_steps._advance (where it is first reached, in runs of 10
+    steps with a callback, stopping by tol inside a run): the records are those of steps
+    0..final_step and the weights the clean run's at final_step, bit for bit; before the
+    callbacks of a run, the run is not taken (final_step at its start).  (The loss of the
+    final step is recorded when it was computed before the interrupt.)"""
+    rng = np.random.default_rng(46)
+    weights, X, Y = random_problem(rng, "mse", [4, 5, 3], 6)
+    Y = rng.standard_normal((3, 4)) @ X / 2
+    run = lambda tol, max_steps=2000: align_fast.train(
+        weights, X, Y, lr=0.05, max_steps=max_steps, tol=tol, measure_every=10,
+        callback=lambda *a: None)
+    full, full_hist = run(tol=1e-3)
+    code = align_steps._advance.__code__
+    sys.settrace(_interrupt_at(code, line))
+    try:
+        out, hist = run(tol=1e-3)
+    finally:
+        sys.settrace(None)
+    assert hist.stop_reason in ("interrupted", "tol")
+    assert hist.steps == list(range(len(hist.steps)))      # (the last step's loss: if taken)
+    assert len(hist.steps) - hist.final_step in (0, 1) and hist.losses == full_hist.losses[:len(hist.steps)]
+    clean, _ = run(tol=0.0, max_steps=hist.final_step) if hist.final_step else (weights, None)
+    for a, b in zip(out, clean):
+        np.testing.assert_array_equal(a, b)
+    loop = inspect.getsource(align_steps._advance).splitlines()
+    if "for j, value in" in loop[line - code.co_firstlineno]:
+        assert hist.stop_reason == "interrupted" and hist.final_step % 10 == 0

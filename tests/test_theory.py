@@ -382,3 +382,32 @@ def test_aligned_init_accepts_a_basis_exactly_at_its_orthogonality_tolerance():
     assert len(align.aligned_init(np.array([[1.0, 0.0], [1e-6, 1.0]]), I, [2, 2, 2], seed=0)) == 2
     with pytest.raises(ValueError, match="orthogonal"):
         align.aligned_init(np.array([[1.0, 0.0], [2e-6, 1.0]]), I, [2, 2, 2], seed=0)
+
+
+def test_certificate_uses_at_most_kd_minus_rank_zero_images():
+    """u_j of a zero lambda'_j must lie in null((Y X^T)^T): at most kd - rank(Y X^T) of them.
+    S = X X^T has eigenvectors e3, e4 (in the null space of C = Y X^T = [diag(1, 2), 0]) and
+    a 2 x 2 block [[3, .5], [.5, 2]] sharing no eigenvector with G = C^T C = diag(1, 4, 0, 0).
+    C has rank kd = 2, so e3, e4 cannot serve: for r = 2 the condition fails, its violation
+    that of the block's eigenvectors v = (c, s): ||G v - (v^T G v) v|| / ||G||_2 = 3 |cs| / 4
+    = 0.375 |sin 2 theta| with tan 2 theta = 1, not 0 (e3's and e4's)."""
+    S = np.diag([3.0, 2.0, 5.0, 7.0])
+    S[0, 1] = S[1, 0] = 0.5
+    w, E = np.linalg.eigh(S)
+    X = E @ np.diag(np.sqrt(w)) @ E.T                       # X X^T = S
+    C = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
+    Y = C @ np.linalg.solve(S, X)                           # Y X^T = C
+    cert = align.invariance_certificate(X, Y, [4, 2, 2])
+    assert not cert.ok and cert.U is None
+    assert cert.violation == pytest.approx(0.375 / np.sqrt(2), rel=1e-9)
+
+
+def test_certificate_with_a_zero_width_layer_holds_with_identities():
+    """r = 0 (a layer of width 0): nothing to share; U and V are the identities of R^kd and
+    R^k0 (k0 = 3 here, not the n = 5 samples)."""
+    rng = np.random.default_rng(5)
+    X, Y = rng.standard_normal((3, 5)), rng.standard_normal((2, 5))
+    cert = align.invariance_certificate(X, Y, [3, 0, 2])
+    assert cert.ok and cert.residual == 0.0
+    np.testing.assert_array_equal(cert.V, np.eye(3))
+    np.testing.assert_array_equal(cert.U, np.eye(2))
