@@ -822,3 +822,21 @@ def test_ctrl_c_between_any_two_statements_of_a_runs_bookkeeping_keeps_a_consist
     loop = inspect.getsource(align_steps._advance).splitlines()
     if "for j, value in" in loop[line - code.co_firstlineno]:
         assert hist.stop_reason == "interrupted" and hist.final_step % 10 == 0
+
+
+def test_split_measures_of_a_two_layer_network_in_the_row_space(monkeypatch):
+    """Two layers, n = 2 < k0 and a wide hidden layer (20 > n + k2): layer 1 is split with no
+    deeper layers to decompose (this raised), and the measures are the reference's."""
+    rng = np.random.default_rng(47)
+    widths, n = [6, 20, 4], 2
+    X, Y = rng.standard_normal((6, n)), rng.standard_normal((4, n))
+    weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1)
+    split_used, pairs = [], align_fast._split_invariance_pairs
+    monkeypatch.setattr(align_fast, "_split_invariance_pairs",
+                        lambda *a: split_used.append(pairs(*a) is not None) or pairs(*a))
+    (_, fast), (_, slow) = fast_and_reference(lambda lib: lib.train(
+        weights, X, Y, lr=0.05, max_steps=200, tol=0.0, measure_every=100,
+        measures={"m": lib.tracker(weights)}))
+    assert split_used and all(split_used)
+    for key in slow.measurements:
+        np.testing.assert_allclose(fast.measurements[key], slow.measurements[key], atol=1e-9)
