@@ -532,6 +532,17 @@ def test_definition2_positions_exist_exactly_when_some_assignment_works():
     assert 50 < found < 400                          # both answers were exercised
 
 
+def test_definition2_positions_refused_when_a_space_holds_more_strings_than_its_width():
+    """Space 3 (width 4) holds five strings: no positions, an answer (None), not an error, also
+    after the search has paired the spaces before it (a search that ever pairs a negative
+    count of strings crashed here)."""
+    widths = [4, 4, 5, 4, 2, 4]
+    intervals = [(0, 2), (5, 5), (0, 1), (2, 2), (3, 5), (5, 5), (1, 2), (3, 3), (0, 0), (2, 3),
+                 (3, 5), (0, 1), (2, 3)]
+    assert sum(a <= 3 <= b for a, b in intervals) == 5
+    assert align._assign_positions(intervals, widths) is None
+
+
 def test_definition2_on_empty_layers():
     assert align.is_aligned([np.zeros((0, 0)), np.zeros((0, 0))])
     assert align.is_aligned([np.zeros((3, 2)), np.zeros((2, 3))])
