@@ -746,3 +746,15 @@ def test_commutator_test_allows_10_eps_k_squared_of_rounding_at_tol_0(multiple, 
     assert worst / (eps * k ** 2) == pytest.approx(multiple, rel=1e-3) and refused == impossible
     test = align.is_aligned(weights, tol=0.0)
     assert not test and ("do not commute" in test.reason) == impossible
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (40, 2), (3, 2)])
+def test_is_aligned_turns_a_cluster_to_the_layers_own_singular_vectors(shape):
+    """One layer with two singular values equal up to tol (0.8 and 0.8 (1 + 5e-9) at tol
+    1e-8), in random bases: one cluster, whose witness is still turned to the layer's own
+    singular vectors, so the residual is rounding (not the gap, ~1e-9)."""
+    rng = np.random.default_rng(3)
+    Q1, Q2 = (random_orthogonal(rng, k) for k in (shape[1], shape[0]))
+    W = Q2 @ align.rect_diag(np.array([0.8, 0.8 * (1 + 5e-9)]), *shape) @ Q1.T
+    test = align.is_aligned([W], tol=1e-8)
+    assert test and test.residual < 1e-14
