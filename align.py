@@ -25,8 +25,8 @@ __all__ = [
     # usSVD (Definition 1), the measures of Section 6 and the exact test of Definition 2
     "ussvd", "ussvd_matrix", "ussvd_reorder", "alignment", "invariance", "tracker",
     "is_aligned", "AlignmentTest", "Pair", "alignment_pairs", "invariance_pairs",
-    "paired_score", "pair_matches", "matched_score", "matched_sums", "reduced_svds",
-    "greedy_match", "layer_widths",
+    "paired_score", "pair_matches", "used_directions", "matched_score", "matched_sums",
+    "reduced_svds", "greedy_match", "layer_widths",
     # the theory of Sections 3-4
     "rect_diag", "aligned_network", "aligned_init", "invariance_certificate", "Certificate",
     "sensing_certificate", "singular_value_dynamics", "prop2_learning_rate",
@@ -991,6 +991,25 @@ def paired_score(pairs, rtol):
     return total / count if count else 1.0
 
 
+def used_directions(s, rtol, top):
+    """Which directions the paired rule scores: singular values s > rtol sigma_max (``top``).
+
+    Parameters
+    ----------
+    s : array
+        Singular values.
+    rtol : float
+        As in alignment.
+    top : float
+        sigma_max.
+
+    Returns
+    -------
+    array of bool
+    """
+    return s > rtol * top
+
+
 def pair_matches(pair, rtol, top_a=None, top_b=None, k=None, match=None):
     """One pair by the paired rule: (the sum of matched |cosines|, the directions scored).
 
@@ -1022,7 +1041,7 @@ def pair_matches(pair, rtol, top_a=None, top_b=None, k=None, match=None):
     """
     top = lambda given, s: given if given is not None else (s[0] if s.size else 0.0)
     scale_a, scale_b = top(top_a, pair.sa), top(top_b, pair.sb)
-    ua, ub = pair.sa > rtol * scale_a, pair.sb > rtol * scale_b
+    ua, ub = used_directions(pair.sa, rtol, scale_a), used_directions(pair.sb, rtol, scale_b)
     M, sa, sb = pair.product[ua][:, ub], pair.sa[ua], pair.sb[ub]
     if M.shape[0] > M.shape[1]:                      # score the side with fewer
         M, sa, sb, scale_a, scale_b = M.T, sb, sa, scale_b, scale_a

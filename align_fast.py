@@ -1029,7 +1029,8 @@ def _split_invariance_pairs(pairs, now, then, k, rtol, static):
     vectors at both times and so left out as exact matches.  None when that is not
     exact (a static direction used at one time only)."""
     (U, s, _), (U0, s0, _), (mask, mask0) = now, then, static
-    used, used0 = int((s[mask] > rtol * s[0]).sum()), int((s0[mask0] > rtol * s0[0]).sum())
+    used, used0 = (int(align.used_directions(v[m], rtol, v[0]).sum())
+                   for v, m in ((s, mask), (s0, mask0)))
     if used != used0:
         return None
     return pairs[1:] + [SplitPair(U[:, ~mask], s[~mask], U0[:, ~mask0], s0[~mask0], k,

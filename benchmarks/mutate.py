@@ -96,6 +96,12 @@ EQUIVALENT = {
      "starting = [collections.Counter(b for a, b in intervals if a == i) for i in range(d + 1)]",
      86, "1", "(2)"):
         "one more empty Counter after the last space, never read",
+    ("align_fast.py", "_greedy_by_maxima", "took = top >= 0", 7, "top >= 0", "(top > 0)"):
+        "an open entry of 0 is a matrix's largest only when all its open entries are 0: taking "
+        "it or not leaves every value of that matrix 0 (value starts at 0)",
+    ("align_fast.py", "_greedy_one_by_one", "left = min(sum(free), sum(cap))", 7, "min", "(max)"):
+        "left only ends the loop early: after min(free rows, capacity) takes no row or no "
+        "column is left, so no later entry is taken",
     ("align.py", "_gram_commutators", "worst, layer, impossible = 0.0, 0, False", 32, "0", "(1)"):
         "layer is read only when impossible, and then a value > bound >= 0 has set it",
     ("align.py", "_eigenspaces", "scale = max(abs(w).max(), np.finfo(float).tiny)", 12, "abs(w)", "(w)"):

@@ -840,3 +840,45 @@ def test_split_measures_of_a_two_layer_network_in_the_row_space(monkeypatch):
     assert split_used and all(split_used)
     for key in slow.measurements:
         np.testing.assert_allclose(fast.measurements[key], slow.measurements[key], atol=1e-9)
+
+
+def test_split_measures_count_static_directions_against_the_largest_value_now(monkeypatch):
+    """At rtol 0.8 a static direction of layer 1 (value 1) is used while the largest value
+    is below 1 / 0.8 and unused once the moving ones grow past it: the split is exact only
+    while both times count the same (else the dense measures), and the paired values are
+    the reference's."""
+    rng = np.random.default_rng(26)
+    widths, n = [20, 24, 3, 2], 6
+    X, Y = rng.standard_normal((20, n)), 3 * rng.standard_normal((2, n))
+    sigmas = [np.ones(20), rng.uniform(0.5, 1, 3), rng.uniform(0.5, 1, 2)]
+    weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1,
+                                 sigmas=sigmas)
+    split_used, pairs = [], align_fast._split_invariance_pairs
+    monkeypatch.setattr(align_fast, "_split_invariance_pairs", lambda *a: split_used.append(
+        pairs(*a) is not None) or pairs(*a))
+    (_, fast), (_, slow) = fast_and_reference(lambda lib: lib.train(
+        weights, X, Y, "mse_mean", lr=0.05, max_steps=600, tol=0.0, measure_every=100,
+        measures={"m": lib.tracker(weights, rtol=0.8)}))
+    assert True in split_used and False in split_used
+    for key in ("alignment_paired", "invariance_paired"):
+        np.testing.assert_allclose(fast.measurements[key], slow.measurements[key], atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_split_measures_far_from_the_start_equal_the_dense_ones(seed):
+    """k0 = 4 < k1 = 12: far from the start (C and W~2 large and random, so U_1 turns well
+    out of its start's span and the complement of span(U_1(0)) takes matches) the split
+    measures are the dense layers' by align.tracker."""
+    rng = np.random.default_rng(seed)
+    widths, n = [4, 12, 6, 2], 2
+    X, Y = rng.standard_normal((4, n)), rng.standard_normal((2, n))
+    weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1)
+    Q = align_fast._range_basis(np.concatenate([weights[0] @ X, weights[1].T], axis=1), 1e-12)
+    start = [np.zeros((Q.shape[1], n)), weights[1] @ Q, weights[2]]
+    now = [5 * rng.standard_normal((Q.shape[1], n)), rng.standard_normal((6, Q.shape[1])), weights[2]]
+    dense = lambda ps: [weights[0] + Q @ ps[0] @ X.T, ps[1] @ Q.T, ps[2]]
+    got = align_fast._split_measure(weights[0], Q, X.T, start)(align_fast.tracker(dense(start)), now)
+    want = align.tracker(dense(start))(dense(now))
+    assert want["invariance_paired"] < 0.9
+    for key in ("alignment_paired", "invariance_paired"):
+        assert got[key] == pytest.approx(want[key], abs=1e-10)
