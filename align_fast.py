@@ -452,16 +452,16 @@ class _BatchSquaredLossSteps(_StepChunks):
         self.kind, self.tol, self.freezes = kind, tol, b > 1
         self.rates = np.broadcast_to(np.asarray(lr, dtype=dtype).reshape(-1), (b,))
         self.moving = np.ones(b, dtype=bool)             # not yet stopped
-        self.still = np.full(b, np.nan, dtype=dtype)     # the loss where each stopped
-        self.saved_moving, self.saved_still = self.moving.copy(), self.still.copy()
+        self.still = np.full(b, np.nan, dtype=dtype)     # the loss where each stopped (read
+        self.saved_moving = self.moving.copy()           # only for those not moving)
         self.n, self.kd = X.shape[-1], Y.shape[-2]
 
     def _save(self):
         super()._save()
-        self.saved_moving[...], self.saved_still[...] = self.moving, self.still
+        self.saved_moving[...] = self.moving
 
     def rewind(self, j):
-        self.moving[...], self.still[...] = self.saved_moving, self.saved_still
+        self.moving[...] = self.saved_moving
         super().rewind(j)
 
     def _arrays(self, idx):

@@ -882,3 +882,12 @@ def test_split_measures_far_from_the_start_equal_the_dense_ones(seed):
     assert want["invariance_paired"] < 0.9
     for key in ("alignment_paired", "invariance_paired"):
         assert got[key] == pytest.approx(want[key], abs=1e-10)
+
+
+def test_batch_steps_refuse_a_run_longer_than_their_runs():
+    rng = np.random.default_rng(48)
+    batch, X, Y = _batch_problem(rng, [3, 4, 2], 5, 2, np.float64, False)
+    steps = align_fast._BatchSquaredLossSteps(batch, X, Y, "mse", 0.01, 0.0)
+    assert steps._run(steps.longest).shape == (steps.longest, 2)
+    with pytest.raises(ValueError, match="longer than"):
+        steps._run(steps.longest + 1)
