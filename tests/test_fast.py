@@ -257,23 +257,32 @@ def test_split_measures_on_the_device_equal_the_host_ones(xp, monkeypatch):
     np.testing.assert_allclose(np.abs(((Q @ got2[2]) * V2t[:3].T).sum(0)), 1.0, atol=1e-10)
 
 
-@pytest.mark.parametrize("repeated, rtol", [(False, 1e-6), (True, 1e-6), (True, 0.05)])
-def test_training_with_split_measures_records_the_same_values(repeated, rtol, monkeypatch):
-    """Layer 1 split into static and moving directions (static ones left out as exact
-    matches) measures as the dense SVDs do, also when singular values repeat across
-    the two kinds (clusters that mix them)."""
-    rng = np.random.default_rng(26)
-    widths, n = [20, 24, 3, 2], 6
-    X, Y = rng.standard_normal((20, n)), rng.standard_normal((2, n))
-    sigmas = [np.ones(20), rng.uniform(0.5, 1, 3), rng.uniform(0.5, 1, 2)] if repeated else None
+def _train_with_split_measures(monkeypatch, widths, n, rtol, sigmas=None, y_scale=1.0,
+                               max_steps=300, rng=None):
+    """(whether each measurement used the split, align_fast's run, align's run) for an
+    aligned start of the given widths trained in the row space (n < k0)."""
+    rng = rng or np.random.default_rng(26)
+    X, Y = rng.standard_normal((widths[0], n)), y_scale * rng.standard_normal((widths[-1], n))
+    sigmas = sigmas(rng) if callable(sigmas) else sigmas
     weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1,
                                  sigmas=sigmas)
     split_used, pairs = [], align_fast._split_invariance_pairs
     monkeypatch.setattr(align_fast, "_split_invariance_pairs", lambda *a: split_used.append(
         pairs(*a) is not None) or pairs(*a))
     (_, fast), (_, slow) = fast_and_reference(lambda lib: lib.train(
-        weights, X, Y, "mse_mean", lr=0.05, max_steps=300, tol=0.0, measure_every=100,
+        weights, X, Y, "mse_mean", lr=0.05, max_steps=max_steps, tol=0.0, measure_every=100,
         measures={"m": lib.tracker(weights, rtol=rtol)}))
+    return split_used, fast, slow
+
+
+@pytest.mark.parametrize("repeated, rtol", [(False, 1e-6), (True, 1e-6), (True, 0.05)])
+def test_training_with_split_measures_records_the_same_values(repeated, rtol, monkeypatch):
+    """Layer 1 split into static and moving directions (static ones left out as exact
+    matches) measures as the dense SVDs do, also when singular values repeat across
+    the two kinds (clusters that mix them)."""
+    sigmas = (lambda rng: [np.ones(20), rng.uniform(0.5, 1, 3), rng.uniform(0.5, 1, 2)]) \
+        if repeated else None
+    split_used, fast, slow = _train_with_split_measures(monkeypatch, [20, 24, 3, 2], 6, rtol, sigmas)
     assert split_used == [True] * 4
     for key in slow.measurements:       # the matched rule depends on the basis SVD picks
         if not repeated or key.endswith("paired"):          # inside a repeated value
@@ -778,12 +787,13 @@ def test_range_basis_takes_the_rank_against_the_largest_singular_value():
     np.testing.assert_allclose(np.abs(align_fast._range_basis(np.ones((4, 1)), 1e-10)), 0.5)
 
 
-def _interrupt_at(code, line):
+def _interrupt_at(code, line, before):
     """A tracer raising KeyboardInterrupt where ``code`` first reaches ``line``: Ctrl-C
-    between two statements, as a signal arrives."""
+    between two statements, as a signal arrives.  It then gives the thread back to the
+    tracer ``before`` (coverage's, when the suite is traced)."""
     def local(frame, event, arg):
         if event == "line" and frame.f_lineno == line:
-            sys.settrace(None)
+            sys.settrace(before)
             raise KeyboardInterrupt
         return local
     return lambda frame, event, arg: local if frame.f_code is code else None
@@ -807,12 +817,13 @@ def test_ctrl_c_between_any_two_statements_of_a_runs_bookkeeping_keeps_a_consist
         weights, X, Y, lr=0.05, max_steps=max_steps, tol=tol, measure_every=10,
         callback=lambda *a: None)
     full, full_hist = run(tol=1e-3)
-    code = align_steps._advance.__code__
-    sys.settrace(_interrupt_at(code, line))
+    code, before = align_steps._advance.__code__, sys.gettrace()
+    sys.settrace(_interrupt_at(code, line, before))
     try:
         out, hist = run(tol=1e-3)
     finally:
-        sys.settrace(None)
+        sys.settrace(before)
+    assert sys.gettrace() is before                      # (coverage's tracer kept, when traced)
     assert hist.stop_reason in ("interrupted", "tol")
     assert hist.steps == list(range(len(hist.steps)))      # (the last step's loss: if taken)
     assert len(hist.steps) - hist.final_step in (0, 1) and hist.losses == full_hist.losses[:len(hist.steps)]
@@ -827,16 +838,8 @@ def test_ctrl_c_between_any_two_statements_of_a_runs_bookkeeping_keeps_a_consist
 def test_split_measures_of_a_two_layer_network_in_the_row_space(monkeypatch):
     """Two layers, n = 2 < k0 and a wide hidden layer (20 > n + k2): layer 1 is split with no
     deeper layers to decompose (this raised), and the measures are the reference's."""
-    rng = np.random.default_rng(47)
-    widths, n = [6, 20, 4], 2
-    X, Y = rng.standard_normal((6, n)), rng.standard_normal((4, n))
-    weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1)
-    split_used, pairs = [], align_fast._split_invariance_pairs
-    monkeypatch.setattr(align_fast, "_split_invariance_pairs",
-                        lambda *a: split_used.append(pairs(*a) is not None) or pairs(*a))
-    (_, fast), (_, slow) = fast_and_reference(lambda lib: lib.train(
-        weights, X, Y, lr=0.05, max_steps=200, tol=0.0, measure_every=100,
-        measures={"m": lib.tracker(weights)}))
+    split_used, fast, slow = _train_with_split_measures(
+        monkeypatch, [6, 20, 4], 2, 1e-6, max_steps=200, rng=np.random.default_rng(47))
     assert split_used and all(split_used)
     for key in slow.measurements:
         np.testing.assert_allclose(fast.measurements[key], slow.measurements[key], atol=1e-9)
@@ -847,18 +850,9 @@ def test_split_measures_count_static_directions_against_the_largest_value_now(mo
     is below 1 / 0.8 and unused once the moving ones grow past it: the split is exact only
     while both times count the same (else the dense measures), and the paired values are
     the reference's."""
-    rng = np.random.default_rng(26)
-    widths, n = [20, 24, 3, 2], 6
-    X, Y = rng.standard_normal((20, n)), 3 * rng.standard_normal((2, n))
-    sigmas = [np.ones(20), rng.uniform(0.5, 1, 3), rng.uniform(0.5, 1, 2)]
-    weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1,
-                                 sigmas=sigmas)
-    split_used, pairs = [], align_fast._split_invariance_pairs
-    monkeypatch.setattr(align_fast, "_split_invariance_pairs", lambda *a: split_used.append(
-        pairs(*a) is not None) or pairs(*a))
-    (_, fast), (_, slow) = fast_and_reference(lambda lib: lib.train(
-        weights, X, Y, "mse_mean", lr=0.05, max_steps=600, tol=0.0, measure_every=100,
-        measures={"m": lib.tracker(weights, rtol=0.8)}))
+    sigmas = lambda rng: [np.ones(20), rng.uniform(0.5, 1, 3), rng.uniform(0.5, 1, 2)]
+    split_used, fast, slow = _train_with_split_measures(
+        monkeypatch, [20, 24, 3, 2], 6, 0.8, sigmas, y_scale=3.0, max_steps=600)
     assert True in split_used and False in split_used
     for key in ("alignment_paired", "invariance_paired"):
         np.testing.assert_allclose(fast.measurements[key], slow.measurements[key], atol=1e-9)
