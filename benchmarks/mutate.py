@@ -102,6 +102,45 @@ EQUIVALENT = {
     ("align_fast.py", "_greedy_one_by_one", "left = min(sum(free), sum(cap))", 7, "min", "(max)"):
         "left only ends the loop early: after min(free rows, capacity) takes no row or no "
         "column is left, so no later entry is taken",
+    ("align.py", "ussvd_reorder", "return U, s[..., perm] * signs, V", 10, "s[..., perm] * signs",
+     "(s[..., perm] / signs)"):
+        "signs are +-1: dividing by them is multiplying by them",
+    ("align.py", "_orthonormal_by_size",
+     "return (Q * np.where(np.diagonal(R) < 0, -1.0, 1.0))[:, np.argsort(order)]", 8,
+     "Q * np.where(np.diagonal(R) < 0, -1.0, 1.0)", "(Q / np.where(np.diagonal(R) < 0, -1.0, 1.0))"):
+        "+-1 again: the same columns",
+    ("align.py", "_adapt_clusters",
+     "weights = np.repeat(1.0 + np.sqrt(2.0) * np.arange(1, b_sizes.size + 1) % 1.0, b_sizes)", 26,
+     "np.sqrt(2.0) * np.arange(1, b_sizes.size + 1)", "(np.sqrt(2.0) / np.arange(1, b_sizes.size + 1))"):
+        "any distinct weights in [1, 2) tell the B-clusters apart (the comment): sqrt(2)/k mod 1 "
+        "are distinct too",
+    ("align.py", "_adapt_clusters",
+     "compression = (block * weights) @ _T(block) + 0.5 * (np.eye(size) - block @ _T(block))", 14,
+     "(block * weights) @ _T(block) + 0.5 * (np.eye(size) - block @ _T(block))",
+     "(block * weights @ _T(block) - 0.5 * (np.eye(size) - block @ _T(block)))"):
+        "the complement of span(B) only needs a weight apart from the B-clusters' [1, 2): -0.5 "
+        "gives the same eigenvectors",
+    ("align.py", "_measures",
+     "rows = [_measures(one(now, b), one(then, b), rtol) for b in range(now[0][1].shape[0])]", 73,
+     "1", "(2)"):
+        "V's leading axis is the batch too",
+    ("align.py", "_measures",
+     "rows = [_measures(one(now, b), one(then, b), rtol) for b in range(now[0][1].shape[0])]", 65,
+     "0", "(1)"):
+        "layer 2's leading axis is the batch too (a measured network has two layers or more: "
+        "one layer gives no pairs and this line is not reached with one)",
+    ("align.py", "_joint_eigenvectors", "if np.linalg.norm(outside, 2) <= tol * scale_g:", 3,
+     "np.linalg.norm(outside, 2) <= tol * scale_g", "(np.linalg.norm(outside, 2) < tol * scale_g)"):
+        "at equality every singular value of outside is <= tol scale_g, so the null space taken "
+        "next is all of K and the loop ends with the same K",
+    ("align.py", "_joint_eigenvectors", "return np.array(found).reshape(-1, S.shape[0]).T", 43,
+     "0", "(1)"):
+        "S = X X^T is square",
+    ("align.py", "invariance_certificate",
+     "gain = np.where(zero, -1.0, lam_p ** 2 / np.maximum(lam, np.finfo(float).tiny))", 20,
+     "-1.0", "(1.0)"):
+        "modes with a zero image are chosen after all the others whatever their gain, and among "
+        "themselves all have the same gain (stable order either way)",
     ("align.py", "_gram_commutators", "worst, layer, impossible = 0.0, 0, False", 32, "0", "(1)"):
         "layer is read only when impossible, and then a value > bound >= 0 has set it",
     ("align.py", "_eigenspaces", "scale = max(abs(w).max(), np.finfo(float).tiny)", 12, "abs(w)", "(w)"):

@@ -758,3 +758,27 @@ def test_is_aligned_turns_a_cluster_to_the_layers_own_singular_vectors(shape):
     W = Q2 @ align.rect_diag(np.array([0.8, 0.8 * (1 + 5e-9)]), *shape) @ Q1.T
     test = align.is_aligned([W], tol=1e-8)
     assert test and test.residual < 1e-14
+
+
+def test_commutator_ties_name_the_first_pair_of_layers():
+    """W_3 = W_1^T and a symmetric W_2: the pairs (1, 2) and (2, 3) have commutators of equal
+    norm, bit for bit ([B, A] = -[A, B]); the reason names the first pair."""
+    W1, W2 = np.diag([1.0, 0.5]), np.array([[1.0, 0.5], [0.5, 1.0]])
+    weights = [W1, W2, W1.T.copy()]
+    A, B = W1 @ W1.T, W2.T @ W2 / np.linalg.norm(W2, 2) ** 2
+    test = align.is_aligned(weights, tol=0.0)
+    assert not test and "W_1 W_1^T and W_2^T W_2 do not commute" in test.reason
+    assert test.residual == np.linalg.norm(A @ B - B @ A)
+
+
+def test_reference_tracker_of_a_batch_measures_each_network_as_alone():
+    """align.tracker on a batch of two networks of 4 x 3 layers (two networks, three
+    singular values): each row is the network's own measures."""
+    rng = np.random.default_rng(51)
+    start = [rng.standard_normal((2, 4, 3)), rng.standard_normal((2, 3, 4))]
+    now = [W + 0.1 * rng.standard_normal(W.shape) for W in start]
+    batch = align.tracker(start)(now)
+    for b in range(2):
+        alone = align.tracker([W[b] for W in start])([W[b] for W in now])
+        for key in align.MEASURE_KEYS:
+            assert batch[key][b] == alone[key]

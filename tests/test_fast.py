@@ -885,3 +885,41 @@ def test_batch_steps_refuse_a_run_longer_than_their_runs():
     assert steps._run(steps.longest).shape == (steps.longest, 2)
     with pytest.raises(ValueError, match="longer than"):
         steps._run(steps.longest + 1)
+
+
+def test_a_learning_rate_of_zero_is_refused():
+    rng = np.random.default_rng(49)
+    weights, X, Y = random_problem(rng, "mse", [3, 4, 2], 5)
+    batch = [np.stack([W, W]) for W in weights]
+    for lib in (align, align_fast):
+        with pytest.raises(ValueError, match="positive finite"):
+            lib.train(weights, X, Y, lr=0.0)
+        with pytest.raises(ValueError, match="positive finite"):
+            lib.train(batch, X, np.stack([Y, Y]), lr=[0.1, 0.0])
+
+
+def test_wall_time_is_the_runs_duration():
+    """wall_time: seconds from the start, finished or diverged (0 < t < 60)."""
+    rng = np.random.default_rng(50)
+    weights, X, Y = random_problem(rng, "mse", [3, 4, 2], 5)
+    for lib in (align, align_fast):
+        _, hist = lib.train(weights, X, Y, lr=0.05, max_steps=50, tol=0.0)
+        assert 0.0 < hist.wall_time < 60.0
+        with pytest.raises(align.DivergenceError) as e:
+            lib.train([10 * W for W in weights], X, 100 * Y, lr=100.0, max_steps=1000)
+        assert 0.0 < e.value.history.wall_time < 60.0
+
+
+def test_a_network_exactly_at_tol_goes_on():
+    """frozen_below stops a network of a batch below tol: one whose loss is exactly tol
+    still steps, on both implementations (the batch's other network is far above)."""
+    rng = np.random.default_rng(52)
+    problems = [random_problem(rng, "mse", [3, 4, 2], 5) for _ in range(2)]
+    batch = [np.stack([p[0][i] for p in problems]) for i in range(2)]
+    X, Y = np.stack([p[1] for p in problems]), np.stack([p[2] for p in problems])
+    Y[1] *= 10
+    at = float(align.loss(batch, X, Y)[0])
+    for lib in (align, align_fast):
+        out, hist = lib.train(batch, X, Y, lr=0.05, max_steps=3, tol=at)
+        assert hist.losses[0][0] == at and hist.final_step == 3
+        assert not np.array_equal(out[0][0], batch[0][0])

@@ -397,9 +397,10 @@ def test_certificate_uses_at_most_kd_minus_rank_zero_images():
     X = E @ np.diag(np.sqrt(w)) @ E.T                       # X X^T = S
     C = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
     Y = C @ np.linalg.solve(S, X)                           # Y X^T = C
-    cert = align.invariance_certificate(X, Y, [4, 2, 2])
-    assert not cert.ok and cert.U is None
-    assert cert.violation == pytest.approx(0.375 / np.sqrt(2), rel=1e-9)
+    for tol in (1e-9, 0.0):                                 # (at 0: images exactly 0 are zero)
+        cert = align.invariance_certificate(X, Y, [4, 2, 2], tol=tol)
+        assert not cert.ok and cert.U is None
+        assert cert.violation == pytest.approx(0.375 / np.sqrt(2), rel=1e-9)
 
 
 def test_certificate_with_a_zero_width_layer_holds_with_identities():
@@ -411,3 +412,55 @@ def test_certificate_with_a_zero_width_layer_holds_with_identities():
     assert cert.ok and cert.residual == 0.0
     np.testing.assert_array_equal(cert.V, np.eye(3))
     np.testing.assert_array_equal(cert.U, np.eye(2))
+
+
+def test_certificate_ranks_modes_by_lam_prime_squared_over_lam():
+    """r = 1 of three joint modes with lam = (1, 5, 0.1), lam' = (1, 2, 0.3): gains lam'^2 /
+    lam = (1, 0.8, 0.9) keep mode 1 (lam'^3 / lam would keep mode 2, lam' / lam mode 3)."""
+    X = np.diag(np.sqrt([1.0, 5.0, 0.1]))
+    Y = np.diag([1.0, 2.0, 0.3]) @ np.linalg.inv(X.T)        # Y X^T = diag(1, 2, 0.3)
+    cert = align.invariance_certificate(X, Y, [3, 1, 3])
+    assert cert.ok
+    np.testing.assert_allclose(cert.lam, [1.0], rtol=1e-12)
+    np.testing.assert_allclose(cert.lam_prime, [1.0], rtol=1e-12)
+    np.testing.assert_allclose(np.abs(cert.V[:, 0]), [1.0, 0.0, 0.0], atol=1e-12)
+
+
+def test_certificate_violation_takes_zero_images_relative_to_the_size_of_y_x():
+    """The example of test_certificate_uses_at_most_kd_minus_rank_zero_images with C scaled
+    by 1000 and e3, e4 given images of 1e-8 (below tol 1e-9 x ||C||_2 = 2e-6: zero): the same
+    violation, 0.375 / sqrt 2."""
+    S = np.diag([3.0, 2.0, 5.0, 7.0])
+    S[0, 1] = S[1, 0] = 0.5
+    w, E = np.linalg.eigh(S)
+    X = E @ np.diag(np.sqrt(w)) @ E.T
+    C = 1e3 * np.array([[1.0, 0.0, 1e-11, 0.0], [0.0, 2.0, 0.0, 1e-11]])
+    Y = C @ np.linalg.solve(S, X)
+    cert = align.invariance_certificate(X, Y, [4, 2, 2])
+    assert not cert.ok
+    assert cert.violation == pytest.approx(0.375 / np.sqrt(2), rel=1e-6)
+
+
+def test_sensing_certificate_of_negative_matrices_holds():
+    """M_i = U D_i V^T with negative D_i: diagonalisable (residual rounding), and the
+    residual is the largest |off-diagonal entry| of U^T M_i V over the largest |entry|."""
+    rng = np.random.default_rng(13)
+    U, V = random_orthogonal(rng, 3), random_orthogonal(rng, 3)
+    Ms = np.stack([U @ np.diag(-rng.uniform(1, 2, 3)) @ V.T for _ in range(2)])
+    ok, Uc, Vc, residual = align.sensing_certificate(Ms)
+    assert ok and residual < 1e-14
+    Ms[1, 0, 1] -= 0.5                                   # not diagonalisable any more
+    ok, Uc, Vc, residual = align.sensing_certificate(Ms)
+    off = (Uc.T @ Ms @ Vc) * (1.0 - np.eye(3))
+    assert not ok and residual == np.abs(off).max() / np.abs(Ms).max()
+
+
+def test_aligned_init_refuses_a_wrong_shape_of_either_side_and_a_tall_chain():
+    I3, I2 = np.eye(3), np.eye(2)
+    with pytest.raises(ValueError, match="U must be kd x kd"):
+        align.aligned_init(I3, I2, [2, 3, 2], seed=0)           # U wrong, V right
+    with pytest.raises(ValueError, match="U must be kd x kd"):
+        align.aligned_init(I2, I3, [2, 3, 2], seed=0)           # V wrong, U right
+    tall = np.eye(3)[:, :2]                                    # orthonormal columns, not square
+    with pytest.raises(ValueError, match="chain\\[0\\] must be an orthogonal matrix"):
+        align.aligned_init(I2, I2, [2, 3, 2], seed=0, chain=[tall])
