@@ -141,6 +141,48 @@ EQUIVALENT = {
      "-1.0", "(1.0)"):
         "modes with a zero image are chosen after all the others whatever their gain, and among "
         "themselves all have the same gain (stable order either way)",
+    ("align_fast.py", "train",
+     "not _cheaper_at_outputs(tuple(W.shape[-2:] for W in weights), X.shape[-1]):", 70, "-1", "(1)"):
+        PATH['grouping'] + "; for a batch, whether it steps in place (bit for bit the same, tested)",
+    ("align_fast.py", "_BatchSquaredLossSteps._arrays",
+     "ps, m, dtype = self.ps, idx.size, self.ps[0].dtype", 42, "0", "(1)"):
+        "train steps in place only when every layer has X's dtype",
+    ("align_fast.py", "_reduced_svd", "if max(W.shape[-2:]) <= align_cuda.SMALL_SVD_KERNEL_MAX:", 3,
+     "max", "(min)"):
+        PATH['host_svd'] + " (CuPy only: the small-matrix kernel or CuPy's svd)",
+    ("align_fast.py", "_reduced_svd",
+     "if min(W.shape[-2:]) <= HOST_SVD_MAX:   # small: LAPACK on the host beats GPU solvers", 3,
+     "min(W.shape[-2:]) <= HOST_SVD_MAX", "(min(W.shape[-2:]) < HOST_SVD_MAX)"):
+        PATH['host_svd'],
+    ("align_fast.py", "_reduced_svd",
+     "if min(W.shape[-2:]) <= HOST_SVD_MAX:   # small: LAPACK on the host beats GPU solvers", 16,
+     "2", "(3)"):
+        PATH['host_svd'] + " (a batch's size joins the minimum)",
+    ("align_fast.py", "reduced_svds",
+     "(min(weights[0].shape[-2:]) <= HOST_SVD_MAX or keep and batched and xp is not np):", 23,
+     "2", "(3)"):
+        PATH['svd_dispatch'],
+    ("align_fast.py", "reduced_svds",
+     "svd = _reduced_svd(stacked.reshape((-1,) + stacked.shape[-2:]), keep)", 37, "1", "(2)"):
+        RESHAPE,
+    ("align_fast.py", "_complete",
+     'rows = np.argsort((kept * kept).sum(axis=1), kind="stable")[:t]      # farthest from span',
+     19, "kept * kept", "(kept / kept)"):
+        "another choice of starting rows: any completion is an orthonormal basis of the zero "
+        "singular values' space (the SVD leaves it free), else the complete QR takes over",
+    ("align_fast.py", "_complete", "for _ in range(2):", 15, "2", "(3)"):
+        "a third projection changes the completion by rounding only (two are orthogonal to it)",
+    ("align_fast.py", "_complete",
+     "U[:, missing] = Q if independent else _orth_complement(kept, U.shape[0])[:, :t]", 69, "0",
+     "(1)"):
+        "the complete QR runs only when some column is kept (with none, the coordinate vectors "
+        "are independent), and then _orth_complement does not read k",
+    ("align_fast.py", "_greedy_one_by_one", "flat = C.reshape(nb, -1)", 22, "1", "(2)"):
+        RESHAPE,
+    ("align_fast.py", "_greedy_rounds",
+     "if Cs.size <= GREEDY_ONE_BY_ONE_MAX and xp is np:                   # small: finish", 3,
+     "Cs.size <= GREEDY_ONE_BY_ONE_MAX", "(Cs.size < GREEDY_ONE_BY_ONE_MAX)"):
+        PATH['greedy_rounds'],
     ("align.py", "_gram_commutators", "worst, layer, impossible = 0.0, 0, False", 32, "0", "(1)"):
         "layer is read only when impossible, and then a value > bound >= 0 has set it",
     ("align.py", "_eigenspaces", "scale = max(abs(w).max(), np.finfo(float).tiny)", 12, "abs(w)", "(w)"):

@@ -11,7 +11,7 @@ import pytest
 import align_fast
 import align_steps
 import align
-from conftest import finite_difference, greedy_cases, random_problem
+from conftest import finite_difference, greedy_cases, random_orthogonal, random_problem
 
 
 def fast_and_reference(run):
@@ -174,7 +174,7 @@ def test_batched_decompositions_split_across_threads_equal_one_call(monkeypatch)
 
 def test_float32_measures_through_the_gram_matrix_match_float64_svd():
     rng = np.random.default_rng(24)
-    for shape in [(40, 30), (30, 40), (3, 25, 20)]:
+    for shape in [(40, 30), (30, 40), (3, 25, 20), (5, 2), (2, 7)]:   # (a side of 2: the Gram too)
         W = rng.standard_normal(shape).astype(np.float32)
         U, s, V = align_fast._reduced_svd(W)
         Uw, sw, Vtw = np.linalg.svd(W.astype(np.float64), full_matrices=False)
@@ -185,6 +185,11 @@ def test_float32_measures_through_the_gram_matrix_match_float64_svd():
     U, s, V = align_fast._reduced_svd(low)
     np.testing.assert_allclose(U.T @ U, np.eye(4), atol=1e-12)
     np.testing.assert_allclose(U @ np.diag(s) @ V.T, low, atol=1e-5)
+    lows = np.stack([low, 2 * low, np.outer(np.ones(6), np.arange(4)).astype(np.float32)])
+    U, s, V = align_fast._reduced_svd(lows)
+    np.testing.assert_allclose(np.swapaxes(U, -1, -2) @ U, np.broadcast_to(np.eye(4), (3, 4, 4)),
+                               atol=1e-12)
+    np.testing.assert_allclose((U * s[:, None, :]) @ np.swapaxes(V, -1, -2), lows, atol=1e-5)
 
 
 @pytest.mark.parametrize("m, n, t", [(30, 30, 3), (40, 25, 1), (6, 6, 5)])
@@ -659,6 +664,8 @@ def test_fast_measures_check_their_input_like_the_reference():
     for bad in (1.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="rtol"):
             align_fast.alignment(weights, rtol=bad)
+        with pytest.raises(ValueError, match="rtol"):
+            align_fast.tracker(weights, rtol=bad)
 
 
 @pytest.mark.parametrize("widths", [[4, 3], [4, 5, 3]])
@@ -923,3 +930,43 @@ def test_a_network_exactly_at_tol_goes_on():
         out, hist = lib.train(batch, X, Y, lr=0.05, max_steps=3, tol=at)
         assert hist.losses[0][0] == at and hist.final_step == 3
         assert not np.array_equal(out[0][0], batch[0][0])
+
+
+def test_first_hidden_basis_takes_the_rank_at_100_eps_of_the_dtype():
+    """[W_1(0) X, W_2(0)^T] with singular values 1 and s (float32, eps = 1.19e-7): rank 2 for
+    s = 1.198e-5 (above 100 eps), 1 for s = 1.15e-5."""
+    X = np.array([[1.0], [0.0], [0.0]], dtype=np.float32)
+    W10 = np.zeros((6, 3), dtype=np.float32)
+    W10[0, 0] = 1.0                                          # W_1(0) X = e1
+    for value, rank in ((1.198e-5, 2), (1.15e-5, 1)):
+        W2 = np.zeros((1, 6), dtype=np.float32)
+        W2[0, 1] = value                                     # W_2(0)^T = s e2
+        assert align_fast._first_hidden_basis([W10, W2], X).shape == (6, rank)
+
+
+def test_the_split_tolerance_scales_with_the_first_layer():
+    """The invariance check of _split_first_layers is relative to ||W_1(0)||^2: an aligned
+    start scaled by 100 splits as it does at scale 1 (rounding grows with the scale)."""
+    rng = np.random.default_rng(25)
+    widths, n = [20, 24, 3, 2], 6
+    X, Y = rng.standard_normal((20, n)), rng.standard_normal((2, n))
+    weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], widths, seed=1)
+    for scale in (1.0, 100.0):
+        W10 = scale * weights[0]
+        Q = align_fast._range_basis(np.concatenate([W10 @ X, weights[1].T], axis=1), 1e-12)
+        assert align_fast._split_first_layers(W10, Q, X.T) is not None
+
+
+def test_measures_at_rtol_0_of_a_batch_with_a_zero_singular_value():
+    """A zero singular value is not used at rtol 0 (0 > 0 fails): the batch's networks are not
+    generic, and the fast tracker gives the reference's values."""
+    rng = np.random.default_rng(53)
+    start = [np.stack([np.diag([1.0, 0.5, 0.0])] * 2) for _ in range(2)]   # (an exact zero)
+    now = [W.copy() for W in start]
+    for W in now:
+        W[0, :2, :2] += 0.3 * rng.standard_normal((2, 2))          # network 0 turns, its zero stays
+    fast, ref = align_fast.tracker(start, rtol=0.0)(now), align.tracker(start, rtol=0.0)(now)
+    assert fast["alignment_paired"][0] < 1.0
+    for key in align.MEASURE_KEYS:
+        np.testing.assert_allclose(fast[key], ref[key], rtol=1e-12)
+
