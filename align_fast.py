@@ -4,12 +4,14 @@ float64; tests/test_fast.py holds each to align.py's reference), in fewer flops 
     import align_fast as align       # where align.train, align.tracker ... were called
 
 - ``train``: the first layer kept in the row space of X^T, Eq. (8)'s products grouped
-  the cheaper way, squared-loss steps run in place.
+  the cheaper way, squared-loss steps run in place (a batch's too, each network leaving
+  the arrays where it stops, with align's iterates bit for bit).
 - ``gradient_descent``: runs of GD steps between measurements, in place on NumPy or
   replayed from CUDA graphs on CuPy (align_cuda.py).
 - ``tracker``, ``alignment``, ``invariance``: batched, threaded and Gram-matrix
   decompositions (``reduced_svds``), the paired rule vectorised where singular values
-  are distinct, layer 1 split along an invariant subspace during row-space training.
+  are distinct, layer 1 split along an invariant subspace during row-space training; a
+  batch's networks unchanged since the last measurement not measured again.
 - ``greedy_match``: the paired rule's matching for batches and large matrices.
 - ``singular_value_dynamics``: Corollary 1's recursion in one CUDA kernel on CuPy.
 
