@@ -992,7 +992,8 @@ def paired_score(pairs, rtol):
 
 
 def used_directions(s, rtol, top):
-    """Which directions the paired rule scores: singular values s > rtol sigma_max (``top``).
+    """Which directions Section 6's paired rule scores (the "used" ones): singular values
+    s > rtol sigma_max (``top``), one rule for every caller.
 
     Parameters
     ----------
@@ -1659,7 +1660,8 @@ def _off_block(M, r):
 
 
 def _condition_violation(S, G, r, room, tol):
-    """How far S = X X^T and G = (YX^T)^T YX^T are from sharing r eigenvectors, at most ``room``
+    """Theorem 4's condition, how far it fails: how far S = X X^T and G = (YX^T)^T YX^T are from
+    sharing r eigenvectors, at most ``room``
     of them (kd - rank(Y X^T)) with a zero image: the r-th smallest ||G v - (v^T G v) v|| /
     ||G|| (at most 1; 1 for each one missing), v eigenvectors of S diagonalising G on S's
     eigenspaces, those beyond room of the ones with ||Y X^T v|| <= tol ||Y X^T|| left out."""

@@ -473,7 +473,6 @@ class _BatchSquaredLossSteps(_StepChunks):
         ends = np.cumsum([0] + [m * p[0].size for p in ps])
         flat, grad = np.empty(ends[-1], dtype), np.empty(ends[-1], dtype)
         W = [flat[a:e].reshape((m,) + p.shape[1:]) for a, e, p in zip(ends, ends[1:], ps)]
-        G = [grad[a:e].reshape((m,) + p.shape[1:]) for a, e, p in zip(ends, ends[1:], ps)]
         for w, p in zip(W, ps):
             np.take(p, idx, axis=0, out=w)
         X, n = self.X[idx], self.n
@@ -485,6 +484,7 @@ class _BatchSquaredLossSteps(_StepChunks):
         else:
             acts = [X] + [np.empty((m, p.shape[1], n), dtype) for p in ps]
             deltas = [np.empty((m, p.shape[1], n), dtype) for p in ps]
+            G = [grad[a:e].reshape((m,) + p.shape[1:]) for a, e, p in zip(ends, ends[1:], ps)]
             grads = [(deltas[i], acts[i].swapaxes(-1, -2), G[i]) for i in range(len(ps))]
         rates = np.concatenate([np.repeat(self.rates[idx], p[0].size) for p in ps]) \
             if np.ndim(self.lr) else self.lr
@@ -891,9 +891,11 @@ class Tracker:
         """A NumPy batch's measures, the networks unchanged since the last call (those
         stopped by train: frozen_below) not measured again: their values are kept."""
         last = self.last
-        moved = np.ones(weights[0].shape[0], dtype=bool) if last is None or \
-            [W.shape for W in weights] != [W.shape for W in last[0]] else \
-            ~np.logical_and.reduce([(W == V).all(axis=(1, 2)) for W, V in zip(weights, last[0])])
+        if last is None or [W.shape for W in weights] != [W.shape for W in last[0]]:
+            moved = np.ones(weights[0].shape[0], dtype=bool)
+        else:
+            same = [(W == V).all(axis=(1, 2)) for W, V in zip(weights, last[0])]
+            moved = ~np.logical_and.reduce(same)
         if moved.all():
             values = self.from_svds(reduced_svds(weights, self.keep))
         else:

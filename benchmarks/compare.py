@@ -82,7 +82,8 @@ def tasks(tree, parts):
                         measure_every=every or 10 ** 9, measures=measures))
         track_batch, trained_batch = align.tracker(ws), bench.trained(ws, Xs, Ys)
         turns = itertools.cycle([trained_batch, [W * (1 + 1e-9) for W in trained_batch]])
-        out["measure_1000_networks"] = lambda: track_batch(next(turns))   # (each call in full)
+        out["measure_1000_networks"] = lambda: track_batch(next(turns))   # (each call in full;
+        # bench.alternating's two lines, written out: an older tree's bench.py lacks it)
     return out
 
 
