@@ -10,9 +10,13 @@ import json
 import math
 import os
 import signal
+import socket
+import sys
 import tempfile
 import textwrap
 import threading
+import time
+import urllib.parse
 
 import numpy as np
 
@@ -39,7 +43,7 @@ def write_files(writers, remove=()):
                 remove_stale_temporaries(folder)
             for path, write in writers.items():
                 fd, temps[path] = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                                   prefix=f".tmp-{os.getpid()}-",
+                                                   prefix=temporary_prefix(),
                                                    suffix=os.path.basename(path))
                 os.close(fd)
                 try:
@@ -64,14 +68,60 @@ def write_files(writers, remove=()):
                 os.unlink(tmp)
 
 
+STALE_AFTER = 86400                 # seconds: old-style temporaries deleted after
+
+
+def temporary_prefix():
+    """The name every temporary file of this process starts with:
+    ``.tmp-<host>~<pid namespace>~<pid>-`` (then mkstemp's random letters and the file's
+    name).  The host is percent-escaped (no '-' or '~' left in it); the namespace is the
+    number of ``/proc/self/ns/pid`` ('unknown' where Linux hides it, '0' on systems without
+    pid namespaces).  Versions before this one wrote ``.tmp-<pid>-``: they take the owner
+    field for a pid only when it is all digits, so they leave these files alone."""
+    host, namespace, pid = _identity()
+    host = urllib.parse.quote(host, safe="").replace("-", "%2D").replace("~", "%7E")
+    return f".tmp-{host}~{namespace}~{pid}-"
+
+
 def remove_stale_temporaries(folder):
-    """Delete the temporary files (.tmp-<pid>-*) that a killed earlier run left in ``folder``;
-    those of a process still running (another run writing there) stay."""
+    """Delete the temporary files that killed earlier runs of this machine left in
+    ``folder``: those of this host and pid namespace whose process is gone.  Every other one
+    stays: those of a live process, of another host or pid namespace (a shard of a job array
+    on another node or in another container, whose pid means nothing here), and the
+    old-style ``.tmp-<pid>-*`` of earlier versions (no host in the name) unless the pid is
+    not running here and the file is more than a day old."""
+    host, namespace, pid = _identity()
     for name in os.listdir(folder):
-        pid = name[5:].split("-", 1)[0] if name.startswith(".tmp-") else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, name))
+        owner, path = _owner(name), os.path.join(folder, name)
+        if owner is None or owner[2] == pid:
+            continue
+        with contextlib.suppress(OSError):
+            mine = owner[:2] == (host, namespace) and namespace != "unknown"
+            old_style = owner[0] is None and time.time() - os.stat(path).st_mtime > STALE_AFTER
+            if (mine or old_style) and not _running(owner[2]):
+                os.remove(path)
+
+
+def _identity():
+    """(host, pid namespace, pid) of this process."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid").split("[")[-1].rstrip("]")
+    except OSError:
+        namespace = "unknown" if sys.platform.startswith("linux") else "0"
+    return socket.gethostname(), namespace, os.getpid()
+
+
+def _owner(name):
+    """(host, pid namespace, pid) of a temporary file's name, (None, None, pid) for an
+    old-style one, None for any other name."""
+    if not name.startswith(".tmp-") or "-" not in name[5:]:
+        return None
+    fields = name[5:].split("-", 1)[0].split("~")
+    if len(fields) == 1 and fields[0].isdigit():
+        return None, None, int(fields[0])
+    if len(fields) == 3 and fields[2].isdigit():
+        return urllib.parse.unquote(fields[0]), fields[1], int(fields[2])
+    return None
 
 
 def _running(pid):
