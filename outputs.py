@@ -68,7 +68,7 @@ def write_files(writers, remove=()):
                 os.unlink(tmp)
 
 
-STALE_AFTER = 86400                 # seconds: old-style temporaries deleted after
+STALE_AFTER = 86400                 # seconds: old-style temporaries, foreign leftovers
 
 
 def temporary_prefix():
@@ -100,6 +100,23 @@ def remove_stale_temporaries(folder):
             old_style = owner[0] is None and time.time() - os.stat(path).st_mtime > STALE_AFTER
             if (mine or old_style) and not _running(owner[2]):
                 os.remove(path)
+
+
+def foreign_temporaries(folder, older_than=STALE_AFTER):
+    """The temporary files in ``folder`` that :func:`remove_stale_temporaries` never
+    deletes because another host or pid namespace wrote them, older than ``older_than``
+    seconds (most likely left by a killed task): a list of (path, host, age in seconds),
+    for a report to mention.  Nothing is deleted."""
+    host, namespace, _ = _identity()
+    found = []
+    for name in sorted(os.listdir(folder)):
+        owner, path = _owner(name), os.path.join(folder, name)
+        if owner and owner[0] is not None and owner[:2] != (host, namespace):
+            with contextlib.suppress(OSError):
+                age = time.time() - os.stat(path).st_mtime
+                if age > older_than:
+                    found.append((path, owner[0], age))
+    return found
 
 
 def _identity():

@@ -79,6 +79,24 @@ def test_old_style_temporaries_are_removed_only_when_a_day_old(tmp_path):
     assert fresh.exists() and not old.exists() and old_live.exists()
 
 
+def test_foreign_temporaries_lists_old_leftovers_of_other_hosts_only(tmp_path):
+    """Old temporaries of another host or namespace are listed with their host and age;
+    fresh ones, this identity's and old-style ones are not; nothing is deleted."""
+    dead = dead_pid()
+    old_host = plant(tmp_path, prefix_of(dead, host="node%2D17"), age=DAY + 60)
+    old_namespace = plant(tmp_path, prefix_of(dead, namespace="4026531999"), age=2 * DAY)
+    others = [plant(tmp_path, prefix_of(dead, host="node%2D18")),
+              plant(tmp_path, prefix_of(dead), age=2 * DAY),
+              plant(tmp_path, f".tmp-{dead}-", age=2 * DAY)]
+    found = outputs.foreign_temporaries(tmp_path)
+    assert [(path, host) for path, host, _ in found] == sorted(
+        [(str(old_host), "node-17"), (str(old_namespace), socket.gethostname())])
+    assert all(DAY < age < 3 * DAY for _, _, age in found)
+    assert [path for path, _, _ in outputs.foreign_temporaries(tmp_path, older_than=-1)] == \
+        sorted(str(p) for p in (old_host, old_namespace, others[0]))
+    assert all(p.exists() for p in [old_host, old_namespace, *others])
+
+
 INNER_WRITER = r"""
 import os, sys, time
 busy, folder, started, done = set(map(int, sys.argv[1].split())), *sys.argv[2:5]
