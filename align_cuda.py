@@ -1,66 +1,56 @@
-"""CuPy-only speed for align_fast.py: CUDA graphs of training steps, cuBLAS called
-directly, and CUDA kernels (with their sources) for small SVDs, the greedy matching, tiny
-products and Corollary 1's recursion.
+"""What needs CUDA (through CuPy), for align_fast.py: CUDA graphs of training steps, cuBLAS
+called directly, and CUDA kernels (with their sources) for small SVDs, the greedy matching,
+tiny products and Corollary 1's recursion.
 
-align_fast.py imports it when CuPy arrays arrive; every function here computes what a
-reference function of align.py computes (tests/test_cuda.py and tests/test_kernels.py
-hold them equal).  README, "How the code is laid out".
+align_fast.py imports it when CuPy arrays arrive and hands it what it needs (the CuPy module,
+the step to record); it imports no module of the project.  Every function here computes what
+a function of align.py or align_fast.py computes (tests/test_cuda.py and tests/test_kernels.py
+hold them equal, on a GPU or on tests/cupy_standin).  Copy it with align_fast.py and align.py.
 """
 import contextlib
 import gc
 import operator
-import os
 import sys
 
 import numpy as np
 
-import align
-import align_steps
-import structured
-from align import _T
-
-# GD steps per captured CUDA graph on the GPU; 0 or 1 launches kernels one by one
-# (environment variable ALIGN_CUDA_GRAPH_STEPS).
-def _graph_steps_setting():
-    text = os.environ.get("ALIGN_CUDA_GRAPH_STEPS", "100")
-    if not text.strip().isdigit():
-        raise ValueError(f"ALIGN_CUDA_GRAPH_STEPS must be a whole number of steps (0 turns CUDA "
-                         f"graphs off), got {text!r}")
-    return int(text)
+__all__ = ["GraphSteps", "DirectCublas", "gemm_plan", "small_svd", "greedy_match",
+           "sv_dynamics", "SV_KERNEL_MAX_DEPTH"]
 
 
-CUDA_GRAPH_STEPS = _graph_steps_setting()
-# Launch CUDA graphs from a helper thread (ALIGN_GRAPH_LAUNCH_THREAD=1), so that the host
-# can measure while cudaGraphLaunch submits a long graph (benchmarks/overlap.py compares).
-GRAPH_LAUNCH_THREAD = os.environ.get("ALIGN_GRAPH_LAUNCH_THREAD", "0") == "1"
+class GraphSteps:
+    """Runs of GD steps replayed from CUDA graphs (CuPy stream capture), n steps per launch,
+    captured once per n: align_fast's protocol of runs (``launch(n, keep)``, ``wait()``,
+    ``rewind(j)``, ``cancel()``, ``kept``, ``open``, ``longest``).
 
-
-def _launch_in_thread(launch):
-    """Run launch() on the one helper thread; a Future of it."""
-    return align_steps._thread_pool("graph-launch", 1).submit(launch)
-
-
-class _CudaGraphChunks(align_steps._StepChunks):
-    """n GD steps as one CUDA graph launch (CuPy stream capture), captured once per n.
-
-    A step of a large network is ~20 kernels of a few microseconds each, so launching
-    them from Python costs more than running them.  The captured graph saves the parameters,
-    then does n steps, writing each loss into a buffer.  Its temporaries come from a
-    private memory pool that nothing else allocates from, so their addresses stay
-    valid between replays.  Replays run on their own stream, after the work queued
-    before them, so a measurement of ``kept`` (on the current stream) overlaps them.
-    If capture fails (an operation that cannot be captured), ``launch`` returns
-    False and the caller steps kernel by kernel.  The reference products (which fill
-    the caches of the parameters' functions, e.g. a structure's index arrays) come
-    from the ordinary pool, so those caches outlive this object's pool; Python's
-    garbage collector is paused during a capture (see _gc_paused).
+    ``step(ps, matmul)`` takes one GD step of the parameters ``ps`` in place, its matrix
+    products by ``matmul``, and returns the loss before it.  A step of a large network is ~20
+    kernels of a few microseconds each, so launching them from Python costs more than running
+    them.  The graph saves the parameters, then does n steps, writing each loss into a buffer;
+    its products call cuBLAS directly (DirectCublas: CuPy refuses cuBLAS during a capture),
+    checked first against CuPy's.  Its temporaries come from a private memory pool that
+    nothing else allocates from, so their addresses stay valid between replays.  Replays run
+    on their own stream, after the work queued before them, so a measurement of ``kept`` (on
+    the current stream) overlaps them.  If the capture fails, ``launch`` returns False (and
+    says so once) and the caller steps kernel by kernel.
     """
     warned = False                                       # say so once per process
 
-    def __init__(self, ps, loss_and_grads, lr):
+    def __init__(self, ps, step, longest):
         import cupy
-        super().__init__(ps, loss_and_grads, lr, longest=CUDA_GRAPH_STEPS)
-        self.cupy, self.graphs, self.failed, self.launching = cupy, {}, False, None
+        self.cupy, self.ps, self.step, self.longest = cupy, ps, step, longest
+        self.saved = [p.copy() for p in ps]
+        self.kept = self.pending = None
+        self.open, self.graphs, self.failed = False, {}, False
+
+    def _save(self):
+        for s, p in zip(self.saved, self.ps):
+            s[...] = p
+
+    def _run(self, n):
+        """n steps kernel by kernel, with CuPy's products."""
+        for _ in range(n):
+            self.step(self.ps)
 
     def _capture(self, n):
         cp = self.cupy
@@ -68,32 +58,31 @@ class _CudaGraphChunks(align_steps._StepChunks):
             self.pool, self.stream = cp.cuda.MemoryPool(), cp.cuda.Stream(non_blocking=True)
         cp.cuda.Device().synchronize()
         with self.stream:
-            L_ref, g_ref = self.loss_and_grads([p.copy() for p in self.ps])     # CuPy's products
-        with cp.cuda.using_allocator(self.pool.malloc), self.stream, _gc_paused():
-            cublas = _DirectCublas(cp, self.stream)
+            start = [p.copy() for p in self.ps]
+            reference = [p.copy() for p in self.ps]
+            L_ref = self.step(reference)                               # CuPy's products
+        with cp.cuda.using_allocator(self.pool.malloc), self.stream, gc_paused():
+            cublas = DirectCublas(cp, self.stream)
+            scratch = [p.copy() for p in self.ps]   # warm-up: kernels compiled, pool filled
+            L = self.step(scratch, cublas.matmul)
+            for got, want in zip([L] + [a - b for a, b in zip(scratch, start)],
+                                 [L_ref] + [a - b for a, b in zip(reference, start)]):
+                if float(cp.linalg.norm(got - want)) > 1e-3 * float(cp.linalg.norm(want)) + 1e-30:
+                    raise RuntimeError("cuBLAS called directly disagrees with CuPy's products")
+            losses = cp.empty((n,) + L.shape, dtype=L.dtype)
+            self.stream.synchronize()
+            mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", None)
+            self.stream.begin_capture(*(() if mode is None else (mode,)))
             try:
-                align_steps.matmul = structured.matmul = cublas.matmul
-                scratch = [p.copy() for p in self.ps]   # warm-up: kernels compiled, pool filled
-                L, grads = self.loss_and_grads(scratch)
-                align_steps._descend(scratch, grads, self.lr)
-                for got, want in zip([L] + grads, [L_ref] + g_ref):   # the direct products agree
-                    if float(cp.linalg.norm(got - want)) > 1e-3 * float(cp.linalg.norm(want)) + 1e-30:
-                        raise RuntimeError("cuBLAS called directly disagrees with CuPy's products")
-                losses = cp.empty((n,) + L.shape, dtype=L.dtype)
-                self.stream.synchronize()
-                mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", None)
-                self.stream.begin_capture(*(() if mode is None else (mode,)))
-                try:
-                    self._save()
-                    for j in range(n):
-                        losses[j] = self._step()
-                finally:
-                    graph = self.stream.end_capture()
+                self._save()
+                for j in range(n):
+                    losses[j] = self.step(self.ps, cublas.matmul)
             finally:
-                align_steps.matmul = structured.matmul = operator.matmul
+                graph = self.stream.end_capture()
         return graph, losses, cublas                     # the graph's cuBLAS workspace lives on
 
     def launch(self, n, keep=False):
+        """Start n steps; False when they cannot be launched (nothing changed then)."""
         if self.failed:
             return False
         try:
@@ -101,8 +90,8 @@ class _CudaGraphChunks(align_steps._StepChunks):
                 self.graphs[n] = self._capture(n)
         except Exception as exc:                         # noqa: BLE001 - fall back, say why
             self.failed = True
-            if not _CudaGraphChunks.warned:
-                _CudaGraphChunks.warned = True
+            if not GraphSteps.warned:
+                GraphSteps.warned = True
                 print(f"note: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
                       "stepping kernel by kernel", file=sys.stderr)
             return False
@@ -112,37 +101,31 @@ class _CudaGraphChunks(align_steps._StepChunks):
         queued.record()
         self.stream.wait_event(queued)
         self.open = True
-        if GRAPH_LAUNCH_THREAD:
-            device = self.cupy.cuda.Device().id
-
-            def launch():
-                with self.cupy.cuda.Device(device):
-                    graph.launch(stream=self.stream)
-            self.launching = _launch_in_thread(launch)
-        else:
-            graph.launch(stream=self.stream)
+        graph.launch(stream=self.stream)
         return True
 
-    def _launched(self):
-        """Wait for a launch on the helper thread to return (re-raising its error)."""
-        launching, self.launching = self.launching, None
-        if launching is not None:
-            launching.result()
-
     def wait(self):
-        self._launched()
+        """The launched run's losses (a NumPy array, one row per step)."""
         self.stream.synchronize()
-        return super().wait()
+        losses, self.pending = self.pending, None
+        return losses.get()
+
+    def rewind(self, j):
+        """Back to the start of the last run, then its first j steps again."""
+        for s, p in zip(self.saved, self.ps):
+            p[...] = s
+        self._run(j)
 
     def cancel(self):
-        self._launched()
+        """Back to the start of a run that was launched and not taken (Ctrl-C)."""
         if self.open:
             self.stream.synchronize()
-        super().cancel()
+            self.rewind(0)
+        self.pending, self.open = None, False
 
 
 @contextlib.contextmanager
-def _gc_paused():
+def gc_paused():
     """Collect garbage now and not again until the block ends.  A cycle collected during
     a CUDA graph capture could free an earlier run's memory pool or cuBLAS handle
     (cudaFree, cublasDestroy), which synchronize and so invalidate the capture: seen on
@@ -155,6 +138,14 @@ def _gc_paused():
     finally:
         if enabled:
             gc.enable()
+
+
+def _module(a):
+    """CuPy for a CuPy array, else NumPy."""
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+        return cupy
+    return np
 
 
 def _gemm_operand(M):
@@ -172,12 +163,12 @@ def _gemm_operand(M):
     return None
 
 
-def _gemm_plan(A, B):
+def gemm_plan(A, B):
     """cuBLAS arguments for C = A @ B (row-major, 2-D or batched, batch broadcast):
     C^T = B^T A^T in column-major terms.  Returns (A, B, out shape, (opB, opA, n, m, k,
     ldB, strideB, ldA, strideA, ldC, strideC, batch)); A or B become contiguous
     copies when their layout cannot be described by a leading dimension."""
-    xp = align.array_module(A, B)
+    xp = _module(A)
     plans = []
     for M in (A, B):
         plan = _gemm_operand(M)
@@ -195,7 +186,7 @@ def _gemm_plan(A, B):
 CUBLAS_WORKSPACE = 32 << 20     # bytes; NVIDIA's advice for cuBLAS in CUDA graphs on Hopper
 
 
-class _DirectCublas:
+class DirectCublas:
     """cuBLAS gemm through ctypes, for products inside a capture.  Its own handle and
     workspace: CuPy's products on other streams (measurements during replays) must
     not share the workspace that the captured products use."""
@@ -240,7 +231,7 @@ class _DirectCublas:
             raise TypeError(f"direct cuBLAS product of {A.dtype}{A.shape} and {B.dtype}{B.shape}")
         if max(A.shape[-2:] + B.shape[-1:]) <= SMALL_GEMM_MAX:
             return self._small(A, B)
-        A, B, shape, (opB, opA, n, m, k, ldB, sB, ldA, sA, ldC, sC, batch) = _gemm_plan(A, B)
+        A, B, shape, (opB, opA, n, m, k, ldB, sB, ldA, sA, ldC, sC, batch) = gemm_plan(A, B)
         C = self.cupy.empty(shape, dtype=A.dtype)
         ct, f32 = self.ct, A.dtype.char == "f"
         scalar = ct.c_float if f32 else ct.c_double
@@ -311,19 +302,16 @@ def _launch_per_item(kernel, count, args, threads=128):
 
 
 
-SMALL_SVD_KERNEL_MAX = 16     # GPU batches of matrices up to this side: _small_svd_kernel
-
-
-def _small_svd_kernel(cp, W):
+def small_svd(cp, W):
     """Reduced SVDs (U, s, V) of a batch of small matrices on the GPU, float64, s
     descending: one CUDA thread per matrix runs one-sided Jacobi (Hestenes) to
-    convergence, in one launch, in place of CuPy's batched svd (SMALL_SVD_KERNEL_MAX = 0
-    goes back to it).  One-sided Jacobi rotates the columns of A until every pair is orthogonal to
+    convergence, in one launch, in place of CuPy's batched svd (align_fast.SMALL_SVD_KERNEL_MAX
+    chooses it).  One-sided Jacobi rotates the columns of A until every pair is orthogonal to
     rounding relative to their norms, so U is orthonormal and the singular values have
     small relative errors (Demmel and Veselic 1992); exactly zero columns are completed
     with coordinate vectors, as _complete does on the host."""
     wide = W.shape[-2] < W.shape[-1]
-    A = cp.ascontiguousarray(_T(W) if wide else W, dtype=np.float64)   # m x n, m >= n
+    A = cp.ascontiguousarray(W.swapaxes(-1, -2) if wide else W, dtype=np.float64)   # m x n, m >= n
     nb, m, n = A.shape
     U, s, V = A.copy(), cp.empty((nb, n), dtype=np.float64), cp.empty((nb, n, n), dtype=np.float64)
     kernel = _raw_kernel(cp, _SMALL_SVD_SOURCE, "small_svd")
@@ -419,10 +407,7 @@ extern "C" __global__ void small_svd(double* U, double* s, double* V,
 """.replace("MAX_SWEEPS", str(SMALL_SVD_MAX_SWEEPS))
 
 
-GREEDY_KERNEL_MAX = 1 << 22     # p * p * m, one CUDA thread's work for a p x m matrix
-
-
-def _greedy_kernel(cp, C, room):
+def greedy_match(cp, C, room):
     """align_fast.greedy_match on the GPU: one CUDA thread per matrix, in one launch (the rounds
     take ~30 array operations and a wait for the GPU each)."""
     nb, p, m = C.shape
@@ -500,7 +485,7 @@ extern "C" __global__ void sv_dynamics(const double* sig0, const double* lam, co
 """.replace("MAX_DEPTH", str(SV_KERNEL_MAX_DEPTH))
 
 
-def _sv_dynamics_kernel(cp, sig, lam, lam_prime, coef, steps, record_every):
+def sv_dynamics(cp, sig, lam, lam_prime, coef, steps, record_every):
     """singular_value_dynamics on the GPU: one CUDA thread runs all the steps of one
     direction.  A step is O(d) flops per direction, so launching its ~10 array
     operations step by step would cost microseconds each for nanoseconds of work."""

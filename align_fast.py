@@ -1,162 +1,655 @@
-"""align.py's functions, faster: the same signatures, iterates and measures (to rounding in
-float64; tests/test_fast.py holds each to align.py's reference), in fewer flops and calls.
+"""align.py's training and measures, faster, and for batches of networks trained together.
 
-    import align_fast as align       # where align.train, align.tracker ... were called
+Copy it with align.py.  Each public function equals its align.py namesake up to rounding
+(tests/test_fast.py holds every path to align.py's reference), so a script can switch:
 
-- ``train``: the first layer kept in the row space of X^T, Eq. (8)'s products grouped
-  the cheaper way, squared-loss steps run in place (a batch's too, each network leaving
-  the arrays where it stops, with align's iterates bit for bit).
-- ``gradient_descent``: runs of GD steps between measurements, in place on NumPy or
-  replayed from CUDA graphs on CuPy (align_cuda.py).
-- ``tracker``, ``alignment``, ``invariance``: batched, threaded and Gram-matrix
-  decompositions (``reduced_svds``), the paired rule vectorised where singular values
-  are distinct, layer 1 split along an invariant subspace during row-space training; a
-  batch's networks unchanged since the last measurement not measured again.
-- ``greedy_match``: the paired rule's matching for batches and large matrices.
-- ``singular_value_dynamics``: Corollary 1's recursion in one CUDA kernel on CuPy.
+    import align_fast
+    weights, history = align_fast.train(weights, X, Y)        # align.train's iterates, faster
 
-Every other name of align.py is available here too (the same objects), so this module
-can replace ``import align`` whole.  CuPy-only code lives in align_cuda.py, imported only
-when CuPy arrays arrive.  README, "How the code is laid out".
+A batch is B networks in one list of 3-D layers (B, k_i, k_{i-1}), with X and Y shared or one
+per network (B, k, n) and ``lr`` one number or one per network.  Each network stops where it
+would alone: at its first recorded loss below ``tol``, or where its loss stops being finite
+(the batch raises DivergenceError only when every network diverged).  ``alignment``,
+``invariance`` and ``tracker`` give one value per network of a batch.
+
+Where the speed comes from (docs/performance.md):
+- training: the first layer kept in the row space of X when n < k0; Eq. (8)'s products
+  grouped the cheaper way; squared-loss steps run in place (NumPy) or replayed from CUDA
+  graphs (CuPy, align_cuda.py), chosen by ``steps``;
+- measures: Gram-matrix and batched decompositions, the paired rule vectorised where the
+  singular values are distinct, networks of a batch that did not move not measured again;
+- CUDA kernels (align_cuda.py) for small SVDs, the greedy matching and Corollary 1.
 """
+import concurrent.futures
 import dataclasses
 import functools
+import inspect
+import math
+import operator
 import os
+import time
 
 import numpy as np
 
 import align
-import align_steps
-from align import *  # noqa: F401,F403  (the rest of align's API, unchanged)
-from align import array_module, loss_and_output_gradient, to_numpy
-from align_steps import _StepChunks, _thread_pool, descend_in_runs
+from align import array_module, to_numpy
 
-__all__ = list(align.__all__)
+__all__ = ["train", "gradient_descent", "tracker", "alignment", "invariance", "reduced_svds",
+           "greedy_match", "singular_value_dynamics", "STEPS", "GRAPH_STEPS"]
 
-def _mm(A, B):
-    """A @ B through align_steps.matmul (which a CUDA graph capture swaps)."""
-    return align_steps.matmul(A, B)
+STEPS = ("auto", "plain", "in_place", "graphs")   # how train takes its steps (see train)
+GRAPH_STEPS = 100                                 # GD steps per CUDA graph launch
 
 
 def _T(A):
     return A.swapaxes(-1, -2)
 
 
-def _orth_complement(Q, k):
-    """Orthonormal basis of span(Q)^perp in R^k (Q with orthonormal columns)."""
-    return np.linalg.qr(Q, mode="complete")[0][:, Q.shape[1]:] if Q.shape[1] else np.eye(k)
+# ----------------------------------------------------------- batches at the boundary --
+def _is_batch(weights):
+    return isinstance(weights, (list, tuple)) and len(weights) > 0 and np.ndim(weights[0]) == 3
 
 
-# ------------------------------------------------------------------ training --
+def as_batch(weights):
+    """A batch's layers converted (align.as_array) and checked: 3-D, one number B of networks,
+    finite, chaining (align.as_weights on the first network)."""
+    weights = [align.as_array(f"W_{i}", W) for i, W in enumerate(weights, 1)]
+    B = weights[0].shape[0]
+    for i, W in enumerate(weights, 1):
+        if W.ndim != 3 or W.shape[0] != B or B == 0:
+            raise ValueError(f"W_{i} must be B x k_{i} x k_{i - 1} with B = {B} >= 1 networks "
+                             f"(as W_1), got shape {'x'.join(map(str, W.shape))}")
+        align.check_finite(f"W_{i}", W)
+    align.as_weights([W[0] for W in weights])                    # the shapes chain
+    return weights
 
+
+def as_problem(weights, X, Y, kind):
+    """(weights, X, Y) checked and converted, Y prepared for ``kind``: one network as in
+    align.as_network, or a batch (X and Y shared, or one set per network first)."""
+    if not _is_batch(weights):
+        return align.as_network(weights, X, Y, kind)
+    weights = as_batch(weights)
+    B, first = weights[0].shape[0], [W[0] for W in weights]
+    X = align.as_array("X", X)
+    for Xb in (X if X.ndim == 3 else [X]):
+        align.as_inputs(first, Xb)
+    labels = kind == "ce" and array_module(Y).asarray(Y).dtype.kind in "iu"
+    own = np.ndim(Y) == (2 if labels else 3)                  # one set of targets per network
+    for name, a, given in (("X", X, X.ndim == 3), ("Y", Y, own)):
+        if given and len(a) != B:
+            raise ValueError(f"{name} holds data for {len(a)} networks but the batch has B = {B}: "
+                             f"give one set per network, or one shared set")
+    kd, n = weights[-1].shape[-2], X.shape[-1]
+    Ys = [align.as_targets(Yb, kind, kd, n) for Yb in (Y if own else [Y])]
+    return weights, X, array_module(Ys[0]).stack(Ys) if own else Ys[0]
+
+
+def network_rates(lr, weights):
+    """``lr`` as train applies it: a number, or for a batch one per network as a (B, 1, 1)
+    array (network b steps W_i <- W_i - lr_b dL/dW_i)."""
+    if np.ndim(lr) == 0:
+        return lr
+    rates, W = np.asarray(to_numpy(lr), dtype=np.float64), weights[0]
+    if W.ndim != 3 or rates.shape != W.shape[:1]:
+        raise ValueError(f"lr of shape {rates.shape}: give one number, or one per network of a "
+                         f"batch ({W.shape[0] if W.ndim == 3 else 'these weights are not a batch'})")
+    if not (np.all(rates > 0) and np.all(np.isfinite(rates))):
+        raise ValueError(f"lr must hold positive finite numbers, got {lr}")
+    return array_module(W).asarray(rates.reshape(-1, 1, 1), dtype=W.dtype)
+
+
+def _check(lr, max_steps, record_every, measure_every, tol, steps):
+    """align.check_schedule for a number or per-network rates, and the ``steps`` choice."""
+    if steps not in STEPS:
+        raise ValueError(f"steps must be one of {STEPS}, got {steps!r}")
+    align.check_schedule(lr if np.ndim(lr) == 0 else float(lr.max()), max_steps, record_every,
+                         measure_every, tol)
+
+
+# ----------------------------------------------------------------------- training --
 def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4, record_every=1,
-          measure_every=100, measures=None, callback=None):
-    """align.train with the same iterates: the row space where n < k0
-    (_train_in_row_space), Eq. (8)'s products grouped the cheaper way (_chain_gradients),
-    and for dense NumPy networks under a squared loss whose products go layer by layer,
-    their steps in place (one network: _SquaredLossSteps; a batch:
-    _BatchSquaredLossSteps).  Returns (weights, History).
+          measure_every=100, measures=None, callback=None, steps="auto"):
+    """align.train with the same iterates (to rounding; tested), faster, and for batches.
 
-    Parameters, returns and errors: as :func:`align.train`.
+    Parameters
+    ----------
+    weights, X, Y, kind, lr, max_steps, tol, record_every, measure_every, measures, callback
+        As in align.train; a batch as in the module docstring (``measures`` get the batch
+        and return one value per network, as ``tracker`` does).
+    steps : {"auto", "plain", "in_place", "graphs"}
+        How the steps between measurements run: "in_place", a squared loss's steps into
+        preallocated NumPy arrays (dense layers of one dtype); "graphs", GRAPH_STEPS steps per
+        CUDA graph (CuPy); "plain", one step at a time, as align.train; "auto" (default),
+        the first of graphs and in_place that applies, else plain.
+
+    Returns, Raises
+    ---------------
+    As align.train: (weights, History), DivergenceError, Interrupted.
     """
-    align.check_network(weights, X)
-    Y = align.prepare_targets(Y, kind, weights[-1].shape[-2], X.shape[-1]).astype(weights[0].dtype)
-    measures, lr = align.as_measures(measures), align.network_rates(lr, weights)
+    weights, X, Y = as_problem(weights, X, Y, kind)
+    Y, lr = Y.astype(weights[0].dtype), network_rates(lr, weights)
+    _check(lr, max_steps, record_every, measure_every, tol, steps)
+    schedule = (lr, max_steps, tol, record_every, measure_every, align.as_measures(measures),
+                callback)
     if X.shape[-1] < X.shape[-2]:
-        return _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every,
-                                   measure_every, measures, callback)
-    per_network = align.frozen_below(lambda ws: _loss_and_gradients(ws, X, Y, kind), tol,
-                                     weights[0].ndim == 3)
+        return _train_in_row_space(weights, X, Y, kind, schedule, steps)
     in_place = None
     if kind in ("mse", "mse_mean") and array_module(X) is np and \
             all(a.dtype == X.dtype for a in weights + [Y]) and \
             not _cheaper_at_outputs(tuple(W.shape[-2:] for W in weights), X.shape[-1]):
         if X.ndim == 2 and all(a.ndim == 2 for a in weights + [Y]):
-            in_place = lambda ps, lr: _SquaredLossSteps(ps, X, Y, kind, lr)
+            in_place = lambda ps: _SquaredLossSteps(ps, X, Y, kind, lr)
         elif all(W.ndim == 3 for W in weights):
-            in_place = lambda ps, lr: _BatchSquaredLossSteps(ps, X, Y, kind, lr, tol)
-    return _descend_fast(weights, per_network, lr, max_steps, tol, record_every,
-                         measure_every, measures, callback, in_place)
+            in_place = lambda ps: _BatchSquaredLossSteps(ps, X, Y, kind, lr, tol)
+    loss_and_grads = _frozen_below(lambda ws, matmul=operator.matmul: _chain_gradients(
+        ws, X, lambda F: _loss_at_outputs(F, Y, kind), matmul), tol, weights[0].ndim == 3)
+    return _descend(weights, loss_and_grads, schedule, _runner(steps, loss_and_grads, lr, in_place))
 
 
 def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4,
-                     record_every=1, measure_every=100, measures=None, callback=None):
-    """align.gradient_descent with the same iterates and History: on CuPy the steps between
-    measurements replayed from CUDA graphs (align_cuda.py), the measurement due at a
-    run's start taken while the run goes on; on NumPy align's loop.  Returns (params,
-    History); DivergenceError on NaN.
+                     record_every=1, measure_every=100, measures=None, callback=None,
+                     steps="auto"):
+    """align.gradient_descent with the same iterates and History; on CuPy the steps between
+    measurements replay from CUDA graphs (``steps`` "auto" or "graphs"; "plain": one by one).
+    A ``loss_and_grads(params, matmul)`` that takes ``matmul`` does its products with it,
+    so that a graph can call cuBLAS directly (CuPy refuses cuBLAS during a capture).
 
-    Parameters, returns and errors: as :func:`align.gradient_descent`.
+    Parameters, Returns, Raises: as align.gradient_descent.
     """
-    return _descend_fast(params, loss_and_grads, lr, max_steps, tol, record_every,
-                         measure_every, measures, callback)
+    _check(lr, max_steps, record_every, measure_every, tol, steps)
+    if steps == "in_place":
+        raise ValueError("steps='in_place' needs train's squared loss; gradient_descent takes "
+                         "'auto', 'plain' or 'graphs'")
+    if "matmul" not in inspect.signature(loss_and_grads).parameters:
+        loss_and_grads = functools.partial(_without_matmul, loss_and_grads)
+    schedule = (lr, max_steps, tol, record_every, measure_every, align.as_measures(measures),
+                callback)
+    return _descend(params, loss_and_grads, schedule, _runner(steps, loss_and_grads, lr))
 
 
-def _descend_fast(params, loss_and_grads, lr, max_steps, tol, record_every, measure_every,
-                  measures, callback, in_place=None):
-    """gradient_descent in runs of steps (``in_place(ps, lr)``: this loss's own runs on
-    NumPy) where there are runs, else align.gradient_descent."""
-    align.check_schedule(lr, max_steps, record_every, measure_every, tol)
+def _without_matmul(loss_and_grads, ps, matmul=None):
+    return loss_and_grads(ps)
+
+
+def _runner(steps, loss_and_grads, lr, in_place=None):
+    """``runner(ps)``: the runs of steps that ``steps`` chooses for these parameters (None:
+    one by one).  CUDA graphs for CuPy arrays; ``in_place(ps)`` for NumPy."""
+    def runner(ps):
+        gpu = array_module(*ps) is not np
+        if steps == "graphs" and not gpu or steps == "in_place" and in_place is None:
+            raise ValueError(f"steps={steps!r} does not apply here: 'graphs' needs CuPy arrays, "
+                             "'in_place' a squared loss on NumPy arrays of one dtype")
+        if steps in ("auto", "graphs") and gpu:
+            import align_cuda
+            return align_cuda.GraphSteps(ps, functools.partial(_step, loss_and_grads, lr),
+                                         GRAPH_STEPS)
+        return in_place(ps) if steps in ("auto", "in_place") and in_place else None
+    return runner
+
+
+def _step(loss_and_grads, lr, ps, matmul=operator.matmul):
+    """One GD step p <- p - lr g in place, its products by ``matmul``; the loss before it."""
+    L, grads = loss_and_grads(ps, matmul)
+    for p, g in zip(ps, grads):
+        p -= lr * g
+    return L
+
+
+def _frozen_below(loss_and_grads, tol, batched):
+    """For a batch of more than one network: the gradients of those whose loss is below tol,
+    or no longer finite, set to zero, so that each stops where its own run would (a lone
+    network is left to the run's stop)."""
+    def wrapped(ps, matmul=operator.matmul):
+        L, grads = loss_and_grads(ps, matmul)
+        xp = array_module(L)
+        active = None if L.shape[0] == 1 else (L >= tol) & xp.isfinite(L)
+        if active is None or (xp is np and bool(active.all())):
+            return L, grads                                   # (a host check: cheaper)
+        return L, [xp.where(active[:, None, None], g, 0.0) for g in grads]
+    return wrapped if batched else loss_and_grads
+
+
+def _loss_at_outputs(F, Y, kind):
+    """align.loss_and_output_gradient, and each network's loss for a batch (3-D F)."""
+    if F.ndim == 3 and kind in ("mse", "mse_mean"):
+        kd, n = F.shape[-2:]
+        R = F - Y
+        if kind == "mse":
+            return (R * R).sum((-2, -1)) / (2 * n), R / n
+        return (R * R).sum((-2, -1)) / (kd * n), R * (2.0 / (kd * n))
+    return align.loss_and_output_gradient(F, Y, kind)
+
+
+# ------------------------------------------------------- the loop of steps, in runs --
+@dataclasses.dataclass
+class _Run:
+    """The bookkeeping of one run: its rules, its ``step``, what it recorded (``hist``)."""
+    lr: object
+    max_steps: int
+    tol: float
+    record_every: int
+    callback: object
+    measures: dict
+    params0: list
+    hist: align.History = dataclasses.field(default_factory=align.History)
+    step: int = 0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def measure(self, at):
+        """Record every measure of ``at`` (align.measure_into); networks of a batch that
+        diverged are measured at their start and recorded as NaN."""
+        bad = _diverged(at)
+        if bad is None:
+            return align.measure_into(self.hist, self.measures, at, self.params0, self.step)
+        xp = array_module(*at)
+        at = [xp.where(bad[:, None, None], p0, p) for p, p0 in zip(at, self.params0)]
+        masked = {name: functools.partial(_masked, fn, bad) for name, fn in self.measures.items()}
+        align.measure_into(self.hist, masked, at, self.params0, self.step)
+
+    def stops(self, step, L):
+        """Record the loss of ``step`` (before its update); True when the run ends there."""
+        hist = self.hist
+        if step % self.record_every == 0 or step == self.max_steps:
+            value = to_numpy(L).copy() if getattr(L, "ndim", 0) else float(L)   # a batch: a row
+            worst = value if isinstance(value, float) else _worst_loss(value)
+            if not math.isfinite(worst):
+                hist.stop_reason, hist.final_step = "diverged", step
+                hist.wall_time = time.perf_counter() - self.start
+                lr = np.asarray(to_numpy(self.lr)).max()
+                raise align.DivergenceError(
+                    f"loss became {worst} at step {step} with lr = {lr:g}"
+                    f"{'' if np.ndim(self.lr) == 0 else ' (the largest)'}; try a smaller "
+                    f"learning rate (e.g. {lr / 10:g})", hist)
+            hist.steps.append(step)
+            hist.losses.append(value)
+            if self.callback:
+                self.callback(step, worst, hist)
+            if worst < self.tol:
+                hist.stop_reason = "tol"
+        if step >= self.max_steps and not hist.stop_reason:
+            hist.stop_reason = "max_steps"
+        return bool(hist.stop_reason)
+
+    def finish(self, ps):
+        """The final measurement (unless taken at this step); the History."""
+        self.hist.final_step = self.step
+        if self.hist.measure_steps[-1:] != [self.step]:
+            try:
+                self.measure(ps)
+            except KeyboardInterrupt:            # a second Ctrl-C: the run ends without it
+                self.hist.stop_reason = "interrupted"
+        self.hist.wall_time = time.perf_counter() - self.start
+        return self.hist
+
+
+def _masked(fn, bad, at, at0):
+    """fn's values with those of the networks ``bad`` NaN."""
+    value = fn(at, at0)
+    out = {}
+    for key, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+        if getattr(v, "shape", ())[:1] == bad.shape:            # one value per network
+            mask = bad.reshape(bad.shape + (1,) * (v.ndim - 1))
+            v = array_module(v).where(mask, math.nan, v.astype(float))
+        out[key] = v
+    return out if isinstance(value, dict) else out[None]
+
+
+def _worst_loss(losses):
+    """The largest finite loss of a batch's row; NaN when none is (every network diverged)."""
+    finite = losses[np.isfinite(losses)]
+    return float(finite.max()) if finite.size else math.nan
+
+
+def _diverged(params):
+    """For a batch: a mask of the networks with a non-finite entry, or None when none has
+    (or no batch)."""
+    if params[0].ndim != 3:
+        return None
+    xp = array_module(*params)
+    bad = ~xp.stack([xp.isfinite(p).all(axis=(1, 2)) for p in params]).all(axis=0)
+    return bad if bool(bad.any()) else None
+
+
+def _descend(params, loss_and_grads, schedule, runner):
+    """align.gradient_descent's loop, the steps between measurements taken as runs where
+    ``runner(ps)`` gives them (on a GPU the measurement due at a run's start is taken from a
+    copy while the run goes on); a stop inside a run is replayed step by step, so the
+    History is the step-by-step loop's.  Returns (params, History)."""
+    lr, max_steps, tol, record_every, measure_every, measures, callback = schedule
     ps = [p.copy() for p in params]
-    runs = step_runs(ps, loss_and_grads, lr, in_place=in_place)
-    if runs is None:
-        return align.gradient_descent(params, loss_and_grads, lr, max_steps, tol, record_every,
-                                      measure_every, measures, callback)
-    run = align.Run(lr, max_steps, tol, record_every, callback, align.as_measures(measures),
-                    [p.copy() for p in params])
-    return descend_in_runs(ps, loss_and_grads, run, runs, measure_every)
+    run = _Run(lr, max_steps, tol, record_every, callback, measures, [p.copy() for p in params])
+    chunks, xp = runner(ps), array_module(*ps)
+    spare = None if chunks else [p.copy() for p in ps]
+    before = marks = None
+    with np.errstate(over="ignore", invalid="ignore"):    # divergence is reported by run.stops
+        try:
+            while True:
+                due = run.step % measure_every == 0
+                span = min(chunks.longest, measure_every - run.step % measure_every,
+                           run.max_steps - run.step) if chunks else 0
+                marks = len(run.hist.steps), len(run.hist.losses)
+                launched = span > 1 and chunks.launch(span, keep=due)   # a run to the next measurement
+                if due:                                 # (on the GPU while that run goes on)
+                    run.measure(chunks.kept if launched else ps)
+                if launched:
+                    if _advance(run, chunks.wait(), chunks):
+                        break
+                    continue
+                L, grads = loss_and_grads(ps)           # one step, kernel by kernel
+                if run.stops(run.step, L):
+                    break
+                if chunks is None:                      # into the spare arrays, then swapped
+                    for p, g, new in zip(ps, grads, spare):
+                        xp.subtract(p, lr * g, out=new)
+                    ps, spare, run.step = spare, ps, run.step + 1   # (a whole step or none)
+                    continue
+                before = [p.copy() for p in ps]         # (the runs hold ps: updated in place)
+                for p, g in zip(ps, grads):
+                    p -= lr * g
+                before, run.step = None, run.step + 1
+        except KeyboardInterrupt:
+            run.hist.stop_reason = "interrupted"
+            if chunks and chunks.open:                  # a run not taken whole: its records go,
+                del run.hist.steps[marks[0]:], run.hist.losses[marks[1]:]
+            if chunks:
+                chunks.cancel()                         # and its steps (back to run.step)
+            for p, b in zip(ps, before or ()):          # (a step cut short: undone)
+                p[...] = b
+    hist = run.finish(ps)
+    if hist.stop_reason == "interrupted":
+        raise align.Interrupted(ps, hist)
+    return ps, hist
 
 
-def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", kd=None,
-                            record_every=1):
-    """align.singular_value_dynamics (Corollary 1), its trajectory from one CUDA kernel for
-    CuPy arrays (depth up to align_cuda.SV_KERNEL_MAX_DEPTH, lam and lam_prime shared by
-    the runs); otherwise align's.
+def _advance(run, losses, chunks):
+    """run.stops() for each row of a run's losses (vectorised; a run ends before max_steps);
+    moves run.step to where the parameters are.  True when the run ends inside the chunk
+    (then rewound to there), also on Ctrl-C in the callback."""
+    hist, step = run.hist, run.step
+    if losses.ndim == 1:
+        worst = losses
+    else:                                  # the largest finite loss of each row (_worst_loss)
+        worst = np.where(np.isfinite(losses), losses, -np.inf).max(axis=-1)
+        worst[worst == -np.inf] = np.nan
+    at = np.arange(len(losses))
+    recorded = (step + at) % run.record_every == 0
+    ends = np.flatnonzero(recorded & (~np.isfinite(worst) | (worst < run.tol)))
+    end = int(ends[0]) if ends.size else len(losses)
+    keep = at[recorded & (at < end)]
+    before = len(hist.steps)
+    hist.steps.extend((step + keep).tolist())
+    hist.losses.extend(losses[keep].tolist() if losses.ndim == 1 else losses[keep])
+    j = 0
+    try:
+        for j, value in zip(keep.tolist(), worst[keep].tolist()) if run.callback else ():
+            run.callback(step + j, value, hist)
+        j = end
+        done = end < len(losses) and run.stops(step + end, losses[end])
+    except KeyboardInterrupt:                           # Ctrl-C in the callback at step + j
+        if j < end:
+            count = before + int(np.searchsorted(keep, j)) + 1
+            del hist.steps[count:], hist.losses[count:]
+        chunks.rewind(j)
+        chunks.open, run.step = False, run.step + j         # (together: Ctrl-C comes between
+        raise                                               # statements, not inside one)
+    if done:
+        chunks.rewind(end)
+        chunks.open, run.step = False, run.step + end
+        return True
+    chunks.open, run.step = False, run.step + len(losses)   # the caller took the whole run
+    return False
 
-    Parameters, returns and errors: as :func:`align.singular_value_dynamics`.
-    """
-    xp = array_module(sigmas0)
-    if xp is not np:
-        import align_cuda
-        sig = xp.array(sigmas0, dtype=xp.float64)
-        lam, lam_prime = xp.asarray(lam, dtype=sig.dtype), xp.asarray(lam_prime, dtype=sig.dtype)
-        if sig.shape[-2] <= align_cuda.SV_KERNEL_MAX_DEPTH and \
-                all(a.ndim < 2 or a.shape[-2] == 1 for a in (lam, lam_prime)):
-            coef = lr / n if kind == "mse" else 2.0 * lr / (kd * n)
-            return align_cuda._sv_dynamics_kernel(xp, sig, lam, lam_prime, coef, steps, record_every)
-    return align.singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind, kd,
-                                         record_every)
+
+class _StepRuns:
+    """Runs of GD steps in place: ``launch(n)`` takes n steps, ``wait()`` returns their n
+    losses (one row per step, each before its update); ``rewind(j)`` goes back to the start
+    of the last run and redoes its first j steps (a stop inside it); ``cancel()`` goes back
+    to its start.  With ``launch(n, keep=True)``, ``kept`` holds the parameters at the start.
+    Subclasses step in ``_run(n)``; align_cuda.GraphSteps keeps the same protocol."""
+
+    def __init__(self, ps, lr, longest):
+        self.ps, self.lr, self.longest = ps, lr, longest
+        self.saved = [p.copy() for p in ps]
+        self.kept = self.pending = None
+        self.open = False                                # a run launched and not yet taken
+
+    def _save(self):
+        for s, p in zip(self.saved, self.ps):
+            s[...] = p
+
+    def launch(self, n, keep=False):
+        self.kept = [p.copy() for p in self.ps] if keep else None
+        self._save()
+        self.open = True
+        self.pending = self._run(n)
+        return True
+
+    def wait(self):
+        losses, self.pending = self.pending, None
+        return to_numpy(losses)
+
+    def rewind(self, j):
+        """Back to the start of the last run, then its first j steps again (the caller closes
+        the run: ``open`` = False with its step count, in one statement)."""
+        for s, p in zip(self.saved, self.ps):
+            p[...] = s
+        if j:
+            self._run(j)
+
+    def cancel(self):
+        """Back to the start of a run that was launched and not taken (Ctrl-C)."""
+        self.pending = None
+        if self.open:
+            self.rewind(0)
+        self.open = False
 
 
-# ------------------------------------------------------------- Eq. (8) grouped --
+class _SquaredLossSteps(_StepRuns):
+    """Runs of GD steps of one dense network (NumPy, one dtype) under a squared loss:
+    Eq. (8)'s backward pass into preallocated arrays, with lr applied once to dL/dF (so the
+    products give lr dL/dW_i directly: align's update to rounding), the d updates done as
+    one on a flat copy of the parameters, and for k x k layers the d gradient products as
+    one batched product.  Small networks are bound by the number of NumPy calls, not by
+    flops: this makes a step about half as many."""
 
-def _loss_and_gradients(weights, X, Y, kind):
-    """Loss and Eq. (8): dL/dW_i = (W_d..W_{i+1})^T dL/dF (W_{i-1}..W_1 X)^T."""
-    return _chain_gradients(weights, X, lambda F: loss_and_output_gradient(F, Y, kind))
+    def __init__(self, ps, X, Y, kind, lr):
+        super().__init__(ps, lr, longest=1000)
+        ends = np.cumsum([0] + [p.size for p in ps])
+        self.flat, self.grad = (np.empty(ends[-1], dtype=X.dtype) for _ in range(2))
+        self.W = [self.flat[a:b].reshape(p.shape) for a, b, p in zip(ends, ends[1:], ps)]
+        self.G = [self.grad[a:b].reshape(p.shape) for a, b, p in zip(ends, ends[1:], ps)]
+        (k0, n), kd, d = X.shape, Y.shape[0], len(ps)
+        self.stacked = all(p.shape == (k0, k0) for p in ps)
+        if self.stacked:                                 # acts[i], deltas[i] as stacks
+            self.stack, self.deltas = np.empty((d + 1, k0, n), X.dtype), np.empty((d, k0, n), X.dtype)
+            self.stack[0] = X
+            self.acts = list(self.stack)
+        else:
+            self.acts = [X] + [np.empty((p.shape[0], n), X.dtype) for p in ps]
+            self.deltas = [np.empty((p.shape[0], n), X.dtype) for p in ps]   # dL/d(acts[i + 1])
+        self.Y = Y
+        # Small outputs: each step's residual F - Y kept, the losses summed after the run
+        # (one NumPy call less a step); large ones: each loss at its step.
+        small = self.longest * Y.size * Y.itemsize <= RESIDUALS_BYTES
+        self.residuals = np.empty((self.longest,) + Y.shape, Y.dtype) if small else None
+        self.rows = list(self.residuals) if small else [self.acts[-1]] * self.longest
+        self.divisor = 2 * n if kind == "mse" else kd * n
+        self.rate = lr * (1.0 / n if kind == "mse" else 2.0 / (kd * n))   # lr dL/dF = rate (F - Y)
+
+    def _run(self, n):
+        mm, W, acts, deltas = np.matmul, self.W, self.acts, self.deltas
+        forward = list(zip(W, acts, acts[1:]))
+        backward = [(W[i].T, deltas[i], deltas[i - 1]) for i in range(len(W) - 1, 0, -1)]
+        if self.stacked:                                 # all d gradients in one product
+            grads = [(deltas, self.stack[:-1].swapaxes(1, 2), self.grad.reshape(len(W), *W[0].shape))]
+        else:
+            grads = [(deltas[i], acts[i].T, self.G[i]) for i in range(len(W))]
+        top, Y, rate, F = deltas[-1], self.Y, self.rate, self.acts[-1]
+        subtract, multiply, vdot = np.subtract, np.multiply, np.vdot
+        flat, grad, buffered = self.flat, self.grad, self.residuals is not None
+        losses = np.empty(n, dtype=F.dtype)
+        for w, p in zip(W, self.ps):
+            w[...] = p
+        for t, R in zip(range(n), self.rows):           # (all names local: fewer lookups)
+            for w, a, out in forward:
+                mm(w, a, out)
+            subtract(F, Y, R)
+            if not buffered:
+                losses[t] = vdot(R, R)
+            multiply(R, rate, top)                       # lr times dL/dF: lr-scaled gradients
+            for w_t, delta, below in backward:
+                mm(w_t, delta, below)
+            for delta, a_t, g in grads:
+                mm(delta, a_t, g)
+            subtract(flat, grad, flat)
+        for w, p in zip(W, self.ps):
+            p[...] = w
+        if buffered:
+            R = self.residuals[:n]
+            losses = np.einsum("tij,tij->t", R, R)
+        return losses / self.divisor
 
 
-def _chain_gradients(weights, X, output_grad, input_grad=False):
+RESIDUALS_BYTES = 1 << 22      # _SquaredLossSteps keeps a run's residuals up to this size
+
+
+class _BatchSquaredLossSteps(_StepRuns):
+    """Runs of GD steps of a batch of dense networks (NumPy) under a squared loss, with the
+    plain loop's iterates on _frozen_below's gradients bit for bit: the same products, sums
+    and updates in the same order, into preallocated arrays, and only the networks still
+    moving stepped.  A network stops for good at the first step whose loss is below tol or
+    not finite (where _frozen_below zeroes its gradient): it then leaves the arrays, and
+    the batch's steps cost what the moving networks' cost.  A batch of one never stops
+    inside a run (_frozen_below leaves a lone network to the run's stop)."""
+
+    def __init__(self, ps, X, Y, kind, lr, tol):
+        super().__init__(ps, lr, longest=1000)
+        b, dtype = ps[0].shape[0], ps[0].dtype
+        self.X, self.Y = (np.broadcast_to(a, (b,) + a.shape[-2:]) for a in (X, Y))
+        self.kind, self.tol, self.freezes = kind, tol, b > 1
+        self.rates = np.broadcast_to(np.asarray(lr, dtype=dtype).reshape(-1), (b,))
+        self.moving = np.ones(b, dtype=bool)             # not yet stopped
+        self.still = np.full(b, np.nan, dtype=dtype)     # the loss where each stopped (read
+        self.saved_moving = self.moving.copy()           # only for those not moving)
+        self.n, self.kd = X.shape[-1], Y.shape[-2]
+
+    def _save(self):
+        super()._save()
+        self.saved_moving[...] = self.moving
+
+    def rewind(self, j):
+        self.moving[...] = self.saved_moving
+        super().rewind(j)
+
+    def _arrays(self, idx):
+        """The moving networks ``idx``'s parameters (copies, one flat array laid out layer
+        by layer) and buffers for their steps: [W_i], acts, deltas, gradients, rates."""
+        ps, m, dtype = self.ps, idx.size, self.ps[0].dtype
+        ends = np.cumsum([0] + [m * p[0].size for p in ps])
+        flat, grad = np.empty(ends[-1], dtype), np.empty(ends[-1], dtype)
+        W = [flat[a:e].reshape((m,) + p.shape[1:]) for a, e, p in zip(ends, ends[1:], ps)]
+        for w, p in zip(W, ps):
+            np.take(p, idx, axis=0, out=w)
+        X, n = self.X[idx], self.n
+        if all(p.shape[1:] == X.shape[1:2] * 2 for p in ps):          # k x k layers: stacks
+            acts = np.empty((len(ps) + 1,) + X.shape, dtype)
+            deltas = np.empty((len(ps),) + X.shape, dtype)
+            acts[0] = X
+            grads = [(deltas, acts[:-1].swapaxes(-1, -2), grad.reshape((len(ps),) + W[0].shape))]
+        else:
+            acts = [X] + [np.empty((m, p.shape[1], n), dtype) for p in ps]
+            deltas = [np.empty((m, p.shape[1], n), dtype) for p in ps]
+            G = [grad[a:e].reshape((m,) + p.shape[1:]) for a, e, p in zip(ends, ends[1:], ps)]
+            grads = [(deltas[i], acts[i].swapaxes(-1, -2), G[i]) for i in range(len(ps))]
+        rates = np.concatenate([np.repeat(self.rates[idx], p[0].size) for p in ps]) \
+            if np.ndim(self.lr) else self.lr
+        return flat, grad, W, list(acts), list(deltas), grads, rates
+
+    def _run(self, n):
+        losses = np.empty((n, self.moving.size), dtype=self.ps[0].dtype)
+        t = 0
+        while t < n:
+            t = self._run_moving(losses, t, n)
+        return losses
+
+    def _run_moving(self, losses, t0, n):
+        """Steps t0.. of the run on the networks still moving, until one stops (then it
+        leaves: the arrays are made again) or the run ends; the step reached."""
+        idx = np.flatnonzero(self.moving)
+        losses[t0:] = self.still
+        if not idx.size:
+            return n
+        flat, grad, W, acts, deltas, grads, rates = self._arrays(idx)
+        Y, F, R, top = self.Y[idx], acts[-1], np.empty_like(acts[-1]), deltas[-1]
+        squares, sq = np.empty_like(R), np.empty(idx.size, R.dtype)
+        by_network = squares.reshape(idx.size, -1)       # (the sum over both axes: bit for bit)
+        rows = np.empty((n, idx.size), R.dtype)          # the moving networks' losses
+        mm, subtract, multiply, divide, add = np.matmul, np.subtract, np.multiply, np.divide, np.add
+        least, most, inf = np.minimum.reduce, np.maximum.reduce, np.inf
+        forward = list(zip(W, acts, acts[1:]))
+        backward = [(W[i].swapaxes(-1, -2), deltas[i], deltas[i - 1]) for i in range(len(W) - 1, 0, -1)]
+        # _loss_at_outputs's loss and dL/dF, the same operations:
+        if self.kind == "mse":
+            loss_divisor, grad_op, grad_by = 2 * self.n, divide, self.n
+        else:
+            loss_divisor, grad_op, grad_by = self.kd * self.n, multiply, 2.0 / (self.kd * self.n)
+        tol, freezes, t = self.tol, self.freezes, t0
+        while t < n:
+            for w, a, out in forward:
+                mm(w, a, out)
+            subtract(F, Y, R)
+            multiply(R, R, squares)
+            add.reduce(by_network, axis=1, out=sq)
+            L = rows[t]
+            divide(sq, loss_divisor, out=L)
+            if freezes and not (least(L) >= tol and most(L) < inf):   # some stop here
+                stop = ~((L >= tol) & np.isfinite(L))        # (_frozen_below's rule)
+                self.still[idx[stop]] = L[stop]
+                self.moving[idx[stop]] = False
+                break
+            grad_op(R, grad_by, top)
+            for w_t, delta, below in backward:
+                mm(w_t, delta, below)
+            for delta, a_t, g in grads:
+                mm(delta, a_t, g)
+            multiply(rates, grad, grad)
+            subtract(flat, grad, flat)
+            t += 1
+        losses[t0:t, idx] = rows[t0:t]
+        for p, w in zip(self.ps, W):                     # the moving networks back in the batch
+            p[idx] = w
+        return t
+
+
+# -------------------------------------------------------------- Eq. (8), grouped --
+def _chain_gradients(weights, X, output_grad, matmul=operator.matmul, input_grad=False):
     """(L, [dL/dW_i], and with ``input_grad`` dL/dX) for F = W_d ... W_1 X and
-    ``output_grad(F) -> (L, dL/dF)``: Eq. (8) with its products grouped the cheaper way
-    for the shapes, layer by layer (backpropagation) or at the outputs."""
+    ``output_grad(F) -> (L, dL/dF)``: Eq. (8) with its products (``matmul``) grouped the
+    cheaper way for the shapes, layer by layer (backpropagation) or at the outputs."""
     if not weights:
         L, delta = output_grad(X)
         return (L, [], delta) if input_grad else (L, [])
-    shapes = tuple(W.shape[-2:] for W in weights)
-    if _cheaper_at_outputs(shapes, X.shape[-1]):
-        return _grouped_at_outputs(weights, X, output_grad, input_grad)
-    acts = align.activations(weights, X, _mm)
+    if _cheaper_at_outputs(tuple(W.shape[-2:] for W in weights), X.shape[-1]):
+        return _grouped_at_outputs(weights, X, output_grad, matmul, input_grad)
+    acts = [X]
+    for W in weights:                                    # Eq. (1)
+        acts.append(matmul(W, acts[-1]))
     L, delta = output_grad(acts[-1])
-    out = align.backward(weights, acts, delta, input_grad, _mm)
-    return (L,) + out if input_grad else (L, out)
+    grads = [None] * len(weights)
+    for i in range(len(weights) - 1, -1, -1):            # Eq. (8), as align.backward
+        grads[i] = matmul(delta, _T(acts[i]))
+        if i or input_grad:
+            delta = matmul(_T(weights[i]), delta)
+    return (L, grads, delta) if input_grad else (L, grads)
 
 
 def _chain_costs(shapes, n):
-    """Multiply-adds of Eq. (8)'s products with the input's gradient, for layers of
-    shapes ((k_1, k_0), ..., (k_d, k_{d-1})) on n samples: (layer by layer, grouped at
-    the outputs).  Layer by layer: 3 n sum k_i k_{i-1}; at the outputs 3 k_d k_0 n
-    plus products of the weights alone.  So the outputs win when k_d and k_0 are small
-    next to n and the hidden widths (README, Performance)."""
+    """Multiply-adds of Eq. (8)'s products with the input's gradient, for layers of shapes
+    ((k_1, k_0), ..., (k_d, k_{d-1})) on n samples: (layer by layer, grouped at the
+    outputs).  Layer by layer: 3 n sum k_i k_{i-1}; at the outputs 3 k_d k_0 n plus
+    products of the weights alone.  So the outputs win when k_d and k_0 are small next to
+    n and the hidden widths."""
     (_, k0), (kd, _) = shapes[0], shapes[-1]
     by_layer = 3 * n * sum(r * c for r, c in shapes)
     at_outputs = 3 * kd * k0 * n + sum(r * c * k0 + kd * k0 * c for r, c in shapes[1:]) + \
@@ -175,29 +668,25 @@ def _cheaper_at_outputs(shapes, n):
     return AT_OUTPUTS_GAIN * at_outputs < by_layer
 
 
-def _grouped_at_outputs(weights, X, output_grad, input_grad):
+def _grouped_at_outputs(weights, X, output_grad, matmul, input_grad):
     """Eq. (8) with S_j = W_j ... W_1 and T_j = W_d ... W_{j+1} formed first: F = S_d X,
     E = dL/dF X^T (k_d x k_0), dL/dW_j = T_j^T E S_{j-1}^T, dL/dX = S_d^T dL/dF."""
     S = [weights[0]]
     for W in weights[1:]:
-        S.append(_mm(W, S[-1]))
-    L, delta = output_grad(_mm(S[-1], X))
-    E = _mm(delta, _T(X))
+        S.append(matmul(W, S[-1]))
+    L, delta = output_grad(matmul(S[-1], X))
+    E = matmul(delta, _T(X))
     grads, T = [None] * len(weights), None          # T = T_{j+1} (None: the identity)
     for j in range(len(weights) - 1, -1, -1):
-        G = _mm(E, _T(S[j - 1])) if j else E
-        grads[j] = G if T is None else _mm(_T(T), G)
+        G = matmul(E, _T(S[j - 1])) if j else E
+        grads[j] = G if T is None else matmul(_T(T), G)
         if j:
-            T = weights[j] if T is None else _mm(T, weights[j])
-    return (L, grads, _mm(_T(S[-1]), delta)) if input_grad else (L, grads)
+            T = weights[j] if T is None else matmul(T, weights[j])
+    return (L, grads, matmul(_T(S[-1]), delta)) if input_grad else (L, grads)
 
 
-
-
-# ---------------------------------------------------------------- row space --
-
-def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, measure_every,
-                        measures, callback):
+# ---------------------------------------------------------------------- row space --
+def _train_in_row_space(weights, X, Y, kind, schedule, steps):
     """GD with the same iterates as plain GD, in fewer flops when n < k0.  Three exact steps:
 
     1. Row space: every gradient of W_1 is D X^T (Eq. (8)), so W_1 = W_1(0) + C X^T and
@@ -215,6 +704,7 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
        on its coordinates Q^T (W_1 X) and W_2 Q, so k_1 becomes m.  (Unbatched
        networks of depth >= 2.)  Measurements then use ``_split_first_layers``.
     """
+    lr, max_steps, tol, record_every, measure_every, measures, callback = schedule
     xp, W10 = array_module(weights[0]), weights[0]
     Q = _first_hidden_basis(weights, X)
     squared = kind in ("mse", "mse_mean")
@@ -232,15 +722,16 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
         rest[0] = rest[0] @ Q
     start = [xp.zeros(A0.shape[:-1] + (X.shape[-1],), dtype=W10.dtype)] + rest
 
-    def output_grad(F):
+    def output_grad(F, matmul):
         if squared or not rotated:
-            return loss_and_output_gradient(F, Y, kind)
-        L, delta = loss_and_output_gradient(_mm(F, Rt), Y, kind)     # the samples' own outputs
-        return L, _mm(delta, R)
+            return _loss_at_outputs(F, Y, kind)
+        L, delta = _loss_at_outputs(matmul(F, Rt), Y, kind)          # the samples' own outputs
+        return L, matmul(delta, R)
 
-    def loss_and_grads(ps):
-        H = A0 + ps[0] * K if rotated else A0 + _mm(ps[0], K)
-        L, grads, dH = _chain_gradients(ps[1:], H, output_grad, input_grad=True)
+    def loss_and_grads(ps, matmul=operator.matmul):
+        H = A0 + ps[0] * K if rotated else A0 + matmul(ps[0], K)
+        L, grads, dH = _chain_gradients(ps[1:], H, lambda F: output_grad(F, matmul), matmul,
+                                        input_grad=True)
         return L, [dH] + grads
 
     def weights_of(ps):
@@ -259,10 +750,13 @@ def _train_in_row_space(weights, X, Y, kind, lr, max_steps, tol, record_every, m
             if value is not None:
                 return value
         return fn(weights_of(ps), weights)
-    wrapped = {name: (lambda ps, _, fn=fn: measured(fn, ps)) for name, fn in (measures or {}).items()}
-    per_network = align.frozen_below(loss_and_grads, tol, W10.ndim == 3)
-    out, hist = gradient_descent(start, per_network, lr, max_steps, tol, record_every,
-                                 measure_every, wrapped, callback)
+    wrapped = {name: (lambda ps, _, fn=fn: measured(fn, ps)) for name, fn in measures.items()}
+    per_network = _frozen_below(loss_and_grads, tol, W10.ndim == 3)
+    inner = (lr, max_steps, tol, record_every, measure_every, wrapped, callback)
+    try:
+        out, hist = _descend(start, per_network, inner, _runner(steps, per_network, lr))
+    except align.Interrupted as stop:
+        raise align.Interrupted(weights_of(stop.weights), stop.history) from None
     return weights_of(out), hist
 
 
@@ -277,8 +771,9 @@ def _first_hidden_basis(weights, X):
     if len(weights) < 2 or W10.ndim != 2 or X.ndim != 2 or \
             X.shape[1] + weights[1].shape[0] >= W10.shape[0]:
         return None
-    xp, f64 = array_module(W10), np.float64
-    both = xp.concatenate([W10.astype(f64) @ X.astype(f64), _T(weights[1]).astype(f64)], axis=1)
+    f64 = np.float64
+    both = array_module(W10).concatenate([W10.astype(f64) @ X.astype(f64),
+                                          _T(weights[1]).astype(f64)], axis=1)
     return _range_basis(both, 100 * np.finfo(W10.dtype).eps).astype(W10.dtype)
 
 
@@ -295,9 +790,13 @@ def _rotated_samples(X, Y, squared):
 
 def _range_basis(A, rtol):
     """Orthonormal basis of the column space of A (rank: singular values above rtol * max)."""
-    xp = array_module(A)
-    U, s, _ = xp.linalg.svd(A, full_matrices=False)
+    U, s, _ = array_module(A).linalg.svd(A, full_matrices=False)
     return U[:, :max(int((s > rtol * s[:1]).sum()), 1)]     # (s[:1]: none for no columns)
+
+
+def _orth_complement(Q, k):
+    """An orthonormal basis of span(Q)^perp in R^k (Q with orthonormal columns)."""
+    return np.linalg.qr(Q, mode="complete")[0][:, Q.shape[1]:] if Q.shape[1] else np.eye(k)
 
 
 def _split_first_layers(W10, Q, Xt):
@@ -364,228 +863,13 @@ def _split_measure(W10, Q, Xt, start):
     return measure
 
 
-
-
-# ------------------------------------------------------------- runs of steps --
-
-class _SquaredLossSteps(_StepChunks):
-    """Runs of GD steps of one dense network (NumPy, one dtype) under a squared loss:
-    Eq. (8)'s backward pass into preallocated arrays, with lr applied once to dL/dF
-    (so the products give lr dL/dW_i directly: equal to _descend's update to
-    rounding), the d updates done as one on a flat copy of the parameters, and when
-    every layer is k x k the d gradient products as one batched product.  Small
-    networks are bound by the number of NumPy calls, not by
-    flops: this makes a step about half as many."""
-
-    def __init__(self, ps, X, Y, kind, lr):
-        super().__init__(ps, None, lr, longest=1000)
-        ends = np.cumsum([0] + [p.size for p in ps])
-        self.flat, self.grad = (np.empty(ends[-1], dtype=X.dtype) for _ in range(2))
-        self.W = [self.flat[a:b].reshape(p.shape) for a, b, p in zip(ends, ends[1:], ps)]
-        self.G = [self.grad[a:b].reshape(p.shape) for a, b, p in zip(ends, ends[1:], ps)]
-        (k0, n), kd, d = X.shape, Y.shape[0], len(ps)
-        self.stacked = all(p.shape == (k0, k0) for p in ps)
-        if self.stacked:                                 # acts[i], deltas[i] as stacks
-            self.stack, self.deltas = np.empty((d + 1, k0, n), X.dtype), np.empty((d, k0, n), X.dtype)
-            self.stack[0] = X
-            self.acts = list(self.stack)
-        else:
-            self.acts = [X] + [np.empty((p.shape[0], n), X.dtype) for p in ps]
-            self.deltas = [np.empty((p.shape[0], n), X.dtype) for p in ps]   # dL/d(acts[i + 1])
-        self.Y = Y                                       # as loss_and_output_gradient
-        # Small outputs: each step's residual F - Y kept, the losses summed after the run
-        # (one NumPy call less a step); large ones: each loss at its step.
-        small = self.longest * Y.size * Y.itemsize <= RESIDUALS_BYTES
-        self.residuals = np.empty((self.longest,) + Y.shape, Y.dtype) if small else None
-        self.rows = list(self.residuals) if small else [self.acts[-1]] * self.longest
-        self.divisor = 2 * n if kind == "mse" else kd * n
-        self.rate = lr * (1.0 / n if kind == "mse" else 2.0 / (kd * n))   # lr dL/dF = rate (F - Y)
-
-    def _run(self, n):
-        if n > len(self.rows):
-            raise ValueError(f"a run of {n} steps is longer than this runner's {len(self.rows)}")
-        mm, W, acts, deltas = np.matmul, self.W, self.acts, self.deltas
-        forward = list(zip(W, acts, acts[1:]))
-        backward = [(W[i].T, deltas[i], deltas[i - 1]) for i in range(len(W) - 1, 0, -1)]
-        if self.stacked:                                 # all d gradients in one product
-            grads = [(deltas, self.stack[:-1].swapaxes(1, 2), self.grad.reshape(len(W), *W[0].shape))]
-        else:
-            grads = [(deltas[i], acts[i].T, self.G[i]) for i in range(len(W))]
-        top, Y, rate, F = deltas[-1], self.Y, self.rate, self.acts[-1]
-        subtract, multiply, vdot = np.subtract, np.multiply, np.vdot
-        flat, grad, buffered = self.flat, self.grad, self.residuals is not None
-        losses = np.empty(n, dtype=F.dtype)
-        for w, p in zip(W, self.ps):
-            w[...] = p
-        for t, R in zip(range(n), self.rows):           # (all names local: fewer lookups)
-            for w, a, out in forward:
-                mm(w, a, out)
-            subtract(F, Y, R)
-            if not buffered:
-                losses[t] = vdot(R, R)
-            multiply(R, rate, top)                       # lr times dL/dF: lr-scaled gradients
-            for w_t, delta, below in backward:
-                mm(w_t, delta, below)
-            for delta, a_t, g in grads:
-                mm(delta, a_t, g)
-            subtract(flat, grad, flat)
-        for w, p in zip(W, self.ps):
-            p[...] = w
-        if buffered:
-            R = self.residuals[:n]
-            losses = np.einsum("tij,tij->t", R, R)
-        return losses / self.divisor
-
-
-class _BatchSquaredLossSteps(_StepChunks):
-    """Runs of GD steps of a batch of dense networks (NumPy) under a squared loss, with
-    align.gradient_descent's iterates on align.frozen_below's gradients bit for bit: the
-    same products, sums and updates in the same order, into preallocated arrays, and only
-    the networks still moving stepped.  A network stops for good at the first step whose
-    loss is below tol or not finite (frozen_below zeroes its gradient there, so its
-    parameters and loss stay as they are): it then leaves the arrays, and the batch's
-    steps cost what the moving networks' cost.  A batch of one never stops inside a run
-    (frozen_below leaves a lone network to the run's stop)."""
-
-    def __init__(self, ps, X, Y, kind, lr, tol):
-        super().__init__(ps, None, lr, longest=1000)
-        b, dtype = ps[0].shape[0], ps[0].dtype
-        self.X, self.Y = (np.broadcast_to(a, (b,) + a.shape[-2:]) for a in (X, Y))
-        self.kind, self.tol, self.freezes = kind, tol, b > 1
-        self.rates = np.broadcast_to(np.asarray(lr, dtype=dtype).reshape(-1), (b,))
-        self.moving = np.ones(b, dtype=bool)             # not yet stopped
-        self.still = np.full(b, np.nan, dtype=dtype)     # the loss where each stopped (read
-        self.saved_moving = self.moving.copy()           # only for those not moving)
-        self.n, self.kd = X.shape[-1], Y.shape[-2]
-
-    def _save(self):
-        super()._save()
-        self.saved_moving[...] = self.moving
-
-    def rewind(self, j):
-        self.moving[...] = self.saved_moving
-        super().rewind(j)
-
-    def _arrays(self, idx):
-        """The moving networks ``idx``'s parameters (copies, one flat array laid out layer
-        by layer) and buffers for their steps: [W_i], acts, deltas, gradients, rates."""
-        ps, m, dtype = self.ps, idx.size, self.ps[0].dtype
-        ends = np.cumsum([0] + [m * p[0].size for p in ps])
-        flat, grad = np.empty(ends[-1], dtype), np.empty(ends[-1], dtype)
-        W = [flat[a:e].reshape((m,) + p.shape[1:]) for a, e, p in zip(ends, ends[1:], ps)]
-        for w, p in zip(W, ps):
-            np.take(p, idx, axis=0, out=w)
-        X, n = self.X[idx], self.n
-        if all(p.shape[1:] == X.shape[1:2] * 2 for p in ps):          # k x k layers: stacks
-            acts = np.empty((len(ps) + 1,) + X.shape, dtype)
-            deltas = np.empty((len(ps),) + X.shape, dtype)
-            acts[0] = X
-            grads = [(deltas, acts[:-1].swapaxes(-1, -2), grad.reshape((len(ps),) + W[0].shape))]
-        else:
-            acts = [X] + [np.empty((m, p.shape[1], n), dtype) for p in ps]
-            deltas = [np.empty((m, p.shape[1], n), dtype) for p in ps]
-            G = [grad[a:e].reshape((m,) + p.shape[1:]) for a, e, p in zip(ends, ends[1:], ps)]
-            grads = [(deltas[i], acts[i].swapaxes(-1, -2), G[i]) for i in range(len(ps))]
-        rates = np.concatenate([np.repeat(self.rates[idx], p[0].size) for p in ps]) \
-            if np.ndim(self.lr) else self.lr
-        return flat, grad, W, list(acts), list(deltas), grads, rates
-
-    def _run(self, n):
-        if n > self.longest:
-            raise ValueError(f"a run of {n} steps is longer than this runner's {self.longest}")
-        losses = np.empty((n, self.moving.size), dtype=self.ps[0].dtype)
-        t = 0
-        while t < n:
-            t = self._run_moving(losses, t, n)
-        return losses
-
-    def _run_moving(self, losses, t0, n):
-        """Steps t0.. of the run on the networks still moving, until one stops (then it
-        leaves: the arrays are made again) or the run ends; the step reached."""
-        idx = np.flatnonzero(self.moving)
-        losses[t0:] = self.still
-        if not idx.size:
-            return n
-        flat, grad, W, acts, deltas, grads, rates = self._arrays(idx)
-        Y, F, R, top = self.Y[idx], acts[-1], np.empty_like(acts[-1]), deltas[-1]
-        squares, sq = np.empty_like(R), np.empty(idx.size, R.dtype)
-        by_network = squares.reshape(idx.size, -1)       # (the sum over both axes: bit for bit)
-        rows = np.empty((n, idx.size), R.dtype)          # the moving networks' losses
-        mm, subtract, multiply, divide, add = np.matmul, np.subtract, np.multiply, np.divide, np.add
-        least, most, inf = np.minimum.reduce, np.maximum.reduce, np.inf
-        forward = list(zip(W, acts, acts[1:]))
-        backward = [(W[i].swapaxes(-1, -2), deltas[i], deltas[i - 1]) for i in range(len(W) - 1, 0, -1)]
-        # align.loss_and_output_gradient's loss and dL/dF, the same operations:
-        if self.kind == "mse":
-            loss_divisor, grad_op, grad_by = 2 * self.n, divide, self.n
-        else:
-            loss_divisor, grad_op, grad_by = self.kd * self.n, multiply, 2.0 / (self.kd * self.n)
-        tol, freezes, t = self.tol, self.freezes, t0
-        while t < n:
-            for w, a, out in forward:
-                mm(w, a, out)
-            subtract(F, Y, R)
-            multiply(R, R, squares)
-            add.reduce(by_network, axis=1, out=sq)
-            L = rows[t]
-            divide(sq, loss_divisor, out=L)
-            if freezes and not (least(L) >= tol and most(L) < inf):   # some stop here
-                stop = ~((L >= tol) & np.isfinite(L))        # (frozen_below's rule)
-                self.still[idx[stop]] = L[stop]
-                self.moving[idx[stop]] = False
-                break
-            grad_op(R, grad_by, top)
-            for w_t, delta, below in backward:
-                mm(w_t, delta, below)
-            for delta, a_t, g in grads:
-                mm(delta, a_t, g)
-            multiply(rates, grad, grad)
-            subtract(flat, grad, flat)
-            t += 1
-        losses[t0:t, idx] = rows[t0:t]
-        self._keep(idx, W)
-        return t
-
-    def _keep(self, idx, W):
-        """The moving networks' parameters back into the batch's."""
-        for p, w in zip(self.ps, W):
-            p[idx] = w
-
-
-RESIDUALS_BYTES = 1 << 22      # _SquaredLossSteps keeps a run's residuals up to this size
-
-
-def step_runs(ps, loss_and_grads, lr, in_place=None):
-    """Runs of steps for gradient_descent: CUDA-graph chunks for CuPy parameters when
-    enabled; on NumPy ``in_place(ps, lr)`` where the loss has its own; else None (step by
-    step, align's loop).
-
-    Parameters
-    ----------
-    ps : list of arrays
-        The parameters (changed in place by the runs).
-    loss_and_grads : callable
-    lr : float
-    in_place : callable, optional
-        in_place(ps, lr): a loss's own runs on NumPy.
-
-    Returns
-    -------
-    runs or None
-        An object with launch/wait/rewind/cancel, or None (step by step).
-    """
-    if array_module(*ps) is not np:
-        import align_cuda
-        return align_cuda._CudaGraphChunks(ps, loss_and_grads, lr) \
-            if align_cuda.CUDA_GRAPH_STEPS >= 2 else None
-    return in_place(ps, lr) if in_place else None
-
-
-
-# ---------------------------------------------------------------- measures --
-
+# ---------------------------------------------------------- decompositions --
 HOST_SVD_MAX = 256      # layers whose smaller side is at most this are decomposed on the host
 HOST_EIGH_MAX = 128     # larger Gram matrices of layer 1's split go to the GPU's eigh
+THREADED_BATCH_MIN = 64  # matrices per thread at least (fewer: the threads cost more than they save)
+THREADED_SIDE_MAX = 64   # matrices at most this size are split across threads
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_POOL = []               # the LAPACK threads (made on first use)
 
 
 def _linalg(fn, A):
@@ -597,13 +881,10 @@ def _linalg(fn, A):
     threads = min(_CORES, A.shape[0] // THREADED_BATCH_MIN) if small else 1
     if threads < 2:
         return fn(A)
-    outs = _thread_pool("lapack", _CORES).map(fn, np.array_split(A, threads))
+    if not _POOL:
+        _POOL.append(concurrent.futures.ThreadPoolExecutor(_CORES, thread_name_prefix="align-lapack"))
+    outs = _POOL[0].map(fn, np.array_split(A, threads))
     return tuple(np.concatenate(pieces) for pieces in zip(*outs))
-
-
-_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-THREADED_BATCH_MIN = 64  # matrices per thread at least (fewer: the threads cost more than they save)
-THREADED_SIDE_MAX = 64   # matrices at most this size are split across threads
 
 
 def _reduced_svd(W, keep=False):
@@ -613,12 +894,12 @@ def _reduced_svd(W, keep=False):
     side, several times faster than an SVD and more accurate than a float32 SVD
     (vector errors ~ 1e-16 ||W||^2 / (sigma gap) instead of ~ 6e-8 ||W|| / gap).
     With ``keep``, a batch on the GPU stays there: matrices up to SMALL_SVD_KERNEL_MAX
-    on a side go to align_cuda._small_svd_kernel, larger ones to CuPy's batched svd.
+    on a side go to align_cuda.small_svd, larger ones to CuPy's batched svd.
     """
     if keep and W.ndim == 3 and array_module(W) is not np:
         import align_cuda
-        if max(W.shape[-2:]) <= align_cuda.SMALL_SVD_KERNEL_MAX:
-            return align_cuda._small_svd_kernel(array_module(W), W)
+        if max(W.shape[-2:]) <= SMALL_SVD_KERNEL_MAX:
+            return align_cuda.small_svd(array_module(W), W)
         U, s, Vt = array_module(W).linalg.svd(W.astype(np.float64), full_matrices=False)
         return U, s, _T(Vt)
     if min(W.shape[-2:]) <= HOST_SVD_MAX:   # small: LAPACK on the host beats GPU solvers
@@ -631,23 +912,13 @@ def _reduced_svd(W, keep=False):
         to_numpy(_T(Vt)).astype(np.float64)
 
 
+SMALL_SVD_KERNEL_MAX = 16     # GPU batches of matrices up to this side: align_cuda.small_svd
+
+
 def reduced_svds(weights, keep=False):
-    """[_reduced_svd(W, keep) for W in weights], in one call when small layers (or a GPU
-    batch's) share a shape (batched LAPACK on the host; GPU solvers do large layers one
-    by one faster).
-
-    Parameters
-    ----------
-    weights : list of arrays
-        As in align.forward.
-    keep : bool
-        Keep a GPU batch's decompositions on the GPU.
-
-    Returns
-    -------
-    list of (U, s, V)
-        s descending (float64 on the host unless kept).
-    """
+    """align.reduced_svds (the same decompositions to rounding), faster, and for a batch
+    (leading axis kept): in one call when small layers (or a GPU batch's) share a shape;
+    ``keep``: a GPU batch's stay on the GPU."""
     if not weights:
         return []
     xp, same = array_module(*weights), len({(W.shape, W.dtype) for W in weights}) == 1
@@ -697,10 +968,10 @@ def _complete(U, missing):
 COMPLETION_MIN = 1e-3   # projections smaller than this: the complete QR instead
 
 
-
+# ------------------------------------------------------------ the greedy matching --
 def greedy_match(C, capacity):
-    """align.greedy_match (the paired rule's matching, the same values) for one matrix or
-    a batch (B x p x m; capacity (m,) or (B, m)).
+    """align.greedy_match (the paired rule's matching, the same values) for one matrix or a
+    batch (B x p x m; capacity (m,) or (B, m)).
 
     Small inputs go entry by entry (GREEDY_ONE_BY_ONE_MAX entries at most), batches of
     matrices with few rows by taking every matrix's largest open entry p times; larger
@@ -708,9 +979,7 @@ def greedy_match(C, capacity):
     the column's room entries of free rows come before that entry in the order (the
     one-by-one greedy then takes it too, whatever it does before), so each round
     takes at least the first open entry of all.  On a GPU one CUDA thread per matrix
-    takes the best open entry as long as one is left (align_cuda._greedy_kernel).
-
-    Parameters, returns and errors: as :func:`align.greedy_match`.
+    takes the best open entry as long as one is left (align_cuda.greedy_match).
     """
     xp = array_module(C)
     single = C.ndim == 2
@@ -719,7 +988,7 @@ def greedy_match(C, capacity):
     room = xp.broadcast_to(xp.asarray(capacity, dtype=np.int64), (nb, m)).copy()
     if xp is not np:
         import align_cuda
-        value = (align_cuda._greedy_kernel(xp, C, room) if p * p * m <= align_cuda.GREEDY_KERNEL_MAX else
+        value = (align_cuda.greedy_match(xp, C, room) if p * p * m <= GREEDY_KERNEL_MAX else
                  _greedy_rounds(C, room))
     else:
         if C.size > GREEDY_ONE_BY_ONE_MAX:
@@ -727,6 +996,11 @@ def greedy_match(C, capacity):
         value = (_greedy_one_by_one if C.size <= GREEDY_ONE_BY_ONE_MAX else
                  _greedy_by_maxima if p <= GREEDY_BY_MAXIMA_ROWS else _greedy_rounds)(C, room)
     return value[0] if single else value
+
+
+GREEDY_ONE_BY_ONE_MAX = 1024
+GREEDY_BY_MAXIMA_ROWS = 16      # batches of matrices with at most this many rows: p passes
+GREEDY_KERNEL_MAX = 1 << 22     # p * p * m: one CUDA thread's work for a p x m matrix
 
 
 def _without_zero_columns(C, room):
@@ -738,9 +1012,6 @@ def _without_zero_columns(C, room):
         return C, room
     return C[:, :, keep], room[:, keep]
 
-
-GREEDY_ONE_BY_ONE_MAX = 1024
-GREEDY_BY_MAXIMA_ROWS = 16      # batches of matrices with at most this many rows: p passes
 
 def _greedy_by_maxima(C, room):
     """greedy_match for a batch of matrices with few rows (NumPy, no NaN): p times, every
@@ -824,53 +1095,126 @@ def _greedy_rounds(C, room):
     return value
 
 
-def _paired_generic(*pair_lists):
-    """[The paired score of each list of pairs], for networks (a batch, or one) whose
-    singular values are all nonzero and distinct, so every cluster is one direction and
-    every direction is used: the vectorised form of _paired_score, with one greedy
-    matching per shape for all the lists."""
-    totals, counts, groups = [0.0] * len(pair_lists), [0] * len(pair_lists), {}
-    for j, pairs in enumerate(pair_lists):
-        for pair in pairs:
-            M = pair.product
-            if M.shape[-2] > M.shape[-1]:
-                M = _T(M)
-            p, q = M.shape[-2:]
-            exact_used = getattr(pair, "exact_used", 0)      # (a SplitPair's; every direction used)
-            k = pair.k - exact_used
-            groups.setdefault((p, q, max(0, min(k, pair.positions or k) - q)), []).append((j, M))
-            totals[j], counts[j] = totals[j] + exact_used, counts[j] + p + exact_used
-    for (p, q, room), members in groups.items():
-        xp = array_module(members[0][1])                          # (a batch on the GPU stays)
-        sq = xp.stack([M for _, M in members]) ** 2               # (pairs, [batch,] p, q)
-        if room:                                                  # the complement of B's span
-            outside = xp.clip(1.0 - sq.sum(axis=-1, keepdims=True), 0.0, 1.0)
-            sq = xp.concatenate([sq, outside], axis=-1)
-        C = xp.sqrt(xp.clip(sq, 0.0, 1.0))
-        value = greedy_match(C.reshape((-1,) + C.shape[-2:]), [1] * q + ([room] if room else []))
-        value = value.reshape(C.shape[:-1]).sum(axis=-1)           # (pairs, [batch])
-        for (j, _), v in zip(members, value):
-            totals[j] = totals[j] + v
-    return [t / c if c else 1.0 for t, c in zip(totals, counts)]
+# ------------------------------------------------------------------- the measures --
+@dataclasses.dataclass
+class SplitPair(align.Pair):
+    """A pair with directions common to both sides left out of A and B: ``exact`` of them,
+    ``exact_used`` with sigma above rtol (``k`` is the dimension left); ``scale_a``,
+    ``scale_b``: the largest singular values of the whole sides (rtol's reference)."""
+    exact: int = 0
+    exact_used: int = 0
+    scale_a: float = None
+    scale_b: float = None
+
+    @property
+    def top_a(self):
+        return self.scale_a
+
+    @property
+    def top_b(self):
+        return self.scale_b
+
+
+def _paired_score(pairs, rtol):
+    """align.paired_score with this module's matching; SplitPair's common directions
+    count as exact matches."""
+    total, count = 0.0, 0
+    for pair in pairs:
+        costs = align.paired_costs(pair, rtol)
+        matched, scored = (greedy_match(*costs).sum(), costs[0].shape[0]) if costs else (0.0, 0)
+        exact = pair.exact_used if isinstance(pair, SplitPair) else 0
+        total, count = total + (float(matched) + exact), count + scored + exact
+    return total / count if count else 1.0
+
+
+def _matched_sums(pairs):
+    """The matched rule's parts: ([the sum of the best |cosines| of each group of pairs of one
+    shape, one reduction each], the number of B's directions); a network's sum is the same
+    in any batch (its values summed in one row)."""
+    count, groups = 0, {}
+    for pair in pairs:
+        M = pair.product                     # A^T B: B's directions are its columns
+        if M.size:
+            groups.setdefault(M.shape, []).append(M)
+            count += M.shape[-1]
+    sums = []
+    for Ms in groups.values():
+        xp = array_module(*Ms)
+        best = abs(xp.stack(Ms)).max(axis=-2)                 # (pairs, [batch,] columns)
+        rows = xp.ascontiguousarray(xp.moveaxis(best, 0, -2))
+        sums.append(rows.reshape(rows.shape[:-2] + (-1,)).sum(axis=-1))
+    return sums, count
+
+
+def _matched_score(pairs):
+    """align.matched_score, per network of a batch; SplitPair's common directions count as
+    exact matches."""
+    sums, count = _matched_sums(pairs)
+    exact = sum(pair.exact for pair in pairs if isinstance(pair, SplitPair))
+    total, count = 0.0 + exact, count + exact
+    for s in sums:
+        total = total + s
+    return total / count if count else 1.0
+
+
+def _score(pairs, how, rtol):
+    if how not in align.HOW:
+        raise ValueError(f"how must be one of {align.HOW}, got {how!r}")
+    align.check_number("rtol", rtol, below=1)
+    return _paired_score(pairs, rtol) if how == "paired" else float(_matched_score(pairs))
+
+
+def _layers(weights):
+    """One network's layers (align.as_weights) or a batch's (as_batch)."""
+    return as_batch(weights) if _is_batch(weights) else align.as_weights(weights)
+
+
+def _one(svds, b):
+    """Network b's decompositions from a batch's."""
+    return [tuple(a[b] for a in svd) for svd in svds]
+
+
+def alignment(weights, how="paired", rtol=1e-6):
+    """align.alignment (Section 6), the same value; for a batch one value per network."""
+    svds = reduced_svds(_layers(weights))
+    widths = align.layer_widths(svds)
+    if svds[0][1].ndim == 1:
+        return _score(align.alignment_pairs(svds, widths), how, rtol)
+    return np.array([_score(align.alignment_pairs(_one(svds, b), widths), how, rtol)
+                     for b in range(svds[0][1].shape[0])])
+
+
+def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
+    """align.invariance (Section 6), the same value; for a batch one value per network."""
+    weights_t, weights_0 = _layers(weights_t), _layers(weights_0)
+    if [W.shape for W in weights_t] != [W.shape for W in weights_0]:
+        raise ValueError(f"weights_t and weights_0 must have the same shapes, got "
+                         f"{[W.shape for W in weights_t]} and {[W.shape for W in weights_0]}")
+    now, then = reduced_svds(weights_t), reduced_svds(weights_0)
+    widths = align.layer_widths(now)
+    if now[0][1].ndim == 1:
+        return _score(align.invariance_pairs(now, then, widths), how, rtol)
+    return np.array([_score(align.invariance_pairs(_one(now, b), _one(then, b), widths), how, rtol)
+                     for b in range(now[0][1].shape[0])])
 
 
 def tracker(weights_0, rtol=1e-6):
-    """align.tracker (the same values), a :class:`Tracker`: batches measured by the
-    vectorised rule where every singular value is distinct, and where they are (a batch
-    of GPU_BATCH_MIN networks or more on a GPU stays there).
-
-    Parameters, returns and errors: as :func:`align.tracker`.
-    """
-    align.check_network(weights_0)
-    align.check_tolerance("rtol", rtol, 1)
+    """align.tracker (the same values), for one network or a batch (one value per network):
+    a :class:`Tracker`."""
+    weights_0 = _layers(weights_0)
+    align.check_number("rtol", rtol, below=1)
     return Tracker(weights_0, rtol)
 
 
+# Batches of at least this many networks are measured where they are (on a GPU: there).
+GPU_BATCH_MIN = 64
+
+
 class Tracker:
-    """The measures of align.tracker: ``m(weights, _)`` -> {MEASURE_KEYS: values}.
-    ``from_svds`` measures from reduced SVDs instead (layer 1 split by
-    _split_first_layers during row-space training); ``starts_at(ws)``: whether ws are
-    this tracker's start (then train may measure from the split)."""
+    """The measures of align.tracker: ``m(weights, _)`` -> {MEASURE_KEYS: values}, by the
+    vectorised rule where every singular value is distinct.  ``from_svds`` measures from
+    reduced SVDs instead (layer 1 split by _split_first_layers during row-space training);
+    ``starts_at(ws)``: whether ws are this tracker's start."""
 
     def __init__(self, weights_0, rtol):
         self.weights_0, self.rtol = weights_0, rtol
@@ -883,15 +1227,18 @@ class Tracker:
         return f"Tracker(rtol={self.rtol:g}, layers {[W.shape for W in self.weights_0]})"
 
     def __call__(self, weights, _=None):
+        align.check_like("this tracker", weights, [W.shape for W in self.weights_0])
         if weights[0].ndim == 3 and array_module(*weights) is np:
             return self._batch(weights)
+        if not all(bool(array_module(W).isfinite(W).all()) for W in weights):
+            return dict.fromkeys(align.MEASURE_KEYS, math.nan)
         return self.from_svds(reduced_svds(weights, self.keep))
 
     def _batch(self, weights):
         """A NumPy batch's measures, the networks unchanged since the last call (those
-        stopped by train: frozen_below) not measured again: their values are kept."""
+        stopped by train) not measured again: their values are kept."""
         last = self.last
-        if last is None or [W.shape for W in weights] != [W.shape for W in last[0]]:
+        if last is None:
             moved = np.ones(weights[0].shape[0], dtype=bool)
         else:
             same = [(W == V).all(axis=(1, 2)) for W, V in zip(weights, last[0])]
@@ -930,7 +1277,7 @@ class Tracker:
             flat = _to_host([a for svd in now + then for a in svd], others)
             svds = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
             for j, b in enumerate(others):
-                one = [tuple(a[j] for a in svd) for svd in svds]
+                one = _one(svds, j)
                 for key, value in _measures(one[:len(now)], one[len(now):], widths, rtol).items():
                     out[key][b] = value
         return out
@@ -939,72 +1286,6 @@ class Tracker:
         return len(weights) == len(self.weights_0) and all(
             a is b or (a.shape == b.shape and bool((a == b).all()))
             for a, b in zip(weights, self.weights_0))
-
-
-def alignment(weights, how="paired", rtol=1e-6):
-    """align.alignment (Section 6), the same value, from this module's decompositions.
-
-    Parameters, returns and errors: as :func:`align.alignment`.
-    """
-    align.check_network(weights)
-    svds = reduced_svds(weights)
-    return _score(align.alignment_pairs(svds, align.layer_widths(svds)), how, rtol)
-
-
-def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
-    """align.invariance (Section 6), the same value, from this module's decompositions.
-
-    Parameters, returns and errors: as :func:`align.invariance`.
-    """
-    align.check_network(weights_t)
-    align.check_network(weights_0)
-    if [W.shape for W in weights_t] != [W.shape for W in weights_0]:
-        return align.invariance(weights_t, weights_0, how, rtol)      # (its error message)
-    now = reduced_svds(weights_t)
-    return _score(align.invariance_pairs(now, reduced_svds(weights_0), align.layer_widths(now)),
-                  how, rtol)
-
-
-def _score(pairs, how, rtol):
-    if how not in align.HOW:
-        raise ValueError(f"how must be one of {align.HOW}, got {how!r}")
-    align.check_tolerance("rtol", rtol, 1)
-    return _paired_score(pairs, rtol) if how == "paired" else _matched_score(pairs)
-
-
-@dataclasses.dataclass
-class SplitPair(align.Pair):
-    """A pair with directions common to both sides left out of A and B: ``exact`` of
-    them, ``exact_used`` with sigma above rtol; ``scale_a``, ``scale_b``: the largest
-    singular values of the whole sides (rtol's reference)."""
-    exact: int = 0
-    exact_used: int = 0
-    scale_a: float = None
-    scale_b: float = None
-
-
-def _paired_score(pairs, rtol):
-    """align.paired_score, with SplitPair's common directions matched exactly."""
-    total, count = 0.0, 0
-    for pair in pairs:
-        if isinstance(pair, SplitPair):
-            matched, scored = align.pair_matches(pair, rtol, pair.scale_a, pair.scale_b,
-                                                 pair.k - pair.exact_used, match=greedy_match)
-            total, count = total + (matched + pair.exact_used), count + scored + pair.exact_used
-        else:
-            matched, scored = align.pair_matches(pair, rtol, match=greedy_match)
-            total, count = total + matched, count + scored
-    return total / count if count else 1.0
-
-
-def _matched_score(pairs):
-    """align.matched_score, with SplitPair's common directions matched exactly."""
-    sums, count = align.matched_sums(pairs)
-    exact = sum(pair.exact for pair in pairs if isinstance(pair, SplitPair))
-    total, count = 0.0 + exact, count + exact
-    for s in sums:
-        total = total + s
-    return total / count if count else 1.0
 
 
 def _measures(now, then, widths, rtol, static=None, generic=None):
@@ -1016,6 +1297,9 @@ def _measures(now, then, widths, rtol, static=None, generic=None):
     if invariant is None:
         return None
     aligned = align.alignment_pairs(now, widths)
+    if now[0][1].ndim > 1:                       # a batch: A^T B of each network (align's Pair
+        for pair in aligned + invariant:         # computes it for one)
+            pair.product = _T(pair.A) @ pair.B
     if generic is None:
         generic = bool(_generic(now, rtol) and _generic(then, rtol))
     paired = _paired_generic(aligned, invariant) if generic else \
@@ -1037,13 +1321,38 @@ def _split_invariance_pairs(pairs, now, then, k, rtol, static):
                    for v, m in ((s, mask), (s0, mask0)))
     if used != used0:
         return None
-    return pairs[1:] + [SplitPair(U[:, ~mask], s[~mask], U0[:, ~mask0], s0[~mask0], k,
+    return pairs[1:] + [SplitPair(U[:, ~mask], s[~mask], U0[:, ~mask0], s0[~mask0], k - used,
                                   exact=int(mask.sum()), exact_used=used, scale_a=s[0],
                                   scale_b=s0[0])]
 
 
-# Batches of at least this many networks are measured where they are (on a GPU: there).
-GPU_BATCH_MIN = 64
+def _paired_generic(*pair_lists):
+    """[The paired score of each list of pairs], for networks (a batch, or one) whose
+    singular values are all nonzero and distinct, so every cluster is one direction and
+    every direction is used: the vectorised form of _paired_score, with one greedy
+    matching per shape for all the lists."""
+    totals, counts, groups = [0.0] * len(pair_lists), [0] * len(pair_lists), {}
+    for j, pairs in enumerate(pair_lists):
+        for pair in pairs:
+            M = pair.product
+            if M.shape[-2] > M.shape[-1]:
+                M = _T(M)
+            p, q = M.shape[-2:]
+            exact_used = getattr(pair, "exact_used", 0)      # (a SplitPair's; every direction used)
+            groups.setdefault((p, q, max(0, min(pair.k, pair.positions or pair.k) - q)), []).append((j, M))
+            totals[j], counts[j] = totals[j] + exact_used, counts[j] + p + exact_used
+    for (p, q, room), members in groups.items():
+        xp = array_module(members[0][1])                          # (a batch on the GPU stays)
+        sq = xp.stack([M for _, M in members]) ** 2               # (pairs, [batch,] p, q)
+        if room:                                                  # the complement of B's span
+            outside = xp.clip(1.0 - sq.sum(axis=-1, keepdims=True), 0.0, 1.0)
+            sq = xp.concatenate([sq, outside], axis=-1)
+        C = xp.sqrt(xp.clip(sq, 0.0, 1.0))
+        value = greedy_match(C.reshape((-1,) + C.shape[-2:]), [1] * q + ([room] if room else []))
+        value = value.reshape(C.shape[:-1]).sum(axis=-1)           # (pairs, [batch])
+        for (j, _), v in zip(members, value):
+            totals[j] = totals[j] + v
+    return [t / c if c else 1.0 for t, c in zip(totals, counts)]
 
 
 def _to_host(arrays, rows=None):
@@ -1070,3 +1379,24 @@ def _generic(svds, rtol):
         good = (s[..., -1] > rtol * top[..., 0]) & (abs(xp.diff(s, axis=-1)) > rtol * top).all(axis=-1)
         ok = ok & (good.all(axis=0) if stacked else good)
     return ok
+
+
+# ----------------------------------------------------------------- Corollary 1 --
+def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", kd=None,
+                            record_every=1):
+    """align.singular_value_dynamics (Corollary 1), on CuPy from one CUDA kernel
+    (align_cuda.sv_dynamics: depth up to align_cuda.SV_KERNEL_MAX_DEPTH, lam and lam_prime
+    shared by the runs); otherwise align's."""
+    xp = array_module(sigmas0)
+    if xp is not np:
+        import align_cuda
+        sig = xp.array(sigmas0, dtype=xp.float64)
+        lam, lam_prime = xp.asarray(lam, dtype=sig.dtype), xp.asarray(lam_prime, dtype=sig.dtype)
+        if sig.shape[-2] <= align_cuda.SV_KERNEL_MAX_DEPTH and \
+                all(a.ndim < 2 or a.shape[-2] == 1 for a in (lam, lam_prime)):
+            align.check_number("steps", steps, integer=True)
+            align.singular_value_dynamics(sig, lam, lam_prime, lr, n, 0, kind, kd, record_every)
+            coef = lr / n if kind == "mse" else 2.0 * lr / (kd * n)
+            return align_cuda.sv_dynamics(xp, sig, lam, lam_prime, coef, steps, record_every)
+    return align.singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind, kd,
+                                         record_every)

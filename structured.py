@@ -21,11 +21,6 @@ __all__ = ["Structure", "Conv2d", "conv2d", "toeplitz", "circulant", "diagonal",
            "from_basis", "layer_matrices", "check_structured", "loss_and_gradients", "train",
            "alignment_impossible"]
 
-# The product of Conv2d's passes: A @ B.  A CUDA graph capture (align_cuda.py) swaps in
-# cuBLAS called directly while it records steps.
-matmul = operator.matmul
-
-
 def _sum_into(index, values, size, dtype):
     """out[i] = sum of values[index == i] for i < size (a scatter-add), in dtype."""
     return align.array_module(values).bincount(index, weights=values, minlength=size).astype(dtype)
@@ -53,20 +48,26 @@ class Structure:
             self._on[xp.__name__] = tuple(xp.asarray(a) for a in (flat, self.vals, self.which))
         return self._on[xp.__name__]
 
-    def _check_coefficients(self, c):
+    def _check_coefficients(self, c, what="c"):
+        """c converted (align.as_array) and checked: r finite coefficients."""
+        c = align.as_array(what, c)
         if c.ndim != 1 or c.shape[0] != self.r:
-            raise ValueError(f"{self.name} needs {self.r} coefficients, got shape "
+            raise ValueError(f"{what} must be the {self.r} coefficients of {self.name}, got shape "
                              f"{'x'.join(map(str, c.shape))}")
+        align.check_finite(what, c)
+        return c
 
     def _check_matrix(self, G, what="G"):
+        """G converted and checked: an m x n matrix."""
+        G = align.as_array(what, G)
         if G.shape != self.shape:
             raise ValueError(f"{what} must be {self.shape[0]} x {self.shape[1]} for {self.name}, "
                              f"got {'x'.join(map(str, G.shape))}")
+        return G
 
     def to_matrix(self, c):
         """W = sum_j c_j A_j (m x n)."""
-        self._check_coefficients(c)
-        return self._to_matrix(c)
+        return self._to_matrix(self._check_coefficients(c))
 
     def _to_matrix(self, c):
         flat, vals, which = self._pattern(align.array_module(c))
@@ -74,8 +75,7 @@ class Structure:
 
     def coefficient_gradient(self, G):
         """(<G, A_j>)_j: dL/dc from dL/dW (the chain rule of Appendix H)."""
-        self._check_matrix(G)
-        return self._coefficient_gradient(G)
+        return self._coefficient_gradient(self._check_matrix(G))
 
     def _coefficient_gradient(self, G):
         flat, vals, which = self._pattern(align.array_module(G))
@@ -100,7 +100,7 @@ class Structure:
 
     def coefficients(self, W, tol=1e-8):
         """c with W = sum_j c_j A_j; ValueError if W is not in S (relative tolerance)."""
-        self._check_matrix(W, "W")
+        W = self._check_matrix(W, "W")
         xp = align.array_module(W)
         c = xp.asarray(np.linalg.solve(self.gram(), align.to_numpy(self._coefficient_gradient(W))))
         c = c.astype(W.dtype)
@@ -111,23 +111,24 @@ class Structure:
 
     def project(self, G):
         """The orthogonal projection of G onto S."""
-        self._check_matrix(G)
+        G = self._check_matrix(G)
         xp = align.array_module(G)
         a = np.linalg.solve(self.gram(), align.to_numpy(self._coefficient_gradient(G)))
         return self._to_matrix(xp.asarray(a, dtype=G.dtype))
 
-    # products used by a network; subclasses may avoid forming the matrix
-    def matmul(self, c, A):
+    # the products of a network's passes (``product``: the matrix product, A @ B); subclasses
+    # may avoid forming the matrix
+    def matmul(self, c, A, product=operator.matmul):
         """W A for W = sum_j c_j A_j."""
-        return self._to_matrix(c) @ A
+        return product(self._to_matrix(c), A)
 
-    def rmatmul(self, c, D):
+    def rmatmul(self, c, D, product=operator.matmul):
         """W^T D."""
-        return self._to_matrix(c).T @ D
+        return product(self._to_matrix(c).T, D)
 
-    def outer_gradient(self, delta, act):
+    def outer_gradient(self, delta, act, product=operator.matmul):
         """(<delta act^T, A_j>)_j: the coefficient gradient of a layer with input act."""
-        return self._coefficient_gradient(delta @ act.T)
+        return self._coefficient_gradient(product(delta, act.T))
 
 
 class Conv2d(Structure):
@@ -183,19 +184,18 @@ class Conv2d(Structure):
             self._on[key] = xp.asarray(np.where(inside, yy * self.p + xx, self.p * self.p))
         return self._on[key]
 
-    def matmul(self, c, A):
-        """W A = sum over taps of c_tap times the shifted images (never forms W).  Products
-        go through ``matmul``, which a CUDA graph capture swaps for cuBLAS called directly."""
-        return matmul(c[None], self._patches(A).reshape(self.r, -1)).reshape(A.shape)
+    def matmul(self, c, A, product=operator.matmul):
+        """W A = sum over taps of c_tap times the shifted images (never forms W)."""
+        return product(c[None], self._patches(A).reshape(self.r, -1)).reshape(A.shape)
 
-    def rmatmul(self, c, D):
+    def rmatmul(self, c, D, product=operator.matmul):
         """W^T D: the transpose of a correlation is the correlation with the filter rotated
         by 180 degrees, i.e. the coefficients reversed."""
-        return self.matmul(c[::-1], D)
+        return self.matmul(c[::-1], D, product)
 
-    def outer_gradient(self, delta, act):
+    def outer_gradient(self, delta, act, product=operator.matmul):
         """(<delta act^T, A_j>)_j: each tap's shifted images against delta (Appendix H)."""
-        return matmul(self._patches(act).reshape(self.r, -1), delta.reshape(-1, 1))[:, 0]
+        return product(self._patches(act).reshape(self.r, -1), delta.reshape(-1, 1))[:, 0]
 
 
 def conv2d(p, s):
@@ -383,94 +383,59 @@ def from_basis(matrices, tol=1e-10):
 # --------------------------------------------------------- structured nets --
 
 def layer_matrices(structures, params):
-    """The dense layer matrices [W_1, ..., W_d], W_i = sum_j c_j^i A_j (Definition 4).
-
-    Parameters
-    ----------
-    structures : list
-        A Structure per layer, or None for a dense layer.
-    params : list of arrays
-        Coefficient vectors (r,) of structured layers, matrices of dense ones.
-
-    Returns
-    -------
-    list of arrays
-        The dense matrices W_i = sum_j c_j A_j (dense layers as they are).
-    """
-    return [S.to_matrix(p) if S is not None else p for S, p in zip(structures, params)]
+    """The dense layer matrices [W_1, ..., W_d], W_i = sum_j c_j^i A_j (Definition 4):
+    ``structures`` a Structure per layer (None: a dense layer), ``params`` the coefficient
+    vectors (r,) of structured layers and the matrices of dense ones."""
+    return [S.to_matrix(p) if S is not None else align.as_array(f"params[{i}]", p)
+            for i, (S, p) in enumerate(zip(structures, params))]
 
 
 def check_structured(structures, params, X):
-    """Validate a structured network (Definition 4): one parameter array per layer of the
-    right size (r coefficients, or a dense matrix where the structure is None).
-
-    Parameters
-    ----------
-    structures, params
-        As in :func:`layer_matrices`.
-    X : array
-        k0 x n inputs.
-
-    Returns
-    -------
-    int
-        kd, the outputs.
-
-    Raises
-    ------
-    ValueError
-        Shapes or values that do not fit.
-    """
+    """A structured network (Definition 4) converted (align.as_array) and checked: one
+    parameter array per layer of the right size (r coefficients, or a dense matrix where the
+    structure is None), finite, and X (k0 x n) that fits.  Returns (params, X, kd)."""
     if len(structures) != len(params) or not params:
         raise ValueError(f"need one parameter array per layer: {len(structures)} structures, "
                          f"{len(params)} params")
-    k = X.shape[0]
+    X = align.as_array("X", X)
+    if X.ndim != 2:
+        raise ValueError(f"X must be k0 x n (one example per column), got shape {X.shape}")
+    align.check_finite("X", X)
+    k, out = X.shape[0], []
     for i, (S, p) in enumerate(zip(structures, params), 1):
+        name = f"params[{i - 1}]"
         if S is None:
+            p = align.as_array(name, p)
             if p.ndim != 2 or p.shape[1] != k:
                 raise ValueError(f"dense layer W_{i} must have {k} columns, got shape "
                                  f"{'x'.join(map(str, p.shape))}")
+            align.check_finite(name, p)
             k = p.shape[0]
         else:
-            S._check_coefficients(p)
+            p = S._check_coefficients(p, name)
             if S.shape[1] != k:
                 raise ValueError(f"layer {i} ({S.name}) takes {S.shape[1]} inputs but gets {k}")
             k = S.shape[0]
-        align.check_finite(f"params[{i - 1}]", p)
-    align.check_finite("X", X)
-    return k
+        out.append(p)
+    return out, X, k
 
 
-def loss_and_gradients(structures, params, X, Y, kind="mse"):
-    """Loss and [dL/dc_1, ..., dL/dc_d] (dense layers: dL/dW_i), written by hand.
-
-    The backward pass of Eq. (8), each structured layer contracting its dense
-    gradient delta_i a_{i-1}^T with its basis (Appendix H) without forming it.
-
-    Parameters
-    ----------
-    structures, params
-        As in :func:`layer_matrices`.
-    X, Y : arrays
-        Inputs and targets.
-    kind : str
-        The loss, as in align.loss.
-
-    Returns
-    -------
-    L, grads
-        The loss and the gradients of the coefficients (Theorem 2: pi_S of dL/dW).
-    """
+def loss_and_gradients(structures, params, X, Y, kind="mse", matmul=operator.matmul):
+    """The loss and [dL/dc_1, ..., dL/dc_d] (dense layers: dL/dW_i), written by hand: Eq. (8)'s
+    backward pass, each structured layer contracting its dense gradient delta_i a_{i-1}^T
+    with its basis (Appendix H) without forming it; by Theorem 2 the coefficient step is
+    W_i <- W_i - lr pi_S(dL/dW_i).  Checked inputs and prepared targets (align.as_targets);
+    ``matmul``: the matrix product (align_fast's CUDA graphs pass cuBLAS called directly)."""
     acts = [X]
     for S, p in zip(structures, params):
-        acts.append(p @ acts[-1] if S is None else S.matmul(p, acts[-1]))
+        acts.append(matmul(p, acts[-1]) if S is None else S.matmul(p, acts[-1], matmul))
     L, delta = align.loss_and_output_gradient(acts[-1], Y, kind)
     grads = [None] * len(params)
     for i in range(len(params) - 1, -1, -1):
         S, p = structures[i], params[i]
-        grads[i] = delta @ acts[i].T if S is None else S.outer_gradient(delta, acts[i])
+        grads[i] = matmul(delta, acts[i].T) if S is None else S.outer_gradient(delta, acts[i], matmul)
         if i:
-            delta = p.T @ delta if S is None else S.rmatmul(p, delta)
+            delta = matmul(p.T, delta) if S is None else S.rmatmul(p, delta, matmul)
     return L, grads
 
 
@@ -478,38 +443,39 @@ def train(structures, params, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1
           record_every=1, measure_every=100, measures=None, callback=None,
           descend=align.gradient_descent):
     """Gradient descent on the coefficients (Definition 4); by Theorem 2 this is
-    W_i <- W_i - lr pi_S(dL/dW_i).  ``measures`` get the dense matrices
-    ``m(weights, weights_0)``; ``descend``: align.gradient_descent, or
-    align_fast.gradient_descent for the same iterates faster.  Returns (params, History).
+    W_i <- W_i - lr pi_S(dL/dW_i).
 
     Parameters
     ----------
-    structures, params, X, Y, kind
-        As in :func:`loss_and_gradients`.
-    lr, max_steps, tol, record_every, measure_every, measures, callback
-        As in align.train (measures get the dense matrices).
+    structures, params, X
+        As in :func:`check_structured`; ``params`` are the start (not changed).
+    Y, kind, lr, max_steps, tol, record_every, measure_every, callback
+        As in align.train.
+    measures : dict or callable, optional
+        As in align.train, given the dense matrices (layer_matrices).
     descend : callable
-        align.gradient_descent, or align_fast.gradient_descent.
+        align.gradient_descent, or align_fast.gradient_descent (the same iterates, faster).
 
     Returns
     -------
-    params, history
-        The trained coefficients and the History.
+    params, History
+        The trained coefficients, and what the run recorded.
 
     Raises
     ------
-    ValueError
-        Bad structures, parameters or data.
-    align.DivergenceError
-        The loss stopped being finite.
+    align.DivergenceError, align.Interrupted
+        As align.gradient_descent (``.weights``: the coefficients).
     """
-    kd = check_structured(structures, params, X)
-    Y = align.prepare_targets(Y, kind, kd, X.shape[1]).astype(params[0].dtype)
+    params, X, kd = check_structured(structures, params, X)
+    Y = align.as_targets(Y, kind, kd, X.shape[1]).astype(params[0].dtype)
     wrapped = {name: (lambda ps, p0, fn=fn: fn(layer_matrices(structures, ps),
                                                layer_matrices(structures, p0)))
                for name, fn in align.as_measures(measures).items()}
-    return descend(params, lambda ps: loss_and_gradients(structures, ps, X, Y, kind),
-                   lr, max_steps, tol, record_every, measure_every, wrapped, callback)
+
+    def loss_and_grads(ps, matmul=operator.matmul):
+        return loss_and_gradients(structures, ps, X, Y, kind, matmul)
+    return descend(params, loss_and_grads, lr, max_steps, tol, record_every, measure_every,
+                   wrapped, callback)
 
 
 # ------------------------------------------------ Proposition 5, Theorem 3 --

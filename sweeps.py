@@ -102,10 +102,12 @@ def run_sweep(name, exp, cfg, grid, shard, train_problems):
         for p in exp.problems(dataclasses.replace(cfg, **cell)):
             problems.append(dataclasses.replace(p, name=f"{cell_name(cell)} {p.name}",
                                                 extra=p.extra | {"cell": cell, "cell_index": index}))
-    runs = {}
-    done = train_problems(cfg, problems, runs, f"sweep {name}", always_batch=True)
-    runs = {p.name: runs[p.name] for p in problems if p.name in runs}      # cell order
-    return runs, "done" if done else "interrupted"
+    runs, status = {}, "done"
+    try:
+        train_problems(cfg, runs, f"sweep {name}", problems, always_batch=True)
+    except KeyboardInterrupt:                   # (the runs so far are in runs)
+        status = "interrupted"
+    return {p.name: runs[p.name] for p in problems if p.name in runs}, status   # cell order
 
 
 def cell_stats(grid, runs):

@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import experiments  # noqa: E402  (the idx reader and writer)
+import runner  # noqa: E402  (the idx reader and writer)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FILES = {"images": "train-images-idx3-ubyte.gz", "labels": "train-labels-idx1-ubyte.gz"}
@@ -38,10 +38,10 @@ def main():
     args = parser.parse_args()
     check_sums(args.source)
     for kind, name in FILES.items():
-        array = experiments.read_idx(os.path.join(args.source, name))[:args.count]
-        out = os.path.join(experiments.DATA_DIR, experiments.SUBSET_FILES[kind])
+        array = runner.read_idx(os.path.join(args.source, name))[:args.count]
+        out = os.path.join(runner.DATA_DIR, runner.SUBSET_FILES[kind])
         with open(out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-            f.write(experiments.idx_bytes(array))
+            f.write(runner.idx_bytes(array))
         print(f"wrote {out}: {array.shape}, {os.path.getsize(out)} bytes")
 
 
