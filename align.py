@@ -355,6 +355,7 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
                 if step % record_every == 0 or step == max_steps:
                     if not math.isfinite(L):
                         hist.stop_reason, hist.final_step = "diverged", step
+                        hist.wall_time = time.perf_counter() - start
                         raise DivergenceError(f"loss became {L} at step {step} with lr = {lr:g}; "
                                               f"try a smaller learning rate (e.g. {lr / 10:g})",
                                               hist)

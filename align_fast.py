@@ -406,10 +406,11 @@ class _StepRuns:
     losses (one row per step, each before its update); ``rewind(j)`` goes back to the start
     of the last run and redoes its first j steps (a stop inside it); ``cancel()`` goes back
     to its start.  With ``launch(n, keep=True)``, ``kept`` holds the parameters at the start.
-    Subclasses step in ``_run(n)``; align_cuda.GraphSteps keeps the same protocol."""
+    Here ``step(ps)`` takes each step kernel by kernel; subclasses step in ``_run(n)``;
+    align_cuda.GraphSteps keeps the same protocol."""
 
-    def __init__(self, ps, lr, longest):
-        self.ps, self.lr, self.longest = ps, lr, longest
+    def __init__(self, ps, lr, longest, step=None):
+        self.ps, self.lr, self.longest, self.step = ps, lr, longest, step
         self.saved = [p.copy() for p in ps]
         self.kept = self.pending = None
         self.open = False                                # a run launched and not yet taken
@@ -417,6 +418,12 @@ class _StepRuns:
     def _save(self):
         for s, p in zip(self.saved, self.ps):
             s[...] = p
+
+    def _run(self, n):
+        """n steps in place; their losses."""
+        if n > self.longest:
+            raise ValueError(f"a run of {n} steps is longer than this runner's {self.longest}")
+        return array_module(*self.ps).stack([self.step(self.ps) for _ in range(n)])
 
     def launch(self, n, keep=False):
         self.kept = [p.copy() for p in self.ps] if keep else None
@@ -478,6 +485,8 @@ class _SquaredLossSteps(_StepRuns):
         self.rate = lr * (1.0 / n if kind == "mse" else 2.0 / (kd * n))   # lr dL/dF = rate (F - Y)
 
     def _run(self, n):
+        if n > self.longest:
+            raise ValueError(f"a run of {n} steps is longer than this runner's {self.longest}")
         mm, W, acts, deltas = np.matmul, self.W, self.acts, self.deltas
         forward = list(zip(W, acts, acts[1:]))
         backward = [(W[i].T, deltas[i], deltas[i - 1]) for i in range(len(W) - 1, 0, -1)]
@@ -567,6 +576,8 @@ class _BatchSquaredLossSteps(_StepRuns):
         return flat, grad, W, list(acts), list(deltas), grads, rates
 
     def _run(self, n):
+        if n > self.longest:
+            raise ValueError(f"a run of {n} steps is longer than this runner's {self.longest}")
         losses = np.empty((n, self.moving.size), dtype=self.ps[0].dtype)
         t = 0
         while t < n:
@@ -1169,6 +1180,11 @@ def _layers(weights):
     return as_batch(weights) if _is_batch(weights) else align.as_weights(weights)
 
 
+def _widths(weights):
+    """[k_0, ..., k_d] of a network or a batch."""
+    return [weights[0].shape[-1]] + [W.shape[-2] for W in weights]
+
+
 def _one(svds, b):
     """Network b's decompositions from a batch's."""
     return [tuple(a[b] for a in svd) for svd in svds]
@@ -1176,8 +1192,8 @@ def _one(svds, b):
 
 def alignment(weights, how="paired", rtol=1e-6):
     """align.alignment (Section 6), the same value; for a batch one value per network."""
-    svds = reduced_svds(_layers(weights))
-    widths = align.layer_widths(svds)
+    weights = _layers(weights)
+    svds, widths = reduced_svds(weights), _widths(weights)
     if svds[0][1].ndim == 1:
         return _score(align.alignment_pairs(svds, widths), how, rtol)
     return np.array([_score(align.alignment_pairs(_one(svds, b), widths), how, rtol)
@@ -1190,8 +1206,7 @@ def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
     if [W.shape for W in weights_t] != [W.shape for W in weights_0]:
         raise ValueError(f"weights_t and weights_0 must have the same shapes, got "
                          f"{[W.shape for W in weights_t]} and {[W.shape for W in weights_0]}")
-    now, then = reduced_svds(weights_t), reduced_svds(weights_0)
-    widths = align.layer_widths(now)
+    now, then, widths = reduced_svds(weights_t), reduced_svds(weights_0), _widths(weights_t)
     if now[0][1].ndim == 1:
         return _score(align.invariance_pairs(now, then, widths), how, rtol)
     return np.array([_score(align.invariance_pairs(_one(now, b), _one(then, b), widths), how, rtol)
@@ -1264,7 +1279,7 @@ class Tracker:
         rtol = self.rtol
         generic = _generic(now, rtol) & (self.start_generic if then is None else _generic(then, rtol))
         then = self.start if then is None else then
-        widths = widths or align.layer_widths(now)
+        widths = widths or _widths(self.weights_0)
         if now[0][1].ndim == 1:
             return _measures(now, then, widths, rtol, static, bool(generic))
         values = _measures(now, then, widths, rtol, generic=True)        # every network

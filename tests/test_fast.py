@@ -8,8 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+import functools
+import operator
+
 import align_fast
-import align_steps
 import align
 from conftest import finite_difference, greedy_cases, random_orthogonal, random_problem
 
@@ -17,6 +19,21 @@ from conftest import finite_difference, greedy_cases, random_orthogonal, random_
 def fast_and_reference(run):
     """(run(align_fast), run(align)): the same code through the fast module and the reference."""
     return run(align_fast), run(align)
+
+
+def one(batch, b):
+    """Network b of a batch (or a per-network data set)."""
+    return [W[b] for W in batch] if isinstance(batch, list) else batch[b]
+
+
+def each_alone(batch, X, Y, lr, **options):
+    """align.train of each network of a batch alone (X and Y shared or one per network, lr one
+    or one per network): the weights stacked, and each network's History."""
+    own_y = Y.ndim == 3 or (Y.ndim == 2 and Y.dtype.kind in "iu")
+    runs = [align.train(one(batch, b), X[b] if X.ndim == 3 else X, Y[b] if own_y else Y,
+                        lr=lr[b] if np.ndim(lr) else lr, **options)
+            for b in range(batch[0].shape[0])]
+    return [np.stack([w[i] for w, _ in runs]) for i in range(len(batch))], [h for _, h in runs]
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
@@ -30,15 +47,15 @@ def test_both_groupings_of_eq8_give_the_same_gradients_for_the_counted_flops(mon
     weights, X, labels = random_problem(rng, "ce", widths, 40)
     if batch:
         weights = [np.stack([W + 0.1 * rng.standard_normal(W.shape) for _ in range(batch)]) for W in weights]
-    Y = align.prepare_targets(labels, "ce", 3, 40)
+    Y = align.as_targets(labels, "ce", 3, 40)
     output_grad = lambda F: align.loss_and_output_gradient(F, Y, "ce")
-    results, counted, mm = {}, {}, align_steps.matmul
+    results, counted = {}, {}
     for at_outputs in (False, True):
         flops = []
-        monkeypatch.setattr(align_steps, "matmul", lambda A, B: flops.append(A.shape[-2] * A.shape[-1] * B.shape[-1])
-                            or mm(A, B))
+        counting = lambda A, B: flops.append(A.shape[-2] * A.shape[-1] * B.shape[-1]) or A @ B
         monkeypatch.setattr(align_fast, "_cheaper_at_outputs", lambda shapes, n: at_outputs)
-        results[at_outputs], counted[at_outputs] = align_fast._chain_gradients(weights, X, output_grad, True), sum(flops)
+        results[at_outputs] = align_fast._chain_gradients(weights, X, output_grad, counting, True)
+        counted[at_outputs] = sum(flops)
         monkeypatch.undo()
     (L1, grads1, dX1), (L2, grads2, dX2) = results[False], results[True]
     np.testing.assert_allclose(L2, L1, rtol=1e-13)
@@ -54,7 +71,7 @@ def test_gradients_grouped_at_outputs_match_finite_differences():
     rng = np.random.default_rng(55)
     weights, X, Y = random_problem(rng, "mse", [3, 12, 12, 2], 30)
     assert align_fast._cheaper_at_outputs(tuple(W.shape for W in weights), 30)
-    grads = align_fast._loss_and_gradients(weights, X, Y, "mse")[1]
+    grads = align_fast._chain_gradients(weights, X, lambda F: align.loss_and_output_gradient(F, Y, "mse"))[1]
     for i in range(3):
         G = finite_difference(weights, X, Y, "mse", i)
         assert np.linalg.norm(grads[i] - G) <= 1e-6 * np.linalg.norm(G)
@@ -64,9 +81,8 @@ def test_gradients_grouped_at_outputs_match_finite_differences():
 def test_steps_in_place_only_where_eq8_goes_layer_by_layer(monkeypatch):
     """_SquaredLossSteps (call-bound small networks) backpropagates layer by layer; where
     grouping at the outputs is cheaper (n >= k0, narrow ends) train steps that way."""
-    made = []
-    monkeypatch.setattr(align_fast, "_SquaredLossSteps", lambda *a: made.append(a) or align_fast._StepChunks(
-        a[0], lambda ps: align_fast._loss_and_gradients(ps, a[1], a[2], a[3]), a[4]))
+    made, init = [], align_fast._SquaredLossSteps.__init__
+    monkeypatch.setattr(align_fast._SquaredLossSteps, "__init__", lambda self, *a: made.append(a) or init(self, *a))
     rng = np.random.default_rng(56)
     for widths, n, in_place in (([5, 5, 5], 9, True), ([3, 12, 12, 2], 30, False)):
         weights, X, Y = random_problem(rng, "mse", widths, n)
@@ -119,7 +135,8 @@ def test_tracker_on_a_large_batch_measures_where_the_batch_is(xp, monkeypatch):
         w0 = [rng.standard_normal((6, widths[i + 1], widths[i])) for i in range(len(widths) - 1)]
         w1 = [W + 0.3 * rng.standard_normal(W.shape) for W in w0]
         w1[0][2] = np.eye(*w1[0].shape[1:])                      # network 2: repeated values
-        want = align.tracker(w0)(w1)                             # align.py's reference
+        want = {key: np.array([align.tracker(one(w0, b))(one(w1, b))[key] for b in range(6)])
+                for key in align.MEASURE_KEYS}                   # align.py's reference, each alone
         monkeypatch.setattr(align_fast, "GPU_BATCH_MIN", 4)
         got = align_fast.tracker([xp.asarray(W) for W in w0])([xp.asarray(W) for W in w1])
         monkeypatch.undo()
@@ -138,8 +155,8 @@ def test_row_space_fast_path_on_a_batch_of_networks(monkeypatch, kind, per_netwo
     Y = rng.integers(0, 4, 5) if kind == "ce" else rng.standard_normal((4, 5))
     if per_network_data and kind == "mse":
         Y = np.stack([Y, 2 * Y, -Y])
-    (fast, _), (slow, _) = fast_and_reference(lambda lib: lib.train(
-        batch, X, Y, kind, lr=0.05, max_steps=100, tol=0.0))
+    fast, _ = align_fast.train(batch, X, Y, kind, lr=0.05, max_steps=100, tol=0.0)
+    slow, _ = each_alone(batch, X, Y, 0.05, kind=kind, max_steps=100, tol=0.0)
     for a, b in zip(fast, slow):
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
 
@@ -158,18 +175,18 @@ def test_batched_decompositions_split_across_threads_equal_one_call(monkeypatch)
     measures = align_fast.tracker(w0)(w1)
     monkeypatch.setattr(align_fast, "_CORES", 3)
     monkeypatch.setattr(align_fast, "THREADED_BATCH_MIN", 2)
-    monkeypatch.setattr(align_steps, "_pools", {})
+    monkeypatch.setattr(align_fast, "_POOL", [])
     for got, expected in zip([align_fast._linalg(svd, A), align_fast._linalg(np.linalg.eigh, G)], want):
         for a, b in zip(got, expected):
             assert a.shape == b.shape and np.array_equal(a, b)
-    assert "lapack" in align_steps._pools and align_steps._pools["lapack"]._max_workers == 3
+    assert align_fast._POOL and align_fast._POOL[0]._max_workers == 3
     threaded = align_fast.tracker(w0)(w1)
     for key, value in measures.items():
         np.testing.assert_array_equal(threaded[key], value)
     monkeypatch.setattr(align_fast, "THREADED_SIDE_MAX", 4)           # larger matrices: one call
-    monkeypatch.setattr(align_steps, "_pools", {})
+    monkeypatch.setattr(align_fast, "_POOL", [])
     align_fast._linalg(svd, A)
-    assert not align_steps._pools
+    assert not align_fast._POOL
 
 
 def test_float32_measures_through_the_gram_matrix_match_float64_svd():
@@ -311,20 +328,29 @@ def test_a_tracker_of_other_weights_measures_against_its_own_start():
     assert track.starts_at(later) and not track.starts_at(weights)
 
 
+def until_interrupted(train):
+    """train()'s (weights, History), also when it raises align.Interrupted (its .weights and
+    .history then)."""
+    try:
+        return train()
+    except align.Interrupted as stop:
+        return stop.weights, stop.history
+
+
 def _run_both(monkeypatch, run):
-    """run() kernel by kernel and in replayed chunks (on NumPy: _StepChunks, the
-    bookkeeping of the CUDA-graph path); returns both results."""
-    monkeypatch.setattr(align_fast, "step_runs", lambda *a, **_: None)
-    eager = run()
+    """run(steps) one step at a time (steps="plain") and in runs of 5 steps replayed kernel
+    by kernel (_StepRuns with a step: on NumPy, the bookkeeping of the CUDA-graph path);
+    both results, and the rewinds of the runs."""
+    eager = until_interrupted(lambda: run("plain"))
     rewinds = []
 
-    class Spy(align_fast._StepChunks):
+    class Spy(align_fast._StepRuns):
         def rewind(self, j):
             rewinds.append(j)
             super().rewind(j)
-    monkeypatch.setattr(align_fast, "step_runs", lambda ps, loss_and_grads, lr, **_: Spy(
-        ps, loss_and_grads, lr, longest=5))                # (the first case stops inside a run)
-    return eager, run(), rewinds
+    monkeypatch.setattr(align_fast, "_runner", lambda steps, lg, lr, in_place=None: (
+        lambda ps: Spy(ps, lr, 5, functools.partial(align_fast._step, lg, lr))))
+    return eager, until_interrupted(lambda: run("auto")), rewinds
 
 
 @pytest.mark.parametrize("tol, record_every, measure_every, max_steps, widths",
@@ -337,10 +363,10 @@ def test_chunked_steps_give_the_same_run_as_step_by_step(monkeypatch, tol, recor
     rng = np.random.default_rng(30)
     weights, X, Y = random_problem(rng, "mse", widths, 5)   # n = 5: interpolable
     calls = []
-    run = lambda: align_fast.train(weights, X, Y, lr=0.05, max_steps=max_steps, tol=tol,
-                              record_every=record_every, measure_every=measure_every,
-                              measures={"a": lambda w, w0: align_fast.alignment(w)},
-                              callback=lambda s, L, h: calls.append(s))
+    run = lambda steps: align_fast.train(weights, X, Y, lr=0.05, max_steps=max_steps, tol=tol,
+                                         record_every=record_every, measure_every=measure_every,
+                                         measures={"a": lambda w, w0: align_fast.alignment(w)},
+                                         callback=lambda s, L, h: calls.append(s), steps=steps)
     (w1, h1), (w2, h2), rewinds = _run_both(monkeypatch, run)
     assert h1.final_step == h2.final_step and h1.stop_reason == h2.stop_reason
     assert (rewinds and rewinds[0] > 0) if tol and measure_every > 1 else not rewinds
@@ -355,7 +381,7 @@ def test_chunked_steps_on_a_batch_and_on_divergence(monkeypatch):
     rng = np.random.default_rng(31)
     batch = [rng.standard_normal((3, 5, 5)) / 2 for _ in range(2)]
     X, Y = rng.standard_normal((3, 5, 9)), rng.standard_normal((3, 5, 9))
-    run = lambda: align_fast.train(batch, X, Y, lr=0.05, max_steps=500, tol=1e-2)
+    run = lambda steps: align_fast.train(batch, X, Y, lr=0.05, max_steps=500, tol=1e-2, steps=steps)
     (w1, h1), (w2, h2), _ = _run_both(monkeypatch, run)
     assert h1.steps == h2.steps and h1.final_step == h2.final_step
     np.testing.assert_array_equal(np.array(h1.losses), np.array(h2.losses))
@@ -365,13 +391,13 @@ def test_chunked_steps_on_a_batch_and_on_divergence(monkeypatch):
     for a, b in zip(w1, w2):
         np.testing.assert_array_equal(a, b)
     weights, X, Y = random_problem(rng, "mse", [4, 4, 4], 4)
-    steps = []
-    for chunker in (None, align_fast._StepChunks):
-        monkeypatch.setattr(align_fast, "step_runs", lambda ps, lg, lr, **_: chunker and chunker(ps, lg, lr))
+    stops = []
+    for steps in ("plain", "auto"):                     # (the runs of _run_both, patched in)
         with pytest.raises(align.DivergenceError) as e:
-            align_fast.train([W * 10 for W in weights], X, Y * 100, lr=100.0, max_steps=1000)
-        steps.append(e.value.history.final_step)
-    assert steps[0] == steps[1] > 0
+            align_fast.train([W * 10 for W in weights], X, Y * 100, lr=100.0, max_steps=1000,
+                             steps=steps)
+        stops.append(e.value.history.final_step)
+    assert stops[0] == stops[1] > 0
 
 
 @pytest.mark.parametrize("record_every", [1, 3])
@@ -384,8 +410,8 @@ def test_chunked_steps_on_a_batch_stopping_at_different_steps_and_one_diverging(
     batch = [np.stack([p[0][i] for p in problems]) for i in range(2)]
     X = np.stack([p[1] for p in problems])
     Y = np.stack([rng.standard_normal((3, 4)) @ p[1] / 3 for p in problems])
-    run = lambda: align_fast.train(batch, X, Y, lr=[0.02, 0.05, 0.1, 30.0], max_steps=3000,
-                                   tol=1e-3, record_every=record_every)
+    run = lambda steps: align_fast.train(batch, X, Y, lr=[0.02, 0.05, 0.1, 30.0], max_steps=3000,
+                                         tol=1e-3, record_every=record_every, steps=steps)
     (w1, h1), (w2, h2), rewinds = _run_both(monkeypatch, run)
     assert h1.stop_reason == h2.stop_reason == "tol" and h1.final_step == h2.final_step < 3000
     assert rewinds and h1.steps == h2.steps
@@ -412,10 +438,10 @@ def test_ctrl_c_in_a_measurement_keeps_every_step_taken(monkeypatch, measure_eve
         if len(calls) == at:
             raise KeyboardInterrupt
         return 0.0
-    def run():
+    def run(steps):
         calls.clear()
         return align_fast.train(weights, X, Y, lr=0.05, max_steps=500, tol=0.0,
-                                measure_every=measure_every, measures={"m": measure})
+                                measure_every=measure_every, measures={"m": measure}, steps=steps)
     (_, h1), (w2, h2), _ = _run_both(monkeypatch, run)
     assert h2.stop_reason == "interrupted" and h2.final_step == (at - 1) * measure_every
     clean, _ = align.train(weights, X, Y, lr=0.05, max_steps=h2.final_step, tol=0.0)
@@ -433,8 +459,9 @@ def test_ctrl_c_in_a_single_step_after_a_run_keeps_that_run(monkeypatch, at):
     def interrupt(step, loss, hist):
         if step == at:
             raise KeyboardInterrupt
-    (w1, h1), (w2, h2), _ = _run_both(monkeypatch, lambda: align_fast.train(
-        weights, X, Y, lr=0.05, max_steps=100, tol=0.0, measure_every=6, callback=interrupt))
+    (w1, h1), (w2, h2), _ = _run_both(monkeypatch, lambda steps: align_fast.train(
+        weights, X, Y, lr=0.05, max_steps=100, tol=0.0, measure_every=6, callback=interrupt,
+        steps=steps))
     assert h1.final_step == h2.final_step == at and h1.steps == h2.steps == list(range(at + 1))
     for a, b in zip(w1, w2):
         np.testing.assert_array_equal(a, b)
@@ -454,8 +481,8 @@ def test_runs_of_two_steps_go_in_place(monkeypatch):
 def test_single_network_chunks_record_python_floats(monkeypatch):
     rng = np.random.default_rng(33)
     weights, X, Y = random_problem(rng, "mse", [4, 5, 3], 6)
-    (_, h1), (_, h2), _ = _run_both(monkeypatch, lambda: align_fast.train(weights, X, Y, lr=0.05,
-                                                                           max_steps=30, tol=0.0))
+    (_, h1), (_, h2), _ = _run_both(monkeypatch, lambda steps: align_fast.train(
+        weights, X, Y, lr=0.05, max_steps=30, tol=0.0, steps=steps))
     assert type(h1.losses[3]) is type(h2.losses[3]) is float and h1.losses == h2.losses
 
 
@@ -509,9 +536,9 @@ def test_ctrl_c_in_the_callback_stops_a_run_of_steps_where_it_was(monkeypatch):
     def interrupt(step, L, h):
         if step == 57:
             raise KeyboardInterrupt
-    (w1, h1), (w2, h2) = fast_and_reference(lambda lib: lib.train(
+    (w1, h1), (w2, h2) = fast_and_reference(lambda lib: until_interrupted(lambda: lib.train(
         weights, X, Y, lr=0.05, max_steps=500, tol=0.0, callback=interrupt,
-        measures={"a": lambda w, w0: lib.alignment(w)}))
+        measures={"a": lambda w, w0: lib.alignment(w)})))
     assert h1.stop_reason == h2.stop_reason == "interrupted"
     assert h1.final_step == h2.final_step == 57 and h1.steps == h2.steps == list(range(58))
     assert h1.measure_steps == h2.measure_steps == [0, 57]
@@ -553,29 +580,30 @@ sys.path.insert(0, sys.argv[1])
 import numpy as np
 import align
 assert align.__file__.startswith(sys.argv[1])
-assert not {"align_fast", "align_cuda", "structured", "experiments"} & set(sys.modules)
+assert not {"align_fast", "align_cuda", "structured", "experiments", "runner"} & set(sys.modules)
 print(json.dumps(align_numbers(align)))
 """
 
 
 def align_numbers(lib):
-    """Numbers from the public functions of ``lib`` (align, or align_fast, which offers all
-    of align's names) on one problem (n < k0: align_fast.py's row space)."""
+    """Numbers from align's public functions on one problem (n < k0: align_fast.py's row
+    space), training and measuring with ``lib`` (align, or align_fast)."""
     import numpy as np
+    import align
     rng = np.random.default_rng(7)
     X, Y = rng.standard_normal((12, 6)), rng.standard_normal((4, 6))
     U, V = np.linalg.svd(Y)[0], np.linalg.svd(X)[0]
-    weights = lib.aligned_init(U, V, [12, 9, 5, 4], seed=3)
+    weights = align.aligned_init(U, V, [12, 9, 5, 4], seed=3)
     out, hist = lib.train(weights, X, Y, "mse", lr=0.05, max_steps=300, tol=0.0, measure_every=100,
                           measures={"m": lib.tracker(weights)})
-    cert = lib.invariance_certificate(X, X, [12, 12, 12])
-    return {"forward": lib.forward(weights, X).tolist(), "loss": float(lib.loss(out, X, Y)),
-            "gradients": [g.tolist() for g in lib.gradients(out, X, Y)],
+    cert = align.invariance_certificate(X, X, [12, 12, 12])
+    return {"forward": align.forward(weights, X).tolist(), "loss": float(align.loss(out, X, Y)),
+            "gradients": [g.tolist() for g in align.gradients(out, X, Y)],
             "weights": [W.tolist() for W in out], "losses": hist.losses,
             "measurements": hist.measurements,
-            "alignment": [lib.alignment(out, how) for how in lib.HOW],
-            "invariance": [lib.invariance(out, weights, how) for how in lib.HOW],
-            "is_aligned": [bool(lib.is_aligned(weights)), bool(lib.is_aligned(out, tol=1e-6))],
+            "alignment": [lib.alignment(out, how) for how in ("paired", "matched")],
+            "invariance": [lib.invariance(out, weights, how) for how in ("paired", "matched")],
+            "is_aligned": [bool(align.is_aligned(weights)), bool(align.is_aligned(out, tol=1e-6))],
             "certificate": [bool(cert), cert.lam.tolist(), cert.lam_prime.tolist()]}
 
 
@@ -638,16 +666,16 @@ def test_a_batch_with_one_learning_rate_per_network_trains_each_as_alone(widths,
     problems = [(w, X, rng.standard_normal((widths[-1], widths[0])) @ X / 2) for w, X, _ in problems]
     batch = [np.stack([p[0][i] for p in problems]) for i in range(len(widths) - 1)]
     X, Y = np.stack([p[1] for p in problems]), np.stack([p[2] for p in problems])
-    for lib in (align, align_fast):
-        out, hist = lib.train(batch, X, Y, lr=rates, max_steps=3000, tol=1e-3)
+    for steps in ("auto", "plain"):
+        out, hist = align_fast.train(batch, X, Y, lr=rates, max_steps=3000, tol=1e-3, steps=steps)
         for b, (weights, Xb, Yb) in enumerate(problems):
-            alone, h = lib.train(weights, Xb, Yb, lr=rates[b], max_steps=3000, tol=1e-3)
+            alone, h = align.train(weights, Xb, Yb, lr=rates[b], max_steps=3000, tol=1e-3)
             stop = next(t for t, L in zip(hist.steps, hist.losses) if L[b] < 1e-3)
             assert stop == h.final_step
             for a, W in zip(out, alone):
                 np.testing.assert_allclose(a[b], W, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="one per network"):
-        align.train(batch, X, Y, lr=rates[:1])
+        align_fast.train(batch, X, Y, lr=rates[:1])
     with pytest.raises(ValueError, match="positive finite"):
         align_fast.train(batch, X, Y, lr=[-0.1] + rates[1:])
 
@@ -697,17 +725,19 @@ def test_a_batch_steps_in_place_with_the_references_iterates_bit_for_bit(
         monkeypatch, widths, n, kind, dtype, rates, record_every, shared_x):
     """_BatchSquaredLossSteps: networks stopping below tol at different steps (one diverging
     at lr 30: frozen where it diverged), each leaving the arrays where it stops, in runs of
-    up to 100 steps: align.train's losses, stop and weights bit for bit."""
+    up to 100 steps: the plain loop's losses, stop and weights bit for bit (steps="plain":
+    align.train's operations on the frozen gradients, each network tested against
+    align.train alone in test_each_network_of_a_batch_ends_as_its_run_alone)."""
     rng = np.random.default_rng(70)
     batch, X, Y = _batch_problem(rng, widths, n, 4, dtype, shared_x)
     moving = []
     run_moving = align_fast._BatchSquaredLossSteps._run_moving
     monkeypatch.setattr(align_fast._BatchSquaredLossSteps, "_run_moving",
                         lambda self, *a: moving.append(int(self.moving.sum())) or run_moving(self, *a))
-    run = lambda lib: lib.train(batch, X, Y, kind=kind, lr=rates, max_steps=4000, tol=1e-3,
-                                record_every=record_every, measure_every=100,
-                                measures={"m": lib.tracker(batch)})
-    (w1, h1), (w2, h2) = fast_and_reference(run)
+    run = lambda steps: align_fast.train(batch, X, Y, kind=kind, lr=rates, max_steps=4000, tol=1e-3,
+                                         record_every=record_every, measure_every=100,
+                                         measures={"m": align_fast.tracker(batch)}, steps=steps)
+    (w1, h1), (w2, h2) = run("in_place"), run("plain")
     assert h1.stop_reason == h2.stop_reason == "tol" and h1.final_step == h2.final_step
     assert h1.steps == h2.steps and h1.measure_steps == h2.measure_steps
     np.testing.assert_array_equal(np.array(h1.losses), np.array(h2.losses))
@@ -724,18 +754,18 @@ def test_a_batch_steps_in_place_with_the_references_iterates_bit_for_bit(
 
 
 def test_a_batch_of_one_is_never_frozen_inside_a_run():
-    """frozen_below leaves a lone network to the run's stop: with records every 7 steps it
+    """_frozen_below leaves a lone network to the run's stop: with records every 7 steps it
     goes on below tol until a recorded step, in place as in the reference."""
     rng = np.random.default_rng(71)
     batch, X, Y = _batch_problem(rng, [4, 5, 3], 6, 1, np.float64, False)
-    run = lambda lib: lib.train(batch, X, Y, lr=0.1, max_steps=5000, tol=1e-3, record_every=7)
-    (w1, h1), (w2, h2) = fast_and_reference(run)
+    run = lambda steps, max_steps=5000, tol=1e-3: align_fast.train(
+        batch, X, Y, lr=0.1, max_steps=max_steps, tol=tol, record_every=7, steps=steps)
+    (w1, h1), (w2, h2) = run("in_place"), run("plain")
     assert h1.final_step == h2.final_step and h1.final_step % 7 == 0
     for a, b in zip(w1, w2):
         np.testing.assert_array_equal(a, b)
-    assert align.loss([W[0] for W in w1], X[0], Y[0]) < align.loss(
-        [W[0] for W in align.train(batch, X, Y, lr=0.1, max_steps=h1.final_step - 1, tol=0)[0]],
-        X[0], Y[0])
+    before = run("plain", max_steps=h1.final_step - 1, tol=0)[0]
+    assert align.loss(one(w1, 0), X[0], Y[0]) < align.loss(one(before, 0), X[0], Y[0])
 
 
 def test_ctrl_c_in_the_callback_rewinds_a_batch_run_with_its_stopped_networks(monkeypatch):
@@ -747,9 +777,10 @@ def test_ctrl_c_in_the_callback_rewinds_a_batch_run_with_its_stopped_networks(mo
     def stop_at_57(step, loss, hist):
         if step == 57:
             raise KeyboardInterrupt
-    run = lambda lib: lib.train(batch, X, Y, lr=[0.3, 0.05, 0.01], max_steps=1000, tol=0.05,
-                                callback=stop_at_57)
-    (w1, h1), (w2, h2) = fast_and_reference(run)
+    run = lambda steps: until_interrupted(lambda: align_fast.train(
+        batch, X, Y, lr=[0.3, 0.05, 0.01], max_steps=1000, tol=0.05, callback=stop_at_57,
+        steps=steps))
+    (w1, h1), (w2, h2) = run("in_place"), run("plain")
     assert h1.stop_reason == h2.stop_reason == "interrupted" and h1.final_step == h2.final_step
     L = np.array(h1.losses)
     assert (L[:57] < 0.05).any(axis=0).sum() == 1         # one network stopped before step 57
@@ -806,13 +837,13 @@ def _interrupt_at(code, line, before):
     return lambda frame, event, arg: local if frame.f_code is code else None
 
 
-ADVANCE_LINES = sorted({line for _, line in dis.findlinestarts(align_steps._advance.__code__)
-                        if line and line > align_steps._advance.__code__.co_firstlineno})
+ADVANCE_LINES = sorted({line for _, line in dis.findlinestarts(align_fast._advance.__code__)
+                        if line and line > align_fast._advance.__code__.co_firstlineno})
 
 
 @pytest.mark.parametrize("line", ADVANCE_LINES)
 def test_ctrl_c_between_any_two_statements_of_a_runs_bookkeeping_keeps_a_consistent_run(line):
-    """Ctrl-C at each line of align_steps._advance (where it is first reached, in runs of 10
+    """Ctrl-C at each line of align_fast._advance (where it is first reached, in runs of 10
     steps with a callback, stopping by tol inside a run): the records are those of steps
     0..final_step and the weights the clean run's at final_step, bit for bit; before the
     callbacks of a run, the run is not taken (final_step at its start).  (The loss of the
@@ -820,11 +851,11 @@ def test_ctrl_c_between_any_two_statements_of_a_runs_bookkeeping_keeps_a_consist
     rng = np.random.default_rng(46)
     weights, X, Y = random_problem(rng, "mse", [4, 5, 3], 6)
     Y = rng.standard_normal((3, 4)) @ X / 2
-    run = lambda tol, max_steps=2000: align_fast.train(
+    run = lambda tol, max_steps=2000: until_interrupted(lambda: align_fast.train(
         weights, X, Y, lr=0.05, max_steps=max_steps, tol=tol, measure_every=10,
-        callback=lambda *a: None)
+        callback=lambda *a: None))
     full, full_hist = run(tol=1e-3)
-    code, before = align_steps._advance.__code__, sys.gettrace()
+    code, before = align_fast._advance.__code__, sys.gettrace()
     sys.settrace(_interrupt_at(code, line, before))
     try:
         out, hist = run(tol=1e-3)
@@ -837,7 +868,7 @@ def test_ctrl_c_between_any_two_statements_of_a_runs_bookkeeping_keeps_a_consist
     clean, _ = run(tol=0.0, max_steps=hist.final_step) if hist.final_step else (weights, None)
     for a, b in zip(out, clean):
         np.testing.assert_array_equal(a, b)
-    loop = inspect.getsource(align_steps._advance).splitlines()
+    loop = inspect.getsource(align_fast._advance).splitlines()
     if "for j, value in" in loop[line - code.co_firstlineno]:
         assert hist.stop_reason == "interrupted" and hist.final_step % 10 == 0
 
@@ -901,8 +932,8 @@ def test_a_learning_rate_of_zero_is_refused():
     for lib in (align, align_fast):
         with pytest.raises(ValueError, match="positive finite"):
             lib.train(weights, X, Y, lr=0.0)
-        with pytest.raises(ValueError, match="positive finite"):
-            lib.train(batch, X, np.stack([Y, Y]), lr=[0.1, 0.0])
+    with pytest.raises(ValueError, match="positive finite"):
+        align_fast.train(batch, X, np.stack([Y, Y]), lr=[0.1, 0.0])
 
 
 def test_wall_time_is_the_runs_duration():
@@ -918,16 +949,16 @@ def test_wall_time_is_the_runs_duration():
 
 
 def test_a_network_exactly_at_tol_goes_on():
-    """frozen_below stops a network of a batch below tol: one whose loss is exactly tol
+    """_frozen_below stops a network of a batch below tol: one whose loss is exactly tol
     still steps, on both implementations (the batch's other network is far above)."""
     rng = np.random.default_rng(52)
     problems = [random_problem(rng, "mse", [3, 4, 2], 5) for _ in range(2)]
     batch = [np.stack([p[0][i] for p in problems]) for i in range(2)]
     X, Y = np.stack([p[1] for p in problems]), np.stack([p[2] for p in problems])
     Y[1] *= 10
-    at = float(align.loss(batch, X, Y)[0])
-    for lib in (align, align_fast):
-        out, hist = lib.train(batch, X, Y, lr=0.05, max_steps=3, tol=at)
+    at = align_fast.train(batch, X, Y, max_steps=0, tol=0.0)[1].losses[0][0]     # (the batch's sum)
+    for steps in ("plain", "auto"):
+        out, hist = align_fast.train(batch, X, Y, lr=0.05, max_steps=3, tol=at, steps=steps)
         assert hist.losses[0][0] == at and hist.final_step == 3
         assert not np.array_equal(out[0][0], batch[0][0])
 
@@ -965,8 +996,195 @@ def test_measures_at_rtol_0_of_a_batch_with_a_zero_singular_value():
     now = [W.copy() for W in start]
     for W in now:
         W[0, :2, :2] += 0.3 * rng.standard_normal((2, 2))          # network 0 turns, its zero stays
-    fast, ref = align_fast.tracker(start, rtol=0.0)(now), align.tracker(start, rtol=0.0)(now)
+    fast = align_fast.tracker(start, rtol=0.0)(now)
+    ref = [align.tracker(one(start, b), rtol=0.0)(one(now, b)) for b in range(2)]
     assert fast["alignment_paired"][0] < 1.0
     for key in align.MEASURE_KEYS:
-        np.testing.assert_allclose(fast[key], ref[key], rtol=1e-12)
+        np.testing.assert_allclose(fast[key], [r[key] for r in ref], rtol=1e-12)
 
+
+
+# ------------------------------------------------------------------- batches --
+@pytest.mark.parametrize("kind", ["mse", "mse_mean", "ce", "logistic", "exp"])
+@pytest.mark.parametrize("steps", ["auto", "plain"])
+def test_each_network_of_a_batch_ends_as_its_run_alone(kind, steps):
+    """A batch of three networks, each with its own data and learning rate, stopping below
+    tol at different steps: every network ends where align.train alone ends it, to 1e-12
+    relative in float64, at the same step, for every loss (freezing a stopped network is
+    what makes this hold)."""
+    rng = np.random.default_rng(80)
+    widths = [4, 6, 1 if kind in ("logistic", "exp") else 3]
+    problems = [random_problem(rng, kind, widths, 8) for _ in range(3)]
+    batch = [np.stack([p[0][i] for p in problems]) for i in range(2)]
+    X, Y = np.stack([p[1] for p in problems]), np.stack([p[2] for p in problems])
+    if kind in ("mse", "mse_mean"):
+        Y = np.stack([rng.standard_normal((3, 4)) @ x / 2 for x in X])            # interpolable
+    rates = [0.1, 0.05, 0.03]
+    tol = 1.0001 * max(align.train(one(batch, b), X[b], Y[b], kind, lr=rates[b], max_steps=60,
+                                   tol=0.0)[1].losses[-1] for b in range(3))   # all stop by 60
+    alone, histories = each_alone(batch, X, Y, rates, kind=kind, max_steps=400, tol=tol)
+    out, hist = align_fast.train(batch, X, Y, kind, lr=rates, max_steps=400, tol=tol, steps=steps)
+    assert len({h.final_step for h in histories}) > 1 and hist.final_step == max(
+        h.final_step for h in histories)
+    L = np.array(hist.losses)
+    for b, h in enumerate(histories):
+        assert h.stop_reason == "tol" and h.steps[-1] == h.final_step
+        assert hist.steps[int(np.argmax(L[:, b] < tol))] == h.final_step      # its own stop
+        for a, W in zip(out, alone):
+            assert np.abs(a[b] - W[b]).max() <= 1e-12 * np.abs(W[b]).max()
+
+
+def test_eq8_on_a_batch_equals_each_network_alone():
+    rng = np.random.default_rng(2)
+    widths, B = [4, 5, 3], 3
+    batch = [rng.standard_normal((B, widths[i + 1], widths[i])) for i in range(2)]
+    X, Y = rng.standard_normal((B, 4, 6)), rng.standard_normal((B, 3, 6))
+    L, grads = align_fast._chain_gradients(batch, X, lambda F: align_fast._loss_at_outputs(F, Y, "mse"))
+    for b in range(B):
+        assert L[b] == pytest.approx(align.loss(one(batch, b), X[b], Y[b]), rel=1e-13)
+        for g, s in zip(grads, align.gradients(one(batch, b), X[b], Y[b])):
+            np.testing.assert_allclose(g[b], s, rtol=1e-12)
+
+
+def test_alignment_and_invariance_of_a_batch_give_one_value_per_network():
+    """align_fast.alignment and invariance of a batch (3-D layers; they raised IndexError):
+    each network's value is align's on that network; align refuses a batch, naming the fix."""
+    rng = np.random.default_rng(81)
+    for widths in ([5, 5, 5], [5, 7, 3], [4, 6, 6, 2]):
+        start = [rng.standard_normal((4, widths[i + 1], widths[i])) for i in range(len(widths) - 1)]
+        now = [W + 0.2 * rng.standard_normal(W.shape) for W in start]
+        for how in ("paired", "matched"):
+            got = align_fast.alignment(now, how)
+            assert got.shape == (4,)
+            np.testing.assert_allclose(got, [align.alignment(one(now, b), how) for b in range(4)],
+                                       rtol=0, atol=1e-14)
+            got = align_fast.invariance(now, start, how)
+            np.testing.assert_allclose(got, [align.invariance(one(now, b), one(start, b), how)
+                                             for b in range(4)], rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="align_fast trains batches"):
+        align.alignment(now)
+
+
+def test_steps_names_a_strategy_that_applies():
+    rng = np.random.default_rng(82)
+    weights, X, Y = random_problem(rng, "ce", [4, 5, 3], 6)
+    with pytest.raises(ValueError, match="steps must be one of"):
+        align_fast.train(weights, X, Y, "ce", steps="fast")
+    with pytest.raises(ValueError, match="'in_place' a squared loss"):
+        align_fast.train(weights, X, Y, "ce", max_steps=5, steps="in_place")
+    with pytest.raises(ValueError, match="'graphs' needs CuPy"):
+        align_fast.train(weights, X, Y, "ce", max_steps=5, steps="graphs")
+    with pytest.raises(ValueError, match="gradient_descent takes"):
+        align_fast.gradient_descent(weights, lambda ps: (0.0, ps), steps="in_place")
+    plain = align_fast.train(weights, X, Y, "ce", lr=0.1, max_steps=20, steps="plain")[0]
+    for a, b in zip(plain, align.train(weights, X, Y, "ce", lr=0.1, max_steps=20)[0]):
+        np.testing.assert_array_equal(a, b)                        # align.train's loop
+
+
+@pytest.mark.parametrize("steps", ["auto", "plain"])
+def test_ctrl_c_in_train_reaches_the_caller_with_the_run_so_far(steps):
+    """Ctrl-C (here in the callback at step 30) is not swallowed: train raises
+    align.Interrupted, a KeyboardInterrupt, carrying the weights and History of a clean run
+    to step 30."""
+    rng = np.random.default_rng(83)
+    weights, X, Y = random_problem(rng, "mse", [4, 5, 3], 6)
+
+    def interrupt(step, loss, hist):
+        if step == 30:
+            raise KeyboardInterrupt
+    for lib in (align, align_fast):
+        options = {"steps": steps} if lib is align_fast else {}
+        with pytest.raises(KeyboardInterrupt) as e:
+            lib.train(weights, X, Y, lr=0.05, max_steps=100, tol=0.0, callback=interrupt, **options)
+        assert isinstance(e.value, align.Interrupted)
+        hist = e.value.history
+        assert hist.stop_reason == "interrupted" and hist.final_step == 30 and hist.steps[-1] == 30
+        clean, _ = align.train(weights, X, Y, lr=0.05, max_steps=30, tol=0.0)
+        for a, b in zip(e.value.weights, clean):
+            np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_tracker_on_a_batch_equals_one_network_at_a_time():
+    rng = np.random.default_rng(23)
+    for widths in ([6, 6, 6, 6], [5, 7, 3]):
+        w0 = [rng.standard_normal((4, widths[i + 1], widths[i])) for i in range(len(widths) - 1)]
+        w1 = [W + 0.2 * rng.standard_normal(W.shape) for W in w0]
+        got = align_fast.tracker(w0)(w1)
+        for b in range(4):
+            want = align.tracker(one(w0, b))(one(w1, b))
+            for key, value in want.items():
+                assert got[key][b] == pytest.approx(value, abs=1e-12)
+    aligned = align.aligned_network([random_orthogonal(rng, 4) for _ in range(3)],
+                                    [np.array([3.0, 2.0, 2.0, 1.0])] * 2)     # repeated values
+    generic = [rng.standard_normal((4, 4)) for _ in range(2)]
+    mixed = [np.stack([a, g]) for a, g in zip(aligned, generic)]
+    got = align_fast.tracker(mixed)(mixed)
+    assert got["alignment_paired"][0] == pytest.approx(1.0, abs=1e-12)
+    assert got["alignment_paired"][1] == pytest.approx(align.alignment(generic), abs=1e-12)
+
+
+def test_a_network_diverging_in_a_batch_stops_and_the_others_go_on_as_alone():
+    """One network of a batch diverges (its data 30 times larger); it is frozen where it
+    diverged and measured as NaN, and the others end exactly as their own runs."""
+    rng = np.random.default_rng(8)
+    nets = [[rng.standard_normal((4, 4)) / 2 for _ in range(3)] for _ in range(3)]
+    Xs = [rng.standard_normal((4, 6)) * (30 if b == 1 else 1) for b in range(3)]
+    Ys = [rng.standard_normal((4, 6)) for _ in range(3)]
+    batch = [np.stack([net[i] for net in nets]) for i in range(3)]
+    out, hist = align_fast.train(batch, np.stack(Xs), np.stack(Ys), lr=0.05, max_steps=400, tol=0.0,
+                                 measure_every=50, measures={"m": align_fast.tracker(batch)})
+    rows = np.array(hist.losses)
+    assert not np.isfinite(rows[-1, 1]) and np.isfinite(rows[:, [0, 2]]).all()
+    last = hist.measurements["alignment_paired"][-1][1]        # (frozen: NaN if not finite)
+    assert np.isnan(last) or 0 <= last <= 1
+    for b in (0, 2):
+        alone, own = align.train(nets[b], Xs[b], Ys[b], lr=0.05, max_steps=400, tol=0.0,
+                                 measure_every=50, measures={"m": align.tracker(nets[b])})
+        np.testing.assert_allclose(rows[:, b], own.losses, rtol=1e-10)
+        for W, A in zip(out, alone):
+            np.testing.assert_allclose(W[b], A, rtol=1e-9, atol=1e-12)
+
+
+def test_networks_of_a_batch_with_non_finite_weights_are_measured_as_nan():
+    rng = np.random.default_rng(9)
+    ps = [rng.standard_normal((2, 3, 3))]
+    ps[0][1, 0, 0] = np.inf
+    measure = lambda ws, w0: {"size": np.abs(ws[0]).sum(axis=(1, 2))}
+    _, hist = align_fast.gradient_descent(ps, lambda ws: (np.array([1.0, np.nan]), [0 * ws[0]]),
+                                          max_steps=2, tol=0.0, measures={"m": measure})
+    sizes = np.array(hist.measurements["size"])
+    assert np.isnan(sizes[:, 1]).all() and np.allclose(sizes[:, 0], np.abs(ps[0][0]).sum())
+    rows = lambda ws, w0: {"rows": np.abs(ws[0]).sum(axis=2)}       # (b, 3) values per network
+    _, hist = align_fast.gradient_descent(ps, lambda ws: (np.array([1.0, np.nan]), [0 * ws[0]]),
+                                          max_steps=2, tol=0.0, measures={"m": rows})
+    rows = np.array(hist.measurements["rows"])
+    assert rows.shape == (2, 2, 3) and np.isnan(rows[:, 1]).all()
+    np.testing.assert_allclose(rows[:, 0], np.broadcast_to(np.abs(ps[0][0]).sum(axis=1), (2, 3)))
+
+
+def test_matched_invariance_of_a_batch_scores_each_initial_direction_as_the_authors_code():
+    from test_align import authors_matched_invariance
+    rng = np.random.default_rng(5)
+    for widths in ([20, 30, 8, 3], [3, 7, 2]):
+        W0 = [rng.standard_normal((widths[i + 1], widths[i])) for i in range(len(widths) - 1)]
+        Wt = [W + 0.3 * rng.standard_normal(W.shape) for W in W0]
+        want = authors_matched_invariance(Wt, W0)
+        batch_t, batch_0 = ([np.stack([W, W]) for W in ws] for ws in (Wt, W0))
+        got = align_fast.tracker(batch_0)(batch_t)["invariance_matched"]
+        np.testing.assert_allclose(got, [want, want], atol=1e-12)
+
+
+def test_a_batch_from_lists_and_with_data_for_another_batch_size():
+    """Batches convert lists like one network; data for 3 networks given to a batch of 2 is
+    refused, naming the sizes."""
+    rng = np.random.default_rng(84)
+    batch = [rng.standard_normal((2, 4, 3)), rng.standard_normal((2, 2, 4))]
+    X, Y = rng.standard_normal((3, 3, 5)), rng.standard_normal((3, 2, 5))
+    with pytest.raises(ValueError, match="X holds data for 3 networks but the batch has B = 2"):
+        align_fast.train(batch, X, Y[:2], max_steps=1)
+    with pytest.raises(ValueError, match="Y holds data for 3 networks"):
+        align_fast.train(batch, X[:2], Y, max_steps=1)
+    a = align_fast.train([W.tolist() for W in batch], X[:2].tolist(), Y[:2].tolist(), max_steps=3)[0]
+    b = align_fast.train(batch, X[:2], Y[:2], max_steps=3)[0]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
