@@ -693,3 +693,26 @@ def test_commutator_ties_name_the_first_pair_of_layers():
     assert test.residual == np.linalg.norm(A @ B - B @ A)
 
 
+
+
+def test_definition2_positions_need_the_search_not_only_best_fit(monkeypatch):
+    """is_aligned's step 3: widths 3-2-4-3-1-5 with strings over spaces 0-2, 1, 2-3 (two),
+    2 and 3-4.  Best fit gives the string 0-2 the track ending at space 3 (position 1), and
+    then space 3's string to space 4 finds no position left below k_4 = 1; the search puts
+    it on the long track (position 0) and finds the witness."""
+    rng = np.random.default_rng(0)
+    widths = [3, 2, 4, 3, 1, 5]
+    bases = [random_orthogonal(rng, k) for k in widths]
+    sigmas = [np.array([1.5, 0.0]), np.array([1.2, 0.0]), np.array([0.0, 0.9, 0.7]),
+              np.array([1.1]), np.array([0.0])]
+    weights = align.aligned_network(bases, sigmas)
+    test = align.is_aligned(weights)
+    assert test and test.residual < 1e-14
+    first = align._pairings
+
+    def best_fit_only(tracks, strings):
+        for pairing in first(tracks, strings):         # (the first pairing: best fit)
+            yield pairing
+            return
+    monkeypatch.setattr(align, "_pairings", best_fit_only)
+    assert "no positions" in align.is_aligned(weights).reason

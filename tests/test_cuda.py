@@ -2,7 +2,9 @@
 measurement on a GPU) against the step-by-step and host computations they replace.
 They run with CuPy and a GPU, or on the strict NumPy stand-in (tests/cupy_standin),
 and skip otherwise."""
+import functools
 import gc
+import operator
 import types
 import weakref
 
@@ -11,7 +13,6 @@ import pytest
 
 import align_cuda
 import align_fast
-import align_steps
 import align
 import structured as st
 from conftest import CUPY, random_problem
@@ -37,7 +38,8 @@ def test_gemm_plan_reads_every_layout_the_steps_use(monkeypatch):
     """The direct cuBLAS product (CUDA-graph capture) emulated on NumPy: column-major
     gemm of the planned operands gives A @ B for plain, transposed, batched and
     broadcast operands, and every product of training runs (both groupings of Eq. (8),
-    the row-space path with and without rotated samples, a batch)."""
+    the row-space path with and without rotated samples, a batch, a convolutional
+    network's structured products), passed as the steps' ``matmul`` as GraphSteps does."""
     from numpy.lib.stride_tricks import as_strided
     rng = np.random.default_rng(40)
 
@@ -47,8 +49,11 @@ def test_gemm_plan_reads_every_layout_the_steps_use(monkeypatch):
         view = as_strided(M, (batch, rows, cols), (bstride * M.itemsize, M.itemsize, ld * M.itemsize))
         return view if op == 0 else np.swapaxes(view, 1, 2)  # op(stored) = M^T
 
+    products = []
+
     def emulate(A, B):
-        A, B, shape, (opB, opA, n, m, k, ldB, sB, ldA, sA, ldC, sC, batch) = align_cuda._gemm_plan(A, B)
+        products.append((A.shape, B.shape))
+        A, B, shape, (opB, opA, n, m, k, ldB, sB, ldA, sA, ldC, sC, batch) = align_cuda.gemm_plan(A, B)
         Ct = stored(B, opB, ldB, sB, batch) @ np.swapaxes(stored(A, opA, ldA, sA, batch), 1, 2) \
             .swapaxes(1, 2)                                   # B^T A^T, batch x n x m
         return np.swapaxes(Ct, 1, 2).reshape(shape)
@@ -65,60 +70,89 @@ def test_gemm_plan_reads_every_layout_the_steps_use(monkeypatch):
              (a, rng.standard_normal(4)[:, None])]            # new axes (stride 0), a reversed filter
     for A, B in cases:
         np.testing.assert_allclose(emulate(A, B), A @ B, rtol=1e-12, atol=1e-12)
+
+    descend, grouped = align_fast._descend, align_fast._grouped_at_outputs
+    groupings = []                                  # which grouping each step's Eq. (8) took
+    monkeypatch.setattr(align_fast, "_grouped_at_outputs",
+                        lambda *args: groupings.append("outputs") or grouped(*args))
+    chain = align_fast._chain_gradients
+    monkeypatch.setattr(align_fast, "_chain_gradients",
+                        lambda *args, **kw: groupings.append("chain") or chain(*args, **kw))
+    with_emulated = lambda params, loss_and_grads, schedule, runner: descend(
+        params, functools.partial(loss_and_grads, matmul=emulate), schedule, runner)
     for kind, widths, n, batch in (("ce", [12, 30, 4], 6, None), ("ce", [40, 30, 2], 20, None),
                                    ("mse", [3, 12, 12, 2], 30, 2), ("mse", [5, 5, 5], 9, 3)):
         weights, X, Y = random_problem(rng, kind, widths, n)
-        if batch:                                  # (a batch: no in-place NumPy steps)
+        if batch:
             weights = [np.stack([W] * batch) for W in weights]
-        run = lambda: align_fast.train(weights, X, Y, kind, lr=0.05, max_steps=20, tol=0.0)[0]
+        run = lambda: align_fast.train(weights, X, Y, kind, lr=0.05, max_steps=20, tol=0.0,
+                                       steps="plain")[0]       # (every step through loss_and_grads)
         want = run()
-        monkeypatch.setattr(align_steps, "matmul", emulate)
+        products.clear()
+        monkeypatch.setattr(align_fast, "_descend", with_emulated)
         got = run()
-        monkeypatch.undo()
+        monkeypatch.setattr(align_fast, "_descend", descend)
+        assert len(products) >= 20 * len(widths)                 # the steps' products: emulated
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-12)
+    assert groupings.count("chain") > groupings.count("outputs") > 0   # both groupings ran
+
+    S = st.conv2d(6, 3)                                    # a structure's products (product=)
+    params = [rng.standard_normal(9) * 0.3 for _ in range(3)]
+    X = rng.standard_normal((36, 4))
+    products.clear()
+    L, grads = st.loss_and_gradients([S] * 3, params, X, X, "mse", matmul=emulate)
+    L_want, grads_want = st.loss_and_gradients([S] * 3, params, X, X, "mse")
+    assert len(products) == 3 + 3 + 2                      # forward, gradients, backward
+    np.testing.assert_allclose(L, L_want, rtol=1e-12)
+    for g, w in zip(grads, grads_want):
+        np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-12)
 
 
-@pytest.mark.parametrize("launch_thread", [False, True])
-def test_graph_chunks_with_launches_here_or_on_the_helper_thread(xp, monkeypatch, launch_thread):
-    """_CudaGraphChunks' launch, kept copy, wait and rewind, with stand-in graphs that
-    replay the steps kernel by kernel (on the CuPy stand-in, which has no CUDA graphs):
-    the history of stepping one by one, also while the helper thread steps and the
-    caller measures the kept copy."""
+@pytest.mark.parametrize("steps", ["graphs", "auto"])
+def test_graph_steps_launch_keep_wait_and_rewind_as_stepping_one_by_one(xp, monkeypatch, steps):
+    """GraphSteps' launch, kept copy, wait and rewind, with stand-in graphs that replay the
+    steps kernel by kernel (on the CuPy stand-in, which has no CUDA graphs): the history
+    and iterates of steps="plain", bit for bit, also while the caller measures the kept
+    copy and when the run stops inside a launched run."""
     if not hasattr(xp, "waits"):
         pytest.skip("runs on the CuPy stand-in (tests/cupy_standin) only")
 
     class Graph:
-        def __init__(self, chunks, n, losses):
-            self.chunks, self.n, self.losses = chunks, n, losses
+        def __init__(self, runs, n, losses):
+            self.runs, self.n, self.losses = runs, n, losses
 
         def launch(self, stream=None):
-            self.chunks._save()
+            self.runs._save()
             for j in range(self.n):
-                self.losses[j] = self.chunks._step()
+                self.losses[j] = self.runs.step(self.runs.ps)
 
-    captured = []
+    captured, rewound = [], []
 
     def capture(self, n):
         captured.append(n)
         self.stream = types.SimpleNamespace(wait_event=lambda event: None, synchronize=lambda: None)
-        L, _ = self.loss_and_grads([p.copy() for p in self.ps])
+        L = self.step([p.copy() for p in self.ps])
         losses = xp.empty((n,) + L.shape, dtype=L.dtype)
         return Graph(self, n, losses), losses, None
-    monkeypatch.setattr(align_cuda._CudaGraphChunks, "_capture", capture)
-    monkeypatch.setattr(align_cuda, "GRAPH_LAUNCH_THREAD", launch_thread)
+    monkeypatch.setattr(align_cuda.GraphSteps, "_capture", capture)
+    rewind = align_cuda.GraphSteps.rewind
+    monkeypatch.setattr(align_cuda.GraphSteps, "rewind", lambda self, j: rewound.append(j) or rewind(self, j))
     rng = np.random.default_rng(44)
     weights, X, _ = random_problem(rng, "mse", [5, 6, 4], 9)
     Y = rng.standard_normal((4, 5)) @ X / 2                                 # interpolable
     weights = [xp.asarray(np.stack([W * (1 + 0.1 * b) for b in range(3)])) for W in weights]
     X, Y = xp.asarray(X), xp.asarray(Y)
-    train = lambda: align_fast.train(weights, X, Y, "mse", lr=0.05, max_steps=400, tol=1e-3,
-                                measure_every=120, measures={"m": align_fast.tracker(weights)})
-    monkeypatch.setattr(align_cuda, "CUDA_GRAPH_STEPS", 100)
-    w1, h1 = train()
-    monkeypatch.setattr(align_cuda, "CUDA_GRAPH_STEPS", 0)
-    w2, h2 = train()
-    assert captured and 120 < h1.final_step < 400 and h1.stop_reason == "tol"   # stops in a run
+    train = lambda how: align_fast.train(weights, X, Y, "mse", lr=0.05, max_steps=400, tol=1e-3,
+                                         measure_every=120, measures={"m": align_fast.tracker(weights)},
+                                         steps=how)
+    monkeypatch.setattr(align_fast, "GRAPH_STEPS", 100)
+    w1, h1 = train(steps)
+    assert sorted(captured) == [20, 100]                  # runs of 100, and of 20 to a measurement
+    assert 120 < h1.final_step < 400 and h1.stop_reason == "tol"           # stops in a run:
+    assert len(rewound) == 1 and 0 < rewound[0] < 100                      # rewound to there
+    w2, h2 = train("plain")
+    assert sorted(captured) == [20, 100] and len(rewound) == 1             # (no runs: one by one)
     assert h1.final_step == h2.final_step and h1.steps == h2.steps
     np.testing.assert_array_equal(np.array(h1.losses), np.array(h2.losses))
     assert h1.measure_steps == h2.measure_steps
@@ -128,31 +162,33 @@ def test_graph_chunks_with_launches_here_or_on_the_helper_thread(xp, monkeypatch
         np.testing.assert_array_equal(align.to_numpy(a), align.to_numpy(b))
 
 
+def _spy_on_launches(monkeypatch):
+    """The results of GraphSteps.launch (True: a graph ran), in a list."""
+    launched, launch = [], align_cuda.GraphSteps.launch
+    monkeypatch.setattr(align_cuda.GraphSteps, "launch",
+                        lambda self, k, keep=False: launched.append(launch(self, k, keep)) or launched[-1])
+    return launched
+
+
 @pytest.mark.skipif(CUPY is None, reason="CuPy with a CUDA GPU is not available")
 @pytest.mark.parametrize("kind, widths, n, batch", [("mse_mean", [30, 40, 6, 3], 8, None),   # row space
                                                     ("ce", [30, 40, 6, 3], 8, None),
                                                     ("mse", [5, 6, 4], 9, 3)])              # a batch
-@pytest.mark.parametrize("launch_thread", [False, True])
-def test_cuda_graph_steps_equal_kernel_by_kernel_steps(monkeypatch, kind, widths, n, batch, launch_thread):
-    """On the GPU: replaying captured CUDA graphs (direct cuBLAS products; launched here
-    or from the helper thread) gives the iterates, losses and stopping step of launching
-    the kernels one by one."""
-    monkeypatch.setattr(align_cuda, "GRAPH_LAUNCH_THREAD", launch_thread)
+def test_cuda_graph_steps_equal_kernel_by_kernel_steps(monkeypatch, kind, widths, n, batch):
+    """On the GPU: replaying captured CUDA graphs (direct cuBLAS products) gives the
+    iterates, losses and stopping step of launching the kernels one by one (steps="plain")."""
     rng = np.random.default_rng(41)
     weights, X, Y = random_problem(rng, kind, widths, n)
     if batch:
         weights = [np.stack([W * (1 + 0.1 * b) for b in range(batch)]) for W in weights]
     weights, X, Y = ([CUPY.asarray(a) for a in arrays] for arrays in (weights, [X], [Y]))
-    captured = []
-    launch = align_cuda._CudaGraphChunks.launch
-    monkeypatch.setattr(align_cuda._CudaGraphChunks, "launch",
-                        lambda self, k, keep=False: captured.append(launch(self, k, keep)) or captured[-1])
-    train = lambda: align_fast.train(weights, X[0], Y[0], kind, lr=0.05, max_steps=400, tol=1e-3,
-                                measure_every=120, measures={"m": align_fast.tracker(weights)})
-    w1, h1 = train()
+    captured = _spy_on_launches(monkeypatch)
+    train = lambda steps: align_fast.train(weights, X[0], Y[0], kind, lr=0.05, max_steps=400, tol=1e-3,
+                                           measure_every=120, measures={"m": align_fast.tracker(weights)},
+                                           steps=steps)
+    w1, h1 = train("graphs")
     assert captured and all(captured)                              # graphs really ran
-    monkeypatch.setattr(align_cuda, "CUDA_GRAPH_STEPS", 0)
-    w2, h2 = train()
+    w2, h2 = train("plain")
     assert h1.final_step == h2.final_step and h1.stop_reason == h2.stop_reason
     np.testing.assert_allclose(h1.losses, h2.losses, rtol=1e-10)
     for key in h2.measurements:
@@ -163,7 +199,7 @@ def test_cuda_graph_steps_equal_kernel_by_kernel_steps(monkeypatch, kind, widths
 
 @pytest.mark.skipif(CUPY is None, reason="CuPy with a CUDA GPU is not available")
 def test_cuda_graph_capture_survives_an_earlier_runs_garbage(monkeypatch):
-    """On the GPU: an earlier run's graph chunks left in a reference cycle (its memory
+    """On the GPU: an earlier run's graph steps left in a reference cycle (its memory
     pool and cuBLAS handle freed only by the cycle collector, with synchronizing calls)
     do not break the next capture, even with the collector due at every allocation:
     the collector is paused while steps are captured (seen failing on an H200)."""
@@ -172,17 +208,17 @@ def test_cuda_graph_capture_survives_an_earlier_runs_garbage(monkeypatch):
     weights, X, Y = [CUPY.asarray(W) for W in weights], CUPY.asarray(X), CUPY.asarray(Y)
     collector_on = []
 
-    def loss_and_grads(ps):
+    def loss_and_grads(ps, matmul=operator.matmul):
         collector_on.append(gc.isenabled())
-        return align_fast._loss_and_gradients(ps, X, Y, "mse_mean")
-    old = align_cuda._CudaGraphChunks([W.copy() for W in weights], loss_and_grads, 0.01)
+        return align_fast._chain_gradients(ps, X, lambda F: align_fast._loss_at_outputs(F, Y, "mse_mean"),
+                                           matmul)
+    old = align_cuda.GraphSteps([W.copy() for W in weights],
+                                functools.partial(align_fast._step, loss_and_grads, 0.01), 100)
     assert old.launch(50) and old.wait().shape == (50,)
     old.cycle = old                                                # garbage for the collector
     del old
-    captured, collector_on[:] = [], []
-    launch = align_cuda._CudaGraphChunks.launch
-    monkeypatch.setattr(align_cuda._CudaGraphChunks, "launch",
-                        lambda self, k, keep=False: captured.append(launch(self, k, keep)) or captured[-1])
+    collector_on[:] = []
+    captured = _spy_on_launches(monkeypatch)
     threshold = gc.get_threshold()
     gc.set_threshold(1)
     try:
@@ -202,12 +238,12 @@ def test_gc_paused_collects_then_pauses_the_collector_and_restores_it():
     c.me = c
     weakref.finalize(c, gone.append, True)
     del c
-    with align_cuda._gc_paused():
+    with align_cuda.gc_paused():
         assert gone == [True] and not gc.isenabled()              # collected, then paused
     assert gc.isenabled()
     gc.disable()
     try:
-        with pytest.raises(KeyError), align_cuda._gc_paused():
+        with pytest.raises(KeyError), align_cuda.gc_paused():
             raise KeyError("x")
         assert not gc.isenabled()                                  # left as it was: off
     finally:
@@ -216,31 +252,29 @@ def test_gc_paused_collects_then_pauses_the_collector_and_restores_it():
 
 def test_direct_cublas_without_the_library_says_which_it_tried(monkeypatch):
     """(CUDA graph capture then falls back to kernel-by-kernel steps with this note.)"""
-    monkeypatch.setattr(align_cuda._DirectCublas, "_load", lambda self, name: None)
+    monkeypatch.setattr(align_cuda.DirectCublas, "_load", lambda self, name: None)
     with pytest.raises(RuntimeError, match=r"no cuBLAS library .*libcublas\.so\.13"):
-        align_cuda._DirectCublas(None, None)
+        align_cuda.DirectCublas(None, None)
 
 
 @pytest.mark.skipif(CUPY is None, reason="CuPy with a CUDA GPU is not available")
 def test_conv_steps_replayed_from_cuda_graphs_equal_kernel_by_kernel_steps(monkeypatch):
-    """On the GPU: a convolutional network's steps are captured (its products go through
-    align_steps.matmul) and give the losses, measures and iterates of launching kernels one by one."""
+    """On the GPU: a convolutional network's steps are captured (its products go through the
+    ``matmul`` that align_fast.gradient_descent passes) and give the losses, measures and
+    iterates of launching kernels one by one."""
     rng = np.random.default_rng(6)
     S = st.conv2d(6, 3)
     params = [CUPY.asarray(rng.standard_normal(9) * 0.3) for _ in range(3)]
     X = CUPY.asarray(rng.standard_normal((36, 4)))
-    captured = []
-    launch = align_cuda._CudaGraphChunks.launch
-    monkeypatch.setattr(align_cuda._CudaGraphChunks, "launch",
-                        lambda self, k, keep=False: captured.append(launch(self, k, keep)) or captured[-1])
+    captured = _spy_on_launches(monkeypatch)
     track = align_fast.tracker(st.layer_matrices([S] * 3, params))
-    train = lambda: st.train([S] * 3, params, X, X, lr=0.01, max_steps=300, tol=0.0,
-                             measure_every=120, measures={"m": track})
-    p1, h1 = train()
+    train = lambda steps: st.train([S] * 3, params, X, X, lr=0.01, max_steps=300, tol=0.0,
+                                   measure_every=120, measures={"m": track},
+                                   descend=functools.partial(align_fast.gradient_descent, steps=steps))
+    p1, h1 = train("graphs")
     assert captured and all(captured)                              # graphs really ran
     assert h1.losses[-1] < 1e-2 * h1.losses[0]                     # (lr 0.05 diverges here)
-    monkeypatch.setattr(align_cuda, "CUDA_GRAPH_STEPS", 0)
-    p2, h2 = train()
+    p2, h2 = train("plain")
     np.testing.assert_allclose(h1.losses, h2.losses, rtol=1e-10)
     for key in h2.measurements:
         np.testing.assert_allclose(h1.measurements[key], h2.measurements[key], atol=1e-10)

@@ -29,25 +29,33 @@ def test_greedy_kernel_takes_what_the_sequential_greedy_takes(cp):
         if trial % 5 == 0:
             C[rng.random(C.shape) < 0.2] = np.nan
     for C, capacity, want in greedy_cases(40, 200, 5, with_nan):
-        got = align_cuda._greedy_kernel(cp, C, capacity.copy())
+        got = align_cuda.greedy_match(cp, C, capacity.copy())
         np.testing.assert_array_equal(got, want)
     for empty in (np.zeros((0, 3, 4)), np.zeros((2, 0, 4))):      # nothing to launch
-        assert align_cuda._greedy_kernel(cp, empty, np.ones(empty.shape[::2], int)).shape == empty.shape[:2]
+        assert align_cuda.greedy_match(cp, empty, np.ones(empty.shape[::2], int)).shape == empty.shape[:2]
+
+
+def _numpy_seen_as_a_gpu_module():
+    """NumPy under another name: align_fast takes its arrays for a GPU's."""
+    gpu = types.ModuleType("numpy_not_numpy")
+    gpu.__dict__.update(vars(np))
+    return gpu
 
 
 def test_greedy_match_on_a_gpu_batch_uses_the_kernel(cp, monkeypatch):
+    """(Up to align_fast.GREEDY_KERNEL_MAX; larger matrices go to the vectorised rounds.)"""
     calls = []
     kernel = lambda xp, C, room: calls.append(C.shape) or align_fast._greedy_one_by_one(C, room)
-    monkeypatch.setattr(align_cuda, "_greedy_kernel", kernel)
+    monkeypatch.setattr(align_cuda, "greedy_match", kernel)
     monkeypatch.setattr(align_fast, "array_module", lambda *a: cp)
     rng = np.random.default_rng(41)
     C = rng.random((3, 4, 5))
-    align_fast.greedy_match(C, [1] * 4 + [2])
+    want = [sequential_greedy(Cb, [1] * 4 + [2]) for Cb in C]
+    np.testing.assert_array_equal(align_fast.greedy_match(C, [1] * 4 + [2]), want)
     assert calls == [(3, 4, 5)]
-    monkeypatch.setattr(align_cuda, "GREEDY_KERNEL_MAX", 4 * 4 * 5 - 1)  # too much for one thread
-    monkeypatch.setattr(align_fast, "array_module", lambda *a: np)
-    np.testing.assert_array_equal(align_fast.greedy_match(C, [1] * 4 + [2]),
-                                  [sequential_greedy(Cb, [1] * 4 + [2]) for Cb in C])
+    monkeypatch.setattr(align_fast, "GREEDY_KERNEL_MAX", 4 * 4 * 5 - 1)  # too much for one thread
+    monkeypatch.setattr(align_fast, "array_module", lambda *a: _numpy_seen_as_a_gpu_module())
+    np.testing.assert_array_equal(align_fast.greedy_match(C, [1] * 4 + [2]), want)
     assert calls == [(3, 4, 5)]
 
 
@@ -60,7 +68,7 @@ def test_small_gemm_kernel_reads_transposed_and_broadcast_operands(cp, dtype, rt
              (A[0], B), (A, B[0]), (A[2:5, :, 1:], B[2:5, 1:]),                # broadcast, offsets
              (np.swapaxes(B, 1, 2), np.swapaxes(A, 1, 2)), (A[0].T, A[1])]
     for X, Z in cases + [(A[:0], B[:0]), (A[:, :0], B)]:                  # and empty products
-        got = align_cuda._DirectCublas._small(cublas, X, Z)
+        got = align_cuda.DirectCublas._small(cublas, X, Z)
         np.testing.assert_allclose(got, X @ Z, rtol=rtol, atol=rtol)
         assert got.shape == (X @ Z).shape
 
@@ -70,11 +78,11 @@ def test_singular_value_kernel_equals_the_numpy_loop(cp):
     sig = rng.uniform(0.5, 1.0, (2, 3, 6))                        # two runs, depth 3, six directions
     lam, lam_prime = rng.uniform(0.5, 2.0, 6), rng.uniform(0.5, 2.0, 6)
     want = align.singular_value_dynamics(sig, lam, lam_prime, 0.05, 10, 300, record_every=7)
-    got = align_cuda._sv_dynamics_kernel(cp, sig, lam, lam_prime, 0.05 / 10, 300, 7)
+    got = align_cuda.sv_dynamics(cp, sig, lam, lam_prime, 0.05 / 10, 300, 7)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
     assert abs(got[-1] - sig).max() > 0.01                         # the values did move
-    assert align_cuda._sv_dynamics_kernel(cp, sig[:, :, :0], lam[:0], lam_prime[:0], 0.005, 3, 1).shape == \
+    assert align_cuda.sv_dynamics(cp, sig[:, :, :0], lam[:0], lam_prime[:0], 0.005, 3, 1).shape == \
         (4, 2, 3, 0)                                               # no direction: nothing to launch
 
 
@@ -101,7 +109,7 @@ def _small_svd_cases(rng):
 def test_small_svd_kernel_decomposes_to_rounding(cp):
     rng = np.random.default_rng(44)
     for A in _small_svd_cases(rng):
-        U, s, V = align_cuda._small_svd_kernel(cp, A)
+        U, s, V = align_cuda.small_svd(cp, A)
         r = min(A.shape[1:])
         assert U.shape == A.shape[:2] + (r,) and s.shape == A.shape[:1] + (r,) and \
             V.shape == (A.shape[0], A.shape[2], r)
@@ -114,7 +122,7 @@ def test_small_svd_kernel_decomposes_to_rounding(cp):
                                        rtol=0, atol=1e-14)
         back = (U * s[:, None, :]) @ np.swapaxes(V, 1, 2)
         np.testing.assert_allclose(back / scale[..., None], A / scale[..., None], rtol=0, atol=1e-14)
-    assert align_cuda._small_svd_kernel(cp, np.zeros((0, 3, 3)))[1].shape == (0, 3)   # nothing to launch
+    assert align_cuda.small_svd(cp, np.zeros((0, 3, 3)))[1].shape == (0, 3)   # nothing to launch
 
 
 def test_small_svd_kernel_needs_a_few_sweeps_and_factorises_exactly_at_any_stop(cp, monkeypatch):
@@ -128,7 +136,7 @@ def test_small_svd_kernel_needs_a_few_sweeps_and_factorises_exactly_at_any_stop(
     for sweeps in (1, 5, 20):
         monkeypatch.setattr(align_cuda, "_SMALL_SVD_SOURCE", source.replace(
             f"sweep < {align_cuda.SMALL_SVD_MAX_SWEEPS}", f"sweep < {sweeps}"))
-        U, s, V = align_cuda._small_svd_kernel(cp, A)
+        U, s, V = align_cuda.small_svd(cp, A)
         np.testing.assert_allclose((U * s[:, None, :]) @ np.swapaxes(V, 1, 2), A, rtol=0, atol=1e-14)
         np.testing.assert_allclose(np.swapaxes(V, 1, 2) @ V, np.broadcast_to(np.eye(16), V.shape), atol=1e-14)
         errors.append(abs(np.swapaxes(U, 1, 2) @ U - np.eye(16)).max())
@@ -136,21 +144,25 @@ def test_small_svd_kernel_needs_a_few_sweeps_and_factorises_exactly_at_any_stop(
 
 
 def test_a_gpu_batch_of_small_layers_is_decomposed_by_the_kernel(cp, monkeypatch):
-    """(Larger ones go to CuPy's svd; the tracker tests measure with the kernel on the
-    CuPy stand-in.)"""
-    calls, gpu = [], types.ModuleType("numpy_not_numpy")
-    gpu.__dict__.update(vars(np))                                  # NumPy, seen as a GPU module
-    kernel = align_cuda._small_svd_kernel
-    monkeypatch.setattr(align_cuda, "_small_svd_kernel", lambda xp, W: calls.append(W.shape) or kernel(cp, W))
+    """(Larger ones, beyond align_fast.SMALL_SVD_KERNEL_MAX, go to CuPy's svd; the tracker
+    tests measure with the kernel on the CuPy stand-in.)"""
+    calls, gpu = [], _numpy_seen_as_a_gpu_module()
+    kernel = align_cuda.small_svd
+    monkeypatch.setattr(align_cuda, "small_svd", lambda xp, W: calls.append(W.shape) or kernel(cp, W))
     monkeypatch.setattr(align_fast, "array_module", lambda *a: gpu)
     W = np.random.default_rng(46).standard_normal((3, 70, 9, 9))
+    assert 9 <= align_fast.SMALL_SVD_KERNEL_MAX
     svds = align_fast.reduced_svds(list(W), keep=True)
     assert calls == [(210, 9, 9)]                                  # the three layers in one launch
     for (U, s, V), layer in zip(svds, W):
         np.testing.assert_allclose((U * s[:, None, :]) @ np.swapaxes(V, 1, 2), layer, rtol=0, atol=1e-13)
+    monkeypatch.setattr(align_fast, "SMALL_SVD_KERNEL_MAX", 8)      # 9 x 9: too large for it now
+    for (U, s, V), layer in zip(align_fast.reduced_svds(list(W[:, :5]), keep=True), W[:, :5]):
+        np.testing.assert_allclose((U * s[:, None, :]) @ np.swapaxes(V, 1, 2), layer, rtol=0, atol=1e-13)
+    assert calls == [(210, 9, 9)]
 
 
-# Every CUDA source of align.py with the options its launcher compiles it with.
+# Every CUDA source of align_cuda.py with the options its launcher compiles it with.
 KERNELS = [(align_cuda._SMALL_GEMM_SOURCE.replace("REAL", real), "small_gemm", ()) for real in ("float", "double")] + \
     [(align_cuda._GREEDY_SOURCE, "greedy_match", ()), (align_cuda._SMALL_SVD_SOURCE, "small_svd", ()),
      (align_cuda._SV_KERNEL_SOURCE, "sv_dynamics", ("--fmad=false",))]
@@ -169,10 +181,12 @@ def test_cuda_sources_compile_with_nvrtc_without_a_warning():
 @pytest.mark.skipif(CUPY is not None, reason="a GPU is available here: the CuPy tests run on it")
 def test_the_cupy_tests_pass_on_a_strict_numpy_standin():
     """Every test parametrised with CuPy, in a fresh process that imports the stand-in as
-    ``cupy`` (no CUDA graphs: the stand-in has no streams).  Catches host/device mix-ups
-    (NumPy and CuPy arrays in one operation, implicit copies) and wrong results."""
+    ``cupy`` (no CUDA graphs: the stand-in has no streams, so GraphSteps' capture fails and
+    the steps run kernel by kernel, as after a failed capture on a GPU).  Catches
+    host/device mix-ups (NumPy and CuPy arrays in one operation, implicit copies) and
+    wrong results."""
     tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, ALIGN_CUDA_GRAPH_STEPS="0",
+    env = dict(os.environ,
                PYTHONPATH=os.pathsep.join([os.path.join(tests, "cupy_standin"), os.path.dirname(tests),
                                            os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", "cupy",

@@ -5,10 +5,12 @@ Its arrays refuse what CuPy's refuse: implicit conversion to NumPy (``np.asarray
 0-d array, not a scalar; ``.get()`` copies to the host.  ``waits[0]`` counts the
 operations that make the host wait for a real GPU (copies to the host, Python
 scalars, outputs sized by values such as nonzero and boolean masks).  Compiled
-kernels run on the CPU through tests/cuda_on_cpu.py.  Streams and CUDA graphs are not
-imitated: run with ALIGN_CUDA_GRAPH_STEPS=0.  It checks the code path's logic and its
-host/device boundaries, never GPU speed.  Used by tests/test_kernels.py
-(PYTHONPATH=tests/cupy_standin).
+kernels run on the CPU through tests/cuda_on_cpu.py.  Streams, memory pools and CUDA
+graphs are not imitated: align_cuda.GraphSteps' capture fails here (``cuda.MemoryPool``
+says why) and align_fast steps kernel by kernel, as after a failed capture on a GPU
+(tests/test_cuda.py replaces the capture to test the runs of steps).  It checks the code
+path's logic and its host/device boundaries, never GPU speed.  Used by
+tests/test_kernels.py (PYTHONPATH=tests/cupy_standin).
 """
 import os
 import sys
@@ -207,7 +209,12 @@ class _Event:
         pass
 
 
+def _no_memory_pool(*args, **kwargs):
+    raise RuntimeError("the CuPy stand-in has no streams, memory pools or CUDA graphs")
+
+
 cuda = types.SimpleNamespace(Device=_Device, runtime=_Runtime, Stream=None, Event=_Event,
+                             MemoryPool=_no_memory_pool,
                              memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
                              get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None))
 
