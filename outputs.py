@@ -525,7 +525,8 @@ def _markdown(blocks):
             lines += ["| " + " | ".join(header) + " |",
                       "| " + " | ".join("---:" if h in ("value", "tol") else "---" for h in header)
                       + " |"]
-            lines += ["| " + " | ".join(_md_spans(cell) for cell in row) + " |" for row in block[2]]
+            lines += ["| " + " | ".join(_md_spans(cell).replace("|", "\\|") for cell in row) + " |"
+                      for row in block[2]]                      # (| in a cell: escaped)
             lines.append("")
     return "\n".join(lines)
 

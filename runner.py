@@ -206,6 +206,7 @@ class Config:
             {"dtype": np.dtype(self.dtype).name, "implementation": self.lib.__name__}
 
 
+SWEEP_SIZES = ("about 4 MB", "119 MB")   # the README's fig1a sweep: --loss-every 100, 1
 SWEEP_PARAMETERS = {"lr": float, "depth": int, "width": int, "n": int, "init_scale": float, "eps": float}
 PER_EXPERIMENT_OPTIONS = ("init", "mnist", "loss_scale")   # each experiment lists its own
 COMMAND_OPTIONS = {"verify": {"device", "quick", "out", "quiet", "threads"},   # verify, report
@@ -958,11 +959,20 @@ def read_verify_rows(out):
 
 
 # ------------------------------------------------------------------------ sweeps --
+SWEEP_LOSS_EVERY = 100     # a sweep keeps every 100th loss unless --loss-every says otherwise
+
+
 def sweep_parser(table, name):
-    """The command line of ``sweep EXPERIMENT``: the experiment's options, --grid, --shard
-    and --merge."""
+    """The command line of ``sweep EXPERIMENT``: the experiment's options, --grid, --shard,
+    --skip-done and --merge, and --loss-every's sweep default."""
     p = parser(table, name)
     p.prog = f"experiments.py sweep {name}"
+    p.set_defaults(loss_every=SWEEP_LOSS_EVERY)
+    loss_every = next(a for a in p._actions if a.dest == "loss_every")
+    loss_every.help = (f"keep the loss of every K-th step (and the last) in the files (default "
+                       f"{SWEEP_LOSS_EVERY} for sweeps: the README's 60-run fig1a sweep then writes "
+                       f"{SWEEP_SIZES[0]} of JSON instead of {SWEEP_SIZES[1]} with --loss-every 1, "
+                       f"the full record)")
     p.description = (f"sweep {name}: train {name} at every combination of the --grid values "
                      f"({', '.join(table[name].sweeps)}), --seeds networks each; cells "
                      "sharing shapes train as one batch.\n\n" + sweeps.__doc__.split("\n\n")[1] +
@@ -971,10 +981,23 @@ def sweep_parser(table, name):
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
                    help="a parameter and its values (repeat for more parameters)")
     p.add_argument("--shard", metavar="I/N", help="run only the I-th of N parts of the grid "
-                   "(cells I-1, I-1+N, ...) into <out>/sweep-<experiment>-shard-I-of-N.json")
+                   "(cells I-1, I-1+N, ...) into <out>/sweep-<experiment>-shard-I-of-N.json; in a "
+                   "SLURM job array it is read from the array (SLURM_ARRAY_TASK_ID, _MIN and "
+                   "_COUNT: arrays numbered from 0 or 1 both work)")
+    p.add_argument("--skip-done", action="store_true",
+                   help="skip a shard whose complete file of this sweep exists (a resubmitted "
+                   "array redoes only what is missing)")
     p.add_argument("--merge", action="store_true",
                    help="join the N shards in <out> into <out>/sweep-<experiment>.*")
     return p
+
+
+def sweep_help(table):
+    """``sweep --help`` without an experiment: what a sweep is and which experiments sweep."""
+    swept = [n for n, e in table.items() if e.problems]
+    return (f"usage: experiments.py sweep EXPERIMENT --grid NAME=V1,V2,... [--seeds N] "
+            f"[--shard I/N | --merge]\n\n{sweeps.__doc__}\nEXPERIMENT is one of: "
+            f"{', '.join(swept)}; 'experiments.py sweep EXPERIMENT --help' lists its options.")
 
 
 def sweep_command(argv, table, doc=None):
@@ -982,6 +1005,9 @@ def sweep_command(argv, table, doc=None):
     shards; the exit status."""
     swept = [n for n, e in table.items() if e.problems]
     name = argv[1] if len(argv) > 1 else None
+    if name in ("-h", "--help"):
+        print(sweep_help(table))
+        return 0
     if name not in swept:
         print(f"usage: experiments.py sweep EXPERIMENT --grid NAME=V1,V2,... [--seeds N] "
               f"[--shard I/N | --merge]\nerror: EXPERIMENT must be one of {', '.join(swept)}"
@@ -995,6 +1021,11 @@ def sweep_command(argv, table, doc=None):
         p.error(f"{', '.join(ignored)} does not apply to a sweep of {name}")
     if args.merge and args.shard:
         p.error("--merge joins the shards: give it without --shard")
+    try:
+        args.shard = sweeps.parse_shard(args.shard) if args.shard else \
+            None if args.merge else sweeps.shard_from_array(os.environ)
+    except ValueError as exc:
+        p.error(str(exc))
     with sigterm_as_interrupt():
         try:
             check_output_folder(args.out)
@@ -1010,17 +1041,23 @@ def sweep_command(argv, table, doc=None):
 def sweep_or_merge(exp, name, args, cfg):
     """Train the sweep (or one shard), or merge its shards, and write the files; the exit
     status."""
-    grid = sweeps.parse_grid(args.grid, name, exp, SWEEP_PARAMETERS)
-    shard = sweeps.parse_shard(args.shard) if args.shard else None
+    grid, shard = sweeps.parse_grid(args.grid, name, exp, SWEEP_PARAMETERS), args.shard
     start, status = time.perf_counter(), "done"
+    if shard and args.skip_done and sweeps.done_already(name, exp, cfg, grid, shard, project_version()):
+        print(f"sweep {name}: shard {shard[0]}/{shard[1]} is complete already "
+              f"({sweeps.shard_path(cfg.out, name, shard, cfg.quick)}); skipped (--skip-done)")
+        return 0
     with threads_limited(cfg.threads):
         if args.merge:
+            for path, host, age in outputs.foreign_temporaries(cfg.out):
+                print(f"note: {path} is a temporary file of a writer on {host}, {age / 3600:.0f} h "
+                      f"old; remove it if that task is over", file=sys.stderr)
             result = sweeps.merge(name, exp, cfg, grid, environment(cfg), project_version())
         else:
             count = len(sweeps.shard_indices(len(sweeps.cells(grid)), shard))
             check_memory(cfg, count * exp.runs_per_seed)
-            runs, status = sweeps.run_sweep(name, exp, cfg, grid, shard, train_problems)
-            if not runs:
+            runs, status = sweeps.run_sweep(name, exp, cfg, grid, shard, train_problems, thinned)
+            if not runs and status == "interrupted":
                 print(f"sweep {name}: interrupted before any run was recorded; nothing written")
                 return interrupted_status([], f"sweep {name}", [])
             result = sweeps.result_record(name, exp, cfg, grid, shard, runs, status, start,

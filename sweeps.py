@@ -7,11 +7,15 @@
 A cell is one combination of the grid's values (itertools.product order: the last --grid
 varies fastest); each cell trains --seeds networks.  Cells whose networks share shapes
 train as one batch, each network with its own learning rate, so a grid costs little more
-than its slowest cell.  Shard I of N takes the cells whose index is I - 1 modulo N and
-writes <out>/sweep-<experiment>-shard-I-of-N.json; --merge checks that the N parts are
-there, of the same sweep, and writes <out>/sweep-<experiment>.{json,csv,png} as the
-unsharded sweep would (every network trains in a batch either way, so the records are
-the same bit for bit; only wall times and batch sizes differ).
+than its slowest cell.  Shard I of N takes the cells whose index is I - 1 modulo N (none
+when N exceeds the cells: an empty shard is complete) and writes
+<out>/sweep-<experiment>-shard-I-of-N.json; in a SLURM job array --shard comes from the
+array itself.  --merge checks that the N parts are there, complete and of the same sweep
+(naming every one that is not, with the --array list to resubmit) and writes
+<out>/sweep-<experiment>.{json,csv,png} as the unsharded sweep would (every network trains
+in a batch either way, so the records are the same bit for bit; only wall times and batch
+sizes differ).  --quick sweeps write -quick files; an interrupted shard never replaces a
+complete one (it goes to ...-interrupted.json).
 """
 import csv
 import dataclasses
@@ -80,11 +84,31 @@ def cell_name(cell):
 
 
 def parse_shard(text):
-    """(I, N) from "I/N" with 1 <= I <= N."""
+    """(I, N) from "I/N" with 1 <= I <= N; ValueError otherwise (a usage error)."""
     match = re.fullmatch(r"(\d+)/(\d+)", text or "")
     if not match or not 1 <= int(match[1]) <= int(match[2]):
-        raise ExperimentError(f"--shard {text}: write I/N with 1 <= I <= N (e.g. --shard 2/4)")
+        raise ValueError(f"--shard {text}: write I/N with 1 <= I <= N (e.g. --shard 2/4)")
     return int(match[1]), int(match[2])
+
+
+def shard_from_array(environ):
+    """(I, N) of a SLURM job array task, from SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_MIN and
+    SLURM_ARRAY_TASK_COUNT (I = ID - MIN + 1, so arrays numbered from 0 or from 1 both
+    work), or None outside an array.  ValueError for an array that is not one contiguous
+    range (e.g. --array=1,3,5): give --shard I/N then."""
+    if "SLURM_ARRAY_TASK_ID" not in environ:
+        return None
+    try:
+        task, first, count = (int(environ[k]) for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN",
+                                                        "SLURM_ARRAY_TASK_COUNT"))
+    except (KeyError, ValueError):
+        raise ValueError("a SLURM array task without SLURM_ARRAY_TASK_MIN and _COUNT as "
+                         "integers: give --shard I/N") from None
+    shard = task - first + 1, count
+    if not 1 <= shard[0] <= count:
+        raise ValueError(f"array task {task} of an array from {first} with {count} tasks is not "
+                         f"one contiguous range: give --shard I/N")
+    return shard
 
 
 def shard_indices(count, shard):
@@ -92,10 +116,10 @@ def shard_indices(count, shard):
     return list(range(count)) if shard is None else list(range(shard[0] - 1, count, shard[1]))
 
 
-def run_sweep(name, exp, cfg, grid, shard, train_problems):
+def run_sweep(name, exp, cfg, grid, shard, train_problems, thinned):
     """Train the cells of this shard (all without one), every network as part of a batch
-    (``train_problems(..., always_batch=True)``): (its runs in cell order, "done" or
-    "interrupted")."""
+    (``train_problems(..., always_batch=True)``): (its runs in cell order, each ``thinned``
+    to every --loss-every-th loss, "done" or "interrupted")."""
     every, problems = cells(grid), []
     for index in shard_indices(len(every), shard):
         cell = every[index]
@@ -107,7 +131,7 @@ def run_sweep(name, exp, cfg, grid, shard, train_problems):
         train_problems(cfg, runs, f"sweep {name}", problems, always_batch=True)
     except KeyboardInterrupt:                   # (the runs so far are in runs)
         status = "interrupted"
-    return {p.name: runs[p.name] for p in problems if p.name in runs}, status   # cell order
+    return {p.name: thinned(runs[p.name], cfg.loss_every) for p in problems if p.name in runs}, status
 
 
 def cell_stats(grid, runs):
@@ -211,8 +235,14 @@ def figure(title, grid, stats):
     return fig
 
 
-def shard_path(out, name, shard):
-    return os.path.join(out, f"sweep-{name}-shard-{shard[0]}-of-{shard[1]}.json")
+def base_name(name, quick):
+    """sweep-<experiment>, or sweep-<experiment>-quick for --quick sweeps."""
+    return f"sweep-{name}{'-quick' if quick else ''}"
+
+
+def shard_path(out, name, shard, quick=False, interrupted=False):
+    return os.path.join(out, f"{base_name(name, quick)}-shard-{shard[0]}-of-{shard[1]}"
+                             f"{'-interrupted' if interrupted else ''}.json")
 
 
 def identity(result):
@@ -223,44 +253,49 @@ def identity(result):
     return {"swept": result["swept"], "grid": result["grid"], "config": config}
 
 
-def read_parts(out, name, expected):
-    """The shards of sweep ``name`` in ``out``, checked: all N parts present, each the sweep
-    ``expected`` (identity) and holding its own cells.  ExperimentError names the missing,
-    unreadable or mismatched files."""
-    paths = sorted(glob.glob(os.path.join(glob.escape(out), f"sweep-{name}-shard-*-of-*.json")))
-    if not paths:
-        raise ExperimentError(f"no shards of sweep {name} in {out} (sweep-{name}-shard-I-of-N.json); "
-                              "run the parts with --shard I/N first")
-    counts = {int(re.search(r"-of-(\d+)\.json$", p)[1]) for p in paths}
+def read_parts(out, name, expected, quick=False):
+    """The shards of sweep ``name`` in ``out``, checked: all N parts present, complete, each
+    the sweep ``expected`` (identity) and holding its own cells.  ExperimentError names every
+    shard that is missing, interrupted, unreadable or of another sweep at once, with the
+    --array list to resubmit."""
+    pattern = re.compile(re.escape(base_name(name, quick)) + r"-shard-(\d+)-of-(\d+)\.json")
+    found = {tuple(map(int, m.groups())): os.path.join(out, f) for f in sorted(os.listdir(out))
+             for m in [pattern.fullmatch(f)] if m}
+    if not found:
+        raise ExperimentError(f"no shards of sweep {name} in {out} ({base_name(name, quick)}-shard-"
+                              f"I-of-N.json); run the parts with --shard I/N first")
+    counts = sorted({n for _, n in found})
     if len(counts) > 1:
-        raise ExperimentError(f"shards of different splits in {out} ({', '.join(map(os.path.basename, paths))}): "
+        raise ExperimentError(f"shards of different splits in {out} (of {', '.join(map(str, counts))}): "
                               "remove those of the old split")
-    count = counts.pop()
-    missing = [shard_path(out, name, (i, count)) for i in range(1, count + 1)
-               if shard_path(out, name, (i, count)) not in paths]
-    if missing:
-        raise ExperimentError(f"missing shard(s) of {count}: {', '.join(missing)}; run them "
-                              f"(--shard I/{count}) and merge again")
-    parts = []
+    count, parts, problems = counts[0], [], {}
     for i in range(1, count + 1):
-        path = shard_path(out, name, (i, count))
+        path = found.get((i, count))
+        if path is None:
+            problems[i] = f"{shard_path(out, name, (i, count), quick)} is missing"
+            continue
         try:
             with open(path) as f:
                 part = json.load(f)
             mine = identity(part)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ExperimentError(f"{path} cannot be read ({exc}); rerun that shard") from exc
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            problems[i] = f"{path} cannot be read ({exc})"
+            continue
         theirs = {**mine["config"], "experiment": mine["swept"], "grid": mine["grid"]}
         asked = {**expected["config"], "experiment": expected["swept"], "grid": expected["grid"]}
         differ = [f"{k} {theirs.get(k)} there, {asked.get(k)} here" for k in {**theirs, **asked}
                   if theirs.get(k) != asked.get(k)]
         if differ:
-            raise ExperimentError(f"{path} is from another sweep ({'; '.join(sorted(differ))}); "
-                                  "rerun it with this command's settings, or merge with its own")
-        if part["shard"] != [i, count] or part["status"] != "done":
-            raise ExperimentError(f"{path} is not a complete shard {i}/{count} "
-                                  f"(status {part['status']}); rerun it")
-        parts.append(part)
+            problems[i] = f"{path} is from another sweep ({'; '.join(sorted(differ))})"
+        elif part["shard"] != [i, count] or part["status"] != "done":
+            problems[i] = f"{path} is not a complete shard {i}/{count} (status {part['status']})"
+        else:
+            parts.append(part)
+    if problems:
+        raise ExperimentError(f"{len(problems)} of {count} shards cannot be merged:\n  " +
+                              "\n  ".join(problems.values()) + f"\nrerun them with this command's "
+                              f"settings (a job array: sbatch --array={','.join(map(str, problems))} "
+                              f"..., shard numbers counted from 1) and merge again")
     return parts
 
 
@@ -288,13 +323,19 @@ def result_record(name, exp, cfg, grid, shard, runs, status, start, environment,
 
 def write(result, out, name, shard):
     """A shard's JSON, or the sweep's JSON, CSV and PNG; the paths written."""
-    stats, grid = result["cells"], result["grid"]
+    stats, grid, quick = result["cells"], result["grid"], result["config"]["quick"]
     text = json.dumps(outputs.strict_json(result), indent=1, allow_nan=False)
     if shard:
-        path = shard_path(out, name, shard)
+        path = shard_path(out, name, shard, quick)
+        if result["status"] != "done" and complete(path):
+            path = shard_path(out, name, shard, quick, interrupted=True)
+            print(f"  note: {shard_path(out, name, shard, quick)} holds a complete shard; this "
+                  f"interrupted one goes to {os.path.basename(path)}")
         outputs.write_files({path: outputs.text_writer(text)})
         return [path]
-    base = os.path.join(out, f"sweep-{name}")
+    base = os.path.join(out, base_name(name, quick))
+    if result["status"] != "done" and complete(base + ".json"):
+        base += "-interrupted"
     writers = {base + ".json": outputs.text_writer(text), base + ".csv": outputs.text_writer(csv_text(grid, stats))}
     fig = figure(f"sweep {name}: " + ", ".join(f"{k} in {v}" for k, v in grid.items()) +
                  f", {result['config']['seeds']} seeds", grid, stats) if stats else "no cell finished"
@@ -309,13 +350,33 @@ def write(result, out, name, shard):
     return list(writers)
 
 
+def complete(path):
+    """Whether ``path`` holds a complete result (status "done")."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("status") == "done"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def done_already(name, exp, cfg, grid, shard, version):
+    """Whether this shard's complete file of the same sweep exists (--skip-done)."""
+    path = shard_path(cfg.out, name, shard, cfg.quick)
+    if not complete(path):
+        return False
+    with open(path) as f:
+        part = json.load(f)
+    expected = result_record(name, exp, cfg, grid, shard, {}, "done", 0.0, {}, version)
+    return identity(part) == identity(expected)
+
+
 def merge(name, exp, cfg, grid, environment, version):
     """Join the shards in cfg.out into the sweep's result (as run unsharded)."""
     start = time.perf_counter()
     expected = identity(result_record(name, exp, cfg, grid, None, {}, "done", start, {}, version))
-    parts = read_parts(cfg.out, name, expected)
+    parts = read_parts(cfg.out, name, expected, cfg.quick)
     runs = merged_runs(parts, grid)
     result = result_record(name, exp, cfg, grid, None, runs, "done", start, environment, version)
     result["wall_time"] = sum(p["wall_time"] for p in parts)
-    result["merged_from"] = [shard_path(cfg.out, name, tuple(p["shard"])) for p in parts]
+    result["merged_from"] = [shard_path(cfg.out, name, tuple(p["shard"]), cfg.quick) for p in parts]
     return result
