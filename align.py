@@ -326,7 +326,8 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     Parameters
     ----------
     params : list of arrays
-        The start (copied: the arrays given are not changed).
+        The start (copied: the arrays given are not changed; lists and other arrays are
+        converted as the module docstring says).
     loss_and_grads : callable
         params -> (the loss, a number; [dL/dp for each p]).
     lr, max_steps, tol, record_every, measure_every, measures, callback
@@ -344,6 +345,7 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
         Ctrl-C: ``.weights`` and ``.history`` at the last whole step (measured there).
     """
     check_schedule(lr, max_steps, record_every, measure_every, tol)
+    params = [as_array(f"params[{i}]", p) for i, p in enumerate(params)]
     measures, params0 = as_measures(measures), [p.copy() for p in params]
     hist, start, step, ps = History(), time.perf_counter(), 0, [p.copy() for p in params]
     try:
@@ -954,7 +956,7 @@ def aligned_init(U, V, widths, sigmas=None, scale=1.0, seed=0, balanced=False,
     if sigmas is None:
         rng = np.random.default_rng(seed)
         sigmas = [rng.uniform(0, scale, min(widths[i], widths[i + 1])) for i in range(d)]
-    sigmas = [np.asarray(to_numpy(s), dtype=np.float64) for s in sigmas]
+    sigmas = [to_numpy(as_array(f"sigmas[{i}]", s)).astype(np.float64) for i, s in enumerate(sigmas)]
     if balanced:
         r = min(widths)
         common = np.abs(np.prod([s[:r] for s in sigmas], axis=0)) ** (1.0 / d)
@@ -1000,10 +1002,9 @@ def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", k
     check_number("steps", steps, integer=True)
     check_number("record_every", record_every, least=1, integer=True)
     check_number("n", n, least=1, integer=True)
-    xp = array_module(sigmas0)
-    coef = lr / n if kind == "mse" else 2.0 * lr / (kd * n)
-    sig = xp.array(sigmas0, dtype=xp.float64)
-    lam, lam_prime = xp.asarray(lam, dtype=sig.dtype), xp.asarray(lam_prime, dtype=sig.dtype)
+    sig, lam, lam_prime = (as_array(name, a).astype(np.float64) for name, a in
+                           (("sigmas0", sigmas0), ("lam", lam), ("lam_prime", lam_prime)))
+    xp, coef = array_module(sig), lr / n if kind == "mse" else 2.0 * lr / (kd * n)
     out = [sig.copy()]
     for t in range(1, steps + 1):
         others = _others_product(sig)
@@ -1256,8 +1257,9 @@ def tracker(weights_0, rtol=1e-6):
     shapes, then = [W.shape for W in weights_0], reduced_svds(weights_0)
 
     def measure(weights, _=None):
+        weights = [as_array(f"W_{i}", W) for i, W in enumerate(weights, 1)]
         check_like("this tracker", weights, shapes)
         if not all(bool(array_module(W).isfinite(W).all()) for W in weights):
             return dict.fromkeys(MEASURE_KEYS, math.nan)
-        return measures_of(reduced_svds(as_weights(weights)), then, rtol)
+        return measures_of(reduced_svds(weights), then, rtol)
     return measure

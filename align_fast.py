@@ -34,8 +34,8 @@ import numpy as np
 import align
 from align import array_module, to_numpy
 
-__all__ = ["train", "gradient_descent", "tracker", "alignment", "invariance", "reduced_svds",
-           "greedy_match", "singular_value_dynamics", "STEPS", "GRAPH_STEPS"]
+__all__ = ["train", "gradient_descent", "tracker", "alignment", "invariance",
+           "singular_value_dynamics", "STEPS", "GRAPH_STEPS"]
 
 STEPS = ("auto", "plain", "in_place", "graphs")   # how train takes its steps (see train)
 GRAPH_STEPS = 100                                 # GD steps per CUDA graph launch
@@ -47,7 +47,11 @@ def _T(A):
 
 # ----------------------------------------------------------- batches at the boundary --
 def _is_batch(weights):
-    return isinstance(weights, (list, tuple)) and len(weights) > 0 and np.ndim(weights[0]) == 3
+    """Whether ``weights`` are a batch's layers (3-D); ragged input is left to align's errors."""
+    try:
+        return isinstance(weights, (list, tuple)) and len(weights) > 0 and np.ndim(weights[0]) == 3
+    except ValueError:
+        return False
 
 
 def as_batch(weights):
@@ -158,6 +162,7 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     Parameters, Returns, Raises: as align.gradient_descent.
     """
     _check(lr, max_steps, record_every, measure_every, tol, steps)
+    params = [align.as_array(f"params[{i}]", p) for i, p in enumerate(params)]
     if steps == "in_place":
         raise ValueError("steps='in_place' needs train's squared loss; gradient_descent takes "
                          "'auto', 'plain' or 'graphs'")
@@ -1242,6 +1247,7 @@ class Tracker:
         return f"Tracker(rtol={self.rtol:g}, layers {[W.shape for W in self.weights_0]})"
 
     def __call__(self, weights, _=None):
+        weights = [align.as_array(f"W_{i}", W) for i, W in enumerate(weights, 1)]
         align.check_like("this tracker", weights, [W.shape for W in self.weights_0])
         if weights[0].ndim == 3 and array_module(*weights) is np:
             return self._batch(weights)
@@ -1406,7 +1412,7 @@ def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", k
     xp = array_module(sigmas0)
     if xp is not np:
         import align_cuda
-        sig = xp.array(sigmas0, dtype=xp.float64)
+        sig = align.as_array("sigmas0", sigmas0).astype(np.float64)
         lam, lam_prime = xp.asarray(lam, dtype=sig.dtype), xp.asarray(lam_prime, dtype=sig.dtype)
         if sig.shape[-2] <= align_cuda.SV_KERNEL_MAX_DEPTH and \
                 all(a.ndim < 2 or a.shape[-2] == 1 for a in (lam, lam_prime)):

@@ -359,7 +359,8 @@ def from_basis(matrices, tol=1e-10):
     ValueError
         Matrices of different shapes or linearly dependent.
     """
-    mats = [np.asarray(align.to_numpy(A), dtype=np.float64) for A in matrices]
+    mats = [align.to_numpy(align.as_array(f"matrices[{j}]", A)).astype(np.float64)
+            for j, A in enumerate(matrices)]
     if not mats or any(A.shape != mats[0].shape or A.ndim != 2 for A in mats):
         raise ValueError("from_basis needs a non-empty list of matrices of one shape m x n")
     B = np.stack([A.ravel() for A in mats])
@@ -386,8 +387,8 @@ def layer_matrices(structures, params):
     """The dense layer matrices [W_1, ..., W_d], W_i = sum_j c_j^i A_j (Definition 4):
     ``structures`` a Structure per layer (None: a dense layer), ``params`` the coefficient
     vectors (r,) of structured layers and the matrices of dense ones."""
-    return [S.to_matrix(p) if S is not None else align.as_array(f"params[{i}]", p)
-            for i, (S, p) in enumerate(zip(structures, params))]
+    return [S._to_matrix(S._check_coefficients(p, f"params[{i}]")) if S is not None
+            else align.as_array(f"params[{i}]", p) for i, (S, p) in enumerate(zip(structures, params))]
 
 
 def check_structured(structures, params, X):
@@ -420,12 +421,18 @@ def check_structured(structures, params, X):
     return out, X, k
 
 
-def loss_and_gradients(structures, params, X, Y, kind="mse", matmul=operator.matmul):
+def loss_and_gradients(structures, params, X, Y, kind="mse"):
     """The loss and [dL/dc_1, ..., dL/dc_d] (dense layers: dL/dW_i), written by hand: Eq. (8)'s
     backward pass, each structured layer contracting its dense gradient delta_i a_{i-1}^T
     with its basis (Appendix H) without forming it; by Theorem 2 the coefficient step is
-    W_i <- W_i - lr pi_S(dL/dW_i).  Checked inputs and prepared targets (align.as_targets);
-    ``matmul``: the matrix product (align_fast's CUDA graphs pass cuBLAS called directly)."""
+    W_i <- W_i - lr pi_S(dL/dW_i).  Arguments as in :func:`check_structured` and align.loss."""
+    params, X, kd = check_structured(structures, params, X)
+    return _loss_and_gradients(structures, params, X, align.as_targets(Y, kind, kd, X.shape[1]), kind)
+
+
+def _loss_and_gradients(structures, params, X, Y, kind, matmul=operator.matmul):
+    """loss_and_gradients for checked inputs and prepared targets; ``matmul``: the matrix
+    product (align_fast's CUDA graphs pass cuBLAS called directly)."""
     acts = [X]
     for S, p in zip(structures, params):
         acts.append(matmul(p, acts[-1]) if S is None else S.matmul(p, acts[-1], matmul))
@@ -473,7 +480,7 @@ def train(structures, params, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1
                for name, fn in align.as_measures(measures).items()}
 
     def loss_and_grads(ps, matmul=operator.matmul):
-        return loss_and_gradients(structures, ps, X, Y, kind, matmul)
+        return _loss_and_gradients(structures, ps, X, Y, kind, matmul)
     return descend(params, loss_and_grads, lr, max_steps, tol, record_every, measure_every,
                    wrapped, callback)
 

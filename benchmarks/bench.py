@@ -23,11 +23,11 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import numpy as np  # noqa: E402
 
-import align_cuda  # noqa: E402
 import align_fast  # noqa: E402
 import align  # noqa: E402
 import experiments  # noqa: E402
 import outputs  # noqa: E402
+import runner  # noqa: E402
 import structured as st  # noqa: E402
 import sweeps  # noqa: E402
 
@@ -68,7 +68,7 @@ def peak_rate(xp, dtype, size=2048):
 
 
 def fig1b_problem(xp, dtype):
-    images, labels = experiments.load_mnist()
+    images, labels = runner.load_mnist()
     X = (images[:N].reshape(N, -1).T / 255.0 - experiments.MNIST_MEAN) / experiments.MNIST_STD
     Y = np.eye(10)[:, labels[:N]]
     weights = align.aligned_init(np.linalg.svd(Y)[0], np.linalg.svd(X)[0], WIDTHS, seed=0)
@@ -93,9 +93,10 @@ def plain_gd(weights, X, Y, lr, steps):
     return ws
 
 
-def ours_gd(weights, X, Y, lr, steps):
+def ours_gd(weights, X, Y, lr, steps, how="auto"):
+    """align_fast's steps (``how``: its train's ``steps``; "plain" is kernel by kernel)."""
     return align_fast.train(weights, X, Y, "mse_mean", lr=lr, max_steps=steps, tol=0.0,
-                       measure_every=10 ** 9)[0]
+                            measure_every=10 ** 9, steps=how)[0]
 
 
 def torch_gd(weights, X, Y, lr, steps, device):
@@ -119,13 +120,24 @@ def torch_gd(weights, X, Y, lr, steps, device):
     return [W.detach().cpu().numpy() for W in ws]
 
 
+def chain_costs(shapes, n):
+    """Multiply-adds of Eq. (8)'s products with the input's gradient for layers of shapes
+    ((k_1, k_0), ..., (k_d, k_{d-1})) on n samples, as align_fast counts them when it
+    chooses how to group them: (layer by layer, grouped at the outputs)."""
+    (_, k0), (kd, _) = shapes[0], shapes[-1]
+    by_layer = 3 * n * sum(r * c for r, c in shapes)
+    at_outputs = 3 * kd * k0 * n + sum(r * c * k0 + kd * k0 * c for r, c in shapes[1:]) + \
+        sum(kd * r * c for r, c in shapes[:-1]) + sum(kd * r * c for r, c in shapes[1:-1])
+    return by_layer, at_outputs
+
+
 def step_flops(m, n=N, widths=WIDTHS):
-    """Counted flops of one step: the straightforward Eq. (8) and ours (see align.train),
+    """Counted flops of one step: the straightforward Eq. (8) and ours (see align_fast.train),
     whose first hidden space has dimension m = rank [W_1(0) X, W_2(0)^T], its products
-    grouped as align groups them."""
+    grouped as align_fast groups them."""
     k0, k1, k2, k3 = widths
     plain = 2 * n * (k1 * k0 + k2 * k1 + k3 * k2) * 3 - 2 * n * k1 * k0   # no input gradient
-    ours = 2 * min(align_fast._chain_costs(((k2, m), (k3, k2)), n)) + 2 * n * m   # + diagonal X^T X
+    ours = 2 * min(chain_costs(((k2, m), (k3, k2)), n)) + 2 * n * m   # + diagonal X^T X
     return plain, ours
 
 
@@ -148,12 +160,9 @@ def bench_step(xp, rows, steps):
     rows.append(row("GD step, fig1b size (float32)", t_ours, "straightforward Eq. (8)", t_plain,
                     our_flops / peak, f"max rel. diff of weights after 1000 steps: {diff:.1e}"))
     if xp is not np:                                    # CUDA graphs against kernel by kernel
-        graphs, align_cuda.CUDA_GRAPH_STEPS = align_cuda.CUDA_GRAPH_STEPS, 0
-        try:
-            t_eager = per_step(lambda k: ours_gd(weights, X, Y, 1e-2, k), xp, steps)
-            eager = ours_gd(weights, X, Y, 1e-2, 1000)
-        finally:
-            align_cuda.CUDA_GRAPH_STEPS = graphs
+        graphs = align_fast.GRAPH_STEPS
+        t_eager = per_step(lambda k: ours_gd(weights, X, Y, 1e-2, k, "plain"), xp, steps)
+        eager = ours_gd(weights, X, Y, 1e-2, 1000, "plain")
         gdiff = relative_difference(ours_gd(weights, X, Y, 1e-2, 1000), eager)
         rows.append(row("GD step, fig1b size (float32)", t_ours, "ours, kernel by kernel", t_eager,
                         our_flops / peak, f"CUDA graphs of {graphs} steps; vs kernel by kernel "
@@ -173,7 +182,7 @@ def bench_step(xp, rows, steps):
 
 
 def bench_measure(xp, rows, steps=20):
-    """Measuring as training does it (align.train with a tracker), per measurement: the
+    """Measuring as training does it (align_fast.train with a tracker), per measurement: the
     extra time of measuring at every step over 2 * steps and over steps steps, so that
     the run's one-time set-up (layer 1's split, the start's SVDs) is not counted."""
     weights, X, Y = fig1b_problem(xp, np.float32)
@@ -339,18 +348,18 @@ def bench_sweep(rows, lrs=(0.01, 0.02, 0.03, 0.04), depths=(2, 3, 4), seeds=5):
     """A fig1a grid (lr x depth, 5 seeds, to the threshold) as `sweep` trains it (cells of
     one depth as one batch, one lr per network) against its runs one by one (each alone on
     the fastest single-network path); training and measuring, not the files."""
-    args = experiments.parser("fig1a").parse_args(["fig1a", "--seeds", str(seeds), "-q"])
-    args.command = ""
-    cfg = experiments.configure("fig1a", args, np)
-    grid = {"lr": list(lrs), "depth": list(depths)}
     exp = experiments.EXPERIMENTS["fig1a"]
+    args = runner.parser(experiments.EXPERIMENTS, "fig1a").parse_args(["fig1a", "--seeds", str(seeds), "-q"])
+    args.command = ""
+    cfg = runner.configure(exp, "fig1a", args, np)
+    grid = {"lr": list(lrs), "depth": list(depths)}
     start = time.perf_counter()
-    runs, _ = sweeps.run_sweep("fig1a", exp, cfg, grid, None, experiments.train_problems)
+    runs, _ = sweeps.run_sweep("fig1a", exp, cfg, grid, None, runner.train_problems, runner.thinned)
     swept = time.perf_counter() - start
     start, alone = time.perf_counter(), {}
     for cell in sweeps.cells(grid):
         for p in exp.problems(dataclasses.replace(cfg, **cell)):
-            experiments.train_problems(cfg, [dataclasses.replace(p, name=f"{cell} {p.name}")], alone, "")
+            runner.train_problems(cfg, alone, "", [dataclasses.replace(p, name=f"{cell} {p.name}")])
     one_by_one = time.perf_counter() - start
     steps = sum(r["final_step"] for r in alone.values())
     rows.append(row(f"fig1a grid {len(lrs)} lr x {len(depths)} depths x {seeds} seeds (sweep)", swept,
@@ -384,7 +393,7 @@ def _t(s):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=experiments.DEVICES, default="cpu")
+    p.add_argument("--device", choices=runner.DEVICES, default="cpu")
     p.add_argument("--steps", type=int, default=200,
                    help="steps timed per GD benchmark (200; on a GPU use ~2000, since each "
                         "timed run also captures its CUDA graphs)")
@@ -403,9 +412,9 @@ def main(argv=None):
         p.error(f"unknown --parts {sorted(unknown)}; choose from step, measure, cor1, seeds, "
                 "parallel, sweep, end-to-end")
     try:
-        experiments.check_output_folder(args.out)
-        xp = experiments.select_device(args.device)
-    except (experiments.ExperimentError, experiments.DeviceError) as exc:
+        runner.check_output_folder(args.out)
+        xp = runner.select_device(args.device)
+    except (outputs.ExperimentError, runner.DeviceError) as exc:
         sys.exit(f"error: {exc}")
     rows = []
     peak = bench_step(xp, rows, args.steps) if "step" in parts else peak_rate(xp, np.float32)
@@ -421,13 +430,13 @@ def main(argv=None):
         bench_sweep(rows)
     if "end-to-end" in parts:
         bench_end_to_end("cpu" if xp is np else "gpu", rows, args.out)
-    info = experiments.environment(argparse.Namespace(xp=xp))
+    info = runner.environment(argparse.Namespace(xp=xp))
     info.update(date=time.strftime("%Y-%m-%d"), peak_float32_flops=peak, cpus=os.cpu_count(),
                 platform=platform.platform())
     print(table(rows))
     print(f"peak float32 matmul: {peak / 1e9:.0f} GFLOP/s; {info}")
     outputs.write_text(os.path.join(args.out, "bench.json"),
-                             json.dumps({"environment": info, "rows": rows}, indent=1))
+                       json.dumps({"environment": info, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -28,10 +28,11 @@ def tasks(tree, parts):
     """{name: function} for ``tree``'s code, its problems built (in the worker's process)."""
     sys.path[:0] = [tree, os.path.join(tree, "benchmarks")]
     import numpy as np
+    import align                            # the reference: certificates and aligned starts
     try:
-        import align_fast as align          # the fast module, chosen explicitly since it has one
+        import align_fast as fast           # the fast module, chosen explicitly since it has one
     except ImportError:
-        import align                        # (an older tree: align handed work to _fast itself)
+        fast = align                        # (an older tree: align handed work to _fast itself)
     import bench
     import structured as st
     out = {}
@@ -46,9 +47,9 @@ def tasks(tree, parts):
         except ImportError:
             pass
     if "measure" in parts:
-        track = align.tracker(w, rtol=1e-4)
-        train = lambda every, k: align.train(w, X, Y, "mse_mean", lr=1e-2, max_steps=k, tol=0.0,
-                                             measure_every=every, measures={"m": track})
+        track = fast.tracker(w, rtol=1e-4)
+        train = lambda every, k: fast.train(w, X, Y, "mse_mean", lr=1e-2, max_steps=k, tol=0.0,
+                                            measure_every=every, measures={"m": track})
         later = train(10 ** 9, 20)[0]
         for k in (20, 80):
             out[f"train_measuring_{k}"] = lambda k=k: train(1, k)
@@ -57,7 +58,7 @@ def tasks(tree, parts):
         rng = np.random.default_rng(0)
         mats = [st.conv2d(28, 3).to_matrix(rng.uniform(-1, 1, 9).astype(np.float32) / 3)
                 for _ in range(3)]
-        track2, moved = align.tracker(mats, rtol=1e-4), [M * 1.01 for M in mats]
+        track2, moved = fast.tracker(mats, rtol=1e-4), [M * 1.01 for M in mats]
         out["fig2b_ours"] = lambda: track2(moved)
         out["fig2b_full"] = lambda: bench.full_svd_measures(track2, moved)
     if "cor1" in parts:
@@ -67,20 +68,20 @@ def tasks(tree, parts):
         cert = align.invariance_certificate(Xc, Xc, [k] * (d + 1))
         sig0 = rng.uniform(0.5, 1.0, (d, k))
         wc = align.aligned_init(cert.U, cert.V, [k] * (d + 1), sigmas=sig0)
-        out["cor1_full_20"] = lambda: align.train(wc, Xc, Xc, lr=0.05, max_steps=20, tol=0.0,
-                                                  measure_every=10 ** 9)
-        out["cor1_reduced_200"] = lambda: align.singular_value_dynamics(
+        out["cor1_full_20"] = lambda: fast.train(wc, Xc, Xc, lr=0.05, max_steps=20, tol=0.0,
+                                                 measure_every=10 ** 9)
+        out["cor1_reduced_200"] = lambda: fast.singular_value_dynamics(
             sig0, cert.lam, cert.lam_prime, 0.05, 1000, 200, record_every=200)
     if "seeds" in parts:
         for count in SEEDS:
             ws, Xs, Ys = bench.seeds_problem(np, count)
             for every, mode in ((100, "measuring"), (None, "training")):
-                measures = {"m": align.tracker(ws)} if every else None
+                measures = {"m": fast.tracker(ws)} if every else None
                 out[f"seeds{count}_{mode}"] = (
-                    lambda ws=ws, Xs=Xs, Ys=Ys, every=every, measures=measures: align.train(
+                    lambda ws=ws, Xs=Xs, Ys=Ys, every=every, measures=measures: fast.train(
                         ws, Xs, Ys, "mse_mean", lr=1e-2, max_steps=2000, tol=0.0,
                         measure_every=every or 10 ** 9, measures=measures))
-        track_batch, trained_batch = align.tracker(ws), bench.trained(ws, Xs, Ys)
+        track_batch, trained_batch = fast.tracker(ws), bench.trained(ws, Xs, Ys)
         turns = itertools.cycle([trained_batch, [W * (1 + 1e-9) for W in trained_batch]])
         out["measure_1000_networks"] = lambda: track_batch(next(turns))   # (each call in full;
         # bench.alternating's two lines, written out: an older tree's bench.py lacks it)

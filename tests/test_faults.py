@@ -16,6 +16,7 @@ import align
 import align_fast
 import experiments
 import outputs
+import runner
 import structured as st
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,8 +38,8 @@ def earlier(tmp_path_factory):
 
 def mnist_folder(tmp_path, images=None, labels=None):
     """A --mnist folder with the given idx bytes (valid two-image files by default)."""
-    good_images = experiments.idx_bytes(np.zeros((2, 28, 28), np.uint8))
-    good_labels = experiments.idx_bytes(np.array([3, 7], np.uint8))
+    good_images = runner.idx_bytes(np.zeros((2, 28, 28), np.uint8))
+    good_labels = runner.idx_bytes(np.array([3, 7], np.uint8))
     (tmp_path / "train-images-idx3-ubyte").write_bytes(good_images if images is None else images)
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(good_labels if labels is None else labels)
     return str(tmp_path)
@@ -66,7 +67,7 @@ def test_bad_command_lines_are_refused_and_leave_results_alone(args, status, mes
     folders = {"MNIST": mnist_folder(tmp_path / "good"),
                "SHORT": mnist_folder(tmp_path / "short", images=b"\x00\x00\x08\x03\x00\x00\x00\x02"),
                "LABELS": mnist_folder(tmp_path / "labels",
-                                      labels=experiments.idx_bytes(np.array([3, 12], np.uint8)))}
+                                      labels=runner.idx_bytes(np.array([3, 12], np.uint8)))}
     args = [folders.get(a, a) for a in args]
     before = snapshot(earlier)
     try:
@@ -101,14 +102,17 @@ LIBRARY_CASES = [   # (call on a fresh network ws, X, Y, message)
     (lambda ws, X, Y: align.is_aligned(ws, tol=-1), "tol must be a number >= 0 and < 1, got -1"),
     (lambda ws, X, Y: align.train(ws, X, Y, tol=math.nan), "tol must be a number >= 0, got nan"),
     (lambda ws, X, Y: align.train([W.astype(complex) for W in ws], X, Y), "W_1.*float32 or float64.*complex128"),
-    (lambda ws, X, Y: align.train(ws, X > 0, Y), "X must hold float32 or float64 numbers, got bool"),
+    (lambda ws, X, Y: align.train(ws, X.astype(object), Y),
+     "X must hold real numbers as float32 or float64, got object"),
+    (lambda ws, X, Y: align.train(ws, X.astype(str), Y), "X must hold real numbers .*got <U"),
     (lambda ws, X, Y: align.loss(ws, X.astype(np.float16), Y), "got float16"),
-    (lambda ws, X, Y: align.train([W.tolist() for W in ws], X, Y), "W_1.*must be a NumPy or CuPy array, got list"),
+    (lambda ws, X, Y: align.train([[[1.0, 2.0], [3.0]]] + ws[1:], X, Y), "W_1 must be an array of numbers"),
     (lambda ws, X, Y: align.alignment(np.ones((2, 3, 3))), "weights must be a non-empty list.*got ndarray"),
     (lambda ws, X, Y: align.invariance(ws, network(np.random.default_rng(1), (4, 6, 3))),
      "weights_t and weights_0 must have the same shapes"),
-    (lambda ws, X, Y: align.train(ws, X[:, :0], Y[:, :0]), r"X has no examples \(n = 0"),
-    (lambda ws, X, Y: align.train(ws, X, Y.tolist()), "Y must be a NumPy or CuPy array, got list"),
+    (lambda ws, X, Y: align.train(ws, X[:, :0], Y[:, :0]),
+     r"X must be k0 x n = 4 x n with n >= 1 \(one example per column\), got shape 4x0"),
+    (lambda ws, X, Y: align.train(ws, X, [Y[0].tolist(), Y[1, :3].tolist()]), "Y must be an array of numbers"),
     (lambda ws, X, Y: st.conv2d(3, 29), "wider than 2p - 1 = 5"),
     (lambda ws, X, Y: st.conv2d(28, 3.0), "filter size s that is an integer >= 1, got 3.0"),
     (lambda ws, X, Y: st.alignment_impossible(-1, 4, 2), "needs r as an integer >= 0, got -1"),
@@ -126,6 +130,17 @@ def test_bad_library_input_raises_value_error_naming_it(call, message):
     rng = np.random.default_rng(5)
     with pytest.raises(ValueError, match=message):
         call(network(rng), rng.standard_normal((4, 6)), rng.standard_normal((3, 6)))
+
+
+@pytest.mark.parametrize("lib", [align, align_fast])
+def test_lists_and_boolean_or_integer_arrays_are_converted_to_float64(lib):
+    """Lists, booleans and integers are not errors: they train as their float64 arrays."""
+    rng = np.random.default_rng(5)
+    ws, X, Y = network(rng), rng.standard_normal((4, 6)), rng.integers(-2, 3, (3, 6))
+    got, hist = lib.train([W.tolist() for W in ws], X > 0, Y.tolist(), max_steps=5)
+    want, expected = lib.train(ws, (X > 0).astype(np.float64), Y.astype(np.float64), max_steps=5)
+    assert hist.losses == expected.losses
+    assert all(a.dtype == np.float64 and (a == b).all() for a, b in zip(got, want))
 
 
 def test_is_aligned_at_extreme_scales_answers_instead_of_overflowing():
@@ -194,7 +209,8 @@ def test_signals_during_a_measurement_leave_consistent_files(sig, at, status, tm
     assert run.returncode == status, run.stderr[-2000:]
     result = consistent(tmp_path, "fig1a")
     assert result["runs"]["seed=0"]["measure_steps"] == ([0, 100, 200] if at == (3,) else [0, 100])
-    assert ("terminated" if sig == "SIGTERM" else "interrupted") in run.stderr
+    assert f"{'terminated' if sig == 'SIGTERM' else 'interrupted'} during fig1a: fig1a's runs so far " \
+           f"written to {tmp_path / 'fig1a.json'}" in run.stderr, run.stderr
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
 
 
@@ -205,7 +221,7 @@ def test_interrupted_run_does_not_replace_a_complete_one(tmp_path, monkeypatch, 
     def interrupt(self, step, loss, hist):
         if step == 120:
             raise KeyboardInterrupt
-    monkeypatch.setattr(experiments.Progress, "__call__", interrupt)
+    monkeypatch.setattr(runner.Progress, "__call__", interrupt)
     assert experiments.main(["fig2a", "--quick", "--out", str(tmp_path), "-q"]) == 130
     assert {k: v for k, v in snapshot(tmp_path).items() if k in before} == before
     result = consistent(tmp_path, "fig2a-quick-interrupted")
@@ -219,8 +235,9 @@ def test_ctrl_c_before_any_run_writes_nothing(earlier, monkeypatch, capsys):
     assert experiments.main(["fig2a", "--quick", "--out", str(earlier), "-q"]) == 130
     assert snapshot(earlier) == before
     captured = capsys.readouterr()
-    assert "nothing written" in captured.out and "nothing was written" in captured.err
-    assert "what was computed was written" not in captured.err
+    assert "fig2a: interrupted before any run was recorded; nothing written" in captured.out
+    assert "interrupted during fig2a: nothing written for fig2a" in captured.err
+    assert "written to" not in captured.err and "complete" not in captured.err
 
 
 def test_a_full_disk_keeps_the_previous_files_and_says_which_failed(earlier, monkeypatch, capsys):
@@ -294,13 +311,28 @@ for k in range(points):
 """
 
 
+def whole_steps(result, measure_every=100):
+    """Every run of a result ends at a whole step: losses of steps 0, 1, ... up to its final
+    step (or the step before: an interrupt after a step's update, before its loss), all
+    finite; measurements at multiples of measure_every, and at its final step."""
+    for name, run in result["runs"].items():
+        final, steps = run["final_step"], run["steps"]
+        assert steps == list(range(len(steps))) and final - steps[-1] in (0, 1), name
+        assert len(run["losses"]) == len(steps) and all(map(math.isfinite, run["losses"])), name
+        assert run["measure_steps"] == sorted(set(run["measure_steps"])), name
+        assert all(t % measure_every == 0 or t == final for t in run["measure_steps"]), name
+        assert run["measure_steps"][-1] <= final, name
+        if result["status"] == "done":
+            assert final == steps[-1] and run["measure_steps"][-1] == final, name
+
+
 @pytest.mark.parametrize("args, points", [(["fig1a", "--seeds", "2", "--max-steps", "5000"], 24),
                                           (["fig1b", "--max-steps", "100"], 10)])
-def test_ctrl_c_at_any_moment_stops_within_a_second_with_consistent_files(args, points):
+def test_ctrl_c_at_any_moment_stops_at_a_whole_step_with_consistent_files(args, points):
     """Ctrl-C swept across a whole run (the set-up, the measurement of step 0, the steps, the
     final measurement, the summary and the writes): exit 130 with a consistent set of files
-    or none ('nothing was written'), never a traceback or a temporary file, stopped within
-    about a second (a run that ended first: exit 0)."""
+    whose runs end at a whole step, the message naming them, or none ('nothing written'),
+    never a traceback or a temporary file (a run that ended first: exit 0)."""
     script = SWEEP_SCRIPT.format(repo=REPO, args=args, points=points)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=300)
@@ -311,25 +343,52 @@ def test_ctrl_c_at_any_moment_stops_within_a_second_with_consistent_files(args, 
         folder, files = r["out"], sorted(os.listdir(r["out"]))
         assert r["status"] in (0, 130), r
         assert not [f for f in files if f.startswith(".tmp-")], r
+        assert "Traceback" not in r["stderr"], r
         if r["status"] == 130:
-            assert r["took"] - r["delay"] < 1.0, r
             if files:                            # (a signal in the writes: held till done)
                 stem = files[0].rsplit(".", 1)[0]
-                consistent(pathlib.Path(folder), stem, complete="interrupted" not in stem and
-                           json.loads(open(os.path.join(folder, stem + ".json")).read())[
-                               "status"] == "done")
-                assert "what was computed was written" in r["stderr"]
+                result = consistent(pathlib.Path(folder), stem, complete="interrupted" not in stem and
+                                    json.loads(open(os.path.join(folder, stem + ".json")).read())[
+                                        "status"] == "done")
+                whole_steps(result)
+                assert f"{os.path.join(folder, stem)}.json" in r["stderr"], r    # (named)
+                assert "nothing" not in r["stderr"], r
             else:
-                assert "nothing was written" in r["stderr"], r
+                assert "nothing written" in r["stderr"] or "nothing was written" in r["stderr"], r
+
+
+@pytest.mark.parametrize("argv, stem", [
+    (["fig2a", "--quick"], "fig2a-quick"),
+    (["sweep", "fig1a", "--grid", "lr=0.01,0.02", "--max-steps", "50"], "sweep-fig1a")])
+def test_ctrl_c_during_the_writes_says_what_was_written(argv, stem, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the results are written: held till the files are in place (complete),
+    then exit 130 with a message naming them, never 'nothing written'."""
+    import signal
+    write_files = outputs.write_files
+
+    def interrupted_write(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return write_files(*args, **kwargs)
+    monkeypatch.setattr(outputs, "write_files", interrupted_write)
+    assert experiments.main([*argv, "--out", str(tmp_path), "-q"]) == 130
+    err = capsys.readouterr().err
+    result = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert result["status"] == "done" and (tmp_path / f"{stem}.csv").exists()
+    if stem == "fig2a-quick":
+        consistent(tmp_path, stem, complete=True)
+    assert f"{tmp_path / stem}.json" in err and "nothing" not in err, err
 
 
 def test_a_later_run_removes_the_temporary_files_a_killed_run_left(tmp_path):
-    """SIGKILL during the writes leaves .tmp-<pid>-* files; the next run into the folder
-    deletes those of processes no longer running (never those of a live one)."""
+    """SIGKILL during the writes leaves .tmp-<host>~<pid namespace>~<pid>-* files; the next
+    run into the folder deletes those of this host and namespace whose process is no longer
+    running (never those of a live one)."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    stale = tmp_path / f".tmp-{dead}-xyzfig1a.json"
-    live = tmp_path / f".tmp-{os.getppid()}-xyzfig1a.json"
+    mine = outputs.temporary_prefix()                       # .tmp-<host>~<namespace>~<pid>-
+    assert mine.endswith(f"~{os.getpid()}-")
+    stale = tmp_path / f"{mine[:-len(f'{os.getpid()}-')]}{dead}-xyzfig1a.json"
+    live = tmp_path / f"{mine[:-len(f'{os.getpid()}-')]}{os.getppid()}-xyzfig1a.json"
     for path in (stale, live):
         path.write_text("partial")
     assert experiments.main(["thm3", "--quick", "--out", str(tmp_path), "-q"]) == 0
@@ -338,8 +397,8 @@ def test_a_later_run_removes_the_temporary_files_a_killed_run_left(tmp_path):
 
 @pytest.mark.parametrize("path", ["reference", "fast"])
 def test_ctrl_c_during_the_steps_leaves_a_whole_step(path, monkeypatch):
-    """A signal at random moments of a run: the weights returned are those of the recorded
-    final step exactly (no step half applied to the layers)."""
+    """A signal at random moments of a run: train raises align.Interrupted, whose weights are
+    those of its History's final step exactly (no step half applied to the layers)."""
     import signal
     lib = align if path == "reference" else align_fast
     rng = np.random.default_rng(3)
@@ -354,6 +413,8 @@ def test_ctrl_c_during_the_steps_leaves_a_whole_step(path, monkeypatch):
             try:
                 out, hist = lib.train(weights, X, Y, lr=1e-3, max_steps=10 ** 6, tol=0.0,
                                       measure_every=7, measures={"m": measure})
+            except align.Interrupted as stop:
+                out, hist = stop.weights, stop.history
             except KeyboardInterrupt:               # (in the set-up, before the loop: no run)
                 continue
             finally:

@@ -7,15 +7,16 @@ import pytest
 
 import align
 import experiments
+import runner
 import sweeps
 
 GRID = ["--grid", "lr=0.01,0.03", "--grid", "depth=2,3"]
 
 
 def config(name, *argv):
-    args = experiments.parser(name).parse_args([name, "-q", *argv])
+    args = runner.parser(experiments.EXPERIMENTS, name).parse_args([name, "-q", *argv])
     args.command = ""
-    return experiments.configure(name, args, np)
+    return runner.configure(experiments.EXPERIMENTS[name], name, args, np)
 
 
 def sweep(tmp_path, *argv):
@@ -107,7 +108,9 @@ def test_merged_shards_give_the_unsharded_records_and_refuse_missing_or_other_pa
     assert "sweep-fig1a-shard-1-of-3.json is from another sweep (seeds 2 there, 3 here)" in capsys.readouterr().err
     (tmp_path / "parts" / "sweep-fig1a-shard-2-of-3.json").unlink()
     assert sweep(tmp_path / "parts", "--merge") == 1
-    assert "missing shard(s) of 3: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 of 3 shards cannot be merged" in err and "--array=2 " in err
+    assert f"{tmp_path / 'parts' / 'sweep-fig1a-shard-2-of-3.json'} is missing" in err
     assert sweep(tmp_path / "empty", "--merge") == 1
     assert "no shards of sweep fig1a" in capsys.readouterr().err
 
@@ -119,7 +122,6 @@ def test_merged_shards_give_the_unsharded_records_and_refuse_missing_or_other_pa
     (["sweep", "fig1a", "--grid", "depth=0"], "out of range"),
     (["sweep", "fig1a", "--grid", "lr=0.1", "--grid", "lr=0.2"], "given twice"),
     (["sweep", "fig1a"], "at least one --grid"),
-    (["sweep", "fig1a", "--grid", "lr=0.1", "--shard", "4/3"], "1 <= I <= N"),
 ])
 def test_bad_grids_and_shards_are_refused_naming_the_problem(argv, message, tmp_path, capsys):
     assert experiments.main([*argv, "--out", str(tmp_path), "-q"]) == 1
@@ -127,12 +129,20 @@ def test_bad_grids_and_shards_are_refused_naming_the_problem(argv, message, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sweep_of_an_experiment_without_a_grid_is_a_usage_error(capsys):
+def test_sweep_of_an_experiment_without_a_grid_is_a_usage_error(tmp_path, capsys):
     assert experiments.main(["sweep", "fig2a", "--grid", "lr=1"]) == 2
     assert "must be one of fig1a, stability" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         experiments.main(["sweep", "fig1a", "--grid", "lr=1", "--shard", "1/2", "--merge"])
     assert e.value.code == 2
+    for shard in ("4/3", "0/8"):                         # (refused before --out is made)
+        with pytest.raises(SystemExit) as e:
+            experiments.main(["sweep", "fig1a", "--grid", "lr=0.1", "--shard", shard,
+                              "--out", str(tmp_path / "out"), "-q"])
+        assert e.value.code == 2 and "1 <= I <= N" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert experiments.main(["sweep", "--help"]) == 0
+    assert "EXPERIMENT is one of: fig1a, stability" in capsys.readouterr().out
 
 
 def test_an_interrupted_shard_is_written_as_such_and_not_merged(tmp_path, monkeypatch, capsys):
@@ -144,11 +154,21 @@ def test_an_interrupted_shard_is_written_as_such_and_not_merged(tmp_path, monkey
         calls.append(step)
         if len(calls) == 150:
             raise KeyboardInterrupt
-    monkeypatch.setattr(experiments.Progress, "__call__", interrupt)
+    monkeypatch.setattr(runner.Progress, "__call__", interrupt)
     assert sweep(tmp_path, "--shard", "1/2") == 130
-    part = json.loads((tmp_path / "sweep-fig1a-shard-1-of-2.json").read_text())
+    path = tmp_path / "sweep-fig1a-shard-1-of-2.json"
+    assert f"interrupted during sweep fig1a: sweep fig1a's runs so far written to {path}" in \
+        capsys.readouterr().err
+    part = json.loads(path.read_text())
     assert part["status"] == "interrupted" and part["runs"]
     assert all(r["stop_reason"] == "interrupted" for r in part["runs"].values())
+    # (one batch, depth 2: every network's record up to the batch's last whole step)
+    assert len({r["final_step"] for r in part["runs"].values()}) == 1
+    for r in part["runs"].values():
+        assert r["steps"] == [t for t in range(r["final_step"] + 1)             # (every 100th kept)
+                              if t % runner.SWEEP_LOSS_EVERY == 0 or t == r["final_step"]]
+        assert len(r["losses"]) == len(r["steps"])
+        assert r["measure_steps"] == [0, 100, r["final_step"]]
     monkeypatch.undo()
     assert sweep(tmp_path, "--shard", "2/2") == 0
     capsys.readouterr()

@@ -1,21 +1,38 @@
 """python experiments.py verify: every numbered statement holds, and a statement broken on
 purpose fails with its row named; report: one page from a results folder, saying what is
 missing or interrupted."""
+import io
 import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import align
 import experiments
+import runner
 
 
-def test_verify_quick_every_statement_holds(tmp_path, capsys):
-    assert experiments.main(["verify", "--quick", "--out", str(tmp_path), "-q"]) == 0
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+def test_verify_quick_every_statement_holds(tmp_path, monkeypatch, capsys):
+    """Every statement holds; verify says where it wrote its table, and its progress on a
+    terminal is one line, rewritten."""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert experiments.main(["verify", "--quick", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "verify-quick.json").read_text())["rows"]
+    progress = [line for line in terminal.getvalue().split("\n") if "rows checked" in line]
+    assert len(progress) == 1 and progress[0].count("\r") == len(rows), terminal.getvalue()
+    assert progress[0].endswith(f"verify: {len(rows)} rows checked")
     names = " ".join(r["statement"] for r in rows)
     for statement in ("Definition 2", "Lemma 1", "Lemma 2", "Theorem 1 (if)", "Theorem 1 (only if)",
                       "Theorem 4", "Corollary 1", "Eq. (6)", "Proposition 1", "Proposition 2",
@@ -23,7 +40,9 @@ def test_verify_quick_every_statement_holds(tmp_path, capsys):
                       "Theorem 3"):
         assert statement in names
     assert all(r["holds"] for r in rows) and len(rows) >= 20
-    assert f"{len(rows)} of {len(rows)} hold" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{len(rows)} of {len(rows)} hold" in out
+    assert f"; wrote {tmp_path / 'verify-quick.json'}" in out.splitlines()[-1]
 
 
 def test_verify_names_a_statement_broken_on_purpose(tmp_path, monkeypatch, capsys):
@@ -32,11 +51,15 @@ def test_verify_names_a_statement_broken_on_purpose(tmp_path, monkeypatch, capsy
         xp = align.array_module(sig)
         return xp.broadcast_to(sig.prod(axis=-2, keepdims=True), sig.shape)
     monkeypatch.setattr(align, "_others_product", over_all_j)
-    assert experiments.main(["verify", "--quick", "--out", str(tmp_path), "-q"]) == 3
+    assert experiments.main(["verify", "--quick", "--out", str(tmp_path)]) == 3
     rows = {r["statement"]: r for r in json.loads((tmp_path / "verify-quick.json").read_text())["rows"]}
     assert not rows["Corollary 1 (Appendix B's product over j != i)"]["holds"]
     assert rows["Theorem 2"]["holds"]
-    assert "FAILS" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "FAILS" in captured.out and f"wrote {tmp_path / 'verify-quick.json'}" in captured.out
+    assert "rows checked" not in captured.err           # no progress where stderr is no terminal
+    assert not [line for line in captured.err.splitlines() if not line.startswith("note:")], \
+        captured.err                                        # (notes only: the CPU, threads)
 
 
 def test_report_says_what_is_missing_and_what_was_interrupted(tmp_path, monkeypatch):
@@ -47,7 +70,7 @@ def test_report_says_what_is_missing_and_what_was_interrupted(tmp_path, monkeypa
         if step == 50:
             raise KeyboardInterrupt
     with monkeypatch.context() as patch:
-        patch.setattr(experiments.Progress, "__call__", interrupt)
+        patch.setattr(runner.Progress, "__call__", interrupt)
         assert experiments.main(["thm3", "--quick", "--out", str(tmp_path), "-q"]) == 130
     assert experiments.main(["report", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "report.md").read_text()
@@ -64,10 +87,10 @@ def test_report_says_what_is_missing_and_what_was_interrupted(tmp_path, monkeypa
 def test_report_run_fills_in_the_missing_quick_runs(tmp_path, monkeypatch):
     made = []
     monkeypatch.setattr(experiments, "EXPERIMENTS", {k: experiments.EXPERIMENTS[k] for k in ("fig2a", "thm1")})
-    run_experiment, verify_command = experiments.run_experiment, experiments.verify_command
-    monkeypatch.setattr(experiments, "run_experiment",
-                        lambda name, cfg: made.append(name) or run_experiment(name, cfg))
-    monkeypatch.setattr(experiments, "verify_command",
+    run_experiment, verify_command = runner.run_experiment, runner.verify_command
+    monkeypatch.setattr(runner, "run_experiment",
+                        lambda exp, name, cfg: made.append(name) or run_experiment(exp, name, cfg))
+    monkeypatch.setattr(runner, "verify_command",
                         lambda args, xp: made.append("verify") or verify_command(args, xp))
     main = experiments.main
     assert main(["report", "--run", "--out", str(tmp_path), "-q"]) == 0
@@ -143,3 +166,19 @@ def test_an_experiments_help_shows_only_its_own_options(capsys):
         experiments.main(["fig1b", "--help"])
     out = capsys.readouterr().out
     assert "--run" not in out and "EXPERIMENT" not in out and "--mnist" in out
+
+
+def test_report_on_a_folder_without_results_warns_and_says_where_to_look(tmp_path, capsys):
+    """report --out on an empty folder: a report listing every experiment as missing, and a
+    warning with hints (run them, give --out, or --run); no note about CuPy or the CPU."""
+    empty = tmp_path / "empty"
+    assert experiments.main(["report", "--out", str(empty)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {empty} holds no results" in err
+    assert "report --out DIR" in err and "--run" in err and f"all --quick --out {empty}" in err
+    assert "CuPy" not in err and "running on the CPU" not in err
+    assert "**Missing**: no fig1a.json" in (empty / "report.md").read_text()
+    assert experiments.main(["fig2a", "--quick", "--out", str(empty), "-q"]) == 0
+    capsys.readouterr()
+    assert experiments.main(["report", "--out", str(empty)]) == 0
+    assert "holds no results" not in capsys.readouterr().err
