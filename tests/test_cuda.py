@@ -101,7 +101,7 @@ def test_gemm_plan_reads_every_layout_the_steps_use(monkeypatch):
     params = [rng.standard_normal(9) * 0.3 for _ in range(3)]
     X = rng.standard_normal((36, 4))
     products.clear()
-    L, grads = st.loss_and_gradients([S] * 3, params, X, X, "mse", matmul=emulate)
+    L, grads = st._loss_and_gradients([S] * 3, params, X, X, "mse", matmul=emulate)
     L_want, grads_want = st.loss_and_gradients([S] * 3, params, X, X, "mse")
     assert len(products) == 3 + 3 + 2                      # forward, gradients, backward
     np.testing.assert_allclose(L, L_want, rtol=1e-12)
