@@ -483,8 +483,9 @@ def aligned_network(bases, sigmas):
 @dataclasses.dataclass
 class AlignmentTest:
     """The answer of :func:`is_aligned`, truthy when aligned: ``residual``, the largest
-    off-diagonal entry of U_i^T W_i V_i relative to ||W_i||_2 in the best witness found,
-    ``reason`` when not aligned, and ``ussvds`` [(U_i, s_i, V_i)] with U_i = V_{i+1}."""
+    off-diagonal entry of U_i^T W_i V_i relative to ||W_i||_2 in the best witness found (or,
+    rejected by step 1, the Gram matrices' relative commutator), ``reason`` when not
+    aligned, and ``ussvds`` [(U_i, s_i, V_i)] with U_i = V_{i+1}."""
     aligned: bool
     residual: float
     reason: str
@@ -580,23 +581,31 @@ def is_aligned(weights, tol=None):
 
 def gram_commutators(Ws, tol):
     """Step 1 of :func:`is_aligned`: (the largest relative commutator ||[A, B]||_F /
-    (||A||_2 ||B||_2) of A = W_i W_i^T and B = W_{i+1}^T W_{i+1}, its layer, whether it
-    exceeds what any witness within tol allows).  A witness's off-diagonal parts E_i have
-    entries <= tol ||W_i||_2, so ||E_i||_F <= e_i = tol sqrt(k_i k_{i-1}); expanding [A, B]
-    around the diagonal parts (which commute) bounds it by 12 (e_i + e_{i+1}) for e <= 0.1,
-    plus rounding (10 eps k^2: each entry sums k products of entries at most 1)."""
+    (||A||_F ||B||_F) (in [0, sqrt 2], Bottcher and Wenzel) of A = W_i W_i^T and
+    B = W_{i+1}^T W_{i+1}, its layer, whether any pair is too far from commuting for a witness
+    within tol).  A witness's off-diagonal parts E_i have entries <= tol ||W_i||_2, so
+    ||E_i||_F <= e_i = tol sqrt(k_i k_{i-1}); expanding [A, B] around the diagonal parts (which
+    commute) bounds ||[A, B]||_F / (||A||_2 ||B||_2) by 12 (e_i + e_{i+1}) for e <= 0.1, plus
+    rounding (10 eps k^2).  Frobenius norms are at least the spectral ones, so a pair already
+    above the bound relative to them is decided without the spectral norms' SVDs (the fast
+    "no": a random network costs its Gram products); the others are decided as the bound
+    says, with the spectral norms."""
     worst, layer, impossible = 0.0, 0, False
-    norms = [np.linalg.norm(W, 2) if W.size else 0.0 for W in Ws]
     for i in range(len(Ws) - 1):
-        if norms[i] == 0 or norms[i + 1] == 0:
-            continue
-        A, B = Ws[i] @ Ws[i].T / norms[i] ** 2, Ws[i + 1].T @ Ws[i + 1] / norms[i + 1] ** 2
-        value = float(np.linalg.norm(A @ B - B @ A))
+        A, B = Ws[i] @ Ws[i].T, Ws[i + 1].T @ Ws[i + 1]
+        AB = A @ B
+        commutator = float(np.linalg.norm(AB - AB.T))          # [A, B] = A B - (A B)^T
         e = [tol * math.sqrt(W.size) for W in Ws[i:i + 2]]
         bound = 12 * (e[0] + e[1]) + 10 * np.finfo(float).eps * A.shape[0] ** 2
-        if value > worst:
-            worst, layer = value, i + 1
-        impossible |= max(e) <= 0.1 and value > bound
+        frobenius = float(np.linalg.norm(A) * np.linalg.norm(B))
+        if frobenius == 0:
+            continue
+        if commutator / frobenius > worst:
+            worst, layer = commutator / frobenius, i + 1
+        if max(e) <= 0.1 and commutator > bound * frobenius:       # the fast "no"
+            return commutator / frobenius, i + 1, True
+        spectral = np.linalg.norm(Ws[i], 2) ** 2 * np.linalg.norm(Ws[i + 1], 2) ** 2
+        impossible |= max(e) <= 0.1 and commutator > bound * spectral
     return worst, layer, impossible
 
 

@@ -376,7 +376,8 @@ def section6_scores(weights, reference=None):
 def section6_measures(xp, seeds, steps):
     """Section 6's measures on networks with a known answer.  Catches: abs dropped or max
     turned min in a rule, the wrong pair of layers (U_i against V_i or V_{i+2}), invariance
-    against the wrong initial layer or side, a wrong mean over directions."""
+    against the wrong initial layer or side, a wrong mean over directions, the two rules
+    swapped or merged (a network where they differ by 0.07, both known)."""
     rng = np.random.default_rng(7)
     ones = 0.0
     for _ in range(5 * len(seeds)):
@@ -405,6 +406,22 @@ def section6_measures(xp, seeds, steps):
     Q = [np.eye(2), P[1] @ rotation(a) @ P[1].T, P[2] @ rotation(b, True) @ P[2].T, np.eye(2)]
     moved = [Q[i + 1] @ W @ Q[i].T for i, W in enumerate(start)]
     rotated = max(abs(v - want) for v in section6_scores(moved, start))
+    # where the rules differ: Q's columns b_1 = (r, 1/2, 1/2), b_2 = (r, -1/2, -1/2), b_3 = (0, r, -r),
+    # r = 1/sqrt 2: b_1 and b_2 are both nearest e_1 (|cosine| r), b_3 nearest e_2 and e_3 (r).
+    # Matched (each b_j its best |cosine|, e_1 twice): r.  Paired (one to one): e_1 takes one of
+    # b_1, b_2 (r), one of e_2, e_3 takes b_3 (r), the other the rest (1/2): (2r + 1/2) / 3.
+    r = math.sqrt(0.5)
+    Q = np.array([[r, r, 0.0], [0.5, -0.5, r], [0.5, -0.5, -r]])
+    rules = [(2 * r + 0.5) / 3, r]                      # (paired, matched)
+    P = [orthogonal(rng, 3) for _ in range(3)]
+    D3 = [np.diag([3.0, 2.0, 1.0]), np.diag([5.0, 4.0, 0.5])]
+    shared = [P[1] @ D3[0] @ P[0].T, P[2] @ D3[1] @ (P[1] @ Q).T]         # U_1 = P_1, V_2 = P_1 Q
+    differ = max(abs(v - w) for v, w in zip(section6_scores(shared), rules))
+    # invariance: the hidden basis turned by P_1 Q P_1^T: U_1(t) = V_2(t) = P_1 Q against P_1
+    start = [P[1] @ D3[0] @ P[0].T, P[2] @ D3[1] @ P[1].T]
+    turn = P[1] @ Q @ P[1].T
+    differ_inv = max(abs(v - w) for v, w in zip(section6_scores([turn @ start[0], start[1] @ turn.T],
+                                                                start), rules))
     return [Row("Section 6 (aligned chains score 1)", f"{5 * len(seeds)} aligned chains: |1 - alignment|, "
                 "|1 - invariance against itself| (paired rule: repeated values, any widths; both rules: "
                 "distinct values, square)",
@@ -414,7 +431,12 @@ def section6_measures(xp, seeds, steps):
                 angle, "<=", 1e-12),
             Row("Section 6 (invariance, known rotation)", "aligned start, hidden bases turned by "
                 "0.3 and 0.6 (reflected): |invariance - (cos 0.3 + cos 0.6)/2|, both rules",
-                rotated, "<=", 1e-12)]
+                rotated, "<=", 1e-12),
+            Row("Section 6 (the rules differ: alignment)", "3-3-3 network, V_2 = U_1 Q, two columns of "
+                "Q nearest one u: |paired - (sqrt2 + 1/2)/3|, |matched - 1/sqrt2|",
+                differ, "<=", 1e-12),
+            Row("Section 6 (the rules differ: invariance)", "the hidden basis turned by that Q: "
+                "|paired - (sqrt2 + 1/2)/3|, |matched - 1/sqrt2|", differ_inv, "<=", 1e-12)]
 
 
 def eq2_and_eq8(xp, seeds, steps):

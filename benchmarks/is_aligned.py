@@ -1,5 +1,12 @@
 """is_aligned (Definition 2) on random, trained and aligned networks: the answer, its residual
-and the time, float32 and float64 (issue #23's table).  python benchmarks/is_aligned.py"""
+and the time, float32 and float64 (issue #23's table); and its "no" on large random networks
+against the Gram products the commutator check needs, as a ratio measured in one run.
+
+    python benchmarks/is_aligned.py                                  # both tables (minutes)
+    python benchmarks/is_aligned.py --gram [--against OLD/align.py]  # the ratio only (seconds)
+"""
+import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -61,8 +68,55 @@ def trained_fig1b(steps=2000):
     timed(f"fig1b after {steps} steps", out, 1e-6)
 
 
+def gram_products(weights):
+    """What the commutator check cannot do without, per pair of layers: A = W_i W_i^T,
+    B = W_{i+1}^T W_{i+1} and ||A B - B A||_F."""
+    for W, V in zip(weights, weights[1:]):
+        A, B = W @ W.T, V.T @ V
+        np.linalg.norm(A @ B - B @ A)
+
+
+def against_gram_products(against=None, rounds=3):
+    """is_aligned's "no" (the commutator check) on random float64 networks, 1500-1500-1500
+    (standard normal) and fig1b's widths with torch's default weights U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)), against gram_products: the best of ``rounds`` rounds, each timing every
+    function once in turn, so that the ratios come from one run.  ``against``: another
+    align.py (say the version before) timed in the same rounds."""
+    rng = np.random.default_rng(0)
+    networks = {"random 1500-1500-1500": [rng.standard_normal((1500, 1500)) for _ in range(2)],
+                "random 784-1024-64-10, torch init": [rng.uniform(-1, 1, (b, a)) / np.sqrt(a)
+                                                      for a, b in zip(FIG1B, FIG1B[1:])]}
+    runs = {"is_aligned": align.is_aligned}
+    if against:
+        spec = importlib.util.spec_from_file_location("align_against", against)
+        other = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(other)
+        runs[f"is_aligned of {against}"] = other.is_aligned
+    print("| network | function | answer | residual | seconds | Gram products (s) | ratio |\n"
+          "| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for label, weights in networks.items():
+        best, answers = dict.fromkeys(["gram", *runs], float("inf")), {}
+        for _ in range(rounds):
+            for name, fn in [("gram", gram_products), *runs.items()]:
+                start = time.perf_counter()
+                answers[name] = fn(weights)
+                best[name] = min(best[name], time.perf_counter() - start)
+        for name in runs:
+            out = answers[name]
+            assert not out and "do not commute" in out.reason, out.reason       # the check's "no"
+            print(f"| {label} | {name} | {bool(out)} | {out.residual:.3g} | {best[name]:.3f} | "
+                  f"{best['gram']:.3f} | {best[name] / best['gram']:.1f}x |", flush=True)
+
+
 if __name__ == "__main__":
-    print("| network | dtype | aligned | residual | seconds |\n| --- | --- | --- | ---: | ---: |")
-    random_networks()
-    aligned_chains()
-    trained_fig1b()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gram", action="store_true", help="only the table against the Gram products")
+    parser.add_argument("--against", metavar="ALIGN_PY", help="also time this align.py's is_aligned")
+    args = parser.parse_args()
+    if not args.gram:
+        print("| network | dtype | aligned | residual | seconds |\n| --- | --- | --- | ---: | ---: |")
+        random_networks()
+        aligned_chains()
+        trained_fig1b()
+        print()
+    against_gram_products(args.against)

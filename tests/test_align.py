@@ -602,9 +602,12 @@ def test_definition2_gram_check_rejects_exactly_above_its_bound():
     3% either side of c / (12 (2 + sqrt 6)) puts the bound either side of c."""
     rng = np.random.default_rng(15)
     weights = [np.eye(2), rng.standard_normal((2, 2)), rng.standard_normal((3, 2))]
-    c = align.is_aligned(weights, tol=1e-6).residual                    # (rejected by the check)
     A, B = (W @ W.T / np.linalg.norm(W, 2) ** 2 for W in (weights[1], weights[2].T))
-    assert c == pytest.approx(np.linalg.norm(A @ B - B @ A), rel=1e-12)
+    c = np.linalg.norm(A @ B - B @ A)
+    fast = align.is_aligned(weights, tol=1e-6)         # (rejected by the check without an SVD:
+    frobenius = c * np.linalg.norm(weights[1], 2) ** 2 * np.linalg.norm(weights[2], 2) ** 2 / (
+        np.linalg.norm(weights[1] @ weights[1].T) * np.linalg.norm(weights[2].T @ weights[2]))
+    assert fast.residual == pytest.approx(frobenius, rel=1e-12) and frobenius < c   # a lower bound)
     bound = 12 * (2 + math.sqrt(6))           # times tol: e_2 = 2 tol, e_3 = sqrt(6) tol
     rejected = align.is_aligned(weights, tol=c / bound / 1.03).reason
     assert rejected.startswith("W_2 W_2^T and W_3^T W_3 do not commute")
@@ -625,7 +628,8 @@ def test_definition2_rounding_never_trips_the_gram_check():
 def test_definition2_gram_check_applies_up_to_e_equal_to_0_1():
     """The commutator check is sound for e = tol sqrt(k_i k_(i-1)) <= 0.1, the boundary
     included: 32 x 32 layers at tol = 0.1 / 32 (e = 0.1 exactly) whose Gram matrices are
-    projections on 16 planes turned by 45 degrees (commutator sqrt(8) > 12 * 0.2)."""
+    projections on 16 planes turned by 45 degrees (commutator sqrt(8) > 12 * 0.2, relative to
+    the spectral norms 1; the residual relative to the Frobenius norms 4 and 4)."""
     c = s = math.sqrt(0.5)
     P, Q = np.zeros((32, 32)), np.zeros((32, 32))
     for j in range(16):
@@ -634,7 +638,7 @@ def test_definition2_gram_check_applies_up_to_e_equal_to_0_1():
     assert (0.1 / 32) * math.sqrt(32 * 32) == 0.1
     test = align.is_aligned([P, Q], tol=0.1 / 32)
     assert not test and "do not commute" in test.reason
-    assert test.residual == pytest.approx(math.sqrt(8), rel=1e-12)
+    assert test.residual == pytest.approx(math.sqrt(8) / 16, rel=1e-12)
 
 
 def test_definition2_at_tol_0_with_zero_layers_and_exact_zeros():
@@ -665,7 +669,9 @@ def test_commutator_test_allows_10_eps_k_squared_of_rounding_at_tol_0(multiple, 
     delta = multiple * eps * k ** 2 / np.sqrt(2)
     weights = [np.diag([1.0, np.sqrt(0.5)]), np.array([[1.0, delta], [delta, 1.0]])]
     worst, layer, refused = align.gram_commutators(weights, 0.0)
-    assert worst / (eps * k ** 2) == pytest.approx(multiple, rel=1e-3) and refused == impossible
+    A, B = weights[0] @ weights[0].T, weights[1].T @ weights[1]
+    spectral = worst * np.linalg.norm(A) * np.linalg.norm(B) / (np.linalg.norm(A, 2) * np.linalg.norm(B, 2))
+    assert spectral / (eps * k ** 2) == pytest.approx(multiple, rel=1e-3) and refused == impossible
     test = align.is_aligned(weights, tol=0.0)
     assert not test and ("do not commute" in test.reason) == impossible
 
@@ -687,10 +693,11 @@ def test_commutator_ties_name_the_first_pair_of_layers():
     norm, bit for bit ([B, A] = -[A, B]); the reason names the first pair."""
     W1, W2 = np.diag([1.0, 0.5]), np.array([[1.0, 0.5], [0.5, 1.0]])
     weights = [W1, W2, W1.T.copy()]
-    A, B = W1 @ W1.T, W2.T @ W2 / np.linalg.norm(W2, 2) ** 2
+    A, B = W1 @ W1.T, W2.T @ W2
     test = align.is_aligned(weights, tol=0.0)
     assert not test and "W_1 W_1^T and W_2^T W_2 do not commute" in test.reason
-    assert test.residual == np.linalg.norm(A @ B - B @ A)
+    assert test.residual == pytest.approx(np.linalg.norm(A @ B - B @ A) / (np.linalg.norm(A) *
+                                                                          np.linalg.norm(B)), rel=1e-14)
 
 
 
@@ -716,3 +723,20 @@ def test_definition2_positions_need_the_search_not_only_best_fit(monkeypatch):
             return
     monkeypatch.setattr(align, "_pairings", best_fit_only)
     assert "no positions" in align.is_aligned(weights).reason
+
+
+def test_a_random_network_is_refused_without_an_svd(monkeypatch):
+    """The fast "no" (Gram check relative to Frobenius norms): a random 300-300-300 network is
+    refused before any SVD or spectral norm is computed, naming its layers, with the relative
+    commutator ||[A, B]||_F / (||A||_F ||B||_F) as its residual."""
+    rng = np.random.default_rng(90)
+    weights = [rng.standard_normal((300, 300)) for _ in range(2)]
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("an SVD on the way to a fast no")
+    A, B = weights[0] @ weights[0].T, weights[1].T @ weights[1]
+    want = np.linalg.norm(A @ B - B @ A) / (np.linalg.norm(A) * np.linalg.norm(B))
+    monkeypatch.setattr(np.linalg, "svd", no_svd)
+    test = align.is_aligned(weights)
+    assert not test and test.reason.startswith("W_1 W_1^T and W_2^T W_2 do not commute")
+    assert test.residual == pytest.approx(want, rel=1e-10)

@@ -182,3 +182,22 @@ def test_report_on_a_folder_without_results_warns_and_says_where_to_look(tmp_pat
     capsys.readouterr()
     assert experiments.main(["report", "--out", str(empty)]) == 0
     assert "holds no results" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rule", [{"paired": "matched", "matched": "paired"},      # swapped
+                                  {"paired": "paired", "matched": "paired"},       # merged
+                                  {"paired": "matched", "matched": "matched"}],
+                         ids=["swapped", "both-paired", "both-matched"])
+def test_verify_tells_the_paired_rule_from_the_matched_rule(rule, monkeypatch):
+    """Section 6's two rules swapped, or merged into one (either way): a row fails, and the
+    rows where the rules differ are among those that do; the real rules hold every row."""
+    import verify
+    assert all(row.holds for row in verify.section6_measures(np, [0], 300))
+    alignment, invariance = align.alignment, align.invariance
+    monkeypatch.setattr(align, "alignment", lambda weights, how="paired", rtol=1e-6:
+                        alignment(weights, rule[how], rtol))
+    monkeypatch.setattr(align, "invariance", lambda weights_t, weights_0, how="paired", rtol=1e-6:
+                        invariance(weights_t, weights_0, rule[how], rtol))
+    failing = [row.statement for row in verify.verify(np, quick=True) if not row.holds]
+    assert "Section 6 (the rules differ: alignment)" in failing
+    assert "Section 6 (the rules differ: invariance)" in failing
