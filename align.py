@@ -835,6 +835,7 @@ def invariance_certificate(X, Y, widths, tol=1e-9):
     k0, kd, r = X.shape[0], Y.shape[0], int(min(widths))
     S, C = X @ X.T, Y @ X.T
     G = C.T @ C
+    check_finite("X X^T and (Y X^T)^T Y X^T (X and Y too large? scale them)", np.stack([S, G]))
     J = _joint_eigenvectors(S, G, tol)
     Cn = max(np.linalg.norm(C, 2), np.finfo(float).tiny)
     images = C @ J
@@ -1050,6 +1051,7 @@ def balanced_factorization(P, hidden=None, W=None):
     P = as_array("P", P)
     if P.ndim != 2:
         raise ValueError(f"P must be a matrix, got shape {_shape(P)}")
+    check_finite("P", P)
     xp = array_module(P)
     m, n = P.shape
     hidden = min(m, n) if hidden is None else hidden

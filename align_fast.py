@@ -1397,8 +1397,8 @@ def _generic(svds, rtol):
     stacked = len({s.shape for s in values}) == 1      # layers of one shape: one pass
     ok = True
     for s in [xp.stack(values)] if stacked else values:
-        top = s[..., :1]
-        good = (s[..., -1] > rtol * top[..., 0]) & (abs(xp.diff(s, axis=-1)) > rtol * top).all(axis=-1)
+        top = s[..., :1]                               # (a layer with no values: generic)
+        good = (s[..., -1:] > rtol * top).all(axis=-1) & (abs(xp.diff(s, axis=-1)) > rtol * top).all(axis=-1)
         ok = ok & (good.all(axis=0) if stacked else good)
     return ok
 

@@ -4,6 +4,7 @@ HTML rendered from one model).  Used by experiments.py; nothing here trains or m
 import base64
 import contextlib
 import csv
+import gc
 import html
 import io
 import json
@@ -165,6 +166,7 @@ def write_text(path, text):
 
 
 SIGNALS_RECEIVED = []                       # SIGINT / SIGTERM numbers this process received
+HOLDING = []                                # the held signals while a hold is active
 FILES_WRITTEN = []                          # paths write_files put in place (this command)
 
 
@@ -181,15 +183,17 @@ def on_signal(signum, frame):
 def signals_held():
     """Hold Ctrl-C and SIGTERM until the block ends, then raise as they would have (in the
     main thread; elsewhere nothing is held)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or HOLDING:
+        yield                                    # (inside a hold: the outer one raises)
         return
     held = []
     previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
+    HOLDING.append(held)
     try:
         yield
     finally:
+        HOLDING.clear()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if held:
@@ -240,10 +244,14 @@ def figure_or_note(title, runs, draw=None):
 
 
 def close_figure(fig):
-    """Free a figure of figure_or_note (a note needs nothing)."""
+    """Free a figure of figure_or_note (a note needs nothing), and collect its garbage now:
+    matplotlib's caches hold weak references whose callbacks would otherwise run during a
+    later training run, where a Ctrl-C landing inside one is printed and lost (Python
+    ignores exceptions in weakref callbacks).  Called where signals are held."""
     if not isinstance(fig, str):
         import matplotlib.pyplot as plt
         plt.close(fig)
+        gc.collect()
 
 
 def figure(title, runs):

@@ -188,6 +188,7 @@ class Config:
     command: str = ""
     threads: int = 1
     reference: bool = False
+    experiment: str = ""                # its name, for progress lines
     depth: int = None                   # the sweep parameters (None: the experiment's own)
     width: int = None
     n: int = None
@@ -202,7 +203,7 @@ class Config:
     def to_dict(self):
         """The settings for the JSON record."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "xp" and not (f.name in SWEEP_PARAMETERS and getattr(self, f.name) is None)} | \
+                if f.name not in ("xp", "experiment") and not (f.name in SWEEP_PARAMETERS and getattr(self, f.name) is None)} | \
             {"dtype": np.dtype(self.dtype).name, "implementation": self.lib.__name__}
 
 
@@ -229,7 +230,7 @@ def configure(exp, name, args, xp):
                   loss_every=args.loss_every, loss_scale=args.loss_scale or "mean",
                   init=args.init or "aligned", mnist=args.mnist, out=args.out, quiet=args.quiet,
                   quick=args.quick, command=args.command, threads=blas_threads(args.threads),
-                  reference=bool(args.reference))
+                  reference=bool(args.reference), experiment=name)
 
 
 def seeds(cfg):
@@ -298,7 +299,7 @@ def train_dense(cfg, runs, name, weights, X, Y, kind, lr=None, measures=None, dt
     return recorded(runs, name, lambda: cfg.lib.train(
         weights, X, Y, kind=kind, lr=cfg.lr if lr is None else lr, max_steps=cfg.max_steps,
         tol=cfg.tol, measure_every=cfg.measure_every, measures=measures,
-        callback=Progress(name, cfg)), extra)
+        callback=Progress(f"{cfg.experiment} {name}".strip(), cfg)), extra)
 
 
 def train_structured(cfg, runs, name, structures, params, X, Y, kind, extra=None):
@@ -309,7 +310,8 @@ def train_structured(cfg, runs, name, structures, params, X, Y, kind, extra=None
     measure = cfg.lib.tracker(st.layer_matrices(structures, params), rtol=cfg.rtol)
     return recorded(runs, name, lambda: st.train(
         structures, params, X, Y, kind=kind, lr=cfg.lr, max_steps=cfg.max_steps, tol=cfg.tol,
-        measure_every=cfg.measure_every, measures={"m": measure}, callback=Progress(name, cfg),
+        measure_every=cfg.measure_every, measures={"m": measure},
+        callback=Progress(f"{cfg.experiment} {name}".strip(), cfg),
         descend=cfg.lib.gradient_descent), extra)
 
 
@@ -319,7 +321,7 @@ def descend(cfg, runs, name, weights, loss_and_grads, extra=None):
     measure = cfg.lib.tracker(weights, rtol=cfg.rtol)
     return recorded(runs, name, lambda: cfg.lib.gradient_descent(
         weights, loss_and_grads, cfg.lr, cfg.max_steps, cfg.tol, measure_every=cfg.measure_every,
-        measures={"m": measure}, callback=Progress(name, cfg)), extra)
+        measures={"m": measure}, callback=Progress(f"{cfg.experiment} {name}".strip(), cfg)), extra)
 
 
 @dataclasses.dataclass
@@ -360,7 +362,7 @@ def train_problems(cfg, runs, label, problems, always_batch=False):
             X, Y = np.stack([p.X for p in chunk]), np.stack([p.Y for p in chunk])
             rates = [p.lr for p in chunk]
             names = chunk[0].name + (f" .. {chunk[-1].name}" if len(chunk) > 1 else "")
-            batch, label_ = {}, f"{label} {names}"
+            batch, label_ = {}, names
             try:
                 train_dense(cfg, batch, label_, weights, X, Y, chunk[0].kind,
                             rates[0] if len(set(rates)) == 1 else rates)
@@ -573,8 +575,22 @@ def run_experiment(exp, name, cfg):
         print(f"{name}: interrupted before any run was recorded; nothing written "
               f"(earlier results in {cfg.out} left as they were)")
         return claim, stop, []
-    with outputs.signals_held():                     # (a signal now: the results are written first)
-        return (*_report(exp, name, cfg, runs, claim, stop, start),)
+    written = []
+    try:
+        with outputs.signals_held():                 # (a signal now: the results are written first)
+            claim, stop, written = _report(exp, name, cfg, runs, claim, stop, start)
+    except KeyboardInterrupt:            # during the writes, which finished (or before them)
+        raise WrittenThenInterrupted(name, stop if written else "interrupted", written) from None
+    return claim, stop, written
+
+
+class WrittenThenInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM while an experiment's results were being written: held until they
+    were complete; ``name``, ``stop`` (its status) and ``written`` (the paths) say what is there."""
+
+    def __init__(self, name, stop, written):
+        super().__init__(f"{name} written, then interrupted")
+        self.name, self.stop, self.written = name, stop, written
 
 
 def _report(exp, name, cfg, runs, claim, stop, start):
@@ -838,6 +854,10 @@ def run_experiments(args, table, names):
     except (ExperimentError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except WrittenThenInterrupted as late:
+        if late.stop == "done":
+            return interrupted_status(done + [f"{late.name} ({', '.join(late.written)})"], None, [])
+        return interrupted_status(done, late.name, late.written)
     except KeyboardInterrupt:
         return interrupted_status(done, None, [])
     return 0 if all(c["holds"] for c in claims.values()) or args.quick else 3
@@ -848,7 +868,7 @@ def interrupted_status(done, name, written):
     interrupted one wrote); its exit status (130 Ctrl-C, 143 SIGTERM)."""
     terminated = signal.SIGTERM in outputs.SIGNALS_RECEIVED
     what = ("terminated" if terminated else "interrupted") + (f" during {name}" if name else "")
-    parts = [f"{', '.join(done)} complete" if done else ""]
+    parts = [f"{', '.join(done)} complete and written" if done else ""]
     parts.append(f"{name}'s runs so far written to {', '.join(written)}, marked \"interrupted\""
                  if written else f"nothing written for {name}" if name else "")
     print(f"{what}: " + ("; ".join(p for p in parts if p) or "nothing was written"), file=sys.stderr)
@@ -1062,8 +1082,14 @@ def sweep_or_merge(exp, name, args, cfg):
                 return interrupted_status([], f"sweep {name}", [])
             result = sweeps.result_record(name, exp, cfg, grid, shard, runs, status, start,
                                           environment(cfg), project_version())
-    with outputs.signals_held():
-        print(sweeps.summary_text(name, grid, result["cells"], status))
-        written = sweeps.write(result, cfg.out, name, shard)
-        print(f"  wrote {', '.join(written)}")
+    written = []
+    try:
+        with outputs.signals_held():
+            print(sweeps.summary_text(name, grid, result["cells"], status))
+            written = sweeps.write(result, cfg.out, name, shard)
+            print(f"  wrote {', '.join(written)}")
+    except KeyboardInterrupt:            # during the writes, which finished (or before them)
+        if status == "done" and written:
+            return interrupted_status([f"sweep {name} ({', '.join(written)})"], None, [])
+        return interrupted_status([], f"sweep {name}", written)
     return interrupted_status([], f"sweep {name}", written) if status == "interrupted" else 0

@@ -212,11 +212,11 @@ def test_an_interrupt_names_what_finished_and_what_was_written(where, tmp_path, 
     files = ", ".join(str(tmp_path / f"thm3-quick.{e}") for e in ("json", "csv", "png")
                       if (tmp_path / f"thm3-quick.{e}").exists())
     if where == "at step 40":
-        assert f"interrupted during thm3: fig2a complete; thm3's runs so far written to {files}, " \
+        assert f"interrupted during thm3: fig2a complete and written; thm3's runs so far written to {files}, " \
                f"marked \"interrupted\"" in err
         assert json.loads((tmp_path / "thm3-quick.json").read_text())["runs"]["seed=0"]["final_step"] == 40
     else:
-        assert "interrupted during thm3: fig2a complete; nothing written for thm3" in err and not files
+        assert "interrupted during thm3: fig2a complete and written; nothing written for thm3" in err and not files
     assert json.loads((tmp_path / "fig2a-quick.json").read_text())["status"] == "done"
 
 
@@ -267,7 +267,7 @@ def test_seeds_beyond_device_memory_run_in_batches_with_the_same_records(tmp_pat
     monkeypatch.setattr(runner, "train_dense", lambda cfg, runs, label, *a, train_dense=runner.train_dense,
                         **k: labels.append(label) or train_dense(cfg, runs, label, *a, **k))
     run(tmp_path / "three", "fig1a", "--quick", "--seeds", "5")
-    assert labels == ["fig1a seed=0 .. seed=1", "fig1a seed=2 .. seed=3", "fig1a seed=4"]
+    assert labels == ["seed=0 .. seed=1", "seed=2 .. seed=3", "seed=4"]
     one, three = (json.loads((tmp_path / d / "fig1a-quick.json").read_text())["runs"] for d in ("one", "three"))
     assert one.keys() == three.keys()
     for name in one:
