@@ -367,6 +367,187 @@ def stability_findings(runs):
                                              f"{DEPARTURE_FLOOR:g}"}
 
 
+# ------------------------------- beyond the paper: the limit of small starts (Section 4.4) --
+LIMIT_N = {"determined": 9, "underdetermined": 5}          # samples n (9 x n data)
+LIMIT_SCALES = {                     # the scales s of the start, as small as the budget converges
+    ("determined", 2): (1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4),
+    ("determined", 3): (1.0, 0.3, 0.1, 0.03),
+    ("determined", 4): (1.0, 0.5, 0.3, 0.2),
+    ("underdetermined", 2): (1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4),
+    ("underdetermined", 3): (1.0, 0.3, 0.1, 0.03, 0.01, 3e-3),
+    ("underdetermined", 4): (1.0, 0.5, 0.3, 0.1, 0.05)}
+LIMIT_QUICK_SCALES = {2: (1.0, 0.3, 0.1), 3: (1.0, 0.3, 0.1), 4: (1.0, 0.7, 0.5)}
+LIMIT_STEP = {2: 0.1, 3: 1.0, 4: 1.0}  # lr = this / (sharpness at the limit); twice for n < k0,
+LIMIT_UNDER = 2.0                      # where the bound exceeds the sharpness 2-4 times (measured)
+LIMIT_FLOW = 2.0            # fits use runs whose balance defect ended within this factor of its start
+
+
+def limit_data(seed, regime):
+    """(rng, X, Y) of a seed: 9 x n standard normal, n = 9 (determined: X whitened to
+    X X^T = 9 I, so that every seed converges at depths 3 and 4) or n = 5 (underdetermined)."""
+    rng = np.random.default_rng(seed)
+    X, Y = rng.standard_normal((9, LIMIT_N[regime])), rng.standard_normal((9, LIMIT_N[regime]))
+    if regime == "determined":
+        q, r = np.linalg.qr(X)
+        X = 3.0 * q * np.sign(np.diagonal(r))
+    return rng, X, Y
+
+
+def sharpness(X, Y, depth):
+    """The Gauss-Newton bound on the sharpness of Eq. (2)'s loss at the balanced factorisation
+    of P = Y X^+: lambda_max(X X^T) / n * d * sigma_max(P)^(2(d-1)/d); Proposition 2's rate at
+    the limit is ln 2 over it."""
+    P = Y @ np.linalg.pinv(X)
+    return np.linalg.eigvalsh(X @ X.T)[-1] / X.shape[1] * depth * \
+        np.linalg.norm(P, 2) ** (2 * (depth - 1) / depth)
+
+
+def limit_problems(cfg):
+    """The limit networks: both regimes, depths 2-4 (widths 9, hidden --width), the torch-like
+    start of each seed scaled by each s (a sweep may fix depth and init_scale); each (regime,
+    depth, s) is a batch of the seeds, one rate each."""
+    width = cfg.width or 9
+    for regime in LIMIT_N:
+        for depth in (cfg.depth,) if cfg.depth else (2, 3, 4):
+            widths = [9] + [width] * (depth - 1) + [9]
+            scales = (cfg.init_scale,) if cfg.init_scale else \
+                LIMIT_QUICK_SCALES[depth] if cfg.quick else LIMIT_SCALES[regime, depth]
+            for seed in seeds(cfg):
+                rng, X, Y = limit_data(seed, regime)
+                start, r = torch_like_init(rng, widths), int(np.linalg.matrix_rank(Y @ np.linalg.pinv(X)))
+                lr = cfg.lr or LIMIT_STEP[depth] * (LIMIT_UNDER if regime == "underdetermined" else 1) \
+                    / sharpness(X, Y, depth)
+                for s in scales:
+                    yield Problem(f"{regime} depth={depth} s={s:g} seed={seed}", [s * W for W in start],
+                                  X, Y, lr, "mse", {"regime": regime, "depth": depth,
+                                                    "init_scale": s, "seed": seed, "rank": r},
+                                  group=(regime, depth, s), after=lambda ws, w0, r=r: limit_end(ws, w0, r))
+
+
+def limit_end(weights, start, r):
+    """What a run of limit records at its end besides the measures: Section 6's measures
+    restricted to the r directions of the data's product, the norm excess, the balance
+    defect at the start and the end, is_aligned's answer and the smallest tol it accepts,
+    and (depth 2) the distance to Proposition 3's factorisations."""
+    out = {"restricted": restricted_measures(weights, start, r), "norm_excess": norm_excess(weights),
+           "balance_start": balance_defect(start), "balance_end": balance_defect(weights),
+           "is_aligned": bool(align.is_aligned(weights)), "smallest_tol": smallest_tol(weights)}
+    return out | ({"prop3_distance": prop3_distance(*weights)} if len(weights) == 2 else {})
+
+
+def product(weights):
+    P = weights[0]
+    for W in weights[1:]:
+        P = W @ P
+    return P
+
+
+def norm_excess(weights):
+    """sum_i ||W_i||_F^2 / (d sum_k sigma_k(P)^(2/d)) - 1 for P = W_d ... W_1: the least
+    sum over factorisations of P is d sum_k sigma_k(P)^(2/d) (AM-GM for each k with Horn's
+    inequality; Proposition 3's 2 ||P||_* for d = 2), taken by the balanced aligned ones, so
+    the excess is 0 exactly there.  Singular values at rounding level count as zero."""
+    s = np.linalg.svd(product(weights), compute_uv=False)
+    s = np.where(s > s[0] * max(product(weights).shape) * np.finfo(float).eps, s, 0.0)
+    return sum(float(np.vdot(W, W)) for W in weights) / (len(weights) * float(np.sum(s ** (2 / len(weights))))) - 1
+
+
+def balance_defect(weights):
+    """max_i ||W_{i+1}^T W_{i+1} - W_i W_i^T||_F, conserved by gradient flow (Section 4.4)."""
+    return max(float(np.linalg.norm(B.T @ B - A @ A.T)) for A, B in zip(weights, weights[1:]))
+
+
+def restricted_measures(weights, start, r):
+    """Alignment and invariance (both rules) of the network restricted to the r directions
+    that carry its product: B_0 = V_r and B_d = U_r of P = U S V^T, hidden B_i the range of
+    W_i ... W_1 V_r; the r x r network B_i^T W_i B_{i-1} (and the start with the same bases)
+    measured.  Definition 2 leaves singular vectors of zero singular values free: these
+    measures do not see them; with r the full width they are the full measures."""
+    U, _, Vt = np.linalg.svd(product(weights))
+    bases, image = [Vt[:r].T], Vt[:r].T
+    for W in weights[:-1]:
+        image = W @ image
+        bases.append(np.linalg.svd(image, full_matrices=False)[0][:, :r])
+    bases.append(U[:, :r])
+    inner = lambda ws: [bases[i + 1].T @ W @ bases[i] for i, W in enumerate(ws)]
+    return {f"{what}_{how}": float(align.alignment(inner(weights), how) if what == "alignment" else
+                                   align.invariance(inner(weights), inner(start), how))
+            for what in ("alignment", "invariance") for how in ("paired", "matched")}
+
+
+def smallest_tol(weights, low=-14.0, steps=12):
+    """The smallest tol at which is_aligned accepts (bisection in log10 tol over [1e-14, 1), to
+    0.004 of a decade);
+    None when it rejects at 1 (acceptance grows with tol: checked on the trained networks)."""
+    high = math.log10(1 - 1e-12)
+    if not align.is_aligned(weights, 10 ** high):
+        return None
+    if align.is_aligned(weights, 10 ** low):
+        return 10 ** low
+    for _ in range(steps):
+        middle = (low + high) / 2
+        low, high = (low, middle) if align.is_aligned(weights, 10 ** middle) else (middle, high)
+    return 10 ** high
+
+
+def prop3_distance(W1, W2):
+    """The distance of (W_1, W_2) to the nearest balanced minimum-norm factorisation of its
+    product, relative to its norm: Proposition 3's (W S V^T, U S' W^T) over orthogonal W
+    (align.balanced_factorization), the best W by Procrustes: W = B A^T for
+    S V^T W_1^T + S'^T U^T W_2 = A G B^T."""
+    P, hidden = W2 @ W1, W1.shape[0]
+    C1, C2 = align.balanced_factorization(P, hidden)                 # W = I: S V^T and U S'
+    A, _, Bt = np.linalg.svd(C1 @ W1.T + C2.T @ W2)
+    D1, D2 = align.balanced_factorization(P, hidden, Bt.T @ A.T)
+    return math.sqrt((np.vdot(W1 - D1, W1 - D1) + np.vdot(W2 - D2, W2 - D2)) /
+                     (np.vdot(W1, W1) + np.vdot(W2, W2)))
+
+
+def limit_quantities(run):
+    """The quantities fitted against s: 1 - each measure (full and restricted), the norm
+    excess, the balance defect at the end, the smallest tol, the distance to Proposition 3."""
+    final = {f"1 - {k}": 1 - v[-1] for k, v in run["measurements"].items()}
+    return final | {f"1 - restricted {k}": 1 - v for k, v in run["restricted"].items()} | {
+        k: run[k] for k in ("norm_excess", "balance_end", "smallest_tol", "prop3_distance") if k in run}
+
+
+def limit(cfg, runs):
+    """Beyond the paper: does training from near zero end aligned?  Section 4.4 expects a
+    small start to end close to the minimum-norm solution and so to an aligned one: random
+    starts scaled by s, depths 2-4, determined and underdetermined data, trained to a loss of
+    1e-10; how close to aligned at the end, against s."""
+    train_problems(cfg, runs, "limit", limit_problems(cfg))
+    for run in runs.values():
+        run["quantities"] = limit_quantities(run)
+    findings = limit_findings(runs)
+    exponents = [f["1 - restricted alignment_paired"]["mean"] for regime in findings["exponent"].values()
+                 for f in regime.values() if f.get("1 - restricted alignment_paired")]
+    return verdict("the smaller the start, the closer to aligned (1 - restricted alignment ~ s^p, p > 0 "
+                   "at every depth and regime)", min(exponents, default=None),
+                   bool(exponents) and min(exponents) > 0,
+                   None if exponents else "no depth had converged runs at two scales below 1")
+
+
+def limit_findings(runs):
+    """Per regime and depth: the exponent p of each quantity ~ s^p, fitted per seed over the
+    converged runs with s < 1 whose balance defect ended within LIMIT_FLOW of its start (the
+    gradient-flow range; below it gradient descent's own drift sets a floor), with its mean,
+    min and max over seeds; and every run that did not converge."""
+    converged = [r for r in runs.values() if r["stop_reason"] == "tol"]
+    flow = [r | r["quantities"] for r in converged if r["balance_end"] <= LIMIT_FLOW * r["balance_start"]]
+    out = {}
+    for regime in sorted({r["regime"] for r in converged}):
+        for depth in sorted({r["depth"] for r in converged if r["regime"] == regime}):
+            chosen = [r for r in flow if r["regime"] == regime and r["depth"] == depth]
+            keys = sorted({k for r in chosen for k in r["quantities"]})
+            out.setdefault(regime, {})[f"depth={depth}"] = {
+                k: spread_of_slopes([r for r in chosen if r.get(k) is not None], "init_scale", k, None,
+                                    up_to=0.99, floor=1e-15) for k in keys}
+    return {"exponent": out, "not_converged": sorted(n for n, r in runs.items() if r["stop_reason"] != "tol"),
+            "fitted_over": f"s < 1, converged runs whose balance defect ended within {LIMIT_FLOW:g}x "
+                           "its start, values above 1e-15"}
+
+
 # ------------------------------------------------------------------------ claims --
 def claim_leaves_one(runs):
     """Definition 3 fails: in every run the paired alignment or invariance leaves 1."""
@@ -405,6 +586,11 @@ EXPERIMENTS = {
                             problems=stability_problems, figure=outputs.stability_figure,
                             findings=stability_findings,
                             sweeps=("lr", "depth", "width", "n", "init_scale", "eps")),
+    "limit": Experiment(limit, "beyond the paper", np.float64, lr=None, tol=1e-10, seeds=5,
+                        max_steps=550_000, quick_steps=60_000, measure_every=10 ** 6, loss_every=1000,
+                        problems=limit_problems, figure=outputs.limit_figure,
+                        findings=limit_findings, sweeps=("depth", "width", "init_scale"),
+                        runs_per_seed=sum(map(len, LIMIT_SCALES.values()))),
 }
 
 

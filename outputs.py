@@ -354,15 +354,67 @@ def stability_figure(title, runs):
     return fig
 
 
+LIMIT_PANELS = [("1 - alignment (paired)", ("1 - alignment_paired", "1 - restricted alignment_paired")),
+                ("norm excess; distance to Proposition 3 (depth 2)", ("norm_excess", "prop3_distance")),
+                ("balance defect at the end", ("balance_end",)),
+                ("smallest tol is_aligned accepts", ("smallest_tol",))]
+
+
+def limit_figure(title, runs):
+    """limit's quantities at the end against the scale s of the start (log-log), one column per
+    regime, one colour per depth: the geometric mean over the converged seeds with the
+    min-max band of the first quantity of a panel (solid), the second one dashed."""
+    import matplotlib.pyplot as plt
+    converged = [r for r in runs.values() if r["stop_reason"] == "tol" and "quantities" in r]
+    regimes = sorted({r["regime"] for r in converged})
+    fig, axes = plt.subplots(len(LIMIT_PANELS), max(len(regimes), 1), figsize=(11, 12), squeeze=False)
+    for col, regime in enumerate(regimes):
+        for j, depth in enumerate(sorted({r["depth"] for r in converged})):
+            chosen = [r for r in converged if r["regime"] == regime and r["depth"] == depth]
+            grid = sorted({r["init_scale"] for r in chosen})
+            for row, (label, keys) in enumerate(LIMIT_PANELS):
+                ax = axes[row, col]
+                for key, dash in zip(keys, ("-", "--")):
+                    values = [[r["quantities"].get(key) for r in chosen if r["init_scale"] == s] for s in grid]
+                    points = [(s, [max(v, 1e-17) for v in vs if v is not None]) for s, vs in zip(grid, values)]
+                    points = [(s, vs) for s, vs in points if vs]
+                    if not points:
+                        continue
+                    xs = [s for s, _ in points]
+                    ax.loglog(xs, [math.exp(np.mean(np.log(vs))) for _, vs in points], dash, marker="o",
+                              ms=3, color=f"C{j}", label=f"depth {depth}" if dash == "-" else None)
+                    if dash == "-":
+                        ax.fill_between(xs, [min(vs) for _, vs in points], [max(vs) for _, vs in points],
+                                        color=f"C{j}", alpha=0.2)
+        for row, (label, _) in enumerate(LIMIT_PANELS):
+            ax = axes[row, col]
+            ax.set(xlabel="s (scale of the start)", ylabel=label)
+            ax.set_title(f"{regime}: {label}" + (" (dashed: restricted)" if row == 0 else ""), fontsize=8)
+            ax.legend(fontsize=7)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def findings_text(findings):
-    """An experiment's findings for the terminal: the fitted exponents per depth."""
-    rows = [f"  exponent p of 1 - measure ~ eps^p (fitted over {findings['fitted_over']}), at the "
-            "end / largest during training, mean [min, max] over seeds:"]
+    """An experiment's findings for the terminal: its fitted exponents, one line per group
+    (stability: a depth and measure; limit: a regime and depth), and the runs that did not
+    converge."""
+    rows = [f"  exponents (fitted over {findings['fitted_over']}), mean [min, max] over seeds:"]
     text = lambda v: f"{v['mean']:.2f} [{v['min']:.2f}, {v['max']:.2f}]" if v else "-"
-    for depth, by_key in findings["exponent"].items():
-        rows.append(f"    {depth}: " + "; ".join(
-            f"{key.replace('_', ' ')} {text(v['final'])} / {text(v['largest'])}"
-            for key, v in by_key.items()))
+
+    def leaves(node, path):
+        if node is None or "mean" in node:
+            yield path, node
+        else:
+            for key, value in node.items():
+                yield from leaves(value, path + [key])
+    groups = {}
+    for path, stats in leaves(findings["exponent"], []):
+        groups.setdefault(" ".join(path[:-1]), []).append(f"{path[-1].replace('_', ' ')} {text(stats)}")
+    rows += [f"    {group}: " + "; ".join(items) for group, items in groups.items()]
+    if findings.get("not_converged"):
+        rows.append(f"  not converged (left out): {', '.join(findings['not_converged'])}")
     return "\n".join(rows)
 
 

@@ -51,7 +51,7 @@ class Experiment:
     run: object
     paper: str
     dtype: type
-    lr: float = 1e-2                    # Appendix L
+    lr: float = 1e-2                    # Appendix L (None: each experiment's own per network)
     tol: float = 1e-4                   # Appendix L
     gpu_from_seeds: float = math.inf
     options: tuple = ()
@@ -61,6 +61,10 @@ class Experiment:
     sweeps: tuple = ()                  # the parameters a sweep may vary (Config fields)
     figure: object = None               # (title, runs) -> figure, instead of outputs.figure
     findings: object = None             # runs -> a dict for the JSON and the summary
+    seeds: int = 1                      # --seeds' default
+    max_steps: int = 100_000            # --max-steps' default (the authors' cap)
+    quick_steps: int = QUICK_STEPS      # the step budget of --quick
+    loss_every: int = 1                 # --loss-every's default
 
 
 class DeviceError(RuntimeError):
@@ -218,16 +222,18 @@ def configure(exp, name, args, xp):
     """The Config of experiment ``exp`` (``name``) from the parsed command line, on the array
     module xp (NumPy where --device auto finds the CPU faster for it)."""
     dtype, every = np.dtype(args.dtype or exp.dtype).type, args.measure_every or exp.measure_every
-    if args.device == "auto" and xp is not np and args.seeds < exp.gpu_from_seeds:
+    count, budget = args.seeds or exp.seeds, args.max_steps or exp.max_steps
+    if args.device == "auto" and xp is not np and count < exp.gpu_from_seeds:
         xp = np
         if not args.quiet:
             print(f"note: {name} runs on the CPU, where its small layers are faster "
                   "(--device gpu to insist)", file=sys.stderr)
     return Config(xp=xp, device=args.device, dtype=dtype, lr=args.lr or exp.lr, tol=args.tol or exp.tol,
-                  rtol=1e-6 if dtype == np.float64 else 1e-4, seed=args.seed, seeds=args.seeds,
-                  max_steps=min(args.max_steps, QUICK_STEPS) if args.quick else args.max_steps,
+                  rtol=1e-6 if dtype == np.float64 else 1e-4, seed=args.seed,
+                  seeds=min(count, 2) if args.quick and not args.seeds else count,
+                  max_steps=min(budget, exp.quick_steps) if args.quick else budget,
                   measure_every=min(every, QUICK_MEASURE) if args.quick else every,
-                  loss_every=args.loss_every, loss_scale=args.loss_scale or "mean",
+                  loss_every=args.loss_every or exp.loss_every, loss_scale=args.loss_scale or "mean",
                   init=args.init or "aligned", mnist=args.mnist, out=args.out, quiet=args.quiet,
                   quick=args.quick, command=args.command, threads=blas_threads(args.threads),
                   reference=bool(args.reference), experiment=name)
@@ -288,6 +294,7 @@ def recorded(runs, name, train, extra=None):
     return out, record
 
 
+
 def train_dense(cfg, runs, name, weights, X, Y, kind, lr=None, measures=None, dtype=None,
                 extra=None):
     """Gradient descent on a dense network (or a batch; ``lr`` one per network or one for all,
@@ -296,10 +303,15 @@ def train_dense(cfg, runs, name, weights, X, Y, kind, lr=None, measures=None, dt
     X = to_device(cfg, X, dtype=dtype)[0]
     Y = cfg.xp.asarray(Y) if kind == "ce" else to_device(cfg, Y, dtype=dtype)[0]
     measures = measures or {"m": cfg.lib.tracker(weights, rtol=cfg.rtol)}
-    return recorded(runs, name, lambda: cfg.lib.train(
-        weights, X, Y, kind=kind, lr=cfg.lr if lr is None else lr, max_steps=cfg.max_steps,
-        tol=cfg.tol, measure_every=cfg.measure_every, measures=measures,
-        callback=Progress(f"{cfg.experiment} {name}".strip(), cfg)), extra)
+    try:
+        out, record = recorded(runs, name, lambda: cfg.lib.train(
+            weights, X, Y, kind=kind, lr=cfg.lr if lr is None else lr, max_steps=cfg.max_steps,
+            tol=cfg.tol, measure_every=cfg.measure_every, measures=measures,
+            callback=Progress(f"{cfg.experiment} {name}".strip(), cfg)), extra)
+    finally:
+        if name in runs and weights[0].ndim == 2:           # (a batch: thinned once split)
+            runs[name] = thinned(runs[name], cfg.loss_every)
+    return out, runs[name]
 
 
 def train_structured(cfg, runs, name, structures, params, X, Y, kind, extra=None):
@@ -336,6 +348,7 @@ class Problem:
     kind: str = "mse"
     extra: dict = dataclasses.field(default_factory=dict)
     group: object = None            # problems batch together only within a group
+    after: object = None            # after(weights, start) -> fields for the record of a run
 
     def batch_key(self):
         return tuple(W.shape for W in self.weights) + (self.X.shape, self.Y.shape, self.kind,
@@ -354,7 +367,9 @@ def train_problems(cfg, runs, label, problems, always_batch=False):
     for group in groups.values():
         if len(group) == 1 and not always_batch:
             p = group[0]
-            train_dense(cfg, runs, p.name, p.weights, p.X, p.Y, p.kind, p.lr, extra=p.extra)
+            out, record = train_dense(cfg, runs, p.name, p.weights, p.X, p.Y, p.kind, p.lr, extra=p.extra)
+            if p.after:
+                record.update(p.after([align.to_numpy(W) for W in out], p.weights))
             continue
         for part in batches(cfg, len(group), group[0].weights[0].size):
             chunk = group[part]
@@ -362,15 +377,18 @@ def train_problems(cfg, runs, label, problems, always_batch=False):
             X, Y = np.stack([p.X for p in chunk]), np.stack([p.Y for p in chunk])
             rates = [p.lr for p in chunk]
             names = chunk[0].name + (f" .. {chunk[-1].name}" if len(chunk) > 1 else "")
-            batch, label_ = {}, names
+            batch, label_, out = {}, names, None
             try:
-                train_dense(cfg, batch, label_, weights, X, Y, chunk[0].kind,
-                            rates[0] if len(set(rates)) == 1 else rates)
+                out, _ = train_dense(cfg, batch, label_, weights, X, Y, chunk[0].kind,
+                                     rates[0] if len(set(rates)) == 1 else rates)
             finally:                                    # (also when interrupted: up to there)
                 if batch:
                     split = split_batch(batch[label_], [p.name for p in chunk], cfg.tol)
-                    runs.update({p.name: split[p.name] | p.extra for p in chunk
-                                 if split[p.name]["losses"]})
+                    runs.update({p.name: thinned(split[p.name], cfg.loss_every) | p.extra
+                                 for p in chunk if split[p.name]["losses"]})
+            for b, p in enumerate(chunk):
+                if p.after:
+                    runs[p.name].update(p.after([align.to_numpy(W[b]) for W in out], p.weights))
 
 
 def batches(cfg, count, layer_size):
@@ -719,24 +737,30 @@ def parser(table, name=None, doc=None):
                                                   exp and np.dtype(exp.dtype).name))
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help=shown("seed") or "first random seed (default 0)")
-    p.add_argument("--seeds", type=_positive_int, default=1,
-                   help=shown("seeds") or "number of independent runs (default 1)")
+    p.add_argument("--seeds", type=_positive_int, default=None,
+                   help=shown("seeds") or "number of independent runs (" + default(
+                       "default 1; 5 for limit, whose findings are fits over seeds",
+                       exp and exp.seeds) + ")")
     p.add_argument("--lr", metavar="LR", type=_positive_float, default=None,
                    help=shown("lr") or "learning rate (" + default(
-                       "default 1e-2 as in Appendix L; 1e-3 for prop1, 1e-1 for thm3",
-                       exp and f"{exp.lr:g}") + ")")
+                       "default 1e-2 as in Appendix L; 1e-3 for prop1, 1e-1 for thm3, for limit "
+                       "one per network from the loss's sharpness", exp and (
+                           f"{exp.lr:g}" if exp.lr else "one per network, from the loss's sharpness")) + ")")
     p.add_argument("--tol", metavar="TOL", type=_positive_float, default=None,
                    help=shown("tol") or "stop when the loss is below this (" + default(
                        "default 1e-4 as in Appendix L; 1e-10 for thm3, whose claim is about "
                        "interpolation", exp and f"{exp.tol:g}") + ")")
-    p.add_argument("--max-steps", type=_positive_int, default=100_000,
-                   help=shown("max_steps") or "step budget (default 100000, the authors' cap)")
+    p.add_argument("--max-steps", type=_positive_int, default=None,
+                   help=shown("max_steps") or "step budget (" + default(
+                       "default 100000, the authors' cap; 550000 for limit",
+                       exp and exp.max_steps) + ")")
     p.add_argument("--measure-every", type=_positive_int, default=None,
                    help=shown("measure_every") or "steps between measurements of alignment and "
                    "invariance (" + default("100; 10 for stability", exp and exp.measure_every) + ")")
-    p.add_argument("--loss-every", type=_positive_int, default=1,
-                   help=shown("loss_every") or "keep the loss of every K-th step in the JSON "
-                   "(default 1: every step; runs still stop at the first step below --tol)")
+    p.add_argument("--loss-every", type=_positive_int, default=None,
+                   help=shown("loss_every") or "keep the loss of every K-th step in the JSON (" +
+                   default("default 1: every step; 1000 for limit", exp and exp.loss_every) +
+                   "; runs still stop at the first step below --tol)")
     p.add_argument("--loss-scale", choices=["mean", "paper"], default=None,
                    help=shown("loss_scale") or "squared loss as the mean over all kd*n entries (the "
                         "authors' code, with which the published figures were made; default) or "
