@@ -274,10 +274,15 @@ def figure(title, runs):
                     ax.plot(run["measure_steps"], values, dash, **style)
     if band:
         _plot_band(axes, runs)
-    axes[0].set(title="training loss", ylabel="loss")
+    axes[0].set_title("training loss", fontsize=9)
+    axes[0].set_ylabel("loss")
     if not any("reduced_sigma" in run for run in runs.values()):
         for ax, what in zip(axes[1:], ("alignment", "invariance")):
-            ax.set(title=f"{what} (solid: paired, dashed: matched)", ylabel=what, ylim=(-0.02, 1.02))
+            ax.set_title(f"{what}\n(solid: paired rule, dashed: matched)", fontsize=9)
+            ax.set(ylabel=what, ylim=(-0.02, 1.02))
+            if len(runs) <= 6:
+                ax.legend(handles=[line for line in ax.get_lines() if line.get_linestyle() == "-"],
+                          labels=list(runs), fontsize=7)     # (runs at 1 overlap: named here)
     for ax in axes:
         ax.set_xlabel("iteration")
     if len(runs) <= 6:
@@ -317,12 +322,13 @@ def _plot_sigma(axes, run):
     steps = run["measure_steps"]
     full, reduced = np.array(run["measurements"]["sigma"]), np.array(run["reduced_sigma"])
     for k in range(full.shape[2]):
-        line, = axes[0].plot(steps, full[:, :, k].prod(axis=1), "-", lw=1)
+        line, = axes[0].plot(steps, full[:, :, k].prod(axis=1), "-", lw=1, label=f"k = {k + 1}")
         axes[0].plot(steps, reduced[:, :, k].prod(axis=1), ".", ms=3, color=line.get_color())
         axes[1].plot(steps, full[:, 0, k], "-", lw=1, color=line.get_color())
         axes[1].plot(steps, reduced[:, 0, k], ".", ms=3, color=line.get_color())
-    axes[0].set_title("S_k = prod_i sigma_k(W_i): GD (lines), Cor. 1 (dots)")
-    axes[1].set_title("sigma_k(W_1): GD (lines), Cor. 1 (dots)")
+    axes[0].set_title("S_k = prod_i sigma_k(W_i): GD (lines), Cor. 1 (dots)", fontsize=9)
+    axes[1].set_title("sigma_k(W_1): GD (lines), Cor. 1 (dots)", fontsize=9)
+    axes[0].legend(fontsize=6, ncol=3)
 
 
 def stability_figure(title, runs):
@@ -424,16 +430,18 @@ def summary(name, runs, claim, stop):
     over all."""
     value = "" if claim["value"] is None else f" (value {claim['value']:.6g})"
     why = f": {claim['why']}" if "why" in claim else ""
-    rows = [f"{name}: {claim['claim']}: {'holds' if claim['holds'] else claim['verdict'].upper()}"
+    width = max([24] + [len(label) + 1 for label in runs])          # (the longest name fits)
+    head = f"{name}: " + (f"{claim['claim']}: " if not claim["claim"].startswith(name) else "")
+    rows = [f"{head}{'holds' if claim['holds'] else claim['verdict'].upper()}"
             f"{why}{value}{'  [interrupted]' if stop == 'interrupted' else ''}",
-            f"  {'run':<24}{'loss 0':>11}{'loss end':>11}{'align p/m':>16}{'invar p/m':>16}"
+            f"  {'run':<{width}}{'loss 0':>11}{'loss end':>11}{'align p/m':>16}{'invar p/m':>16}"
             f"{'steps':>9}{'time s':>9}  stop"]
     for label, run in runs.items():
         m = run["measurements"]
         first, last = _worst([run["losses"][0], run["losses"][-1]])
         pair = lambda what: (f"{m[what + '_paired'][-1]:.4f}/{m[what + '_matched'][-1]:.4f}"
                              if what + "_paired" in m else "-")
-        rows.append(f"  {label:<24}{first:>11.3e}{last:>11.3e}{pair('alignment'):>16}"
+        rows.append(f"  {label:<{width}}{first:>11.3e}{last:>11.3e}{pair('alignment'):>16}"
                     f"{pair('invariance'):>16}{run['final_step']:>9,}{run['wall_time']:>9.2f}  "
                     f"{run['stop_reason']}")
     if len(runs) > 1:

@@ -266,14 +266,17 @@ class Progress:
                 self.last_loss = loss
             return
         rate = (step - self.last_step) / (now - self.last)
-        eta = (self.cfg.max_steps - step) / max(rate, 1e-9)
-        if self.last_loss and 0 < loss < self.last_loss and step > self.last_step:
+        budget = (self.cfg.max_steps - step) / max(rate, 1e-9)
+        eta = f"at most {budget:,.0f} s (the step budget)"
+        if self.last_loss and 0 < loss < self.last_loss and step > self.last_step and \
+                step >= 0.1 * self.cfg.max_steps:     # (early, the loss falls faster than later)
             per_step = (math.log(self.last_loss) - math.log(loss)) / (step - self.last_step)
-            eta = min(eta, math.log(max(loss, self.cfg.tol) / self.cfg.tol) / per_step / max(rate, 1e-9))
+            guess = math.log(max(loss, self.cfg.tol) / self.cfg.tol) / per_step / max(rate, 1e-9)
+            eta = f"~{min(guess, budget):,.0f} s at the loss's rate, {eta}"
         al = hist.measurements.get("alignment_paired", [float("nan")])[-1]
         al = min(al) if isinstance(al, list) else al          # a batch: the least aligned
         print(f"  {self.label}: step {step:,}  loss {loss:.3e}  alignment {al:.4f}  "
-              f"{rate:,.0f} steps/s  ETA {eta:,.0f} s", file=sys.stderr, flush=True)
+              f"{rate:,.0f} steps/s  ETA {eta}", file=sys.stderr, flush=True)
         self.last, self.last_step, self.last_loss = now, step, loss
 
 
@@ -587,7 +590,7 @@ def run_experiment(exp, name, cfg):
     try:
         claim, stop = exp.run(cfg, runs), "done"
     except KeyboardInterrupt:                # align.Interrupted, or a signal in the set-up
-        claim, stop = verdict(f"{name}'s claim", None, False,
+        claim, stop = verdict(f"{name}: the claim", None, False,
                               f"interrupted with {len(runs)} run(s) recorded"), "interrupted"
     if not runs:
         print(f"{name}: interrupted before any run was recorded; nothing written "

@@ -533,9 +533,10 @@ def verify(xp=np, quick=False, progress=None):
 
 def table(rows):
     """The rows as a text table."""
-    lines = [f"{'statement':<46} {'value':>10} {'':2} {'tol':>8}  verdict  checked"]
+    width = max([46] + [len(r.statement) for r in rows])         # (the longest statement fits)
+    lines = [f"{'statement':<{width}} {'value':>10} {'':2} {'tol':>8}  verdict  checked"]
     for r in rows:
-        lines.append(f"{r.statement:<46} {r.value:>10.2e} {r.op:2} {r.tol:>8.0e}  "
+        lines.append(f"{r.statement:<{width}} {r.value:>10.2e} {r.op:2} {r.tol:>8.0e}  "
                      f"{'holds' if r.holds else 'FAILS':<7}  {r.checked}")
     return "\n".join(lines)
 
