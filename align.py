@@ -1015,6 +1015,7 @@ def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", k
     sig, lam, lam_prime = (as_array(name, a).astype(np.float64) for name, a in
                            (("sigmas0", sigmas0), ("lam", lam), ("lam_prime", lam_prime)))
     xp, coef = array_module(sig), lr / n if kind == "mse" else 2.0 * lr / (kd * n)
+    lam, lam_prime = xp.asarray(lam), xp.asarray(lam_prime)           # (where sigmas0 is)
     out = [sig.copy()]
     for t in range(1, steps + 1):
         others = _others_product(sig)
