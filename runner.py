@@ -590,7 +590,7 @@ def run_experiment(exp, name, cfg):
     try:
         claim, stop = exp.run(cfg, runs), "done"
     except KeyboardInterrupt:                # align.Interrupted, or a signal in the set-up
-        claim, stop = verdict(f"{name}: the claim", None, False,
+        claim, stop = verdict(f"{name}'s claim", None, False,
                               f"interrupted with {len(runs)} run(s) recorded"), "interrupted"
     if not runs:
         print(f"{name}: interrupted before any run was recorded; nothing written "
