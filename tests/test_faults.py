@@ -326,8 +326,8 @@ def whole_steps(result, measure_every=100):
             assert final == steps[-1] and run["measure_steps"][-1] == final, name
 
 
-@pytest.mark.parametrize("args, points", [(["fig1a", "--seeds", "2", "--max-steps", "5000"], 24),
-                                          (["fig1b", "--max-steps", "100"], 10)])
+@pytest.mark.parametrize("args, points", [(["fig1a", "--seeds", "2", "--max-steps", "3000"], 14),
+                                          (["fig1b", "--max-steps", "100"], 7)])
 def test_ctrl_c_at_any_moment_stops_at_a_whole_step_with_consistent_files(args, points):
     """Ctrl-C swept across a whole run (the set-up, the measurement of step 0, the steps, the
     final measurement, the summary and the writes): exit 130 with a consistent set of files
