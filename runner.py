@@ -1031,6 +1031,9 @@ def sweep_parser(table, name):
                    "(cells I-1, I-1+N, ...) into <out>/sweep-<experiment>-shard-I-of-N.json; in a "
                    "SLURM job array it is read from the array (SLURM_ARRAY_TASK_ID, _MIN and "
                    "_COUNT: arrays numbered from 0 or 1 both work)")
+    p.add_argument("--shards", metavar="N", type=_positive_int,
+                   help="in a job array resubmitted for some shards (sbatch --array=4,7 ... --shards "
+                   "16): the sweep's number of shards N, the shard being the array task's id")
     p.add_argument("--skip-done", action="store_true",
                    help="skip a shard whose complete file of this sweep exists (a resubmitted "
                    "array redoes only what is missing)")
@@ -1066,11 +1069,11 @@ def sweep_command(argv, table, doc=None):
     ignored = options_not_applying(table, name, argv[1:])
     if ignored:
         p.error(f"{', '.join(ignored)} does not apply to a sweep of {name}")
-    if args.merge and args.shard:
-        p.error("--merge joins the shards: give it without --shard")
+    if args.merge and (args.shard or args.shards):
+        p.error("--merge joins the shards: give it without --shard or --shards")
     try:
         args.shard = sweeps.parse_shard(args.shard) if args.shard else \
-            None if args.merge else sweeps.shard_from_array(os.environ)
+            None if args.merge else sweeps.shard_from_array(os.environ, args.shards)
     except ValueError as exc:
         p.error(str(exc))
     with sigterm_as_interrupt():

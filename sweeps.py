@@ -91,13 +91,19 @@ def parse_shard(text):
     return int(match[1]), int(match[2])
 
 
-def shard_from_array(environ):
+def shard_from_array(environ, shards=None):
     """(I, N) of a SLURM job array task, from SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_MIN and
     SLURM_ARRAY_TASK_COUNT (I = ID - MIN + 1, so arrays numbered from 0 or from 1 both
-    work), or None outside an array.  ValueError for an array that is not one contiguous
-    range (e.g. --array=1,3,5): give --shard I/N then."""
+    work), or with ``shards`` (an array resubmitted for some shards: --array=4,7 --shards
+    16) (ID, shards); None outside an array.  ValueError for an array that is not one
+    contiguous range (e.g. --array=1,3,5) without ``shards``."""
     if "SLURM_ARRAY_TASK_ID" not in environ:
+        if shards:
+            raise ValueError("--shards N is for a job array's tasks (SLURM_ARRAY_TASK_ID is not "
+                             "set): give --shard I/N")
         return None
+    if shards:
+        return parse_shard(f"{environ['SLURM_ARRAY_TASK_ID']}/{shards}")
     try:
         task, first, count = (int(environ[k]) for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN",
                                                         "SLURM_ARRAY_TASK_COUNT"))
@@ -295,7 +301,7 @@ def read_parts(out, name, expected, quick=False):
         raise ExperimentError(f"{len(problems)} of {count} shards cannot be merged:\n  " +
                               "\n  ".join(problems.values()) + f"\nrerun them with this command's "
                               f"settings (a job array: sbatch --array={','.join(map(str, problems))} "
-                              f"..., shard numbers counted from 1) and merge again")
+                              f"<your job script> --shards {count}) and merge again")
     return parts
 
 
