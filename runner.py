@@ -211,7 +211,7 @@ class Config:
             {"dtype": np.dtype(self.dtype).name, "implementation": self.lib.__name__}
 
 
-SWEEP_SIZES = ("about 4 MB", "119 MB")   # the README's fig1a sweep: --loss-every 100, 1
+SWEEP_SIZES = ("4.7 MB", "119 MB")   # the README's fig1a sweep: --loss-every 100, 1
 SWEEP_PARAMETERS = {"lr": float, "depth": int, "width": int, "n": int, "init_scale": float, "eps": float}
 PER_EXPERIMENT_OPTIONS = ("init", "mnist", "loss_scale")   # each experiment lists its own
 COMMAND_OPTIONS = {"verify": {"device", "quick", "out", "quiet", "threads"},   # verify, report
@@ -953,6 +953,15 @@ def verify_command(args, xp):
     return 0 if all(r.holds for r in rows) else 3
 
 
+def note_foreign_temporaries(folder):
+    """Mention the temporary files another host's writers left in ``folder`` over a day ago
+    (most likely a killed task's): they are never deleted here, since their owner's pid
+    means nothing on this machine."""
+    for path, host, age in outputs.foreign_temporaries(folder):
+        print(f"note: {path} is a temporary file of a writer on {host}, {age / 3600:.0f} h old; "
+              f"remove it if that run is over", file=sys.stderr)
+
+
 def report_command(args, table, xp):
     """<out>/report.md and report.html; with --run, the missing quick runs and verify first."""
     if args.run:
@@ -969,9 +978,7 @@ def report_command(args, table, xp):
               f"missing. Run them first (python experiments.py all --quick --out {args.out}), "
               f"or give the folder that holds them (report --out DIR), or add --run",
               file=sys.stderr)
-    for path, host, age in outputs.foreign_temporaries(args.out):
-        print(f"note: {path} is a temporary file of a writer on {host}, {age / 3600:.0f} h old; "
-              f"remove it if that run is over", file=sys.stderr)
+    note_foreign_temporaries(args.out)
     paths = [os.path.join(args.out, "report.md"), os.path.join(args.out, "report.html")]
     outputs.write_files(dict(zip(paths, map(outputs.text_writer, (md, page)))))
     print(f"wrote {paths[0]} and {paths[1]}" + ("" if rows else " (no verify.json: run "
@@ -1099,9 +1106,7 @@ def sweep_or_merge(exp, name, args, cfg):
         return 0
     with threads_limited(cfg.threads):
         if args.merge:
-            for path, host, age in outputs.foreign_temporaries(cfg.out):
-                print(f"note: {path} is a temporary file of a writer on {host}, {age / 3600:.0f} h "
-                      f"old; remove it if that task is over", file=sys.stderr)
+            note_foreign_temporaries(cfg.out)
             result = sweeps.merge(name, exp, cfg, grid, environment(cfg), project_version())
         else:
             count = len(sweeps.shard_indices(len(sweeps.cells(grid)), shard))
