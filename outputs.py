@@ -174,6 +174,15 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's kill), handled like Ctrl-C: exit status 143."""
 
 
+def complete_result(path):
+    """Whether ``path`` holds a readable result of a complete run (status "done")."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("status") == "done"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def on_signal(signum, frame):
     SIGNALS_RECEIVED.append(signum)
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()

@@ -648,20 +648,11 @@ def output_stem(name, cfg, stop):
     """The name of a run's files: <name>, <name>-quick for --quick runs, and with
     "-interrupted" added when an interrupted run would replace a complete one."""
     stem = name + ("-quick" if cfg.quick else "")
-    if stop == "interrupted" and complete_file(os.path.join(cfg.out, stem + ".json")):
+    if stop == "interrupted" and outputs.complete_result(os.path.join(cfg.out, stem + ".json")):
         print(f"  note: {os.path.join(cfg.out, stem)}.json holds a complete run; this "
               f"interrupted one goes to {stem}-interrupted.*")
         stem += "-interrupted"
     return stem
-
-
-def complete_file(path):
-    """Whether ``path`` is a readable result of a complete run (status "done")."""
-    try:
-        with open(path) as f:
-            return json.load(f).get("status") == "done"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def title(fn):

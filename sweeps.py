@@ -333,14 +333,14 @@ def write(result, out, name, shard):
     text = json.dumps(outputs.strict_json(result), indent=1, allow_nan=False)
     if shard:
         path = shard_path(out, name, shard, quick)
-        if result["status"] != "done" and complete(path):
+        if result["status"] != "done" and outputs.complete_result(path):
             path = shard_path(out, name, shard, quick, interrupted=True)
             print(f"  note: {shard_path(out, name, shard, quick)} holds a complete shard; this "
                   f"interrupted one goes to {os.path.basename(path)}")
         outputs.write_files({path: outputs.text_writer(text)})
         return [path]
     base = os.path.join(out, base_name(name, quick))
-    if result["status"] != "done" and complete(base + ".json"):
+    if result["status"] != "done" and outputs.complete_result(base + ".json"):
         base += "-interrupted"
     writers = {base + ".json": outputs.text_writer(text), base + ".csv": outputs.text_writer(csv_text(grid, stats))}
     fig = figure(f"sweep {name}: " + ", ".join(f"{k} in {v}" for k, v in grid.items()) +
@@ -356,19 +356,10 @@ def write(result, out, name, shard):
     return list(writers)
 
 
-def complete(path):
-    """Whether ``path`` holds a complete result (status "done")."""
-    try:
-        with open(path) as f:
-            return json.load(f).get("status") == "done"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def done_already(name, exp, cfg, grid, shard, version):
     """Whether this shard's complete file of the same sweep exists (--skip-done)."""
     path = shard_path(cfg.out, name, shard, cfg.quick)
-    if not complete(path):
+    if not outputs.complete_result(path):
         return False
     with open(path) as f:
         part = json.load(f)
