@@ -27,6 +27,10 @@ Arrays may be lists, integer or boolean arrays or anything with ``__array__`` (a
 data frame): they are converted to float64 (float32 and float64 arrays are used as they are,
 CuPy arrays stay on the GPU).  Bad input (a wrong shape, NaN, float16 or complex data, an
 unknown option) raises ValueError naming the argument and what is expected.
+
+``__all__`` is the API.  The other names without an underscore (``as_array``,
+``check_number``, ``activations``, ``gram_commutators``, ...) are the checks and steps that
+align_fast.py and structured.py share with this file.
 """
 import collections
 import dataclasses
@@ -183,7 +187,8 @@ def forward(weights, X):
 
 
 def activations(weights, X):
-    """[X, W_1 X, W_2 W_1 X, ..., f(X)]: Eq. (1) layer by layer (inputs checked)."""
+    """[X, W_1 X, W_2 W_1 X, ..., f(X)]: Eq. (1) layer by layer (inputs already checked, as
+    :func:`forward` checks them)."""
     acts = [X]
     for W in weights:
         acts.append(W @ acts[-1])
@@ -292,8 +297,12 @@ def as_measures(measures):
                      f"function (e.g. align.tracker(weights)), got {type(measures).__name__}")
 
 
-def check_schedule(lr, max_steps, record_every, measure_every, tol):
-    """Raise ValueError unless the schedule of :func:`gradient_descent` is valid."""
+def check_schedule(lr, max_steps, record_every, measure_every, tol, callback=None):
+    """Raise ValueError (TypeError for callback) unless the schedule of
+    :func:`gradient_descent` is valid."""
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be a function(step, loss, history) or None, got "
+                        f"{type(callback).__name__}")
     check_number("lr", lr)
     if not 0 < lr < math.inf:
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
@@ -301,6 +310,20 @@ def check_schedule(lr, max_steps, record_every, measure_every, tol):
     check_number("max_steps", max_steps, integer=True)
     check_number("record_every", record_every, least=1, integer=True)
     check_number("measure_every", measure_every, least=1, integer=True)
+
+
+def as_params(params):
+    """gradient_descent's parameters, a list of arrays, each converted by :func:`as_array`."""
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"params must be a list of arrays, got {type(params).__name__}")
+    return [as_array(f"params[{i}]", p) for i, p in enumerate(params)]
+
+
+def check_gradients(grads, params):
+    """Raise ValueError unless loss_and_grads gave one gradient per parameter."""
+    if len(grads) != len(params):
+        raise ValueError(f"loss_and_grads returned {len(grads)} gradients for {len(params)} "
+                         f"parameters")
 
 
 def measure_into(history, measures, params, params0, step):
@@ -344,8 +367,8 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     Interrupted
         Ctrl-C: ``.weights`` and ``.history`` at the last whole step (measured there).
     """
-    check_schedule(lr, max_steps, record_every, measure_every, tol)
-    params = [as_array(f"params[{i}]", p) for i, p in enumerate(params)]
+    check_schedule(lr, max_steps, record_every, measure_every, tol, callback)
+    params = as_params(params)
     measures, params0 = as_measures(measures), [p.copy() for p in params]
     hist, start, step, ps = History(), time.perf_counter(), 0, [p.copy() for p in params]
     try:
@@ -354,6 +377,7 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
                 if step % measure_every == 0:
                     measure_into(hist, measures, ps, params0, step)
                 L, grads = loss_and_grads(ps)
+                check_gradients(grads, ps)
                 if step % record_every == 0 or step == max_steps:
                     if not math.isfinite(L):
                         hist.stop_reason, hist.final_step = "diverged", step
@@ -434,9 +458,20 @@ def ussvd(A):
     return U, s, Vt.T
 
 
+def as_ussvd(U, s, V):
+    """(U, s, V) converted and checked: U m x m, V n x n, s at most min(m, n) values."""
+    U, s, V = as_array("U", U), as_array("s", s), as_array("V", V)
+    if U.ndim != 2 or V.ndim != 2 or U.shape[0] != U.shape[1] or V.shape[0] != V.shape[1]:
+        raise ValueError(f"U and V must be square (m x m and n x n), got {_shape(U)} and {_shape(V)}")
+    if s.ndim != 1 or s.shape[0] > min(U.shape[0], V.shape[0]):
+        raise ValueError(f"s must be a vector of at most min(m, n) = {min(U.shape[0], V.shape[0])} "
+                         f"singular values, got shape {_shape(s)}")
+    return U, s, V
+
+
 def ussvd_matrix(U, s, V):
     """U Sigma V^T for a usSVD (U, s, V), Sigma rectangular diagonal with the entries s."""
-    U, s, V = as_array("U", U), as_array("s", s), as_array("V", V)
+    U, s, V = as_ussvd(U, s, V)
     r = s.shape[0]
     return (U[:, :r] * s) @ V[:, :r].T
 
@@ -444,8 +479,12 @@ def ussvd_matrix(U, s, V):
 def ussvd_reorder(U, s, V, perm, signs):
     """Another usSVD of the same matrix (Definition 1 leaves order and signs free): the
     triples reordered by ``perm``, then u_j and sigma_j multiplied by signs[j] = +-1."""
-    U, s, V = as_array("U", U), as_array("s", s), as_array("V", V)
+    U, s, V = as_ussvd(U, s, V)
     r = s.shape[0]
+    if sorted(np.asarray(perm).tolist()) != list(range(r)):
+        raise ValueError(f"perm must be a permutation of 0..{r - 1}, got {perm!r}")
+    if np.shape(signs) != (r,) or not bool(np.all(np.abs(np.asarray(signs)) == 1)):
+        raise ValueError(f"signs must be {r} values +1 or -1, got {signs!r}")
     U, V = U.copy(), V.copy()
     U[:, :r], V[:, :r] = U[:, perm] * signs, V[:, perm]
     return U, s[perm] * signs, V
@@ -455,6 +494,11 @@ def ussvd_reorder(U, s, V, perm, signs):
 def rect_diag(s, m, n):
     """The m x n rectangular diagonal matrix with diagonal s (Sigma_i of Eq. (3))."""
     s = as_array("s", s)
+    check_number("m", m, integer=True)
+    check_number("n", n, integer=True)
+    if s.ndim != 1 or s.shape[0] > min(m, n):
+        raise ValueError(f"s must be a vector of at most min(m, n) = {min(m, n)} values, got "
+                         f"shape {_shape(s)}")
     xp = array_module(s)
     S = xp.zeros((m, n), dtype=s.dtype)
     S[xp.arange(s.shape[0]), xp.arange(s.shape[0])] = s
@@ -470,6 +514,9 @@ def aligned_network(bases, sigmas):
                          f"got {len(sigmas)}")
     bases = [as_array(f"bases[{i}]", Q) for i, Q in enumerate(bases)]
     sigmas = [as_array(f"sigmas[{i}]", s) for i, s in enumerate(sigmas)]
+    for i, Q in enumerate(bases):
+        if Q.ndim != 2 or Q.shape[0] != Q.shape[1]:
+            raise ValueError(f"bases[{i}] must be a square orthogonal matrix, got shape {_shape(Q)}")
     weights = []
     for i, s in enumerate(sigmas, start=1):
         m, n = bases[i].shape[0], bases[i - 1].shape[0]
@@ -484,8 +531,9 @@ def aligned_network(bases, sigmas):
 class AlignmentTest:
     """The answer of :func:`is_aligned`, truthy when aligned: ``residual``, the largest
     off-diagonal entry of U_i^T W_i V_i relative to ||W_i||_2 in the best witness found (or,
-    rejected by step 1, the Gram matrices' relative commutator), ``reason`` when not
-    aligned, and ``ussvds`` [(U_i, s_i, V_i)] with U_i = V_{i+1}."""
+    rejected by step 1, the Gram matrices' relative commutator; inf when step 3 finds no
+    positions), ``reason`` when not aligned, and ``ussvds`` [(U_i, s_i, V_i)] with
+    U_i = V_{i+1}."""
     aligned: bool
     residual: float
     reason: str
@@ -813,6 +861,18 @@ def _data_matrices(X, Y):
     return X, Y
 
 
+def as_widths(widths):
+    """[k_0, ..., k_d] as a list of at least two integers >= 0 (a width 0 is allowed: r = 0)."""
+    try:
+        ok = len(widths) >= 2 and all(isinstance(k, (int, np.integer)) and k >= 0 for k in widths)
+    except TypeError:
+        ok = False
+    if not ok or isinstance(widths, str):
+        raise ValueError(f"widths must be a list [k_0, ..., k_d] of at least two integers "
+                         f">= 0, got {widths!r}")
+    return [int(k) for k in widths]
+
+
 def invariance_certificate(X, Y, widths, tol=1e-9):
     """Decide Theorem 4's data condition (Theorem 1's when all widths are equal).
 
@@ -828,7 +888,8 @@ def invariance_certificate(X, Y, widths, tol=1e-9):
     Certificate
         U, V, lam, lam_prime and residual when the condition holds; else how far it fails.
     """
-    X, Y = _data_matrices(X, Y)
+    X, Y, widths = *_data_matrices(X, Y), as_widths(widths)
+    check_number("tol", tol)
     if widths[0] != X.shape[0] or widths[-1] != Y.shape[0]:
         raise ValueError(f"widths {list(widths)} must start with k0 = {X.shape[0]} and end "
                          f"with kd = {Y.shape[0]}")
@@ -951,9 +1012,11 @@ def aligned_init(U, V, widths, sigmas=None, scale=1.0, seed=0, balanced=False,
     """
     U, V = as_array("U", U), as_array("V", V)
     chain = None if chain is None else [as_array(f"chain[{i}]", Q) for i, Q in enumerate(chain)]
-    xp = array_module(U, V)
-    widths = [int(k) for k in widths]
+    xp, widths = array_module(U, V), as_widths(widths)
     d = len(widths) - 1
+    check_number("scale", scale)
+    if np.dtype(dtype) not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     if U.shape != (widths[-1],) * 2 or V.shape != (widths[0],) * 2:
         raise ValueError(f"U must be kd x kd = {widths[-1]} x {widths[-1]} and V k0 x k0 = "
                          f"{widths[0]} x {widths[0]}; got {_shape(U)} and {_shape(V)}")
@@ -963,6 +1026,9 @@ def aligned_init(U, V, widths, sigmas=None, scale=1.0, seed=0, balanced=False,
                 np.abs(Q.T @ Q - np.eye(Q.shape[1])).max() > 1e-6:
             raise ValueError(f"{name} must be an orthogonal matrix (Q^T Q = I), e.g. the left "
                              f"singular vectors of Y or the right ones of X from np.linalg.svd")
+    if chain is not None and [Q.shape for Q in chain] != [(k, k) for k in widths[1:-1]]:
+        raise ValueError(f"chain must be d - 1 = {d - 1} orthogonal matrices of the hidden "
+                         f"widths {widths[1:-1]}, got shapes {[_shape(Q) for Q in chain]}")
     if sigmas is None:
         rng = np.random.default_rng(seed)
         sigmas = [rng.uniform(0, scale, min(widths[i], widths[i + 1])) for i in range(d)]
@@ -1012,8 +1078,14 @@ def singular_value_dynamics(sigmas0, lam, lam_prime, lr, n, steps, kind="mse", k
     check_number("steps", steps, integer=True)
     check_number("record_every", record_every, least=1, integer=True)
     check_number("n", n, least=1, integer=True)
+    check_number("lr", lr)
+    if kind == "mse_mean":
+        check_number("kd", kd, least=1, integer=True)
     sig, lam, lam_prime = (as_array(name, a).astype(np.float64) for name, a in
                            (("sigmas0", sigmas0), ("lam", lam), ("lam_prime", lam_prime)))
+    if sig.ndim < 2 or lam.shape != sig.shape[-1:] or lam_prime.shape != lam.shape:
+        raise ValueError(f"sigmas0 must be (..., d, r) and lam, lam_prime of length r; got "
+                         f"{_shape(sig)}, {_shape(lam)} and {_shape(lam_prime)}")
     xp, coef = array_module(sig), lr / n if kind == "mse" else 2.0 * lr / (kd * n)
     lam, lam_prime = xp.asarray(lam), xp.asarray(lam_prime)           # (where sigmas0 is)
     out = [sig.copy()]
@@ -1030,13 +1102,17 @@ def prop2_learning_rate(sigmas0, lam, lam_prime, n):
     """Proposition 2's largest learning rate, as its proof (Appendix C) needs it: gamma <=
     (n ln 2 / d) min_k [min_i sigma_k(W_i(0))^2 lam_k / lam'_k^2] (the minimum over the
     layers i too: the statement leaves i free), k with lam'_k = 0 not counted.
-    ``sigmas0``: (d, r) positive; ``lam``, ``lam_prime``: (r,)."""
+    ``sigmas0``: (d, r) positive; ``lam``, ``lam_prime``: (r,).  For the loss "mse" (Eq.
+    (2)); for "mse_mean" (the authors' mean) the rate is kd / 2 times this."""
     sig = to_numpy(as_array("sigmas0", sigmas0)).astype(np.float64)
     lam = to_numpy(as_array("lam", lam)).astype(np.float64)
     lam_prime = to_numpy(as_array("lam_prime", lam_prime)).astype(np.float64)
     if sig.ndim != 2 or 0 in sig.shape or lam.shape != sig.shape[1:] or lam_prime.shape != lam.shape:
         raise ValueError(f"sigmas0 must be d x r (d, r >= 1) and lam, lam_prime of length r; got "
                          f"{_shape(sig)}, {_shape(lam)} and {_shape(lam_prime)}")
+    check_number("n", n, least=1, integer=True)
+    if (lam < 0).any():
+        raise ValueError("lam must be eigenvalues of X X^T (>= 0), got a negative one")
     live = lam_prime != 0
     if not live.any():
         raise ValueError("every lam_prime is 0: the targets are zero, any rate converges")
@@ -1056,11 +1132,15 @@ def balanced_factorization(P, hidden=None, W=None):
     xp = array_module(P)
     m, n = P.shape
     hidden = min(m, n) if hidden is None else hidden
+    check_number("hidden", hidden, least=1, integer=True)
     if hidden < int(np.linalg.matrix_rank(to_numpy(P))):
         raise ValueError(f"hidden width {hidden} is below rank(P)")
     U, s, Vt = xp.linalg.svd(P, full_matrices=True)
     root = xp.sqrt(s[:min(hidden, s.size)])
-    W = xp.eye(hidden, dtype=P.dtype) if W is None else W
+    W = xp.eye(hidden, dtype=P.dtype) if W is None else as_array("W", W)
+    if W.shape != (hidden, hidden) or not bool(xp.allclose(W.T @ W, xp.eye(hidden), atol=1e-6)):
+        raise ValueError(f"W must be an orthogonal hidden x hidden = {hidden} x {hidden} matrix, "
+                         f"got shape {_shape(W)}{' (not orthogonal)' * (W.shape == (hidden, hidden))}")
     return W @ rect_diag(root, hidden, n) @ Vt, U @ rect_diag(root, m, hidden) @ W.T
 
 
@@ -1070,6 +1150,9 @@ def proposition4(weights, X, Y, tol=None):
     aligned).  Returns the tests (is_aligned at ``tol``) of [M, W_d^T] and [W_1^T, M]."""
     weights = as_weights(weights)
     X, Y = _data_matrices(X, Y)
+    if X.shape[0] != weights[0].shape[1] or Y.shape[0] != weights[-1].shape[0]:
+        raise ValueError(f"X must have k0 = {weights[0].shape[1]} rows and Y kd = "
+                         f"{weights[-1].shape[0]}; got {_shape(X)} and {_shape(Y)}")
     if X.shape[1] < X.shape[0] or np.linalg.matrix_rank(X) < X.shape[0]:
         raise ValueError(f"Proposition 4 needs n >= k0 and X of full rank; X is {_shape(X)} "
                          f"of rank {np.linalg.matrix_rank(X)}")
@@ -1196,8 +1279,8 @@ def greedy_match(C, capacity):
 
 def paired_score(pairs, rtol):
     """The paired rule (the paper's "average dot product between corresponding columns",
-    made exact): the mean matched |cosine| over the scored directions of all pairs; 1 exactly
-    when the Gram matrices W_i W_i^T and W_{i+1}^T W_{i+1} commute."""
+    made exact): the mean matched |cosine| over the scored directions of all pairs; 1 on an
+    aligned network (Definition 2)."""
     total, count = 0.0, 0
     for pair in pairs:
         costs = paired_costs(pair, rtol)

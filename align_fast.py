@@ -94,7 +94,10 @@ def network_rates(lr, weights):
     array (network b steps W_i <- W_i - lr_b dL/dW_i)."""
     if np.ndim(lr) == 0:
         return lr
-    rates, W = np.asarray(to_numpy(lr), dtype=np.float64), weights[0]
+    try:
+        rates, W = np.asarray(to_numpy(lr), dtype=np.float64), weights[0]
+    except (ValueError, TypeError):
+        raise ValueError(f"lr must be a number or one number per network, got {lr!r}") from None
     if W.ndim != 3 or rates.shape != W.shape[:1]:
         raise ValueError(f"lr of shape {rates.shape}: give one number, or one per network of a "
                          f"batch ({W.shape[0] if W.ndim == 3 else 'these weights are not a batch'})")
@@ -103,12 +106,12 @@ def network_rates(lr, weights):
     return array_module(W).asarray(rates.reshape(-1, 1, 1), dtype=W.dtype)
 
 
-def _check(lr, max_steps, record_every, measure_every, tol, steps):
+def _check(lr, max_steps, record_every, measure_every, tol, steps, callback):
     """align.check_schedule for a number or per-network rates, and the ``steps`` choice."""
     if steps not in STEPS:
         raise ValueError(f"steps must be one of {STEPS}, got {steps!r}")
     align.check_schedule(lr if np.ndim(lr) == 0 else float(lr.max()), max_steps, record_every,
-                         measure_every, tol)
+                         measure_every, tol, callback)
 
 
 # ----------------------------------------------------------------------- training --
@@ -133,7 +136,7 @@ def train(weights, X, Y, kind="mse", lr=1e-2, max_steps=10_000, tol=1e-4, record
     """
     weights, X, Y = as_problem(weights, X, Y, kind)
     Y, lr = Y.astype(weights[0].dtype), network_rates(lr, weights)
-    _check(lr, max_steps, record_every, measure_every, tol, steps)
+    _check(lr, max_steps, record_every, measure_every, tol, steps, callback)
     schedule = (lr, max_steps, tol, record_every, measure_every, align.as_measures(measures),
                 callback)
     if X.shape[-1] < X.shape[-2]:
@@ -161,8 +164,8 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
 
     Parameters, Returns, Raises: as align.gradient_descent.
     """
-    _check(lr, max_steps, record_every, measure_every, tol, steps)
-    params = [align.as_array(f"params[{i}]", p) for i, p in enumerate(params)]
+    _check(lr, max_steps, record_every, measure_every, tol, steps, callback)
+    params = align.as_params(params)
     if steps == "in_place":
         raise ValueError("steps='in_place' needs train's squared loss; gradient_descent takes "
                          "'auto', 'plain' or 'graphs'")
@@ -342,6 +345,7 @@ def _descend(params, loss_and_grads, schedule, runner):
                         break
                     continue
                 L, grads = loss_and_grads(ps)           # one step, kernel by kernel
+                align.check_gradients(grads, ps)
                 if run.stops(run.step, L):
                     break
                 if chunks is None:                      # into the spare arrays, then swapped
@@ -1220,7 +1224,8 @@ def invariance(weights_t, weights_0, how="paired", rtol=1e-6):
 
 def tracker(weights_0, rtol=1e-6):
     """align.tracker (the same values), for one network or a batch (one value per network):
-    a :class:`Tracker`."""
+    a callable ``m(weights)`` -> {MEASURE_KEYS: value, or one per network},
+    to pass to train as ``measures``."""
     weights_0 = _layers(weights_0)
     align.check_number("rtol", rtol, below=1)
     return Tracker(weights_0, rtol)

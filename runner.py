@@ -715,6 +715,8 @@ def parser(table, name=None, doc=None):
         "usage, 3 a paper claim did not hold or was not shown (full runs), 130 interrupted, "
         "143 terminated (SIGTERM)")
     default = lambda text, own: f"default {own}" if exp else text
+    longer = ", ".join(f"{n}: {e.quick_steps}" for n, e in table.items() if e.quick_steps != QUICK_STEPS)
+    quick_steps = exp.quick_steps if exp else f"{QUICK_STEPS}" + (f" ({longer})" if longer else "")
     p.add_argument("experiment", choices=["list", *table, "all", "verify", "report"],
                    metavar="EXPERIMENT", help=argparse.SUPPRESS if name else "one of: " +
                    ", ".join(["list", *table, "all", "verify", "report", "sweep"]) + " (see below)")
@@ -737,7 +739,7 @@ def parser(table, name=None, doc=None):
                        exp and exp.seeds) + ")")
     p.add_argument("--lr", metavar="LR", type=_positive_float, default=None,
                    help=shown("lr") or "learning rate (" + default(
-                       "default 1e-2 as in Appendix L; 1e-3 for prop1, 1e-1 for thm3, for limit "
+                       "default 1e-2 as in Appendix L; 1e-3 for prop1, 1e-1 for thm3, 5e-2 for stability, for limit "
                        "one per network from the loss's sharpness", exp and (
                            f"{exp.lr:g}" if exp.lr else "one per network, from the loss's sharpness")) + ")")
     p.add_argument("--tol", metavar="TOL", type=_positive_float, default=None,
@@ -750,7 +752,8 @@ def parser(table, name=None, doc=None):
                        exp and exp.max_steps) + ")")
     p.add_argument("--measure-every", type=_positive_int, default=None,
                    help=shown("measure_every") or "steps between measurements of alignment and "
-                   "invariance (" + default("100; 10 for stability", exp and exp.measure_every) + ")")
+                   "invariance (" + default("100; 10 for stability; limit measures at the end only",
+                                            exp and exp.measure_every) + ")")
     p.add_argument("--loss-every", type=_positive_int, default=None,
                    help=shown("loss_every") or "keep the loss of every K-th step in the JSON (" +
                    default("default 1: every step; 1000 for limit", exp and exp.loss_every) +
@@ -764,7 +767,7 @@ def parser(table, name=None, doc=None):
                         "random start")
     p.add_argument("--quick", action="store_true",
                    help=shown("quick") or ("one seed instead of three; <out>/verify-quick.json"
-                                           if name == "verify" else None) or f"{QUICK_STEPS} steps, measuring every {QUICK_MEASURE} (smoke test); files "
+                                           if name == "verify" else None) or f"{quick_steps} steps, measuring every {QUICK_MEASURE} (smoke test); files "
                         "<out>/<experiment>-quick.*, apart from full runs' files")
     p.add_argument("--mnist", default=None, metavar="DIR",
                    help=shown("mnist") or "folder with the full MNIST idx files (raw or .gz); "
