@@ -82,6 +82,46 @@ PATH = {
 }
 
 EQUIVALENT = {
+    ('align.py', 'as_ussvd',
+     'if s.ndim != 1 or s.shape[0] > min(U.shape[0], V.shape[0]):', 43,
+     '0', '(1)'):
+        'U is square (checked just above): U.shape[1] is U.shape[0]',
+    ('align.py', 'ussvd_reorder',
+     'U[:, :r], V[:, :r] = U[:, perm] * signs, V[:, perm]', 21,
+     'U[:, perm] * signs', '(U[:, perm] / signs)'):
+        'signs are +-1 (checked): dividing by them is multiplying',
+    ('align.py', 'aligned_network',
+     'm, n = bases[i].shape[0], bases[i - 1].shape[0]', 45,
+     '0', '(1)'):
+        'the bases are square (checked above): shape[1] is shape[0]',
+    ('align.py', 'gram_commutators',
+     'bound = 12 * (e[0] + e[1]) + 10 * np.finfo(float).eps * A.shape[0] ** 2', 64,
+     '0', '(1)'):
+        'A = W_i W_i^T is square: A.shape[1] is A.shape[0]',
+    ('align.py', '_positions_from_plan',
+     'free = [j for j in range(widths[i]) if held.get(j, -1) < i]', 52,
+     '1', '(2)'):
+        'i >= 0, so a missing j is free with the default -1 or -2 alike',
+    ('align.py', '_joint_eigenvectors',
+     '_, s, Vt = np.linalg.svd(outside, full_matrices=True)', 48,
+     'True', '(False)'):
+        'outside is k0 x dim(K) with k0 >= dim(K): its Vt is dim(K) x dim(K) with or without full_matrices',
+    ('align.py', '_joint_eigenvectors',
+     'return np.array(found).reshape(-1, S.shape[0]).T', 32,
+     '1', '(2)'):
+        RESHAPE,
+    ('align.py', 'proposition4',
+     'if X.shape[1] < X.shape[0] or np.linalg.matrix_rank(X) < X.shape[0]:', 24,
+     '0', '(1)'):
+        'n < k0 implies rank(X) <= n < k0: the rank test refuses the same X',
+    ('align.py', '_adapt_clusters',
+     'for size in np.unique(sizes[sizes > 1]):          # clusters of one size in one batched eigh', 28,
+     'sizes > 1', '(sizes >= 1)'):
+        'a cluster of one: the eigenvector of a 1 x 1 compression is [1], the row stays as it is',
+    ('align.py', 'paired_costs',
+     'in_b = np.add.reduceat(sq, starts, axis=1) if q else np.zeros((p, 0))', 66,
+     '0', '(1)'):
+        'never taken: after the swap p <= q, and q = 0 means p = 0, returned as None above',
     ("align.py", "_orthonormal_by_size",
      "return (Q * np.where(np.diagonal(R) < 0, -1.0, 1.0))[:, np.argsort(order)]", 41, "-1.0",
      "(1.0)"):

@@ -740,3 +740,19 @@ def test_a_random_network_is_refused_without_an_svd(monkeypatch):
     test = align.is_aligned(weights)
     assert not test and test.reason.startswith("W_1 W_1^T and W_2^T W_2 do not commute")
     assert test.residual == pytest.approx(want, rel=1e-10)
+
+
+def test_rect_diag_refuses_a_float_size():
+    with pytest.raises(ValueError, match="n must be an integer"):
+        align.rect_diag(np.ones(2), 2, 3.0)
+    np.testing.assert_array_equal(align.rect_diag([1, 2], 2, 3), [[1, 0, 0], [0, 2, 0]])
+
+
+def test_a_pairs_commutator_bound_counts_its_own_two_layers_only():
+    """Step 1 of is_aligned at tol 1e-3: the pair (W_1, W_2) of 3 x 3 layers has bound
+    12 (e_1 + e_2) with e_i = tol sqrt(9); a large third layer (4000 x 3, e_3 = 0.11 > 0.1)
+    does not make that pair undecidable.  A random pair is decided "no" at once."""
+    rng = np.random.default_rng(31)
+    Ws = [rng.standard_normal((3, 3)), rng.standard_normal((3, 3)), rng.standard_normal((4000, 3))]
+    worst, layer, impossible = align.gram_commutators(Ws, 1e-3)
+    assert impossible and layer == 1 and worst > 12 * 6e-3

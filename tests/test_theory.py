@@ -348,11 +348,14 @@ def test_certificate_violation_on_a_hand_example():
     assert align.invariance_certificate(X, Y, [3, 3, 3]).violation == pytest.approx(0.2, rel=1e-12)
 
 
-def test_certificate_residual_is_its_largest_off_block_entry():
-    """Data 1e-8 away from the condition: the certificate at tol 1e-6 holds (residual <= 1e3 tol) with
-    residual = max(off-block of U^T C V / ||C||_2, off-block of V^T S V / ||S||_2)."""
+@pytest.mark.parametrize("moved", ["X", "Y"])
+def test_certificate_residual_is_its_largest_off_block_entry(moved):
+    """Data 1e-8 away from the condition (X moved: the V^T S V term leads; Y moved: the
+    U^T C V term): the certificate at tol 1e-6 holds (residual <= 1e3 tol) with residual =
+    max(off-block of U^T C V / ||C||_2, off-block of V^T S V / ||S||_2)."""
     X, Y = refinement_data()
-    Y = Y + 1e-8 * np.random.default_rng(19).standard_normal(Y.shape)
+    noise = 1e-8 * np.random.default_rng(19).standard_normal(X.shape)
+    X, Y = (X + noise, Y) if moved == "X" else (X, Y + noise)
     cert = align.invariance_certificate(X, Y, [3, 3, 1, 3], tol=1e-6)
     S, C = X @ X.T, Y @ X.T
 
@@ -464,3 +467,43 @@ def test_aligned_init_refuses_a_wrong_shape_of_either_side_and_a_tall_chain():
     tall = np.eye(3)[:, :2]                                    # orthonormal columns, not square
     with pytest.raises(ValueError, match="chain\\[0\\] must be an orthogonal matrix"):
         align.aligned_init(I2, I2, [2, 3, 2], seed=0, chain=[tall])
+
+
+def test_certificate_refuses_a_basis_that_does_not_block_diagonalise(monkeypatch):
+    """The last check of invariance_certificate: should the joint eigenvectors be off (here
+    turned by 1e-3 on purpose), the residual (1e-3) is above 1e3 tol and the answer is no."""
+    X, Y = refinement_data()
+    joint = align._joint_eigenvectors
+    turn = np.linalg.qr(np.eye(3) + 1e-3 * np.random.default_rng(3).standard_normal((3, 3)))[0]
+    monkeypatch.setattr(align, "_joint_eigenvectors", lambda S, G, tol: turn @ joint(S, G, tol))
+    cert = align.invariance_certificate(X, Y, [3, 3, 1, 3], tol=1e-9)
+    assert not cert.ok and 1e-4 < cert.residual < 1e-2
+
+
+def test_sensing_certificate_takes_rectangular_matrices():
+    """Matrix sensing with k x m measurement matrices M_i = U D_i V^T (U k x k, V m x m)."""
+    rng = np.random.default_rng(23)
+    U, V = random_orthogonal(rng, 3), random_orthogonal(rng, 5)
+    Ms = np.stack([U @ align.rect_diag(rng.standard_normal(3), 3, 5) @ V.T for _ in range(4)])
+    ok, Uc, Vc, residual = align.sensing_certificate(Ms)
+    assert ok and residual < 1e-13 and Uc.shape == (3, 3) and Vc.shape == (5, 5)
+
+
+def test_aligned_init_takes_any_orthogonal_chain_of_the_hidden_widths():
+    rng = np.random.default_rng(29)
+    U, V = random_orthogonal(rng, 2), random_orthogonal(rng, 3)
+    chain = [random_orthogonal(rng, 4), random_orthogonal(rng, 5)]
+    weights = align.aligned_init(U, V, [3, 4, 5, 2], chain=chain, seed=1)
+    assert [W.shape for W in weights] == [(4, 3), (5, 4), (2, 5)]
+    assert align.is_aligned(weights)
+    np.testing.assert_allclose(chain[0].T @ weights[0] @ V, align.rect_diag(
+        np.diagonal(chain[0].T @ weights[0] @ V), 4, 3), atol=1e-14)
+
+
+def test_balanced_factorization_through_one_hidden_unit():
+    """A rank-1 P factorises through hidden = 1 (the least width Proposition 3 allows)."""
+    P = np.outer([1.0, 2.0, 2.0], [3.0, 4.0])
+    W1, W2 = align.balanced_factorization(P, hidden=1)
+    assert W1.shape == (1, 2) and W2.shape == (3, 1)
+    np.testing.assert_allclose(W2 @ W1, P, atol=1e-13)
+    assert np.sum(W1 ** 2) + np.sum(W2 ** 2) == pytest.approx(2 * np.linalg.norm(P, "nuc"))
