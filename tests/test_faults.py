@@ -292,11 +292,11 @@ SWEEP_SCRIPT = """
 import contextlib, io, json, os, signal, sys, tempfile, time
 sys.path.insert(0, {repo!r})
 import experiments
-args, points = {args!r}, {points!r}
+args, points, base = {args!r}, {points!r}, {base!r}
 signal.signal(signal.SIGALRM, lambda *a: os.kill(os.getpid(), signal.SIGINT))
 
 def once(delay):
-    out, err = tempfile.mkdtemp(), io.StringIO()
+    out, err = tempfile.mkdtemp(dir=base), io.StringIO()
     start = time.perf_counter()
     signal.setitimer(signal.ITIMER_REAL, delay)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
@@ -328,12 +328,12 @@ def whole_steps(result, measure_every=100):
 
 @pytest.mark.parametrize("args, points", [(["fig1a", "--seeds", "2", "--max-steps", "3000"], 14),
                                           (["fig1b", "--max-steps", "100"], 7)])
-def test_ctrl_c_at_any_moment_stops_at_a_whole_step_with_consistent_files(args, points):
+def test_ctrl_c_at_any_moment_stops_at_a_whole_step_with_consistent_files(args, points, tmp_path):
     """Ctrl-C swept across a whole run (the set-up, the measurement of step 0, the steps, the
     final measurement, the summary and the writes): exit 130 with a consistent set of files
     whose runs end at a whole step, the message naming them, or none ('nothing written'),
     never a traceback or a temporary file (a run that ended first: exit 0)."""
-    script = SWEEP_SCRIPT.format(repo=REPO, args=args, points=points)
+    script = SWEEP_SCRIPT.format(repo=REPO, args=args, points=points, base=str(tmp_path))
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
