@@ -162,8 +162,11 @@ def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4
     A ``loss_and_grads(params, matmul)`` that takes ``matmul`` does its products with it,
     so that a graph can call cuBLAS directly (CuPy refuses cuBLAS during a capture).
 
-    Parameters, Returns, Raises: as align.gradient_descent.
+    Parameters, Returns, Raises: as align.gradient_descent (one ``lr`` for every parameter).
     """
+    if np.ndim(lr) != 0:
+        raise ValueError(f"gradient_descent takes one lr (a number), got {lr!r}; for one rate "
+                         "per network of a batch use train(lr=[...])")
     _check(lr, max_steps, record_every, measure_every, tol, steps, callback)
     params = align.as_params(params)
     if steps == "in_place":

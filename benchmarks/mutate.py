@@ -306,6 +306,45 @@ EQUIVALENT = {
     ("align_fast.py", '_to_host',
      'if xp is np:', 3, 'xp is np', '(xp is not np)'):
         PATH['to_host'],
+    ('align_fast.py', '',
+     'GRAPH_STEPS = 100', 14, '100', '(101)'):
+        "steps per CUDA graph launch (CuPy only): a run is the same steps however many one launch holds",
+    ('align_fast.py', '_check',
+     'align.check_schedule(lr if np.ndim(lr) == 0 else float(lr.max()), max_steps, record_every,', 55, 'lr.max', '(lr.min)'):
+        "train passes network_rates' array, each rate already checked positive and finite (gradient_descent takes one number)",
+    ('align_fast.py', '',
+     'AT_OUTPUTS_GAIN = 2', 18, '2', '(3)'):
+        PATH['grouping'],
+    ('align_fast.py', '',
+     'HOST_EIGH_MAX = 128', 16, '128', '(129)'):
+        "host or device eigh for layer 1's split (CuPy only; the same decomposition)",
+    ('align_fast.py', '_linalg',
+     'threads = min(_CORES, A.shape[0] // THREADED_BATCH_MIN) if small else 1', 30, '0', '(1)'):
+        PATH['svd_dispatch'] + " (how many threads share a batch; each matrix's result is the same, tested)",
+    ('align_fast.py', '_linalg',
+     'if threads < 2:', 3, 'threads < 2', '(threads <= 2)'):
+        PATH['svd_dispatch'] + " (how many threads share a batch; each matrix's result is the same, tested)",
+    ('align_fast.py', '_linalg',
+     'if threads < 2:', 13, '2', '(3)'):
+        PATH['svd_dispatch'] + " (how many threads share a batch; each matrix's result is the same, tested)",
+    ('align_fast.py', '_reduced_svd',
+     'if max(W.shape[-2:]) <= SMALL_SVD_KERNEL_MAX:', 3, 'max', '(min)'):
+        "which GPU SVD of a batch kept there (align_cuda's kernel or CuPy's batched svd; CuPy only, the same decomposition)",
+    ('align_fast.py', '_reduced_svd',
+     'if W.dtype == xp.float32 and min(W.shape[-2:]) > 1:', 29, 'min', '(max)'):
+        "a float32 layer with one row or column (a vector): LAPACK's SVD or the Gram matrix, both its norm and direction to float32 rounding",
+    ('align_fast.py', '_reduced_svd',
+     'if W.dtype == xp.float32 and min(W.shape[-2:]) > 1:', 29, 'min(W.shape[-2:]) > 1', '(min(W.shape[-2:]) >= 1)'):
+        "a float32 layer with one row or column (a vector): LAPACK's SVD or the Gram matrix, both its norm and direction to float32 rounding",
+    ('align_fast.py', 'reduced_svds',
+     'if same and (len(weights) > 1 or batched) and \\', 13, 'len(weights) > 1 or batched', '(len(weights) > 1 and batched)'):
+        PATH['svd_dispatch'],
+    ('align_fast.py', 'Tracker.__init__',
+     'self.keep = weights_0[0].ndim == 3 and weights_0[0].shape[0] >= GPU_BATCH_MIN', 12, 'weights_0[0].ndim == 3', '(weights_0[0].ndim != 3)'):
+        PATH['gpu_batch'],
+    ('align_fast.py', 'singular_value_dynamics',
+     'align.singular_value_dynamics(sig, lam, lam_prime, lr, n, 0, kind, kd, record_every)', 58, '0', '(1)'):
+        "a call that only checks the inputs (its result is discarded): 0 or 1 steps (CuPy only)",
 }
 
 

@@ -202,6 +202,8 @@ def test_a_tracker_refuses_layers_it_was_not_built_for():
     (lambda: align.prop2_learning_rate(SIG, -LAM, LAM, 5), "lam must be eigenvalues"),
     (lambda: align.proposition4(SQ, np.eye(2), np.ones((3, 2))), "Y kd = 2"),
     (lambda: align_fast.train([W[0][None]] * 1 + [W[1][None]], X, Y, lr=["a"]), "lr must be a number or one"),
+    (lambda: align_fast.gradient_descent([np.ones((2, 2, 2))], lambda ps: (0.0, ps), lr=[0.1, 0.2]),
+     "takes one lr"),                           # (it applied the list along the last axis)
 ])
 def test_every_bad_input_gets_a_clear_error(call, message):
     with pytest.raises((ValueError, TypeError), match=message):

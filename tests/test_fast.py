@@ -191,7 +191,7 @@ def test_batched_decompositions_split_across_threads_equal_one_call(monkeypatch)
 
 def test_float32_measures_through_the_gram_matrix_match_float64_svd():
     rng = np.random.default_rng(24)
-    for shape in [(40, 30), (30, 40), (3, 25, 20), (5, 2), (2, 7)]:   # (a side of 2: the Gram too)
+    for shape in [(40, 30), (30, 40), (3, 25, 20), (3, 20, 25), (5, 2), (2, 7)]:   # (a side of 2: the Gram too)
         W = rng.standard_normal(shape).astype(np.float32)
         U, s, V = align_fast._reduced_svd(W)
         Uw, sw, Vtw = np.linalg.svd(W.astype(np.float64), full_matrices=False)
@@ -207,6 +207,35 @@ def test_float32_measures_through_the_gram_matrix_match_float64_svd():
     np.testing.assert_allclose(np.swapaxes(U, -1, -2) @ U, np.broadcast_to(np.eye(4), (3, 4, 4)),
                                atol=1e-12)
     np.testing.assert_allclose((U * s[:, None, :]) @ np.swapaxes(V, -1, -2), lows, atol=1e-5)
+    U, s, V = align_fast._reduced_svd(np.zeros((5, 3), np.float32))   # every value zero
+    assert not s.any() and np.isfinite(U).all()
+    np.testing.assert_allclose(U.T @ U, np.eye(3), atol=1e-12)
+
+
+def test_a_batch_whose_every_network_diverges_names_the_largest_rate():
+    """Every network of a batch diverged: DivergenceError names the largest of the rates
+    (the one to lower first), and an empty list of weights is refused as align refuses it."""
+    rng = np.random.default_rng(53)
+    weights, X, Y = random_problem(rng, "mse", [4, 4, 4], 4)
+    batch = [np.stack([10 * W, 10 * W]) for W in weights]
+    with pytest.raises(align.DivergenceError, match=r"lr = 200 \(the largest\)"):
+        align_fast.train(batch, X, Y * 100, lr=[100.0, 200.0], max_steps=1000)
+    with pytest.raises(ValueError, match="non-empty list"):
+        align_fast.train([], X, Y)
+
+
+def test_a_batch_with_a_zero_single_valued_layer_measures_as_align():
+    """A network of a batch whose last layer (one output) is zero has a layer with one
+    singular value, 0: not generic, so it is measured one by one, as align measures it."""
+    rng = np.random.default_rng(54)
+    w0 = [rng.standard_normal((3, 4, 5)), rng.standard_normal((3, 1, 4))]
+    w1 = [W + 0.3 * rng.standard_normal(W.shape) for W in w0]
+    w1[1][1] = 0.0
+    want = {key: np.array([align.tracker(one(w0, b))(one(w1, b))[key] for b in range(3)])
+            for key in align.MEASURE_KEYS}
+    got = align_fast.tracker(w0)(w1)
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("m, n, t", [(30, 30, 3), (40, 25, 1), (6, 6, 5)])
