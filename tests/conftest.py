@@ -1,6 +1,7 @@
 """Shared fixtures: the array backends (NumPy always, CuPy where a GPU is usable), random
 problems and the greedy matching's reference."""
 import math
+import signal
 
 import numpy as np
 import pytest
@@ -21,6 +22,11 @@ def _cupy_or_none():
 
 
 CUPY = _cupy_or_none()
+
+# A suite started in the background of a script (``pytest &``, nohup) inherits Ctrl-C
+# ignored, and so would the runs that the Ctrl-C tests interrupt: give it back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(params=["numpy", "cupy"])
