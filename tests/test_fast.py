@@ -4,6 +4,7 @@ import dis
 import inspect
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -966,15 +967,18 @@ def test_a_learning_rate_of_zero_is_refused():
 
 
 def test_wall_time_is_the_runs_duration():
-    """wall_time: seconds from the start, finished or diverged (0 < t < 60)."""
+    """wall_time: seconds from the start, finished or diverged: more than 0 and at most the
+    call's own duration (no bound that depends on the machine's speed)."""
     rng = np.random.default_rng(50)
     weights, X, Y = random_problem(rng, "mse", [3, 4, 2], 5)
     for lib in (align, align_fast):
+        start = time.perf_counter()
         _, hist = lib.train(weights, X, Y, lr=0.05, max_steps=50, tol=0.0)
-        assert 0.0 < hist.wall_time < 60.0
+        assert 0.0 < hist.wall_time <= time.perf_counter() - start
+        start = time.perf_counter()
         with pytest.raises(align.DivergenceError) as e:
             lib.train([10 * W for W in weights], X, 100 * Y, lr=100.0, max_steps=1000)
-        assert 0.0 < e.value.history.wall_time < 60.0
+        assert 0.0 < e.value.history.wall_time <= time.perf_counter() - start
 
 
 def test_a_network_exactly_at_tol_goes_on():
