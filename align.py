@@ -344,7 +344,7 @@ def _plain(x):
 
 def gradient_descent(params, loss_and_grads, lr=1e-2, max_steps=10_000, tol=1e-4,
                      record_every=1, measure_every=100, measures=None, callback=None):
-    """Plain gradient descent p <- p - lr g on any ``loss_and_grads(params) -> (L, grads)``.
+    """Gradient descent p <- p - lr g (Eq. (8)'s update) on any ``loss_and_grads(params)``.
 
     Parameters
     ----------
@@ -470,7 +470,7 @@ def as_ussvd(U, s, V):
 
 
 def ussvd_matrix(U, s, V):
-    """U Sigma V^T for a usSVD (U, s, V), Sigma rectangular diagonal with the entries s."""
+    """U Sigma V^T for a usSVD (U, s, V) of Definition 1, Sigma rectangular diagonal with s."""
     U, s, V = as_ussvd(U, s, V)
     r = s.shape[0]
     return (U[:, :r] * s) @ V[:, :r].T
@@ -529,8 +529,8 @@ def aligned_network(bases, sigmas):
 
 @dataclasses.dataclass
 class AlignmentTest:
-    """The answer of :func:`is_aligned`, truthy when aligned: ``residual``, the largest
-    off-diagonal entry of U_i^T W_i V_i relative to ||W_i||_2 in the best witness found (or,
+    """The answer of :func:`is_aligned` (Definition 2), truthy when aligned: ``residual``, the
+    largest off-diagonal entry of U_i^T W_i V_i relative to ||W_i||_2 in the best witness found (or,
     rejected by step 1, the Gram matrices' relative commutator; inf when step 3 finds no
     positions), ``reason`` when not aligned, and ``ussvds`` [(U_i, s_i, V_i)] with
     U_i = V_{i+1}."""
@@ -834,7 +834,7 @@ def _positions_from_plan(plan, intervals, widths, ends):
 # ------------------------------- Sections 4.1-4.2: when alignment is an invariant --
 @dataclasses.dataclass
 class Certificate:
-    """The answer of :func:`invariance_certificate`, truthy when ``ok``: U^T Y X^T V and
+    """The answer of :func:`invariance_certificate` (Theorem 4), truthy when ``ok``: U^T Y X^T V and
     V^T X X^T V block diagonal with top-left blocks diag(lam_prime) and diag(lam);
     ``residual``: the largest relative off-block entry; ``violation``: 0 when ok."""
     ok: bool
@@ -1344,7 +1344,7 @@ def check_like(name, weights, shapes):
 
 
 def tracker(weights_0, rtol=1e-6):
-    """A measure for :func:`train`: ``m(weights, _)`` -> {MEASURE_KEYS: alignment and
+    """A measure for :func:`train` (Section 6): ``m(weights, _)`` -> {MEASURE_KEYS: alignment and
     invariance (against ``weights_0``) by both rules}; NaN for weights that are not finite
     (a diverged run)."""
     weights_0 = as_weights(weights_0)

@@ -132,7 +132,7 @@ class Structure:
 
 
 class Conv2d(Structure):
-    """One s x s filter on p x p images (row-major), stride 1, zero padding (s-1)/2.
+    """One s x s filter on p x p images (Fig. 2b), row-major, stride 1, zero padding (s-1)/2.
 
     Coefficient c[a*s + b] multiplies input pixel (y + a - h, x + b - h) for output
     pixel (y, x), h = (s-1)/2: cross-correlation, as deep-learning frameworks compute.
